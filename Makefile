@@ -1,0 +1,34 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint fmt bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/modelbridge serve
+
+lint: install
+	$(VENV)/bin/ruff check gateway policies tests bench
+	$(VENV)/bin/ruff format --check gateway policies tests bench
+	$(VENV)/bin/mypy
+
+fmt: install
+	$(VENV)/bin/ruff format gateway policies tests bench
+	$(VENV)/bin/ruff check --fix gateway policies tests bench
+
+test: lint
+	$(VENV)/bin/pytest
+
+bench: install
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .modelbridge .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,93 @@
+"""Every Redis key name ModelBridge uses, built in this one module.
+
+All keys of one billing account share the hash tag ``{acct:<account>}`` so the hold, settle and
+load scripts touch a single slot and run unchanged on Redis Cluster. An account id is
+``t_<team id>`` for a team and ``u_<user id>`` for a user's personal balance.
+
+=====================  ======  ================================================================
+key                    type    contents
+=====================  ======  ================================================================
+{acct:A}:s             hash    loaded, credits, holds, sub_alw (allowance per period of the
+                               current subscription), mh:<scope> (holds per member scope)
+{acct:A}:p:<period>    hash    alw, aspent, spend, req, ms:<scope>, mr:<scope>, ks:<key>,
+                               mo:<model> — this period's counters (expire after ~3 months)
+{acct:A}:cfg           hash    limit, dml, den, disc, ml:<scope>, me:<scope>, deleted
+{acct:A}:keys          hash    <key id> -> <member scope>: the keys that may bill A right now
+{acct:A}:blk:<scope>   set     models blocked for requests of that scope ("" = the account)
+{acct:A}:hz            zset    hold id -> expiry (unix s)
+{acct:A}:hv            hash    hold id -> "<amount>|<scope>"
+{acct:A}:rid:<req id>  string  settle marker (idempotency), expires after a day
+{acct:A}:usage         stream  usage records waiting for the PostgreSQL writer
+mb:usage:streams       set     names of every account's usage stream (for the writer)
+mb:keys:invalidate     pubsub  key ids whose cached auth entries must be dropped
+mb:seq:invalidate      string  counter bumped on every invalidation (cache epoch)
+=====================  ======  ================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+USAGE_STREAMS = "mb:usage:streams"
+INVALIDATE_CHANNEL = "mb:keys:invalidate"
+INVALIDATE_SEQ = "mb:seq:invalidate"
+USAGE_GROUP = "usage-writers"
+PERIOD_TTL_S = 100 * 24 * 3600
+RID_TTL_S = 24 * 3600
+
+
+def team_account(team_id: str) -> str:
+    return f"t_{team_id}"
+
+
+def user_account(user_id: str) -> str:
+    return f"u_{user_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class AccountKeys:
+    """Key names of one billing account."""
+
+    account: str
+
+    @property
+    def tag(self) -> str:
+        return f"{{acct:{self.account}}}"
+
+    @property
+    def state(self) -> str:
+        return f"{self.tag}:s"
+
+    def period(self, period: str) -> str:
+        return f"{self.tag}:p:{period}"
+
+    @property
+    def cfg(self) -> str:
+        return f"{self.tag}:cfg"
+
+    @property
+    def keys(self) -> str:
+        return f"{self.tag}:keys"
+
+    def blocked(self, scope: str = "") -> str:
+        return f"{self.tag}:blk:{scope}"
+
+    @property
+    def hold_expiry(self) -> str:
+        return f"{self.tag}:hz"
+
+    @property
+    def hold_values(self) -> str:
+        return f"{self.tag}:hv"
+
+    def settled_marker(self, request_id: str) -> str:
+        return f"{self.tag}:rid:{request_id}"
+
+    @property
+    def usage_stream(self) -> str:
+        return f"{self.tag}:usage"
+
+
+def account_of_stream(stream: str) -> str:
+    """``{acct:t_abc}:usage`` -> ``t_abc``."""
+    return stream[len("{acct:") : stream.index("}")]
