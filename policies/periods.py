@@ -18,7 +18,11 @@ def period_bounds(period: str) -> tuple[float, float]:
     """``"2026-11"`` -> (start, end) as unix times; end is the next period's start."""
     year, month = (int(part) for part in period.split("-"))
     start = datetime(year, month, 1, tzinfo=UTC)
-    end = datetime(year + 1, 1, 1, tzinfo=UTC) if month == 12 else datetime(year, month + 1, 1, tzinfo=UTC)
+    end = (
+        datetime(year + 1, 1, 1, tzinfo=UTC)
+        if month == 12
+        else datetime(year, month + 1, 1, tzinfo=UTC)
+    )
     return start.timestamp(), end.timestamp()
 
 

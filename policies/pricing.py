@@ -30,7 +30,9 @@ class Charge:
     charged: int
 
 
-def list_cost(prices: Prices, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+def list_cost(
+    prices: Prices, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+) -> int:
     """Cost before discount. Cached tokens are part of ``prompt_tokens`` (as OpenAI reports)."""
     prompt_tokens = max(0, prompt_tokens)
     completion_tokens = max(0, completion_tokens)

@@ -1,0 +1,102 @@
+"""The operator API (``/admin``, ``Authorization: Bearer <MODELBRIDGE_ADMIN_TOKEN>``): credits,
+discounts, the list of teams."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway import state as S
+from gateway.accounts import lock_account
+from gateway.api.common import audit, json_response, money_field, read_body, text_field, usd
+from gateway.auth import check_admin
+from gateway.errors import InvalidRequest, NotFound
+from policies import keys as rk
+
+routes = web.RouteTableDef()
+
+
+async def _credit(request: web.Request, account: str, team_id: str | None) -> web.Response:
+    body = await read_body(request)
+    amount = money_field(body, "amount_usd", allow_negative=True)
+    assert amount is not None
+    if amount == 0:
+        raise InvalidRequest("'amount_usd' must not be zero", param="amount_usd")
+    note = text_field(body, "note", max_len=500, required=False) or ""
+    app = request.app
+    async with app[S.DB].acquire() as conn, conn.transaction():
+        await lock_account(conn, account)
+        entry = await conn.fetchrow(
+            "INSERT INTO ledger (account, kind, amount, note, actor) VALUES ($1, 'credit', $2, $3, 'operator')"
+            " RETURNING id, created_at",
+            account,
+            amount,
+            note,
+        )
+        await audit(conn, request, team_id=team_id, actor_id="operator", action="credits.add", target_type="account",
+                    target_id=account, after={"amount_usd": usd(amount), "note": note})  # fmt: skip
+        await app[S.ACCOUNTS].add_credits(account, amount)
+    return json_response(
+        {
+            "id": entry["id"],
+            "account": account,
+            "amount_usd": usd(amount),
+            "note": note,
+            "created_at": entry["created_at"],
+        },
+        status=201,
+    )
+
+
+@routes.post("/admin/teams/{team}/credits")
+async def team_credits(request: web.Request) -> web.Response:
+    check_admin(request, request.app[S.RUNTIME].admin_token)
+    team_id = request.match_info["team"]
+    if not await request.app[S.DB].fetchval("SELECT 1 FROM teams WHERE id = $1", team_id):
+        raise NotFound("no such team", code="team_not_found")
+    return await _credit(request, rk.team_account(team_id), team_id)
+
+
+@routes.post("/admin/users/{user}/credits")
+async def user_credits(request: web.Request) -> web.Response:
+    check_admin(request, request.app[S.RUNTIME].admin_token)
+    user_id = request.match_info["user"]
+    if not await request.app[S.DB].fetchval("SELECT 1 FROM users WHERE id = $1", user_id):
+        raise NotFound("no such user", code="user_not_found")
+    return await _credit(request, rk.user_account(user_id), None)
+
+
+@routes.put("/admin/teams/{team}/discount")
+async def team_discount(request: web.Request) -> web.Response:
+    check_admin(request, request.app[S.RUNTIME].admin_token)
+    team_id = request.match_info["team"]
+    body = await read_body(request)
+    bps = body.get("discount_bps")
+    if not isinstance(bps, int) or isinstance(bps, bool) or not 0 <= bps <= 10_000:
+        raise InvalidRequest(
+            "'discount_bps' must be an integer from 0 to 10000", param="discount_bps"
+        )
+    app = request.app
+    account = rk.team_account(team_id)
+    async with app[S.DB].acquire() as conn, conn.transaction():
+        await lock_account(conn, account)
+        before = await conn.fetchval(
+            "SELECT discount_bps FROM teams WHERE id = $1 FOR UPDATE", team_id
+        )
+        if before is None:
+            raise NotFound("no such team", code="team_not_found")
+        await conn.execute("UPDATE teams SET discount_bps = $2 WHERE id = $1", team_id, bps)
+        await audit(conn, request, team_id=team_id, actor_id="operator", action="team.discount", target_type="team",
+                    target_id=team_id, before={"discount_bps": before}, after={"discount_bps": bps})  # fmt: skip
+        await app[S.ACCOUNTS].set_cfg(account, {"disc": str(bps)})
+    return json_response({"team_id": team_id, "discount_bps": bps})
+
+
+@routes.get("/admin/teams")
+async def list_teams(request: web.Request) -> web.Response:
+    check_admin(request, request.app[S.RUNTIME].admin_token)
+    rows = await request.app[S.DB].fetch(
+        "SELECT t.id, t.name, t.owner_id, t.plan, t.seats, t.discount_bps, t.created_at, t.deleted_at,"
+        " (SELECT count(*) FROM memberships m WHERE m.team_id = t.id AND m.removed_at IS NULL) AS member_count"
+        " FROM teams t ORDER BY t.created_at"
+    )
+    return json_response({"data": [dict(r) for r in rows]})

@@ -1,0 +1,165 @@
+"""What every management handler shares: JSON in and out, the session's user, field
+validation with the field named in ``error.param``, and the audit log."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+from aiohttp import web
+
+from gateway import state as S
+from gateway.auth import bearer
+from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
+from policies.money import MoneyError, format_usd, parse_usd
+
+SESSION_COOKIE = "mb_session"
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{1,63}$")
+MAX_NAME = 100
+
+
+def json_response(
+    body: object, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body, default=_default),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _default(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError
+
+
+async def read_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw:
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest("The request body is not valid JSON.") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    email: str
+    name: str
+
+
+def session_token(request: web.Request) -> str | None:
+    return bearer(request) or request.cookies.get(SESSION_COOKIE)
+
+
+def token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+async def current_user(request: web.Request) -> User:
+    token = session_token(request)
+    if not token:
+        raise AuthenticationFailed("log in first", code="unauthenticated")
+    row = await request.app[S.DB].fetchrow(
+        "SELECT u.id, u.email, u.name FROM sessions s JOIN users u ON u.id = s.user_id"
+        " WHERE s.token_hash = $1 AND s.revoked_at IS NULL AND s.expires_at > now() AND u.deleted_at IS NULL",
+        token_hash(token),
+    )
+    if row is None:
+        raise AuthenticationFailed(
+            "session expired or invalid; log in again", code="unauthenticated"
+        )
+    return User(row["id"], row["email"], row["name"])
+
+
+# --- field validation ---------------------------------------------------------------------------
+def text_field(
+    body: dict[str, Any], name: str, *, max_len: int = MAX_NAME, required: bool = True
+) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise InvalidRequest(f"'{name}' is required", param=name)
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(f"'{name}' must be a string", param=name)
+    value = unicodedata.normalize("NFC", value).strip()
+    if not value:
+        raise InvalidRequest(f"'{name}' must not be empty", param=name)
+    if len(value) > max_len:
+        raise InvalidRequest(f"'{name}' must be at most {max_len} characters", param=name)
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in value):
+        raise InvalidRequest(f"'{name}' must not contain control characters", param=name)
+    return value
+
+
+def email_field(body: dict[str, Any], name: str = "email") -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not _EMAIL.match(value.strip()) or len(value) > 320:
+        raise InvalidRequest(f"'{name}' must be an email address", param=name)
+    return value.strip()
+
+
+def money_field(
+    body: dict[str, Any], name: str, *, nullable: bool = False, allow_negative: bool = False
+) -> int | None:
+    value = body.get(name)
+    if value is None:
+        if nullable:
+            return None
+        raise InvalidRequest(f"'{name}' is required", param=name)
+    try:
+        return parse_usd(value, allow_negative=allow_negative)
+    except MoneyError as exc:
+        raise InvalidRequest(f"'{name}': {exc}", param=name) from exc
+
+
+def id_param(request: web.Request, name: str) -> str:
+    value = request.match_info[name]
+    if not re.fullmatch(r"[a-z]{2,4}_[0-9a-f]{20}", value):
+        raise NotFound(f"no such {name}", code=f"{name}_not_found")
+    return value
+
+
+def usd(nanos: int | None) -> str | None:
+    return None if nanos is None else format_usd(nanos)
+
+
+# --- audit ---------------------------------------------------------------------------------------
+async def audit(
+    conn: asyncpg.Connection,
+    request: web.Request,
+    *,
+    team_id: str | None,
+    actor_id: str | None,
+    action: str,
+    target_type: str = "",
+    target_id: str = "",
+    before: object = None,
+    after: object = None,
+) -> None:
+    await conn.execute(
+        "INSERT INTO audit_log (team_id, actor_id, action, target_type, target_id, before, after, request_id)"
+        " VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8)",
+        team_id,
+        actor_id,
+        action,
+        target_type,
+        target_id,
+        None if before is None else orjson.dumps(before, default=_default).decode(),
+        None if after is None else orjson.dumps(after, default=_default).decode(),
+        request.get("request_id", ""),
+    )

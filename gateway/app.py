@@ -1,0 +1,137 @@
+"""The aiohttp application: routes, the error middleware, and every pool opened in
+``cleanup_ctx`` (PostgreSQL, Redis, upstream sessions, the usage writer, the key listener).
+
+Shutdown runs in order (see :mod:`gateway.cli`): stop accepting, let streams finish within
+``server.shutdown_timeout_s``, cancel the rest (a cancelled stream settles what it streamed),
+then the contexts below close in reverse: the usage writer drains its last batch before the
+pools close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from gateway import catalog, health, proxy
+from gateway import state as S
+from gateway.accounts import Accounts
+from gateway.api import routes as api_routes
+from gateway.auth import KeyCache
+from gateway.config import Config
+from gateway.db import create_pool, migrate
+from gateway.errors import GatewayError, NotFound, PayloadTooLarge
+from gateway.metering import Metering
+from gateway.metrics import Metrics
+from gateway.scripts import Scripts
+from gateway.tokens import TokenCounter
+from gateway.upstream import Upstreams
+from gateway.usage_writer import UsageWriter
+from policies.holds import hold_ttl
+
+log = logging.getLogger("modelbridge.app")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return exc.response()
+    except web.HTTPRequestEntityTooLarge:
+        return PayloadTooLarge("request body too large").response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 404:
+            return NotFound(f"Unknown route {request.method} {request.path}").response()
+        return GatewayError(
+            exc.reason, code=exc.reason.lower().replace(" ", "_"), status=exc.status
+        ).response({k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return GatewayError("The gateway failed to handle the request.", status=500).response()
+
+
+async def _stores(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[S.RUNTIME]
+    app[S.DB] = await create_pool(runtime.database_url)
+    async with app[S.DB].acquire() as conn:
+        await migrate(conn)
+    app[S.REDIS] = Redis.from_url(
+        runtime.redis_url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5,
+        health_check_interval=30, max_connections=512,
+    )  # fmt: skip
+    yield
+    await app[S.REDIS].aclose()
+    await app[S.DB].close()
+
+
+async def _metering(app: web.Application) -> AsyncIterator[None]:
+    config = app[S.CONFIG]
+    scripts = Scripts(app[S.REDIS])
+    app[S.ACCOUNTS] = Accounts(config, app[S.DB], app[S.REDIS], scripts)
+    longest = max((u.timeout_s for u in config.upstreams.values()), default=600.0)
+    app[S.METERING] = Metering(scripts, app[S.ACCOUNTS], hold_ttl(longest))
+    app[S.KEYS] = KeyCache(app[S.DB], app[S.REDIS])
+    await app[S.KEYS].start()
+    yield
+    await app[S.KEYS].stop()
+
+
+async def _upstreams(app: web.Application) -> AsyncIterator[None]:
+    app[S.UPSTREAMS] = Upstreams(app[S.CONFIG])
+    await app[S.UPSTREAMS].open()
+    tokens = TokenCounter()
+    tokens.preload({m.encoding for m in app[S.CONFIG].models.values()})
+    app[S.TOKENS] = tokens
+    yield
+    await app[S.UPSTREAMS].close()
+
+
+async def _usage_writer(app: web.Application) -> AsyncIterator[None]:
+    metrics = app[S.METRICS]
+    writer = UsageWriter(
+        app[S.REDIS],
+        app[S.DB],
+        f"worker-{app[S.RUNTIME].worker_id}",
+        on_pending=metrics.usage_pending.set,
+    )
+    app[WRITER] = writer
+    task = asyncio.create_task(writer.run(), name="usage-writer")
+    yield
+    writer.stop()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(task, timeout=10)
+
+
+WRITER = web.AppKey("usage_writer", UsageWriter)
+
+
+def build_app(config: Config, runtime: S.Runtime, clock: S.Clock | None = None) -> web.Application:
+    app = web.Application(
+        middlewares=[errors_middleware], client_max_size=config.server.max_body_bytes
+    )
+    app[S.CONFIG] = config
+    app[S.RUNTIME] = runtime
+    app[S.CLOCK] = clock or S.Clock()
+    app[S.METRICS] = Metrics(team_labels=config.metrics.team_labels)
+    app.cleanup_ctx.extend([_stores, _metering, _upstreams, _usage_writer])
+    app.router.add_post("/v1/chat/completions", proxy.chat_completions)
+    app.router.add_post("/v1/completions", proxy.completions)
+    app.router.add_post("/v1/embeddings", proxy.embeddings)
+    app.router.add_get("/v1/models", catalog.list_models)
+    app.router.add_get("/v1/models/{model}", catalog.get_model)
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+    app.router.add_get("/metrics", health.metrics)
+    api_routes.setup(app)
+    return app

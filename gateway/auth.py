@@ -1,0 +1,163 @@
+"""Who is calling: API keys on the proxy, session tokens on the management API, the operator
+token on ``/admin``.
+
+API keys are looked up by their SHA-256 (the only form stored) and cached in the process. The
+cache never decides whether a key is still valid: the hold script checks the key against its
+billing account's live key set in Redis on every request, so a revoked key fails on its very next
+request on every gateway process. Revocations are also published so that every process drops the
+cached entry (memory hygiene, and the account a key bills can change with the billing mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+
+import asyncpg
+from aiohttp import web
+from redis.asyncio import Redis
+
+from gateway.errors import AuthenticationFailed
+from policies import apikeys
+from policies import keys as rk
+
+log = logging.getLogger("modelbridge.auth")
+
+NEGATIVE_TTL_S = 10.0
+CACHE_MAX = 100_000
+
+
+def hash_secret(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def new_api_key() -> str:
+    body = "".join(secrets.choice(apikeys.BASE62) for _ in range(apikeys.BODY_LEN))
+    return apikeys.format_key(body)
+
+
+def new_token() -> str:
+    """A session, invitation or link token: 256 random bits, URL-safe."""
+    return secrets.token_urlsafe(32)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+def bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return request.headers.get("x-api-key")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    key_id: str
+    user_id: str
+    team_id: str | None
+    account: str  # the billing account: t_<team> or u_<user>
+    scope: str  # member scope within the account (the user id)
+
+
+_KEY_QUERY = """
+SELECT k.id, k.hash, k.user_id, k.team_id, m.billing_mode
+FROM api_keys k
+LEFT JOIN memberships m ON m.team_id = k.team_id AND m.user_id = k.user_id AND m.removed_at IS NULL
+LEFT JOIN teams t ON t.id = k.team_id
+WHERE k.hash = $1 AND k.revoked_at IS NULL
+  AND (k.team_id IS NULL OR (m.id IS NOT NULL AND t.deleted_at IS NULL))
+"""
+
+
+class KeyCache:
+    def __init__(self, db: asyncpg.Pool, redis: Redis) -> None:
+        self.db = db
+        self.redis = redis
+        self._by_hash: dict[bytes, KeyInfo] = {}
+        self._hash_by_id: dict[str, bytes] = {}
+        self._unknown: dict[bytes, float] = {}
+        self._listener: asyncio.Task[None] | None = None
+
+    async def lookup(self, secret: str | None) -> KeyInfo:
+        if not secret or not apikeys.well_formed(secret):
+            raise AuthenticationFailed("Incorrect API key provided.")
+        digest = hash_secret(secret)
+        info = self._by_hash.get(digest)
+        if info is not None:
+            return info
+        miss = self._unknown.get(digest)
+        if miss is not None and miss > time.monotonic():
+            raise AuthenticationFailed("Incorrect API key provided.")
+        info = await self._fetch(digest)
+        if info is None:
+            if len(self._unknown) > CACHE_MAX:
+                self._unknown.clear()
+            self._unknown[digest] = time.monotonic() + NEGATIVE_TTL_S
+            raise AuthenticationFailed("Incorrect API key provided.")
+        if len(self._by_hash) > CACHE_MAX:
+            self._by_hash.clear()
+            self._hash_by_id.clear()
+        self._by_hash[digest] = info
+        self._hash_by_id[info.key_id] = digest
+        return info
+
+    async def _fetch(self, digest: bytes) -> KeyInfo | None:
+        row = await self.db.fetchrow(_KEY_QUERY, digest)
+        if row is None or not hmac.compare_digest(bytes(row["hash"]), digest):
+            return None
+        team_id = row["team_id"]
+        personal = team_id is None or row["billing_mode"] == "personal"
+        account = rk.user_account(row["user_id"]) if personal else rk.team_account(team_id)
+        return KeyInfo(row["id"], row["user_id"], team_id, account, row["user_id"])
+
+    def forget(self, key_id: str) -> None:
+        digest = self._hash_by_id.pop(key_id, None)
+        if digest is not None:
+            self._by_hash.pop(digest, None)
+
+    def forget_secret(self, secret: str) -> None:
+        info = self._by_hash.pop(hash_secret(secret), None)
+        if info is not None:
+            self._hash_by_id.pop(info.key_id, None)
+
+    async def start(self) -> None:
+        self._listener = asyncio.create_task(self._listen(), name="key-invalidation")
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listener
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(rk.INVALIDATE_CHANNEL)
+                async for message in pubsub.listen():
+                    data = message.get("data")
+                    if isinstance(data, bytes):
+                        data = data.decode()
+                    for key_id in str(data or "").split():
+                        self.forget(key_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away: the hold check still guards revocation
+                log.warning("key invalidation listener: %s", exc)
+                await asyncio.sleep(1.0)
+
+
+def check_admin(request: web.Request, admin_token: str) -> None:
+    token = bearer(request) or ""
+    if not admin_token or not hmac.compare_digest(token.encode(), admin_token.encode()):
+        raise AuthenticationFailed("operator token required", code="invalid_admin_token")

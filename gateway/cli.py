@@ -1,0 +1,218 @@
+"""``modelbridge serve``: start the stores (embedded unless URLs are given), apply migrations,
+then serve with one process or ``--workers N`` processes sharing the port (SO_REUSEPORT).
+
+Shutdown, on SIGTERM or SIGINT, in order: stop accepting, let in-flight requests and streams
+finish within ``server.shutdown_timeout_s``, cancel what is left (a cancelled stream settles what
+it streamed), drain the usage writer, close the pools, stop the embedded stores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from gateway.config import Config, ConfigError, load_config
+from gateway.db import migrate_dsn
+from gateway.state import Runtime
+
+log = logging.getLogger("modelbridge")
+
+WORKER_ENV = "MODELBRIDGE_WORKER_ID"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelbridge", description="OpenAI-compatible LLM gateway with team metering"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", default=None, help="config file (default: ./config.yaml)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--workers", type=int, default=None)
+    worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
+    worker.add_argument("--config", default=None)
+    worker.add_argument("--host", required=True)
+    worker.add_argument("--port", type=int, required=True)
+    return parser
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("MODELBRIDGE_DATA_DIR", ".modelbridge")).resolve()
+
+
+def _with_cli(config: Config, args: argparse.Namespace) -> Config:
+    server = config.server
+    if args.host:
+        server = replace(server, host=args.host)
+    if args.port is not None:
+        server = replace(server, port=args.port)
+    if getattr(args, "workers", None):
+        server = replace(server, workers=args.workers)
+    return replace(config, server=server)
+
+
+def admin_token(embedded: bool, directory: Path) -> tuple[str, bool]:
+    """The operator token and whether it was generated now (to print it once)."""
+    token = os.environ.get("MODELBRIDGE_ADMIN_TOKEN", "")
+    if token or not embedded:
+        return token, False
+    path = directory / "admin_token"
+    if path.exists():
+        return path.read_text().strip(), False
+    directory.mkdir(parents=True, exist_ok=True)
+    token = "mbadmin_" + secrets.token_urlsafe(32)
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return token, True
+
+
+async def serve_app(config: Config, runtime: Runtime, *, reuse_port: bool) -> None:
+    from gateway.app import build_app  # after the metrics directory is set
+
+    app = build_app(config, runtime)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_timeout_s)
+    await runner.setup()
+    site = web.TCPSite(
+        runner, config.server.host, config.server.port, reuse_port=reuse_port, backlog=2048
+    )
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info(
+        "shutting down: no new connections; waiting up to %ss for streams",
+        config.server.shutdown_timeout_s,
+    )
+    await runner.cleanup()
+
+
+def _run(coro: object) -> None:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)  # type: ignore[arg-type]
+
+
+def _banner(config: Config, token: str, generated: bool, directory: Path) -> None:
+    url = f"http://{config.server.host}:{config.server.port}"
+    print(f"ModelBridge listening on {url} (OpenAI base URL: {url}/v1)", flush=True)
+    print(f"Dashboard: {url}/", flush=True)
+    if generated:
+        print(
+            f"Operator token (shown once, stored in {directory / 'admin_token'}): {token}",
+            flush=True,
+        )
+    elif token:
+        print(
+            "Operator token: from MODELBRIDGE_ADMIN_TOKEN or the data dir's admin_token file",
+            flush=True,
+        )
+
+
+def serve(args: argparse.Namespace) -> None:
+    from gateway.metrics import prepare_multiproc_dir
+    from gateway.stores import Stores
+
+    config = _with_cli(load_config(args.config), args)
+    directory = data_dir()
+    stores = Stores(
+        directory,
+        os.environ.get("MODELBRIDGE_DATABASE_URL") or None,
+        os.environ.get("MODELBRIDGE_REDIS_URL") or None,
+    )
+    urls = stores.start()
+    try:
+        embedded = not os.environ.get("MODELBRIDGE_DATABASE_URL")
+        token, generated = admin_token(embedded, directory)
+        if not token:
+            log.warning("MODELBRIDGE_ADMIN_TOKEN is not set: the operator API (/admin) is disabled")
+        asyncio.run(migrate_dsn(urls.database_url))
+        prepare_multiproc_dir(
+            directory / "metrics" if embedded else Path(f"/tmp/modelbridge-metrics-{os.getpid()}")
+        )
+        runtime = Runtime(urls.database_url, urls.redis_url, token)
+        _banner(config, token, generated, directory)
+        if config.server.workers == 1:
+            _run(serve_app(config, runtime, reuse_port=False))
+        else:
+            run_workers(config, runtime, args.config)
+    finally:
+        stores.stop()
+
+
+def run_workers(config: Config, runtime: Runtime, config_path: str | None) -> None:
+    env = {
+        **os.environ,
+        "MODELBRIDGE_DATABASE_URL": runtime.database_url,
+        "MODELBRIDGE_REDIS_URL": runtime.redis_url,
+        "MODELBRIDGE_ADMIN_TOKEN": runtime.admin_token,
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "_worker",
+        "--host",
+        config.server.host,
+        "--port",
+        str(config.server.port),
+    ]
+    if config_path:
+        cmd += ["--config", config_path]
+    procs = [
+        subprocess.Popen(cmd, env={**env, WORKER_ENV: str(i)}) for i in range(config.server.workers)
+    ]
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    from gateway.metrics import mark_worker_dead
+
+    for proc in procs:
+        proc.wait()
+        mark_worker_dead(proc.pid)
+
+
+def worker(args: argparse.Namespace) -> None:
+    config = _with_cli(load_config(args.config), args)
+    runtime = Runtime(
+        os.environ["MODELBRIDGE_DATABASE_URL"],
+        os.environ["MODELBRIDGE_REDIS_URL"],
+        os.environ.get("MODELBRIDGE_ADMIN_TOKEN", ""),
+        worker_id=os.environ.get(WORKER_ENV, "0"),
+    )
+    _run(serve_app(config, runtime, reuse_port=True))
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(
+        level=os.environ.get("MODELBRIDGE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            serve(args)
+        else:
+            worker(args)
+    except ConfigError as exc:
+        print(f"modelbridge: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    except KeyboardInterrupt:
+        pass

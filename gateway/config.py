@@ -1,0 +1,285 @@
+"""Configuration: ``config.yaml`` parsed once, at start, into frozen dataclasses.
+
+Every scalar of a section can be overridden from the environment as
+``MODELBRIDGE_<SECTION>_<KEY>`` (``MODELBRIDGE_SERVER_PORT=9000``); entries of the map sections
+as ``MODELBRIDGE_<SECTION>_<NAME>_<KEY>`` (``MODELBRIDGE_UPSTREAMS_OPENAI_BASE_URL``). Secrets
+never live in the file: an upstream names the env var that holds its key (``api_key_env``).
+Unknown keys stop the start with an error naming them; so does a price that is not a whole
+number of nano-dollars per token.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from policies.money import MoneyError, parse_usd, price_per_token
+from policies.pricing import Prices
+
+ENV_PREFIX = "MODELBRIDGE_"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_body_bytes: int = 10 * 1024 * 1024
+    public_url: str = ""
+    shutdown_timeout_s: float = 30.0
+    session_ttl_s: int = 30 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    base_url: str
+    api_key_env: str = ""
+    timeout_s: float = 600.0
+    connect_timeout_s: float = 10.0
+
+    def api_key(self) -> str:
+        return os.environ.get(self.api_key_env, "") if self.api_key_env else ""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    upstream: str
+    upstream_model: str
+    prices: Prices
+    max_output_tokens: int
+    encoding: str = "cl100k_base"
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    name: str
+    seat_price: int  # nano-dollars
+    included_usage_per_seat: int
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    host: str = ""
+    port: int = 25
+    from_addr: str = "ModelBridge <noreply@example.com>"
+    username_env: str = ""
+    password_env: str = ""
+    starttls: bool = False
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    team_labels: bool = False
+    token_env: str = ""
+
+    def token(self) -> str:
+        return os.environ.get(self.token_env, "") if self.token_env else ""
+
+
+@dataclass(frozen=True)
+class InvitationsConfig:
+    expires_in_s: int = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
+    models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    plans: Mapping[str, PlanConfig] = field(default_factory=dict)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    invitations: InvitationsConfig = field(default_factory=InvitationsConfig)
+
+    @property
+    def public_url(self) -> str:
+        if self.server.public_url:
+            return self.server.public_url.rstrip("/")
+        return f"http://{self.server.host}:{self.server.port}"
+
+
+_SCALAR_SECTIONS: dict[str, tuple[type, dict[str, str]]] = {
+    "server": (ServerConfig, {}),
+    "smtp": (SmtpConfig, {"from": "from_addr"}),
+    "metrics": (MetricsConfig, {"token": "token_env"}),
+    "invitations": (InvitationsConfig, {}),
+}
+_TOP_KEYS = {*_SCALAR_SECTIONS, "upstreams", "models", "plans"}
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (or ``config.yaml`` in the working directory), apply env overrides."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    cfg_path = Path(path) if path else Path("config.yaml")
+    if cfg_path.exists():
+        loaded = yaml.safe_load(cfg_path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{cfg_path}: the top level must be a mapping")
+        raw = loaded
+    elif path:
+        raise ConfigError(f"config file not found: {cfg_path}")
+    return parse_config(raw, env)
+
+
+def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+    sections: dict[str, Any] = {}
+    for name, (cls, renames) in _SCALAR_SECTIONS.items():
+        section = _mapping(raw.get(name), name)
+        sections[name] = _build(cls, _with_env(section, name, cls, renames, env), name, renames)
+    upstreams = {
+        name: _build(
+            UpstreamConfig,
+            {**_with_env(v, f"upstreams_{name}", UpstreamConfig, {}, env), "name": name},
+            f"upstreams.{name}",
+            {},
+        )
+        for name, v in _mapping(raw.get("upstreams"), "upstreams").items()
+    }
+    models = {
+        name: _model(name, _with_env(v, f"models_{name}", None, {}, env), upstreams)
+        for name, v in _mapping(raw.get("models"), "models").items()
+    }
+    plans = {name: _plan(name, v) for name, v in _mapping(raw.get("plans"), "plans").items()}
+    config = Config(upstreams=upstreams, models=models, plans=plans, **sections)
+    if config.server.workers < 1:
+        raise ConfigError("server.workers must be at least 1")
+    if config.server.max_body_bytes < 1024:
+        raise ConfigError("server.max_body_bytes must be at least 1024")
+    return config
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    return dict(getattr(cls, "__dataclass_fields__"))  # noqa: B009
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    return {str(k): v for k, v in value.items()}
+
+
+def _env_name(section: str, key: str) -> str:
+    return (ENV_PREFIX + section + "_" + key).upper().replace("-", "_").replace(".", "_")
+
+
+def _with_env(
+    section: Any, prefix: str, cls: type | None, renames: dict[str, str], env: Mapping[str, str]
+) -> dict[str, Any]:
+    values = _mapping(section, prefix)
+    names = set(values)
+    if cls is not None:
+        inverse = {v: k for k, v in renames.items()}
+        names |= {inverse.get(f, f) for f in _fields(cls) if f != "name"}
+    for key in names:
+        override = env.get(_env_name(prefix, key))
+        if override is not None:
+            values[key] = override
+    return values
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ConfigError(f"{where}: expected true or false")
+        return bool(value)
+    try:
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from exc
+    return "" if value is None else str(value)
+
+
+def _build(cls: type, values: dict[str, Any], where: str, renames: dict[str, str]) -> Any:
+    fields = _fields(cls)
+    kwargs: dict[str, Any] = {}
+    unknown = []
+    for key, value in values.items():
+        attr = renames.get(key, key)
+        if attr not in fields:
+            unknown.append(key)
+            continue
+        default = fields[attr].default
+        kwargs[attr] = value if attr == "name" else _coerce(value, default, f"{where}.{key}")
+    if unknown:
+        raise ConfigError(f"unknown keys in {where}: {', '.join(sorted(unknown))}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+_MODEL_KEYS = {
+    "upstream", "upstream_model", "input_per_mtok", "output_per_mtok", "cached_input_per_mtok",
+    "max_output_tokens", "encoding",
+}  # fmt: skip
+
+
+def _model(name: str, raw: dict[str, Any], upstreams: Mapping[str, UpstreamConfig]) -> ModelConfig:
+    where = f"models.{name}"
+    unknown = sorted(set(raw) - _MODEL_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown keys in {where}: {', '.join(unknown)}")
+    upstream = str(raw.get("upstream", ""))
+    if upstream not in upstreams:
+        raise ConfigError(f"{where}.upstream: no upstream named {upstream!r}")
+    try:
+        cached = raw.get("cached_input_per_mtok")
+        prices = Prices(
+            input=price_per_token(raw.get("input_per_mtok", 0)),
+            output=price_per_token(raw.get("output_per_mtok", 0)),
+            cached_input=None if cached is None else price_per_token(cached),
+        )
+    except MoneyError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    max_out = _coerce(raw.get("max_output_tokens", 4096), 0, f"{where}.max_output_tokens")
+    if max_out < 0:
+        raise ConfigError(f"{where}.max_output_tokens must not be negative")
+    return ModelConfig(
+        name=name,
+        upstream=upstream,
+        upstream_model=str(raw.get("upstream_model") or name),
+        prices=prices,
+        max_output_tokens=max_out,
+        encoding=str(raw.get("encoding") or "cl100k_base"),
+    )
+
+
+def _plan(name: str, raw: Any) -> PlanConfig:
+    where = f"plans.{name}"
+    values = _mapping(raw, where)
+    unknown = sorted(set(values) - {"seat_price", "included_usage_per_seat"})
+    if unknown:
+        raise ConfigError(f"unknown keys in {where}: {', '.join(unknown)}")
+    try:
+        return PlanConfig(
+            name=name,
+            seat_price=parse_usd(values.get("seat_price", 0)),
+            included_usage_per_seat=parse_usd(values.get("included_usage_per_seat", 0)),
+        )
+    except MoneyError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc

@@ -1,0 +1,150 @@
+"""The one error tree of the gateway, rendered in OpenAI's envelope.
+
+::
+
+    GatewayError                       status  error.type             error.code
+    ├── InvalidRequest                 400     invalid_request_error  (field errors: param)
+    │   └── PayloadTooLarge            413     invalid_request_error  payload_too_large
+    ├── AuthenticationFailed           401     invalid_request_error  invalid_api_key
+    ├── Forbidden                      403     permission_error       (given)
+    ├── NotFound                       404     invalid_request_error  (given, e.g. model_not_found)
+    ├── Conflict                       409     invalid_request_error  (given)
+    ├── Gone                           410     invalid_request_error  (given)
+    ├── Refused                        429     insufficient_quota /   (limits of contract §4)
+    │                                          rate_limit_error
+    ├── RateLimited                    429     rate_limit_error       rate_limited
+    ├── UpstreamFailed                 upstream's status / 502        upstream_error
+    │   └── UpstreamTimeout            504     upstream_error         upstream_timeout
+    └── StoreUnavailable               503     gateway_unavailable    gateway_unavailable
+
+Third-party exceptions (redis, asyncpg, aiohttp client) are translated into this tree in one place
+each, with ``raise ... from exc``: :func:`gateway.metering` for Redis, :mod:`gateway.upstream` for
+the provider. Anything else that escapes a handler is a bug and becomes a logged 500.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+from aiohttp import web
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.param = param
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self, extra_headers: Mapping[str, str] | None = None) -> web.Response:
+        headers = {**self.headers, **(extra_headers or {})}
+        return web.Response(
+            body=orjson.dumps(self.body()),
+            status=self.status,
+            content_type="application/json",
+            headers=headers,
+        )
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request_error"
+
+
+class PayloadTooLarge(InvalidRequest):
+    status = 413
+    code = "payload_too_large"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class Gone(GatewayError):
+    status = 410
+    type = "invalid_request_error"
+    code = "gone"
+
+
+class Refused(GatewayError):
+    """A limit of contract section 4 refused the request (429)."""
+
+    status = 429
+    type = "insufficient_quota"
+
+    def __init__(self, code: str, message: str, retry_after: int | None = None) -> None:
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        super().__init__(message, code=code, headers=headers)
+        if code != "insufficient_quota":
+            self.type = "rate_limit_error"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+
+class UpstreamFailed(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamFailed):
+    status = 504
+    code = "upstream_timeout"
+
+
+class StoreUnavailable(GatewayError):
+    status = 503
+    type = "gateway_unavailable"
+    code = "gateway_unavailable"

@@ -1,0 +1,59 @@
+"""``/healthz`` (the process is alive), ``/readyz`` (stores reachable, migrations applied) and
+``/metrics`` (Prometheus text, merged over every worker process)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+
+import orjson
+from aiohttp import web
+
+from gateway import state as S
+from gateway.auth import bearer
+from gateway.db import migrations_pending
+from gateway.errors import AuthenticationFailed
+from gateway.metrics import CONTENT_TYPE
+
+
+def _json(body: dict[str, object], status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def _check_redis(app: web.Application) -> str | None:
+    try:
+        await asyncio.wait_for(app[S.REDIS].ping(), timeout=2)
+    except Exception as exc:
+        return f"redis: {type(exc).__name__}"
+    return None
+
+
+async def _check_db(app: web.Application) -> str | None:
+    try:
+        async with asyncio.timeout(2):
+            async with app[S.DB].acquire() as conn:
+                pending = await migrations_pending(conn)
+    except Exception as exc:
+        return f"postgresql: {type(exc).__name__}"
+    return f"migrations pending: {pending}" if pending else None
+
+
+async def readyz(request: web.Request) -> web.Response:
+    problems = [
+        p for p in await asyncio.gather(_check_redis(request.app), _check_db(request.app)) if p
+    ]
+    if problems:
+        return _json({"status": "unavailable", "down": problems}, status=503)
+    return _json({"status": "ready", "redis": "ok", "postgresql": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    token = request.app[S.CONFIG].metrics.token()
+    if token and not hmac.compare_digest((bearer(request) or "").encode(), token.encode()):
+        raise AuthenticationFailed("metrics token required", code="invalid_metrics_token")
+    body = request.app[S.METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

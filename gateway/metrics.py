@@ -1,0 +1,102 @@
+"""Prometheus metrics, correct across worker processes.
+
+Uses prometheus_client's multiprocess mode: each process writes its samples to memory-mapped
+files in ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` (in any worker) merges them. The CLI sets
+that directory up before any worker starts; a single process without it gets a private one.
+Metric objects live on a :class:`Metrics` instance held in the app, never in module globals.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1)
+
+
+def prepare_multiproc_dir(path: Path) -> None:
+    """Empty (or create) the directory and point prometheus_client at it. Call before workers."""
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("*.db"):
+        old.unlink()
+    os.environ[MULTIPROC_ENV] = str(path)
+
+
+def _use_multiprocess_values() -> None:
+    """Make metrics created from now on write to the shared files (prometheus_client picks its
+    value class at import time; this makes the choice explicit and independent of import order)."""
+    if not os.environ.get(MULTIPROC_ENV):
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="modelbridge-metrics-")
+    values.ValueClass = values.MultiProcessValue()
+
+
+class Metrics:
+    def __init__(self, team_labels: bool = False) -> None:
+        _use_multiprocess_values()
+        self.team_labels = team_labels
+        team = ("team",) if team_labels else ()
+        self.requests = Counter(
+            "modelbridge_requests_total",
+            "Proxied requests",
+            ("endpoint", "model", "status", *team),
+            registry=None,
+        )
+        self.tokens = Counter(
+            "modelbridge_tokens_total", "Tokens metered", ("model", "kind", *team), registry=None
+        )
+        self.spend = Counter(
+            "modelbridge_spend_usd_total", "USD charged", ("model", *team), registry=None
+        )
+        self.rejections = Counter(
+            "modelbridge_limit_rejections_total",
+            "Requests refused by a limit",
+            ("reason",),
+            registry=None,
+        )
+        self.duration = Histogram(
+            "modelbridge_request_duration_seconds", "Request duration", ("endpoint", "model"),
+            buckets=_LATENCY_BUCKETS, registry=None,
+        )  # fmt: skip
+        self.ttfb = Histogram(
+            "modelbridge_upstream_ttfb_seconds", "Upstream time to first byte", ("model",),
+            buckets=_LATENCY_BUCKETS, registry=None,
+        )  # fmt: skip
+        self.overhead = Histogram(
+            "modelbridge_gateway_overhead_seconds", "Time spent in the gateway, upstream excluded",
+            ("endpoint",), buckets=_OVERHEAD_BUCKETS, registry=None,
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "modelbridge_inflight_requests",
+            "Requests in flight",
+            multiprocess_mode="livesum",
+            registry=None,
+        )
+        self.usage_pending = Gauge(
+            "modelbridge_usage_events_pending", "Usage records accepted but not yet in PostgreSQL",
+            multiprocess_mode="mostrecent", registry=None,
+        )  # fmt: skip
+
+    def render(self) -> bytes:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+
+def mark_worker_dead(pid: int) -> None:
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)

@@ -1,0 +1,440 @@
+"""The proxy API of contract section 5: what SDKs call under ``/v1``.
+
+One path for every endpoint: authenticate the key (cached), parse and validate the body, size the
+hold (tiktoken prompt count + the output cap, at the model's prices), place it (one Redis round
+trip that also checks the key, the model and every limit), forward the request, then settle the
+actual cost (the second round trip) — or release the hold when the provider failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway import state as S
+from gateway.auth import KeyInfo, bearer
+from gateway.config import ModelConfig
+from gateway.errors import (
+    AuthenticationFailed,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    Refused,
+    UpstreamFailed,
+)
+from gateway.metering import HoldResult
+from gateway.streaming import SSERelay, relay
+from gateway.upstream import UpstreamRequest, read_body
+from policies import pricing
+from policies.money import format_usd
+from policies.periods import period_of, seconds_to_period_end
+
+log = logging.getLogger("modelbridge.proxy")
+
+WARNING_HEADER = "x-modelbridge-limit-warning"
+TAGS_HEADER = "x-modelbridge-tags"
+_MAX_TAGS = 20
+_MAX_TAG_LEN = 100
+_PERIOD_LIMIT_CODES = {"team_spending_limit_reached", "member_limit_reached"}
+_MESSAGES = {
+    "invalid_api_key": "Incorrect API key provided.",
+    "model_not_allowed": "This model is not available to your team.",
+    "insufficient_quota": "You exceeded your current quota: the balance cannot cover this request.",
+    "team_spending_limit_reached": "The team's spending limit for this period is reached.",
+    "member_limit_reached": "Your monthly limit in this team is reached.",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    route: str
+    upstream_path: str
+    kind: str  # chat | completion | embedding
+
+
+CHAT = Endpoint("/v1/chat/completions", "/chat/completions", "chat")
+COMPLETION = Endpoint("/v1/completions", "/completions", "completion")
+EMBEDDING = Endpoint("/v1/embeddings", "/embeddings", "embedding")
+
+
+@dataclass(slots=True)
+class Call:
+    """One proxied request on its way through the gateway."""
+
+    request: web.Request
+    endpoint: Endpoint
+    key: KeyInfo
+    model: ModelConfig
+    body: dict[str, Any]
+    raw: bytes
+    request_id: str
+    now: float
+    period: str
+    prompt_tokens: int
+    encoding: str
+    tags: str
+    hold: HoldResult | None = None
+    upstream_s: float = 0.0
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+# --- parsing and validation -------------------------------------------------------------------
+async def read_json(request: web.Request, max_bytes: int) -> tuple[bytes, dict[str, Any]]:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise PayloadTooLarge(f"request body larger than {max_bytes} bytes")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge(f"request body larger than {max_bytes} bytes") from exc
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest("The request body is not valid JSON.") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return raw, body
+
+
+def _check_int(body: dict[str, Any], name: str, minimum: int) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InvalidRequest(f"'{name}' must be an integer >= {minimum}.", param=name)
+
+
+def validate(endpoint: Endpoint, body: dict[str, Any]) -> None:
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean.", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+    for name, minimum in (("max_tokens", 0), ("max_completion_tokens", 0), ("n", 1)):
+        _check_int(body, name, minimum)
+    if endpoint.kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("'messages' must be a non-empty array.", param="messages")
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            raise InvalidRequest("Each message must be an object with a 'role'.", param="messages")
+    elif endpoint.kind == "completion":
+        if not isinstance(body.get("prompt"), str | list):
+            raise InvalidRequest("'prompt' must be a string or an array.", param="prompt")
+    elif not isinstance(body.get("input"), str | list) or not body.get("input"):
+        raise InvalidRequest("'input' must be a non-empty string or array.", param="input")
+
+
+def parse_tags(header: str | None) -> str:
+    """``project=search, env=prod`` -> ``project=search,env=prod`` (validated)."""
+    if not header:
+        return ""
+    tags = [t.strip() for t in header.split(",") if t.strip()]
+    if len(tags) > _MAX_TAGS:
+        raise InvalidRequest(f"at most {_MAX_TAGS} tags", param=TAGS_HEADER)
+    for tag in tags:
+        if len(tag) > _MAX_TAG_LEN or not tag.isprintable():
+            raise InvalidRequest(
+                f"tags are printable and at most {_MAX_TAG_LEN} characters", param=TAGS_HEADER
+            )
+    return ",".join(dict.fromkeys(tags))
+
+
+def count_prompt(
+    app: web.Application, endpoint: Endpoint, model: ModelConfig, body: dict[str, Any]
+) -> tuple[int, str]:
+    tokens = app[S.TOKENS]
+    _, encoding = tokens.encoding_for(model.encoding)
+    if endpoint.kind == "chat":
+        return tokens.count_chat_prompt(body, model.encoding), encoding
+    if endpoint.kind == "completion":
+        return tokens.count_completion_prompt(body, model.encoding), encoding
+    return tokens.count_embedding_input(body, model.encoding), encoding
+
+
+# --- the request path ---------------------------------------------------------------------------
+async def begin(request: web.Request, endpoint: Endpoint) -> Call:
+    app = request.app
+    config = app[S.CONFIG]
+    key = await app[S.KEYS].lookup(bearer(request))
+    raw, body = await read_json(request, config.server.max_body_bytes)
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("you must provide a model parameter", param="model")
+    model = config.models.get(name)
+    if model is None:
+        raise NotFound(f"The model '{name}' does not exist.", code="model_not_found", param="model")
+    validate(endpoint, body)
+    tags = parse_tags(request.headers.get(TAGS_HEADER))
+    prompt_tokens, encoding = count_prompt(app, endpoint, model, body)
+    now = app[S.CLOCK].now()
+    return Call(
+        request,
+        endpoint,
+        key,
+        model,
+        body,
+        raw,
+        new_request_id(),
+        now,
+        period_of(now),
+        prompt_tokens,
+        encoding,
+        tags,
+    )
+
+
+async def place_hold(call: Call) -> HoldResult:
+    app = call.request.app
+    out_cap = (
+        0
+        if call.endpoint.kind == "embedding"
+        else pricing.requested_output_cap(call.body, call.model.max_output_tokens)
+    )
+    worst = pricing.worst_case_list_cost(call.model.prices, call.prompt_tokens, out_cap)
+    for attempt in range(2):
+        result = await app[S.METERING].hold(
+            account=call.key.account, period=call.period, now=call.now, request_id=call.request_id,
+            key_id=call.key.key_id, scope=call.key.scope, model=call.model.name, worst_list_cost=worst,
+        )  # fmt: skip
+        if result.status != "invalid_api_key" or attempt:
+            break
+        # The cached key may bill another account by now (billing mode): look it up afresh.
+        app[S.KEYS].forget(call.key.key_id)
+        fresh = await app[S.KEYS].lookup(bearer(call.request))
+        if fresh == call.key:
+            break
+        call.key = fresh
+    if result.status == "ok":
+        return result
+    if result.status == "invalid_api_key":
+        app[S.KEYS].forget(call.key.key_id)
+        raise AuthenticationFailed(_MESSAGES["invalid_api_key"])
+    app[S.METRICS].rejections.labels(result.status).inc()
+    if result.status == "model_not_allowed":
+        raise GatewayError(_MESSAGES[result.status], code=result.status, status=403)
+    retry = seconds_to_period_end(call.now) if result.status in _PERIOD_LIMIT_CODES else None
+    raise Refused(result.status, _MESSAGES[result.status], retry_after=retry)
+
+
+def upstream_body(call: Call, stream: bool) -> bytes:
+    """The bytes sent upstream: the client's own unless the model name or usage option change."""
+    rename = call.model.upstream_model != call.model.name
+    wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
+    if not rename and (not stream or wants_usage):
+        return call.raw
+    body = dict(call.body)
+    if rename:
+        body["model"] = call.model.upstream_model
+    if stream and not wants_usage:
+        body["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
+    return orjson.dumps(body)
+
+
+def usage_numbers(usage: dict[str, Any] | None) -> tuple[int, int, int] | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    if not isinstance(prompt, int):
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
+    completion = completion if isinstance(completion, int) else 0
+    return prompt, completion, cached if isinstance(cached, int) else 0
+
+
+async def settle(
+    call: Call, tokens: tuple[int, int, int], source: str, status: int
+) -> pricing.Charge:
+    app = call.request.app
+    prompt, completion, cached = tokens
+    assert call.hold is not None
+    charge = pricing.charge(
+        pricing.list_cost(call.model.prices, prompt, completion, cached), call.hold.discount_bps
+    )
+    key = call.key
+    record: list[str | int] = [
+        "request_id", call.request_id, "account", key.account, "team_id", key.team_id or "",
+        "user_id", key.user_id, "key_id", key.key_id, "model", call.model.name,
+        "endpoint", call.endpoint.route, "period", call.period, "prompt_tokens", prompt,
+        "completion_tokens", completion, "cached_tokens", cached, "list_cost", charge.list_cost,
+        "discount", charge.discount, "charged", charge.charged, "usage_source", source,
+        "encoding", call.encoding, "tags", call.tags, "status", status,
+        "created_at", int(call.now * 1000),
+    ]  # fmt: skip
+    await app[S.METERING].settle(
+        account=key.account, period=call.period, request_id=call.request_id, scope=key.scope,
+        key_id=key.key_id, model=call.model.name, charged=charge.charged, record=record,
+    )  # fmt: skip
+    metrics = app[S.METRICS]
+    metrics.tokens.labels(call.model.name, "prompt").inc(prompt)
+    metrics.tokens.labels(call.model.name, "completion").inc(completion)
+    metrics.spend.labels(call.model.name).inc(charge.charged / 1e9)  # metrics only, never a balance
+    return charge
+
+
+def estimate(call: Call, text: list[str]) -> tuple[int, int, int]:
+    completion = (
+        call.request.app[S.TOKENS].count_text("".join(text), call.model.encoding) if text else 0
+    )
+    return call.prompt_tokens, completion, 0
+
+
+def base_headers(call: Call) -> dict[str, str]:
+    headers = {"x-request-id": call.request_id}
+    if call.hold is not None and call.hold.warn:
+        headers[WARNING_HEADER] = "member_limit_exceeded"
+    return headers
+
+
+async def upstream_error(call: Call, response: aiohttp.ClientResponse) -> UpstreamFailed:
+    with contextlib.suppress(Exception):
+        detail = orjson.loads(await response.read())
+        message = detail["error"]["message"]
+        return UpstreamFailed(f"upstream error: {message}", status=response.status)
+    return UpstreamFailed(f"upstream error (HTTP {response.status})", status=response.status)
+
+
+async def forward(call: Call) -> web.StreamResponse:
+    app = call.request.app
+    stream = bool(call.body.get("stream")) and call.endpoint.kind != "embedding"
+    req = UpstreamRequest(
+        call.model.upstream, call.endpoint.upstream_path, upstream_body(call, stream), stream
+    )
+    started = time.perf_counter()
+    response = await app[S.UPSTREAMS].send(req)
+    app[S.METRICS].ttfb.labels(call.model.name).observe(time.perf_counter() - started)
+    try:
+        if response.status >= 400:
+            raise await upstream_error(call, response)
+        if stream:
+            return await forward_stream(call, response, started)
+        raw = await read_body(response, call.model.upstream)
+    finally:
+        response.release()
+    call.upstream_s = time.perf_counter() - started
+    tokens = usage_numbers(_usage_of(raw))
+    source = "upstream"
+    if tokens is None:
+        tokens, source = estimate(call, _texts_of(raw)), "estimated"
+    charge = await settle(call, tokens, source, 200)
+    headers = base_headers(call)
+    headers["x-modelbridge-cost-usd"] = format_usd(charge.charged)
+    return web.Response(body=raw, status=200, content_type="application/json", headers=headers)
+
+
+def _usage_of(raw: bytes) -> dict[str, Any] | None:
+    with contextlib.suppress(orjson.JSONDecodeError):
+        payload = orjson.loads(raw)
+        if isinstance(payload, dict):
+            usage = payload.get("usage")
+            return usage if isinstance(usage, dict) else None
+    return None
+
+
+def _texts_of(raw: bytes) -> list[str]:
+    texts: list[str] = []
+    with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+        for choice in orjson.loads(raw).get("choices") or ():
+            message = choice.get("message") or {}
+            texts.append(message.get("content") or choice.get("text") or "")
+    return texts
+
+
+async def forward_stream(
+    call: Call, response: aiohttp.ClientResponse, started: float
+) -> web.StreamResponse:
+    wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
+    client = web.StreamResponse(status=200, headers=base_headers(call))
+    client.content_type = "text/event-stream"
+    client.headers["Cache-Control"] = "no-cache"
+    await client.prepare(call.request)
+    sse = SSERelay(strip_usage_chunk=not wants_usage)
+    try:
+        outcome = await relay(response, client, sse)
+    except asyncio.CancelledError:
+        # Shutdown cancelled the stream: bill what was streamed, then let the cancel go on.
+        response.close()
+        await settle(call, estimate(call, sse.outcome.text), "estimated", 499)
+        raise
+    call.upstream_s = time.perf_counter() - started
+    tokens = None if outcome.client_gone else usage_numbers(outcome.usage)
+    if tokens is None and outcome.upstream_failed and not outcome.text:
+        await call.request.app[S.METERING].release(
+            account=call.key.account, request_id=call.request_id
+        )
+        call.hold = None
+    else:
+        source = "upstream" if tokens is not None else "estimated"
+        await settle(
+            call,
+            tokens or estimate(call, outcome.text),
+            source,
+            499 if outcome.client_gone else 200,
+        )
+    if not outcome.client_gone:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await client.write_eof()
+    return client
+
+
+async def proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    app = request.app
+    metrics = app[S.METRICS]
+    started = time.perf_counter()
+    metrics.inflight.inc()
+    model_label = "other"
+    status = 500
+    call: Call | None = None
+    try:
+        call = await begin(request, endpoint)
+        model_label = call.model.name
+        call.hold = await place_hold(call)
+        try:
+            response = await forward(call)
+        except BaseException:
+            if call.hold is not None:
+                with contextlib.suppress(Exception):
+                    await app[S.METERING].release(
+                        account=call.key.account, request_id=call.request_id
+                    )
+            raise
+        status = response.status
+        return response
+    except GatewayError as exc:
+        status = exc.status
+        if call is not None and "x-request-id" not in exc.headers:
+            exc.headers["x-request-id"] = call.request_id
+        raise
+    finally:
+        metrics.inflight.dec()
+        elapsed = time.perf_counter() - started
+        metrics.requests.labels(endpoint.route, model_label, str(status)).inc()
+        metrics.duration.labels(endpoint.route, model_label).observe(elapsed)
+        upstream_s = call.upstream_s if call is not None else 0.0
+        metrics.overhead.labels(endpoint.route).observe(max(0.0, elapsed - upstream_s))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await proxy(request, CHAT)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await proxy(request, COMPLETION)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await proxy(request, EMBEDDING)

@@ -1,0 +1,138 @@
+"""Relaying a server-sent-event stream from the provider to the client, event by event.
+
+Each upstream read is split into complete SSE events; every event is written to the client as
+soon as it is complete (never buffered whole). On the way the relay notes the ``usage`` the
+provider reports and the text it streamed (to estimate usage with tiktoken when the client goes
+away or the provider reports none), and drops the usage-only chunk that the gateway asked for
+when the client did not (``stream_options.include_usage``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+_DONE = b"[DONE]"
+
+
+@dataclass
+class StreamOutcome:
+    usage: dict[str, Any] | None = None
+    text: list[str] = field(default_factory=list)
+    done: bool = False  # the provider sent [DONE]
+    client_gone: bool = False
+    upstream_failed: bool = False
+    events: int = 0
+    first_event_at: float | None = None
+
+
+def _collect_text(payload: dict[str, Any], text: list[str]) -> None:
+    for choice in payload.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                text.append(content)
+            for call in delta.get("tool_calls") or ():
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    text.append(fn["arguments"])
+        elif isinstance(choice.get("text"), str):
+            text.append(choice["text"])
+
+
+class SSERelay:
+    def __init__(self, strip_usage_chunk: bool) -> None:
+        self.strip_usage_chunk = strip_usage_chunk
+        self.outcome = StreamOutcome()
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take upstream bytes; return the complete events to send to the client now."""
+        buf = self._buffer + chunk
+        out: list[bytes] = []
+        start = 0
+        while True:
+            end = buf.find(b"\n\n", start)
+            if end < 0:
+                break
+            event = buf[start : end + 2]
+            start = end + 2
+            if self._keep(event):
+                out.append(event)
+        self._buffer = buf[start:]
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+    def _keep(self, event: bytes) -> bool:
+        self.outcome.events += 1
+        if self.outcome.first_event_at is None:
+            self.outcome.first_event_at = time.perf_counter()
+        data = _data_of(event)
+        if data is None:
+            return True
+        if data == _DONE:
+            self.outcome.done = True
+            return True
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(payload, dict):
+            return True
+        usage = payload.get("usage")
+        if isinstance(usage, dict):
+            self.outcome.usage = usage
+            if self.strip_usage_chunk and not payload.get("choices"):
+                return False
+        _collect_text(payload, self.outcome.text)
+        return True
+
+
+def _data_of(event: bytes) -> bytes | None:
+    """The ``data:`` payload of one event (single-line data, as OpenAI sends)."""
+    for line in event.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if line.startswith(b"data:"):
+            return line[5:].strip()
+    return None
+
+
+async def relay(
+    upstream: aiohttp.ClientResponse, client: web.StreamResponse, relay: SSERelay
+) -> StreamOutcome:
+    """Copy the stream until it ends, the client leaves or the provider fails."""
+    outcome = relay.outcome
+    try:
+        async for chunk in upstream.content.iter_any():
+            data = relay.feed(chunk)
+            if data and not await _write(client, data, outcome):
+                break
+        else:
+            rest = relay.flush()
+            if rest:
+                await _write(client, rest, outcome)
+    except (aiohttp.ClientError, TimeoutError):
+        outcome.upstream_failed = True
+    if outcome.client_gone or outcome.upstream_failed:
+        upstream.close()
+    return outcome
+
+
+async def _write(client: web.StreamResponse, data: bytes, outcome: StreamOutcome) -> bool:
+    try:
+        await client.write(data)
+    except (ConnectionError, RuntimeError):
+        outcome.client_gone = True
+        return False
+    return True

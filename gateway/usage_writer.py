@@ -1,0 +1,203 @@
+"""The usage writer: moves usage records from the accounts' Redis streams into PostgreSQL.
+
+Settling appends each record to its account's stream in the same atomic step that debits the
+balance, so a record exists as soon as the money moved. Every gateway process runs one writer,
+all in one consumer group: a batch is inserted idempotently (``ON CONFLICT (request_id) DO
+NOTHING``), and only after the commit are its entries acknowledged and deleted, so a crash
+between the two re-delivers the batch and inserts nothing twice. Entries a dead consumer left
+pending are claimed after ``claim_idle_ms``. ``pending()`` (the streams' length) feeds the
+``modelbridge_usage_events_pending`` gauge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from policies import keys as rk
+
+log = logging.getLogger("modelbridge.usage")
+
+_COLUMNS = (
+    "request_id", "account", "team_id", "user_id", "key_id", "model", "endpoint", "period",
+    "prompt_tokens", "completion_tokens", "cached_tokens", "list_cost", "discount", "charged",
+    "from_allowance", "from_credits", "usage_source", "encoding", "tags", "status", "created_at",
+)  # fmt: skip
+_INT_COLUMNS = {
+    "prompt_tokens", "completion_tokens", "cached_tokens", "list_cost", "discount", "charged",
+    "from_allowance", "from_credits", "status",
+}  # fmt: skip
+_INSERT = (
+    f"INSERT INTO usage_records ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_COLUMNS)))}) "
+    "ON CONFLICT (request_id) DO NOTHING"
+)
+
+
+def record_row(fields: dict[str, str]) -> tuple[Any, ...]:
+    """A stream entry -> the values of one usage_records row."""
+    row: list[Any] = []
+    for column in _COLUMNS:
+        value = fields.get(column, "")
+        if column in _INT_COLUMNS:
+            row.append(int(value or 0))
+        elif column == "team_id":
+            row.append(value or None)
+        elif column == "tags":
+            row.append([t for t in value.split(",") if t] if value else [])
+        elif column == "created_at":
+            row.append(datetime.fromtimestamp(int(value) / 1000, UTC))
+        else:
+            row.append(value)
+    return tuple(row)
+
+
+class UsageWriter:
+    def __init__(
+        self,
+        redis: Redis,
+        db: asyncpg.Pool,
+        consumer: str,
+        *,
+        batch: int = 500,
+        block_ms: int = 200,
+        claim_idle_ms: int = 30_000,
+        on_pending: Callable[[int], None] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.db = db
+        self.consumer = consumer
+        self.batch = batch
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.on_pending = on_pending
+        self._stopping = asyncio.Event()
+        self.written = 0
+        self.claim_every_s = 5.0
+        self._last_claim = 0.0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Loop until ``stop()``; a final drain runs before returning."""
+        while not self._stopping.is_set():
+            try:
+                moved = await self.step()
+                if moved == 0:
+                    await self._idle()
+            except (redis_errors.RedisError, OSError, asyncpg.PostgresError) as exc:
+                log.warning("usage writer: %s; retrying", exc)
+                await self._idle(1.0)
+        with contextlib.suppress(Exception):
+            await self.drain()
+
+    async def _idle(self, seconds: float | None = None) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds or self.block_ms / 1000)
+
+    async def drain(self) -> int:
+        total = 0
+        while (moved := await self.step()) > 0:
+            total += moved
+        return total
+
+    async def streams(self) -> list[str]:
+        return sorted(str(s) for s in await self.redis.smembers(rk.USAGE_STREAMS))
+
+    async def step(self) -> int:
+        streams = await self.streams()
+        if not streams:
+            self._report(0)
+            return 0
+        entries = await self._read(streams)
+        now = time.monotonic()
+        if now - self._last_claim >= self.claim_every_s:
+            self._last_claim = now
+            entries += await self._claim(streams)
+        if entries:
+            await self._write(entries)
+        self._report(await self.pending(streams))
+        return len(entries)
+
+    async def _read(self, streams: list[str]) -> list[tuple[str, str, dict[str, str]]]:
+        try:
+            reply: Any = await self.redis.xreadgroup(
+                rk.USAGE_GROUP, self.consumer, {s: ">" for s in streams}, count=self.batch
+            )
+        except redis_errors.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._create_groups(streams)
+            return []
+        entries: list[tuple[str, str, dict[str, str]]] = []
+        for stream, items in reply or ():
+            entries.extend((stream, eid, fields) for eid, fields in items)
+        return entries
+
+    async def _claim(self, streams: list[str]) -> list[tuple[str, str, dict[str, str]]]:
+        claimed: list[tuple[str, str, dict[str, str]]] = []
+        for stream in streams:
+            try:
+                reply = await self.redis.xautoclaim(
+                    stream,
+                    rk.USAGE_GROUP,
+                    self.consumer,
+                    self.claim_idle_ms,
+                    "0-0",
+                    count=self.batch,
+                )
+            except redis_errors.ResponseError:
+                continue
+            claimed.extend((stream, eid, fields) for eid, fields in reply[1] if fields)
+        return claimed
+
+    async def _create_groups(self, streams: list[str]) -> None:
+        for stream in streams:
+            with contextlib.suppress(redis_errors.ResponseError):
+                await self.redis.xgroup_create(stream, rk.USAGE_GROUP, id="0", mkstream=True)
+
+    async def _write(self, entries: list[tuple[str, str, dict[str, str]]]) -> None:
+        rows = [record_row(fields) for _, _, fields in entries]
+        last_used: dict[str, datetime] = {}
+        for row in rows:
+            key_id, created = row[4], row[-1]
+            if key_id not in last_used or last_used[key_id] < created:
+                last_used[key_id] = created
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.executemany(_INSERT, rows)
+            await conn.executemany(
+                "UPDATE api_keys SET last_used_at = greatest(coalesce(last_used_at, $2), $2) WHERE id = $1",
+                list(last_used.items()),
+            )
+        by_stream: dict[str, list[str]] = {}
+        for stream, eid, _ in entries:
+            by_stream.setdefault(stream, []).append(eid)
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, ids in by_stream.items():
+            pipe.xack(stream, rk.USAGE_GROUP, *ids)
+            pipe.xdel(stream, *ids)
+        await pipe.execute()
+        self.written += len(rows)
+
+    async def pending(self, streams: list[str] | None = None) -> int:
+        streams = await self.streams() if streams is None else streams
+        if not streams:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xlen(stream)
+        return sum(int(n) for n in await pipe.execute())
+
+    def _report(self, pending: int) -> None:
+        if self.on_pending is not None:
+            self.on_pending(pending)

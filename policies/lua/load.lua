@@ -1,0 +1,44 @@
+--[[ load.lua — install an account's state rebuilt from PostgreSQL, unless it is loaded already.
+The caller holds the account's PostgreSQL advisory lock, so no management write interleaves.
+
+KEYS[1]  {acct:A}:s            state hash
+KEYS[2]  {acct:A}:p:<period>   the current period's counters
+KEYS[3]  {acct:A}:cfg          policy hash
+KEYS[4]  {acct:A}:keys         active keys
+KEYS[5]  {acct:A}:hz           hold expiries (cleared)
+KEYS[6]  {acct:A}:hv           hold values (cleared)
+KEYS[7..] {acct:A}:blk:<scope> blocked-model sets, in the order of ARGV[2]'s "blocked" list
+
+ARGV[1]  JSON {"state": {...}, "period": {...}, "cfg": {...}, "keys": {...},
+               "blocked": [[model, ...], ...]}   (all values strings)
+ARGV[2]  period hash lifetime, seconds
+ARGV[3]  "force": reload even when loaded (operator rebuild)
+
+Returns 1 when it installed the state, 0 when the account was loaded already.
+]]
+if ARGV[3] ~= 'force' and redis.call('HGET', KEYS[1], 'loaded') == '1' then
+  return 0
+end
+local data = cjson.decode(ARGV[1])
+for i = 1, #KEYS do redis.call('DEL', KEYS[i]) end
+
+local function put(key, map)
+  local args = {}
+  for k, v in pairs(map) do
+    args[#args + 1] = k
+    args[#args + 1] = tostring(v)
+  end
+  if #args > 0 then redis.call('HSET', key, unpack(args)) end
+end
+
+put(KEYS[2], data.period)
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
+put(KEYS[3], data.cfg)
+put(KEYS[4], data.keys)
+for i, models in ipairs(data.blocked or {}) do
+  if #models > 0 then redis.call('SADD', KEYS[6 + i], unpack(models)) end
+end
+data.state.loaded = '1'
+data.state.holds = '0'
+put(KEYS[1], data.state)
+return 1
