@@ -1,0 +1,135 @@
+"""Test helpers: a small client of the gateway's management API, and polling with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+
+T = TypeVar("T")
+PASSWORD = "correct-horse-battery"
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]],
+    check: Callable[[T], bool],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+) -> T:
+    """Poll ``probe`` until ``check`` holds; fail with the last value at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if check(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s; last value: {value!r}")
+        await asyncio.sleep(interval)
+
+
+def unique_email(tag: str = "user") -> str:
+    return f"{tag}-{secrets.token_hex(6)}@example.com"
+
+
+@dataclass
+class Session:
+    user: dict[str, Any]
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+class Api:
+    """Management API calls against one gateway base URL (``http://host:port``)."""
+
+    def __init__(self, http: aiohttp.ClientSession, base: str, admin_token: str) -> None:
+        self.http = http
+        self.base = base
+        self.admin_token = admin_token
+
+    async def call(
+        self, method: str, path: str, *, session: Session | None = None, json: Any = None,
+        admin: bool = False, expect: int | None = None, headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:  # fmt: skip
+        hdrs = dict(headers or {})
+        if session is not None:
+            hdrs.update(session.headers)
+        if admin:
+            hdrs["Authorization"] = f"Bearer {self.admin_token}"
+        async with self.http.request(method, self.base + path, json=json, headers=hdrs) as resp:
+            body = (
+                await resp.json(content_type=None)
+                if resp.content_type == "application/json"
+                else await resp.text()
+            )
+            if expect is not None:
+                assert resp.status == expect, (method, path, resp.status, body)
+            return resp.status, body
+
+    async def signup(self, email: str | None = None, name: str = "Tester") -> Session:
+        email = email or unique_email()
+        _, body = await self.call(
+            "POST",
+            "/api/auth/signup",
+            json={"email": email, "password": PASSWORD, "name": name},
+            expect=201,
+        )
+        return await self.login(email)
+
+    async def login(self, email: str) -> Session:
+        _, body = await self.call(
+            "POST", "/api/auth/login", json={"email": email, "password": PASSWORD}, expect=200
+        )
+        return Session(body["user"], body["token"])
+
+    async def team(self, owner: Session, name: str = "Team") -> dict[str, Any]:
+        _, body = await self.call(
+            "POST", "/api/teams", session=owner, json={"name": name}, expect=201
+        )
+        return dict(body)
+
+    async def credit_team(self, team_id: str, amount: str) -> None:
+        await self.call(
+            "POST",
+            f"/admin/teams/{team_id}/credits",
+            admin=True,
+            json={"amount_usd": amount, "note": "test"},
+            expect=201,
+        )
+
+    async def credit_user(self, user_id: str, amount: str) -> None:
+        await self.call(
+            "POST",
+            f"/admin/users/{user_id}/credits",
+            admin=True,
+            json={"amount_usd": amount, "note": "test"},
+            expect=201,
+        )
+
+    async def key(
+        self, session: Session, team_id: str | None = None, name: str = "key"
+    ) -> dict[str, Any]:
+        payload: dict[str, Any] = {"name": name}
+        if team_id is not None:
+            payload["team"] = team_id
+        _, body = await self.call("POST", "/api/keys", session=session, json=payload, expect=201)
+        return dict(body)
+
+    async def overview(self, session: Session, team_id: str) -> dict[str, Any]:
+        _, body = await self.call("GET", f"/api/teams/{team_id}", session=session, expect=200)
+        return dict(body)
+
+    async def funded_team_key(self, amount: str = "10.00") -> tuple[Session, dict[str, Any], str]:
+        """A new owner, their team with ``amount`` of credits, and a team key's secret."""
+        owner = await self.signup()
+        team = await self.team(owner)
+        await self.credit_team(team["id"], amount)
+        key = await self.key(owner, team["id"])
+        return owner, team, key["secret"]
