@@ -50,7 +50,6 @@ class Accounts:
         self.db = db
         self.redis = redis
         self.scripts = scripts
-        self._known_streams: set[str] = set()
 
     # --- rebuild -------------------------------------------------------------------------
     async def load(self, account: str, now: float, *, force: bool = False) -> bool:
@@ -80,9 +79,9 @@ class Accounts:
         return bool(installed)
 
     async def ensure_stream(self, account: str) -> None:
+        """Register the account's usage stream and consumer group (again: after a Redis loss
+        both are gone, and every account passes through ``load`` first)."""
         stream = rk.AccountKeys(account).usage_stream
-        if stream in self._known_streams:
-            return
         pipe = self.redis.pipeline(transaction=False)
         pipe.sadd(rk.USAGE_STREAMS, stream)
         pipe.xgroup_create(stream, rk.USAGE_GROUP, id="0", mkstream=True)
@@ -91,7 +90,6 @@ class Accounts:
         except Exception as exc:  # BUSYGROUP: the group exists already
             if "BUSYGROUP" not in str(exc):
                 raise
-        self._known_streams.add(stream)
 
     async def _snapshot(
         self, conn: asyncpg.Connection, account: str, period: str

@@ -46,6 +46,14 @@ TAGS_HEADER = "x-modelbridge-tags"
 _MAX_TAGS = 20
 _MAX_TAG_LEN = 100
 _PERIOD_LIMIT_CODES = {"team_spending_limit_reached", "member_limit_reached"}
+_STREAM_BROKEN = {
+    "error": {
+        "message": "The upstream connection failed mid-stream.",
+        "type": "upstream_error",
+        "param": None,
+        "code": "upstream_error",
+    }
+}
 _MESSAGES = {
     "invalid_api_key": "Incorrect API key provided.",
     "model_not_allowed": "This model is not available to your team.",
@@ -387,6 +395,9 @@ async def forward_stream(
         )
     if not outcome.client_gone:
         with contextlib.suppress(ConnectionError, RuntimeError):
+            if outcome.upstream_failed:
+                # SDKs raise on an event carrying "error"; never end a broken stream as if whole.
+                await client.write(b"data: " + orjson.dumps(_STREAM_BROKEN) + b"\n\n")
             await client.write_eof()
     return client
 

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import orjson
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
@@ -82,8 +83,11 @@ class UsageWriter:
         self.on_pending = on_pending
         self._stopping = asyncio.Event()
         self.written = 0
+        self.rejected = 0
         self.claim_every_s = 5.0
         self._last_claim = 0.0
+        self.scan_every_s = 30.0
+        self._last_scan = 0.0
 
     def stop(self) -> None:
         self._stopping.set()
@@ -112,7 +116,18 @@ class UsageWriter:
         return total
 
     async def streams(self) -> list[str]:
+        now = time.monotonic()
+        if now - self._last_scan >= self.scan_every_s:
+            self._last_scan = now
+            await self.discover()
         return sorted(str(s) for s in await self.redis.smembers(rk.USAGE_STREAMS))
+
+    async def discover(self) -> None:
+        """Register usage streams missing from the registry (a stream written after Redis lost
+        the registry, before its account was loaded again)."""
+        found = [key async for key in self.redis.scan_iter(match="{acct:*}:usage", count=1000)]
+        if found:
+            await self.redis.sadd(rk.USAGE_STREAMS, *found)
 
     async def step(self) -> int:
         streams = await self.streams()
@@ -167,7 +182,16 @@ class UsageWriter:
                 await self.redis.xgroup_create(stream, rk.USAGE_GROUP, id="0", mkstream=True)
 
     async def _write(self, entries: list[tuple[str, str, dict[str, str]]]) -> None:
-        rows = [record_row(fields) for _, _, fields in entries]
+        try:
+            await self._insert([record_row(fields) for _, _, fields in entries])
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError):
+            # One malformed record must not block the others: insert one by one, and keep
+            # whatever still fails in usage_rejects, whole.
+            for entry in entries:
+                await self._write_one(*entry)
+        await self._ack(entries)
+
+    async def _insert(self, rows: list[tuple[Any, ...]]) -> None:
         last_used: dict[str, datetime] = {}
         for row in rows:
             key_id, created = row[4], row[-1]
@@ -179,6 +203,23 @@ class UsageWriter:
                 "UPDATE api_keys SET last_used_at = greatest(coalesce(last_used_at, $2), $2) WHERE id = $1",
                 list(last_used.items()),
             )
+
+    async def _write_one(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
+        try:
+            await self._insert([record_row(fields)])
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError) as exc:
+            log.error("usage record %s of %s rejected: %s", entry_id, stream, exc)
+            await self.db.execute(
+                "INSERT INTO usage_rejects (stream, entry_id, fields, error) VALUES ($1, $2, $3::jsonb, $4)"
+                " ON CONFLICT DO NOTHING",
+                stream,
+                entry_id,
+                orjson.dumps(fields).decode(),
+                str(exc)[:1000],
+            )
+            self.rejected += 1
+
+    async def _ack(self, entries: list[tuple[str, str, dict[str, str]]]) -> None:
         by_stream: dict[str, list[str]] = {}
         for stream, eid, _ in entries:
             by_stream.setdefault(stream, []).append(eid)
@@ -187,7 +228,7 @@ class UsageWriter:
             pipe.xack(stream, rk.USAGE_GROUP, *ids)
             pipe.xdel(stream, *ids)
         await pipe.execute()
-        self.written += len(rows)
+        self.written += len(entries)
 
     async def pending(self, streams: list[str] | None = None) -> int:
         streams = await self.streams() if streams is None else streams

@@ -1,0 +1,268 @@
+"""Bad input, provider failures and cut streams: clear errors, holds released, usage kept."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from gateway.tokens import TokenCounter
+from policies import keys as rk
+from tests.conftest import Gateway
+from tests.fake_upstream import FakeUpstream
+from tests.helpers import Api, eventually
+
+CHAT = [{"role": "user", "content": "hi there"}]
+
+
+async def post(
+    http: aiohttp.ClientSession, gateway: Gateway, key: str, body: Any, **kw: Any
+) -> tuple[int, Any, Any]:
+    data = body if isinstance(body, bytes) else None
+    async with http.post(
+        gateway.v1 + "/chat/completions", json=None if data is not None else body, data=data,
+        headers={"Authorization": f"Bearer {key}", **kw.get("headers", {})},
+    ) as resp:  # fmt: skip
+        payload = await resp.json(content_type=None)
+        return resp.status, payload, resp.headers
+
+
+async def account_state(redis: Redis, team_id: str) -> dict[str, str]:
+    return dict(await redis.hgetall(rk.AccountKeys(rk.team_account(team_id)).state))
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "param"),
+    [
+        (b"not json", 400, "invalid_request_error", None),
+        (b"[1, 2]", 400, "invalid_request_error", None),
+        ({"messages": CHAT}, 400, "invalid_request_error", "model"),
+        ({"model": 7, "messages": CHAT}, 400, "invalid_request_error", "model"),
+        ({"model": "gpt-9", "messages": CHAT}, 404, "model_not_found", "model"),
+        ({"model": "gpt-4o-mini", "messages": "hi"}, 400, "invalid_request_error", "messages"),
+        ({"model": "gpt-4o-mini", "messages": []}, 400, "invalid_request_error", "messages"),
+        (
+            {"model": "gpt-4o-mini", "messages": [{"content": "x"}]},
+            400,
+            "invalid_request_error",
+            "messages",
+        ),
+        (
+            {"model": "gpt-4o-mini", "messages": CHAT, "stream": "yes"},
+            400,
+            "invalid_request_error",
+            "stream",
+        ),
+        (
+            {"model": "gpt-4o-mini", "messages": CHAT, "max_tokens": -1},
+            400,
+            "invalid_request_error",
+            "max_tokens",
+        ),
+        ({"model": "gpt-4o-mini", "messages": CHAT, "n": 0}, 400, "invalid_request_error", "n"),
+    ],
+)
+async def test_bad_input_is_a_clear_4xx_and_changes_nothing(
+    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream, redis: Redis,
+    body: Any, status: int, code: str, param: str | None,
+) -> None:  # fmt: skip
+    owner, team, secret = await api.funded_team_key("1.00")
+    before = await api.overview(owner, team["id"])
+    got_status, payload, headers = await post(http, gateway, secret, body)
+    assert got_status == status
+    assert payload["error"]["code"] == code
+    assert payload["error"]["param"] == param
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    assert fake.requests == []
+    assert await api.overview(owner, team["id"]) == before
+
+
+async def test_body_over_the_cap_is_413(
+    gateway: Gateway, api: Api, http: aiohttp.ClientSession
+) -> None:
+    _, _, secret = await api.funded_team_key()
+    big = (
+        b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "'
+        + b"a" * (10 * 1024 * 1024)
+        + b'"}]}'
+    )
+    status, payload, _ = await post(http, gateway, secret, big)
+    assert status == 413 and payload["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("upstream_status", [500, 503, 429, 400])
+async def test_upstream_error_releases_the_hold(
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    redis: Redis,
+    upstream_status: int,
+) -> None:
+    owner, team, secret = await api.funded_team_key("1.00")
+    fake.next(status=upstream_status)
+    status, payload, headers = await post(
+        http, gateway, secret, {"model": "gpt-4o-mini", "messages": CHAT}
+    )
+    assert status == upstream_status
+    assert payload["error"]["code"] == "upstream_error"
+    assert headers["x-request-id"].startswith("req_")
+    state = await account_state(redis, team["id"])
+    assert (state["holds"], state["credits"]) == ("0", "1000000000")
+    assert (await api.overview(owner, team["id"]))["spend_this_period_usd"] == "0.000000000"
+
+
+async def test_upstream_timeout_is_504(
+    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream, redis: Redis
+) -> None:
+    _, team, secret = await api.funded_team_key("1.00")
+    fake.next(hang=True)
+    status, payload, _ = await post(
+        http, gateway, secret, {"model": "gpt-4o-mini", "messages": CHAT}
+    )
+    assert (status, payload["error"]["code"]) == (504, "upstream_timeout")
+    assert (await account_state(redis, team["id"]))["holds"] == "0"
+    await fake.wait_until(lambda: fake.cancelled == 1)
+
+
+async def test_unreachable_upstream_is_502(
+    gateway: Gateway, api: Api, http: aiohttp.ClientSession, redis: Redis
+) -> None:
+    from gateway import state as S
+    from gateway.config import UpstreamConfig
+
+    _, team, secret = await api.funded_team_key("1.00")
+    upstreams = gateway.app[S.UPSTREAMS]
+    saved = upstreams._urls["fake"]
+    upstreams._urls["fake"] = "http://127.0.0.1:9/v1"  # discard port: nothing listens
+    try:
+        status, payload, _ = await post(
+            http, gateway, secret, {"model": "gpt-4o-mini", "messages": CHAT}
+        )
+    finally:
+        upstreams._urls["fake"] = saved
+    assert (status, payload["error"]["code"]) == (502, "upstream_error")
+    assert (await account_state(redis, team["id"]))["holds"] == "0"
+    assert isinstance(gateway.config.upstreams["fake"], UpstreamConfig)
+
+
+async def test_missing_usage_is_estimated_with_tiktoken(
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    db: asyncpg.Connection,
+) -> None:
+    _, _, secret = await api.funded_team_key()
+    fake.next(omit_usage=True)
+    status, _, headers = await post(
+        http, gateway, secret, {"model": "gpt-4o-mini", "messages": CHAT}
+    )
+    assert status == 200
+    counter = TokenCounter()
+    prompt = counter.count_chat_prompt({"messages": CHAT}, "o200k_base")
+    completion = counter.count_text("Hello from the fake upstream.", "o200k_base")
+    row = await eventually(
+        lambda: db.fetchrow(
+            "SELECT * FROM usage_records WHERE request_id = $1", headers["x-request-id"]
+        ),
+        lambda r: r is not None,
+    )
+    assert (row["usage_source"], row["prompt_tokens"], row["completion_tokens"]) == (
+        "estimated",
+        prompt,
+        completion,
+    )
+    assert row["encoding"] == "o200k_base"
+    assert row["charged"] == prompt * 150 + completion * 600
+
+
+async def test_client_leaving_mid_stream_cancels_upstream_and_bills_what_was_streamed(
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    db: asyncpg.Connection,
+    redis: Redis,
+) -> None:
+    _, team, secret = await api.funded_team_key()
+    fake.next(
+        chunk_delay_s=0.3,
+        content_pieces=["alpha", " beta", " gamma", " delta", " epsilon", " zeta"],
+    )
+    body = {"model": "gpt-4o-mini", "messages": CHAT, "stream": True}
+    seen = b""
+    async with http.post(
+        gateway.v1 + "/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
+    ) as resp:
+        request_id = resp.headers["x-request-id"]
+        async for chunk in resp.content.iter_any():
+            seen += chunk
+            if b"beta" in seen:
+                break
+        resp.close()
+    await fake.wait_until(lambda: fake.cancelled == 1, timeout=10)
+    row = await eventually(
+        lambda: db.fetchrow("SELECT * FROM usage_records WHERE request_id = $1", request_id),
+        lambda r: r is not None,
+    )
+    assert row["usage_source"] == "estimated" and row["status"] == 499
+    counter = TokenCounter()
+    streamed = counter.count_text("alpha beta", "o200k_base")
+    assert row["completion_tokens"] in (
+        streamed,
+        counter.count_text("alpha beta gamma", "o200k_base"),
+    )
+    assert (await account_state(redis, team["id"]))["holds"] == "0"
+
+
+async def test_upstream_dropping_mid_stream_bills_what_was_streamed(
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    db: asyncpg.Connection,
+) -> None:
+    _, _, secret = await api.funded_team_key()
+    fake.next(drop_after=3, content_pieces=["one", " two", " three", " four"])
+    body = {"model": "gpt-4o-mini", "messages": CHAT, "stream": True}
+    async with http.post(
+        gateway.v1 + "/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
+    ) as resp:
+        request_id = resp.headers["x-request-id"]
+        text = (await resp.read()).decode()
+    assert '"code":"upstream_error"' in text and "[DONE]" not in text
+    row = await eventually(
+        lambda: db.fetchrow("SELECT * FROM usage_records WHERE request_id = $1", request_id),
+        lambda r: r is not None,
+    )
+    assert row["usage_source"] == "estimated"
+    assert row["completion_tokens"] == TokenCounter().count_text("one two", "o200k_base")
+
+
+async def test_redis_down_is_503_and_never_forwarded(
+    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream
+) -> None:
+    from gateway import state as S
+
+    _, _, secret = await api.funded_team_key()
+    metering = gateway.app[S.METERING]
+    broken = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.5)
+    from gateway.scripts import Scripts
+
+    saved = metering.scripts
+    metering.scripts = Scripts(broken)
+    try:
+        status, payload, _ = await post(
+            http, gateway, secret, {"model": "gpt-4o-mini", "messages": CHAT}
+        )
+    finally:
+        metering.scripts = saved
+        await broken.aclose()
+    assert (status, payload["error"]["code"]) == (503, "gateway_unavailable")
+    assert fake.requests == []
+    await asyncio.sleep(0)

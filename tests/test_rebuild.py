@@ -1,0 +1,119 @@
+"""Redis lost its state: balances, counters and keys are rebuilt from PostgreSQL, lazily."""
+
+from __future__ import annotations
+
+import aiohttp
+import asyncpg
+from redis.asyncio import Redis
+
+from policies import keys as rk
+from policies.periods import period_of
+from tests.conftest import Gateway
+from tests.helpers import Api, eventually
+
+COST = 5 * 150 + 6 * 600
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi there"}]}
+
+
+async def chat(http: aiohttp.ClientSession, gateway: Gateway, secret: str) -> int:
+    async with http.post(
+        gateway.v1 + "/chat/completions", json=BODY, headers={"Authorization": f"Bearer {secret}"}
+    ) as r:
+        await r.read()
+        return r.status
+
+
+async def forget_account(redis: Redis, account: str) -> None:
+    keys = [k async for k in redis.scan_iter(match=f"{{acct:{account}}}:*")]
+    if keys:
+        await redis.delete(*keys)
+
+
+async def test_lost_account_state_is_rebuilt_from_postgresql(
+    gateway: Gateway, api: Api, http: aiohttp.ClientSession, db: asyncpg.Connection, redis: Redis
+) -> None:
+    owner, team, secret = await api.funded_team_key("1.00")
+    revoked = await api.key(owner, team["id"], name="old")
+    await api.call("DELETE", f"/api/keys/{revoked['id']}", session=owner, expect=200)
+    for _ in range(3):
+        assert await chat(http, gateway, secret) == 200
+    await eventually(
+        lambda: db.fetchval("SELECT count(*) FROM usage_records WHERE team_id = $1", team["id"]),
+        lambda n: n == 3,
+    )
+    account = rk.AccountKeys(rk.team_account(team["id"]))
+    period = period_of(gateway.clock.now())
+    before_state = await redis.hmget(account.state, ["credits", "sub_alw"])
+    before_period = await redis.hgetall(account.period(period))
+    before = await api.overview(owner, team["id"])
+
+    await forget_account(redis, rk.team_account(team["id"]))
+
+    # The overview and the next request rebuild it: same money, same counters, same keys.
+    assert await api.overview(owner, team["id"]) == before
+    assert await redis.hmget(account.state, ["credits", "sub_alw"]) == before_state
+    assert await redis.hgetall(account.period(period)) == before_period
+    assert await redis.hgetall(account.keys) == {
+        k: owner.user["id"] for k in await redis.hkeys(account.keys)
+    }
+    assert revoked["id"] not in await redis.hkeys(account.keys)
+    assert await chat(http, gateway, secret) == 200
+    assert await chat(http, gateway, revoked["secret"]) == 401
+    after = await api.overview(owner, team["id"])
+    assert after["credits_usd"] == f"{(1_000_000_000 - 4 * COST) / 1e9:.9f}"
+    assert after["spend_this_period_usd"] == f"{4 * COST / 1e9:.9f}"
+    # ...and the usage of the request after the loss still reaches PostgreSQL.
+    await eventually(
+        lambda: db.fetchval("SELECT count(*) FROM usage_records WHERE team_id = $1", team["id"]),
+        lambda n: n == 4,
+    )
+
+
+async def test_settle_is_idempotent_on_the_request_id(
+    gateway: Gateway, api: Api, redis: Redis
+) -> None:
+    from gateway import state as S
+
+    owner, team, _ = await api.funded_team_key("1.00")
+    account = rk.team_account(team["id"])
+    metering = gateway.app[S.METERING]
+    now = gateway.clock.now()
+    period = period_of(now)
+    hold = await metering.hold(
+        account=account, period=period, now=now, request_id="req_idem", key_id="nokey", scope=owner.user["id"],
+        model="gpt-4o-mini", worst_list_cost=5000,
+    )  # fmt: skip
+    assert hold.status == "invalid_api_key"  # unknown key ids never hold
+    key = await api.key(owner, team["id"])
+    hold = await metering.hold(
+        account=account, period=period, now=now, request_id="req_idem", key_id=key["id"], scope=owner.user["id"],
+        model="gpt-4o-mini", worst_list_cost=5000,
+    )  # fmt: skip
+    assert (hold.status, hold.amount) == ("ok", 5000)
+    record: list[str | int] = ["request_id", "req_idem", "created_at", int(now * 1000)]
+    kwargs = dict(account=account, period=period, request_id="req_idem", scope=owner.user["id"], key_id=key["id"],
+                  model="gpt-4o-mini", charged=4000, record=record)  # fmt: skip
+    first = await metering.settle(**kwargs)  # type: ignore[arg-type]
+    second = await metering.settle(**kwargs)  # type: ignore[arg-type]
+    assert (first.settled, first.from_credits) == (True, 4000)
+    assert (second.settled, second.from_credits) == (False, 0)
+    state = await redis.hmget(rk.AccountKeys(account).state, ["credits", "holds"])
+    assert state == [str(1_000_000_000 - 4000), "0"]
+
+
+async def test_malformed_usage_record_is_kept_not_dropped_and_blocks_nothing(
+    gateway: Gateway, api: Api, http: aiohttp.ClientSession, db: asyncpg.Connection, redis: Redis
+) -> None:
+    _, team, secret = await api.funded_team_key("1.00")
+    stream = rk.AccountKeys(rk.team_account(team["id"])).usage_stream
+    await redis.xadd(stream, {"request_id": "req_malformed", "prompt_tokens": "many"})
+    assert await chat(http, gateway, secret) == 200
+    await eventually(
+        lambda: db.fetchval("SELECT count(*) FROM usage_records WHERE team_id = $1", team["id"]), lambda n: n == 1
+    )
+    reject = await eventually(
+        lambda: db.fetchrow("SELECT * FROM usage_rejects WHERE fields->>'request_id' = 'req_malformed'"),
+        lambda r: r is not None,
+    )
+    assert reject["stream"] == stream
+    assert await redis.xlen(stream) == 0
