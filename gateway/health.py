@@ -48,7 +48,8 @@ async def readyz(request: web.Request) -> web.Response:
     ]
     if problems:
         return _json({"status": "unavailable", "down": problems}, status=503)
-    return _json({"status": "ready", "redis": "ok", "postgresql": "ok"})
+    worker = request.app[S.RUNTIME].worker_id
+    return _json({"status": "ready", "redis": "ok", "postgresql": "ok", "worker": worker})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -1,0 +1,149 @@
+"""Several gateway processes on one Redis and PostgreSQL: revocation everywhere at the next
+request, metrics merged over ``--workers 2``, and graceful shutdown that lets streams finish."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from tests.conftest import ADMIN_TOKEN
+from tests.fake_upstream import FakeUpstream
+from tests.helpers import Api, eventually
+from tests.processes import GatewayProcess, write_config
+
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi there"}]}
+
+
+@pytest.fixture
+async def two_gateways(
+    tmp_path: Path,
+    fake: FakeUpstream,
+    database_url: str,
+    redis_url: str,
+    http: aiohttp.ClientSession,
+) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
+    config = write_config(tmp_path, fake.base_url)
+    procs = [
+        GatewayProcess(config, database_url, redis_url, log=tmp_path / f"gw{i}.log")
+        for i in range(2)
+    ]
+    try:
+        for proc in procs:
+            await proc.ready(http)
+        yield procs[0], procs[1]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            await proc.wait()
+
+
+async def chat(http: aiohttp.ClientSession, v1: str, secret: str) -> int:
+    async with http.post(
+        v1 + "/chat/completions", json=BODY, headers={"Authorization": f"Bearer {secret}"}
+    ) as r:
+        await r.read()
+        return r.status
+
+
+@pytest.mark.slow
+async def test_key_revoked_on_one_process_fails_on_the_other_at_once(
+    two_gateways: tuple[GatewayProcess, GatewayProcess], http: aiohttp.ClientSession
+) -> None:
+    a, b = two_gateways
+    api_a = Api(http, a.base, ADMIN_TOKEN)
+    owner, team, _ = await api_a.funded_team_key()
+    key = await api_a.key(owner, team["id"])
+    for _ in range(3):  # both processes have the key cached now
+        assert await chat(http, a.v1, key["secret"]) == 200
+        assert await chat(http, b.v1, key["secret"]) == 200
+    await api_a.call("DELETE", f"/api/keys/{key['id']}", session=owner, expect=200)
+    assert await chat(http, b.v1, key["secret"]) == 401
+    assert await chat(http, a.v1, key["secret"]) == 401
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.slow
+async def test_metrics_are_merged_over_two_workers(
+    tmp_path: Path,
+    fake: FakeUpstream,
+    database_url: str,
+    redis_url: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    gw = GatewayProcess(
+        write_config(tmp_path, fake.base_url),
+        database_url,
+        redis_url,
+        workers=2,
+        log=tmp_path / "w2.log",
+    )
+    try:
+        await gw.ready(http)
+        api = Api(http, gw.base, ADMIN_TOKEN)
+        _, _, secret = await api.funded_team_key()
+        pids = set()
+        for _ in range(40):  # a new connection each time, so both workers get requests
+            async with aiohttp.ClientSession() as fresh:
+                assert await chat(fresh, gw.v1, secret) == 200
+                async with fresh.get(gw.base + "/readyz") as r:
+                    pids.add((await r.json())["worker"])
+        for _ in range(6):
+            async with aiohttp.ClientSession() as fresh, fresh.get(gw.base + "/metrics") as r:
+                text = await r.text()
+            labels = {"endpoint": "/v1/chat/completions", "model": "gpt-4o-mini", "status": "200"}
+            assert metric(text, "modelbridge_requests_total", **labels) == 40
+            assert metric(text, "modelbridge_tokens_total", kind="completion") == 40 * 6
+            assert metric(text, "modelbridge_inflight_requests") == 0
+        assert len(pids) == 2, f"requests reached {pids}"
+        assert re.search(
+            r"modelbridge_gateway_overhead_seconds_count\{endpoint=\"/v1/chat/completions\"\} 40",
+            text,
+        )
+    finally:
+        await gw.stop()
+
+
+@pytest.mark.slow
+async def test_shutdown_lets_a_stream_finish_and_bills_it(
+    tmp_path: Path, fake: FakeUpstream, database_url: str, redis_url: str, http: aiohttp.ClientSession,
+    db: asyncpg.Connection,
+) -> None:  # fmt: skip
+    gw = GatewayProcess(
+        write_config(tmp_path, fake.base_url), database_url, redis_url, log=tmp_path / "gs.log"
+    )
+    await gw.ready(http)
+    api = Api(http, gw.base, ADMIN_TOKEN)
+    _, team, secret = await api.funded_team_key()
+    fake.next(chunk_delay_s=0.2)
+    body = {**BODY, "stream": True}
+    async with http.post(
+        gw.v1 + "/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
+    ) as r:
+        first = await r.content.readuntil(b"\n\n")
+        assert first.startswith(b"data: ")
+        gw.terminate()  # SIGTERM while the stream is in flight
+        rest = await r.read()
+    assert rest.endswith(b"data: [DONE]\n\n")
+    assert await gw.wait() == 0
+    row = await eventually(
+        lambda: db.fetchrow("SELECT * FROM usage_records WHERE team_id = $1", team["id"]),
+        lambda r: r is not None,
+    )
+    assert (row["usage_source"], row["completion_tokens"], row["status"]) == ("upstream", 6, 200)
+    await asyncio.sleep(0)
