@@ -152,7 +152,7 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         for name, v in _mapping(raw.get("upstreams"), "upstreams").items()
     }
     models = {
-        name: _model(name, _with_env(v, f"models_{name}", None, {}, env), upstreams)
+        name: _model(name, _with_env(v, f"models_{name}", None, {}, env, _MODEL_KEYS), upstreams)
         for name, v in _mapping(raw.get("models"), "models").items()
     }
     plans = {name: _plan(name, v) for name, v in _mapping(raw.get("plans"), "plans").items()}
@@ -181,10 +181,15 @@ def _env_name(section: str, key: str) -> str:
 
 
 def _with_env(
-    section: Any, prefix: str, cls: type | None, renames: dict[str, str], env: Mapping[str, str]
+    section: Any,
+    prefix: str,
+    cls: type | None,
+    renames: dict[str, str],
+    env: Mapping[str, str],
+    known: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     values = _mapping(section, prefix)
-    names = set(values)
+    names = set(values) | known
     if cls is not None:
         inverse = {v: k for k, v in renames.items()}
         names |= {inverse.get(f, f) for f in _fields(cls) if f != "name"}
@@ -233,10 +238,10 @@ def _build(cls: type, values: dict[str, Any], where: str, renames: dict[str, str
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-_MODEL_KEYS = {
+_MODEL_KEYS = frozenset({
     "upstream", "upstream_model", "input_per_mtok", "output_per_mtok", "cached_input_per_mtok",
     "max_output_tokens", "encoding",
-}  # fmt: skip
+})  # fmt: skip
 
 
 def _model(name: str, raw: dict[str, Any], upstreams: Mapping[str, UpstreamConfig]) -> ModelConfig:
