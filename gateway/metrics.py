@@ -91,6 +91,10 @@ class Metrics:
             multiprocess_mode="mostrecent", registry=None,
         )  # fmt: skip
 
+    def team_label(self, team_id: str | None) -> tuple[str, ...]:
+        """The extra ``team`` label value when per-team labels are on ("" for personal keys)."""
+        return (team_id or "",) if self.team_labels else ()
+
     def render(self) -> bytes:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)

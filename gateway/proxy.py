@@ -288,9 +288,10 @@ async def settle(
         key_id=key.key_id, model=call.model.name, charged=charge.charged, record=record,
     )  # fmt: skip
     metrics = app[S.METRICS]
-    metrics.tokens.labels(call.model.name, "prompt").inc(prompt)
-    metrics.tokens.labels(call.model.name, "completion").inc(completion)
-    metrics.spend.labels(call.model.name).inc(charge.charged / 1e9)  # metrics only, never a balance
+    team = metrics.team_label(key.team_id)
+    metrics.tokens.labels(call.model.name, "prompt", *team).inc(prompt)
+    metrics.tokens.labels(call.model.name, "completion", *team).inc(completion)
+    metrics.spend.labels(call.model.name, *team).inc(charge.charged / 1e9)  # metrics, not money
     return charge
 
 
@@ -433,7 +434,8 @@ async def proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     finally:
         metrics.inflight.dec()
         elapsed = time.perf_counter() - started
-        metrics.requests.labels(endpoint.route, model_label, str(status)).inc()
+        team = metrics.team_label(call.key.team_id if call is not None else None)
+        metrics.requests.labels(endpoint.route, model_label, str(status), *team).inc()
         metrics.duration.labels(endpoint.route, model_label).observe(elapsed)
         upstream_s = call.upstream_s if call is not None else 0.0
         metrics.overhead.labels(endpoint.route).observe(max(0.0, elapsed - upstream_s))

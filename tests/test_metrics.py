@@ -1,0 +1,88 @@
+"""``/metrics``: the contract's metric names and labels, per-team labels only when asked."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import aiohttp
+
+from gateway.config import MetricsConfig
+from tests.conftest import ADMIN_TOKEN, Gateway, gateway_config, start_gateway
+from tests.fake_upstream import FakeUpstream
+from tests.helpers import Api
+from tests.test_processes import metric
+
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi there"}]}
+
+
+async def scrape(http: aiohttp.ClientSession, base: str) -> str:
+    async with http.get(base + "/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        return await resp.text()
+
+
+async def test_contract_metrics_move(
+    gateway: Gateway, api: Api, http: aiohttp.ClientSession
+) -> None:
+    owner = await api.signup()
+    team = await api.team(owner)
+    key = (await api.key(owner, team["id"]))["secret"]
+    before = await scrape(http, gateway.base)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with http.post(gateway.v1 + "/chat/completions", json=BODY, headers=headers) as resp:
+        assert resp.status == 429  # no balance yet
+    await api.credit_team(team["id"], "1.00")
+    async with http.post(gateway.v1 + "/chat/completions", json=BODY, headers=headers) as resp:
+        assert resp.status == 200
+    async with http.post(
+        gateway.v1 + "/chat/completions", json={**BODY, "model": "x" * 50}, headers=headers
+    ) as resp:
+        assert resp.status == 404
+    after = await scrape(http, gateway.base)
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    route = "/v1/chat/completions"
+    assert (
+        delta("modelbridge_requests_total", endpoint=route, model="gpt-4o-mini", status="200") == 1
+    )
+    assert (
+        delta("modelbridge_requests_total", endpoint=route, model="gpt-4o-mini", status="429") == 1
+    )
+    assert delta("modelbridge_requests_total", endpoint=route, model="other", status="404") == 1
+    assert delta("modelbridge_limit_rejections_total", reason="insufficient_quota") == 1
+    assert delta("modelbridge_tokens_total", model="gpt-4o-mini", kind="prompt") == 5
+    assert delta("modelbridge_tokens_total", model="gpt-4o-mini", kind="completion") == 6
+    assert round(delta("modelbridge_spend_usd_total", model="gpt-4o-mini") * 1e9) == 4350
+    assert delta("modelbridge_upstream_ttfb_seconds_count", model="gpt-4o-mini") == 1
+    assert delta("modelbridge_gateway_overhead_seconds_count", endpoint=route) == 3
+    assert (
+        delta("modelbridge_request_duration_seconds_count", endpoint=route, model="gpt-4o-mini")
+        == 2
+    )
+    for name in ("modelbridge_inflight_requests", "modelbridge_usage_events_pending"):
+        assert f"# TYPE {name} gauge" in after
+    assert 'team="' not in after
+
+
+async def test_team_labels_only_when_configured(
+    fake: FakeUpstream, database_url: str, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    config = dataclasses.replace(
+        gateway_config(fake.base_url), metrics=MetricsConfig(team_labels=True)
+    )
+    gw, runner = await start_gateway(config, database_url, redis_url)
+    try:
+        api = Api(http, gw.base, ADMIN_TOKEN)
+        _, team, secret = await api.funded_team_key()
+        async with http.post(
+            gw.v1 + "/chat/completions", json=BODY, headers={"Authorization": f"Bearer {secret}"}
+        ) as r:
+            assert r.status == 200
+        text = await scrape(http, gw.base)
+        assert metric(text, "modelbridge_requests_total", team=team["id"], status="200") == 1
+        assert metric(text, "modelbridge_spend_usd_total", team=team["id"]) > 0
+    finally:
+        await runner.cleanup()
