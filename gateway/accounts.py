@@ -7,8 +7,11 @@ data (restarted without persistence, flushed) rebuilds itself account by account
 
 * credits  = sum of credit ledger rows - sum of ``from_credits`` of usage records
 * allowance of the period = the period's allowance ledger rows, else the subscription's
-* period counters (spend, per member, key, model) = sums of the period's usage records
-* policy (limits, enforcement, discount, blocked models) and active keys from their tables
+* period counters (spend, per member, key, model) = sums of the period's usage records; ``mx:``
+  = a member's spend in the same team billed to the other account (billing mode switched)
+* policy (limits, enforcement, discount, blocked models) and active keys from their tables; a
+  user account also gets the team keys and mirrored team policies of every team where the user
+  bills personally (scope = team id, see policies/keys.py)
 
 Every writer of an account's state (management API, operator credits, this loader) holds the
 account's PostgreSQL advisory lock for the length of its transaction, so a rebuild can never
@@ -28,6 +31,7 @@ from redis.asyncio import Redis
 from gateway.config import Config
 from gateway.scripts import Scripts
 from policies import keys as rk
+from policies.limits import effective_enforcement, effective_member_limit
 from policies.periods import period_of
 
 log = logging.getLogger("modelbridge.accounts")
@@ -38,6 +42,12 @@ NO_LIMIT = "-1"
 async def lock_account(conn: asyncpg.Connection, account: str) -> None:
     """Take the account's advisory lock for the current transaction."""
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", account)
+
+
+def _n(value: object) -> str:
+    """A PostgreSQL sum as Redis wants it: ``sum(bigint)`` is numeric, which asyncpg decodes to a
+    Decimal that may print as ``2.5E+10``; HINCRBY needs plain digits."""
+    return str(int(value or 0))  # type: ignore[call-overload]
 
 
 def _limit(value: int | None) -> str:
@@ -54,28 +64,37 @@ class Accounts:
     # --- rebuild -------------------------------------------------------------------------
     async def load(self, account: str, now: float, *, force: bool = False) -> bool:
         """Install the account's state in Redis unless it is there; True when installed now."""
-        period = period_of(now)
-        ak = rk.AccountKeys(account)
         async with self.db.acquire() as conn, conn.transaction():
-            await lock_account(conn, account)
-            snapshot = await self._snapshot(conn, account, period)
-            blocked_keys = [ak.blocked(scope) for scope in snapshot["scopes"]]
-            payload = {k: snapshot[k] for k in ("state", "period", "cfg", "keys", "blocked")}
-            installed = await self.scripts.load(
-                keys=[
-                    ak.state,
-                    ak.period(period),
-                    ak.cfg,
-                    ak.keys,
-                    ak.hold_expiry,
-                    ak.hold_values,
-                    *blocked_keys,
-                ],
-                args=[orjson.dumps(payload), rk.PERIOD_TTL_S, "force" if force else ""],
-            )
+            installed = await self.load_with(conn, account, now, force=force)
         await self.ensure_stream(account)
         if installed:
             log.info("loaded account %s from PostgreSQL", account)
+        return installed
+
+    async def load_with(
+        self, conn: asyncpg.Connection, account: str, now: float, *, force: bool = False
+    ) -> bool:
+        """``load`` on the caller's connection, inside its transaction (which then holds the
+        account's lock): for management writes that need the live state of an account they
+        already locked (a second connection would wait on that lock forever)."""
+        period = period_of(now)
+        ak = rk.AccountKeys(account)
+        await lock_account(conn, account)
+        snapshot = await self._snapshot(conn, account, period)
+        blocked_keys = [ak.blocked(scope) for scope in snapshot["scopes"]]
+        payload = {k: snapshot[k] for k in ("state", "period", "cfg", "keys", "blocked")}
+        installed = await self.scripts.load(
+            keys=[
+                ak.state,
+                ak.period(period),
+                ak.cfg,
+                ak.keys,
+                ak.hold_expiry,
+                ak.hold_values,
+                *blocked_keys,
+            ],
+            args=[orjson.dumps(payload), rk.PERIOD_TTL_S, "force" if force else ""],
+        )
         return bool(installed)
 
     async def ensure_stream(self, account: str) -> None:
@@ -99,10 +118,11 @@ class Accounts:
             " - coalesce((SELECT sum(from_credits) FROM usage_records WHERE account = $1), 0)",
             account,
         )
-        state: dict[str, str] = {"credits": str(credits), "sub_alw": "0"}
+        state: dict[str, str] = {"credits": _n(credits), "sub_alw": "0"}
         cfg: dict[str, str] = {}
         keys: dict[str, str] = {}
         blocked: list[list[str]] = [[]]
+        scopes = [""]
         if account.startswith("t_"):
             team_id = account[2:]
             await self._team_snapshot(conn, team_id, state, cfg, keys, blocked)
@@ -112,14 +132,43 @@ class Accounts:
                 account[2:],
             )
             keys.update({r["id"]: r["user_id"] for r in rows})
+            for team_id, models in await self._personal_teams(conn, account[2:], cfg, keys):
+                scopes.append(team_id)
+                blocked.append(models)
         return {
             "state": state,
             "period": await self._period_snapshot(conn, account, period, state["sub_alw"]),
             "cfg": cfg,
             "keys": keys,
             "blocked": blocked,
-            "scopes": [""],
+            "scopes": scopes,
         }
+
+    async def _personal_teams(
+        self, conn: asyncpg.Connection, user_id: str, cfg: dict[str, str], keys: dict[str, str]
+    ) -> list[tuple[str, list[str]]]:
+        """Teams where the user bills personally: their team keys, and the team's policies
+        mirrored under scope <team id> (policies/keys.py). Returns (team id, blocked models)."""
+        teams = await conn.fetch(
+            "SELECT m.team_id, m.monthly_limit, m.limit_set, m.enforcement, t.default_member_limit,"
+            " t.default_enforcement, t.model_restrictions FROM memberships m JOIN teams t ON t.id = m.team_id"
+            " WHERE m.user_id = $1 AND m.removed_at IS NULL AND m.billing_mode = 'personal'"
+            " AND t.deleted_at IS NULL",
+            user_id,
+        )
+        found = []
+        for t in teams:
+            cfg.update(self.mirror_cfg(t["team_id"], t, t))
+            found.append((t["team_id"], list(t["model_restrictions"])))
+        if found:
+            rows = await conn.fetch(
+                "SELECT id, team_id FROM api_keys WHERE user_id = $1 AND team_id = ANY($2::text[])"
+                " AND revoked_at IS NULL",
+                user_id,
+                [team_id for team_id, _ in found],
+            )
+            keys.update({r["id"]: r["team_id"] for r in rows})
+        return found
 
     async def _team_snapshot(
         self,
@@ -162,7 +211,7 @@ class Accounts:
             account,
             period,
         )
-        counters: dict[str, str] = {"alw": str(alw) if alw is not None else sub_alw}
+        counters: dict[str, str] = {"alw": _n(alw) if alw is not None else sub_alw}
         total = await conn.fetchrow(
             "SELECT count(*) AS req, coalesce(sum(charged), 0) AS spend,"
             " coalesce(sum(from_allowance), 0) AS aspent"
@@ -170,10 +219,11 @@ class Accounts:
             account,
             period,
         )
-        counters.update(
-            req=str(total["req"]), spend=str(total["spend"]), aspent=str(total["aspent"])
-        )
-        for column, prefix in (("user_id", "ms:"), ("key_id", "ks:"), ("model", "mo:")):
+        counters.update(req=_n(total["req"]), spend=_n(total["spend"]), aspent=_n(total["aspent"]))
+        # A request's member scope: the user in a team account; in a user account the team of
+        # a team key billed personally, else the user (policies/keys.py).
+        scope = "user_id" if account.startswith("t_") else "coalesce(team_id, user_id)"
+        for column, prefix in ((scope, "ms:"), ("key_id", "ks:"), ("model", "mo:")):
             rows = await conn.fetch(
                 f"SELECT {column} AS g, sum(charged) AS s, count(*) AS n FROM usage_records"
                 f" WHERE account = $1 AND period = $2 GROUP BY {column}",
@@ -181,10 +231,29 @@ class Accounts:
                 period,
             )
             for r in rows:
-                counters[prefix + r["g"]] = str(r["s"])
+                counters[prefix + r["g"]] = _n(r["s"])
                 if prefix == "ms:":
-                    counters["mr:" + r["g"]] = str(r["n"])
+                    counters["mr:" + r["g"]] = _n(r["n"])
+        counters.update(await self._elsewhere(conn, account, period))
         return counters
+
+    @staticmethod
+    async def _elsewhere(conn: asyncpg.Connection, account: str, period: str) -> dict[str, str]:
+        """``mx:<scope>``: a member's spend this period in the same team billed to the other
+        account (team vs personal billing mode), so member limits count both."""
+        if account.startswith("t_"):
+            query = (
+                "SELECT user_id AS g, sum(charged) AS s FROM usage_records"
+                " WHERE team_id = $1 AND period = $2 AND account <> $3 GROUP BY user_id"
+            )
+        else:
+            query = (
+                "SELECT team_id AS g, sum(charged) AS s FROM usage_records"
+                " WHERE user_id = $1 AND period = $2 AND account <> $3 AND team_id IS NOT NULL"
+                " GROUP BY team_id"
+            )
+        rows = await conn.fetch(query, account[2:], period, account)
+        return {"mx:" + r["g"]: _n(r["s"]) for r in rows if r["s"]}
 
     # --- pieces of state, shared by the loader and the management writes ---------------------
     def subscription_allowance(self, plan: str | None, seats: int) -> int:
@@ -210,6 +279,18 @@ class Accounts:
         if enforcement:
             cfg["me:" + user_id] = enforcement
         return cfg
+
+    @staticmethod
+    def mirror_cfg(
+        team_id: str, member: Mapping[str, Any], team: Mapping[str, Any]
+    ) -> dict[str, str]:
+        """A personally billing member's limit and enforcement in ``team_id``, resolved, as the
+        cfg fields of their user account (``ml:<team>``, ``me:<team>``)."""
+        limit = effective_member_limit(
+            member["monthly_limit"], member["limit_set"], team["default_member_limit"]
+        )
+        enforcement = effective_enforcement(member["enforcement"], team["default_enforcement"])
+        return {"ml:" + team_id: _limit(limit), "me:" + team_id: enforcement}
 
     # --- management writes (call inside a transaction holding lock_account) -------------------
     async def add_credits(self, account: str, amount: int) -> None:
@@ -244,6 +325,37 @@ class Accounts:
         names = list(models)
         if names:
             pipe.sadd(key, *names)
+        await pipe.execute()
+
+    async def set_subscription(
+        self, account: str, period: str, sub_alw: int, period_base: int, delta: int
+    ) -> None:
+        """New subscription allowance ``sub_alw`` (from the next period on) and this period's
+        allowance: ``period_base`` unless it was fixed already, plus ``delta``. One MULTI, so no
+        hold can fix the period's allowance from the new ``sub_alw`` in between."""
+        ak = rk.AccountKeys(account)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(ak.state, "sub_alw", str(sub_alw))
+        pipe.hsetnx(ak.period(period), "alw", str(period_base))
+        if delta:
+            pipe.hincrby(ak.period(period), "alw", delta)
+        pipe.expire(ak.period(period), rk.PERIOD_TTL_S)
+        await pipe.execute()
+
+    async def period_fields(self, account: str, period: str, fields: list[str]) -> list[int]:
+        values = await self.redis.hmget(rk.AccountKeys(account).period(period), fields)
+        return [int(v or 0) for v in values]
+
+    async def set_period_fields(self, account: str, period: str, fields: Mapping[str, int]) -> None:
+        """Set (or, for 0, drop) counters of the period hash: the ``mx:`` baselines."""
+        key = rk.AccountKeys(account).period(period)
+        pipe = self.redis.pipeline(transaction=True)
+        for name, value in fields.items():
+            if value:
+                pipe.hset(key, name, str(value))
+            else:
+                pipe.hdel(key, name)
+        pipe.expire(key, rk.PERIOD_TTL_S)
         await pipe.execute()
 
     async def unload(self, account: str) -> None:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from redis.asyncio import Redis
 
-from gateway import catalog, health, proxy
+from gateway import billing, catalog, csrf, dashboard, health, proxy
 from gateway import state as S
 from gateway.accounts import Accounts
 from gateway.api import routes as api_routes
@@ -40,6 +40,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not request.path.startswith("/v1/"):  # the proxy makes its own request ids
+        request[S.REQUEST_ID] = proxy.new_request_id()
     try:
         return await handler(request)
     except GatewayError as exc:
@@ -118,13 +120,14 @@ WRITER = web.AppKey("usage_writer", UsageWriter)
 
 def build_app(config: Config, runtime: S.Runtime, clock: S.Clock | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[errors_middleware], client_max_size=config.server.max_body_bytes
+        middlewares=[errors_middleware, csrf.csrf_middleware],
+        client_max_size=config.server.max_body_bytes,
     )
     app[S.CONFIG] = config
     app[S.RUNTIME] = runtime
     app[S.CLOCK] = clock or S.Clock()
     app[S.METRICS] = Metrics(team_labels=config.metrics.team_labels)
-    app.cleanup_ctx.extend([_stores, _metering, _upstreams, _usage_writer])
+    app.cleanup_ctx.extend([_stores, _metering, _upstreams, _usage_writer, billing.background])
     app.router.add_post("/v1/chat/completions", proxy.chat_completions)
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_post("/v1/embeddings", proxy.embeddings)
@@ -134,4 +137,5 @@ def build_app(config: Config, runtime: S.Runtime, clock: S.Clock | None = None) 
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics)
     api_routes.setup(app)
+    dashboard.setup(app)
     return app

@@ -66,7 +66,8 @@ class KeyInfo:
     user_id: str
     team_id: str | None
     account: str  # the billing account: t_<team> or u_<user>
-    scope: str  # member scope within the account (the user id)
+    scope: str  # member scope within the account (see policies/keys.py)
+    blocked_scope: str = ""  # the account's blocked-model set to check ("" = the account's own)
 
 
 _KEY_QUERY = """
@@ -116,9 +117,13 @@ class KeyCache:
         if row is None or not hmac.compare_digest(bytes(row["hash"]), digest):
             return None
         team_id = row["team_id"]
-        personal = team_id is None or row["billing_mode"] == "personal"
-        account = rk.user_account(row["user_id"]) if personal else rk.team_account(team_id)
-        return KeyInfo(row["id"], row["user_id"], team_id, account, row["user_id"])
+        user_id = row["user_id"]
+        if team_id is None:
+            return KeyInfo(row["id"], user_id, None, rk.user_account(user_id), user_id)
+        if row["billing_mode"] == "personal":
+            # Billed to the user, under the team's policies mirrored in the user's slot.
+            return KeyInfo(row["id"], user_id, team_id, rk.user_account(user_id), team_id, team_id)
+        return KeyInfo(row["id"], user_id, team_id, rk.team_account(team_id), user_id)
 
     def forget(self, key_id: str) -> None:
         digest = self._hash_by_id.pop(key_id, None)

@@ -28,7 +28,7 @@ async def _allowed(request: web.Request) -> tuple[KeyInfo, list[str]]:
         pipe = app[S.REDIS].pipeline(transaction=False)
         pipe.hget(ak.state, "loaded")
         pipe.hexists(ak.keys, key.key_id)
-        pipe.smembers(ak.blocked(""))
+        pipe.smembers(ak.blocked(key.blocked_scope))
         loaded, active, blocked = await guarded(pipe.execute)
         if loaded == "1":
             break

@@ -3,6 +3,11 @@
 Each step is one Lua script on the billing account's slot (one round trip each). Redis errors are
 translated here, and only here, into :class:`gateway.errors.StoreUnavailable`: a request is
 never forwarded unmetered.
+
+Limit alerts ride along: the hold and settle scripts append any threshold they cross to the
+account's alert stream in the same atomic step, and say so in their reply; ``on_alert`` (the
+alert worker's in-memory ``notify``, set in ``app.cleanup_ctx``) is then told the account, with
+no I/O on the request path.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class HoldResult:
     amount: int
     discount_bps: int
     warn: bool
+    alerted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +47,7 @@ class SettleResult:
     settled: bool
     from_allowance: int
     from_credits: int
+    alerted: bool = False
 
 
 async def guarded(call: Callable[[], Awaitable[T]]) -> T:
@@ -55,6 +62,11 @@ class Metering:
         self.scripts = scripts
         self.accounts = accounts
         self.hold_ttl_s = hold_ttl_s
+        self.on_alert: Callable[[str], None] | None = None
+
+    def _alerted(self, account: str) -> None:
+        if self.on_alert is not None:
+            self.on_alert(account)
 
     async def hold(
         self,
@@ -72,7 +84,7 @@ class Metering:
         ak = rk.AccountKeys(account)
         keys = [
             ak.state, ak.period(period), ak.cfg, ak.keys, ak.blocked(blocked_scope),
-            ak.hold_expiry, ak.hold_values,
+            ak.hold_expiry, ak.hold_values, ak.alerts,
         ]  # fmt: skip
         args: list[str | int] = [
             int(now),
@@ -88,7 +100,9 @@ class Metering:
             raw: Any = await guarded(lambda: self.scripts.hold(keys=keys, args=args))
             status = raw[0]
             if status != "not_loaded":
-                return HoldResult(status, int(raw[1]), int(raw[2]), raw[3] == 1)
+                if raw[4] == 1:
+                    self._alerted(account)
+                return HoldResult(status, int(raw[1]), int(raw[2]), raw[3] == 1, raw[4] == 1)
             await guarded(lambda: self.accounts.load(account, now))
         raise StoreUnavailable("the billing account could not be loaded")
 
@@ -103,15 +117,22 @@ class Metering:
         model: str,
         charged: int,
         record: list[str | int],
+        warned: bool = False,
+        at: int = 0,
     ) -> SettleResult:
         ak = rk.AccountKeys(account)
         keys = [
             ak.state, ak.period(period), ak.hold_expiry, ak.hold_values,
-            ak.settled_marker(request_id), ak.usage_stream,
+            ak.settled_marker(request_id), ak.usage_stream, ak.cfg, ak.alerts,
         ]  # fmt: skip
-        args = [request_id, charged, scope, key_id, model, rk.PERIOD_TTL_S, rk.RID_TTL_S, *record]
+        args = [
+            request_id, charged, scope, key_id, model, rk.PERIOD_TTL_S, rk.RID_TTL_S,
+            int(warned), at, *record,
+        ]  # fmt: skip
         raw: Any = await guarded(lambda: self.scripts.settle(keys=keys, args=args))
-        return SettleResult(raw[0] == 1, int(raw[1]), int(raw[2]))
+        if raw[3]:
+            self._alerted(account)
+        return SettleResult(raw[0] == 1, int(raw[1]), int(raw[2]), raw[3] > 0)
 
     async def release(self, *, account: str, request_id: str) -> int:
         ak = rk.AccountKeys(account)

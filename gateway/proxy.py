@@ -25,6 +25,7 @@ from gateway.auth import KeyInfo, bearer
 from gateway.config import ModelConfig
 from gateway.errors import (
     AuthenticationFailed,
+    Forbidden,
     GatewayError,
     InvalidRequest,
     NotFound,
@@ -217,6 +218,7 @@ async def place_hold(call: Call) -> HoldResult:
         result = await app[S.METERING].hold(
             account=call.key.account, period=call.period, now=call.now, request_id=call.request_id,
             key_id=call.key.key_id, scope=call.key.scope, model=call.model.name, worst_list_cost=worst,
+            blocked_scope=call.key.blocked_scope,
         )  # fmt: skip
         if result.status != "invalid_api_key" or attempt:
             break
@@ -233,7 +235,7 @@ async def place_hold(call: Call) -> HoldResult:
         raise AuthenticationFailed(_MESSAGES["invalid_api_key"])
     app[S.METRICS].rejections.labels(result.status).inc()
     if result.status == "model_not_allowed":
-        raise GatewayError(_MESSAGES[result.status], code=result.status, status=403)
+        raise Forbidden(_MESSAGES[result.status], code=result.status, param="model")
     retry = seconds_to_period_end(call.now) if result.status in _PERIOD_LIMIT_CODES else None
     raise Refused(result.status, _MESSAGES[result.status], retry_after=retry)
 
@@ -286,6 +288,7 @@ async def settle(
     await app[S.METERING].settle(
         account=key.account, period=call.period, request_id=call.request_id, scope=key.scope,
         key_id=key.key_id, model=call.model.name, charged=charge.charged, record=record,
+        warned=call.hold.warn, at=int(call.now),
     )  # fmt: skip
     metrics = app[S.METRICS]
     team = metrics.team_label(key.team_id)

@@ -14,6 +14,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from gateway.accounts import Accounts
+from gateway.alerts import AlertWorker
 from gateway.auth import KeyCache
 from gateway.config import Config
 from gateway.metering import Metering
@@ -43,6 +44,8 @@ class Runtime:
     worker_id: str = "0"
 
 
+REQUEST_ID = web.RequestKey("request_id", str)  # management requests; the proxy keeps its own
+
 CONFIG = web.AppKey("config", Config)
 RUNTIME = web.AppKey("runtime", Runtime)
 CLOCK = web.AppKey("clock", Clock)
@@ -54,3 +57,4 @@ KEYS = web.AppKey("key_cache", KeyCache)
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
 TOKENS = web.AppKey("tokens", TokenCounter)
 METRICS = web.AppKey("metrics", Metrics)
+ALERTS = web.AppKey("alerts", AlertWorker)

@@ -37,11 +37,26 @@ _INT_COLUMNS = {
     "prompt_tokens", "completion_tokens", "cached_tokens", "list_cost", "discount", "charged",
     "from_allowance", "from_credits", "status",
 }  # fmt: skip
+# Insert a record and, only if it is new, add it to its day's rollup (usage_daily).
 _INSERT = (
-    f"INSERT INTO usage_records ({', '.join(_COLUMNS)}) "
+    f"WITH new AS (INSERT INTO usage_records ({', '.join(_COLUMNS)}) "
     f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_COLUMNS)))}) "
-    "ON CONFLICT (request_id) DO NOTHING"
+    "ON CONFLICT (request_id) DO NOTHING RETURNING *) "
+    "INSERT INTO usage_daily AS d SELECT account, (created_at AT TIME ZONE 'UTC')::date, user_id, "
+    "key_id, model, tags, 1, prompt_tokens, completion_tokens, list_cost, discount, charged FROM new "
+    "ON CONFLICT (account, day, user_id, key_id, model, tags) DO UPDATE SET "
+    "requests = d.requests + 1, prompt_tokens = d.prompt_tokens + excluded.prompt_tokens, "
+    "completion_tokens = d.completion_tokens + excluded.completion_tokens, "
+    "list_cost = d.list_cost + excluded.list_cost, discount = d.discount + excluded.discount, "
+    "charged = d.charged + excluded.charged"
 )
+# Rollup rows are locked in one order by every writer, so concurrent batches cannot deadlock.
+_ROLLUP_ORDER = (1, 20, 3, 4, 5, 18)  # account, created_at, user_id, key_id, model, tags
+
+
+def _rollup_key(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    account, created, user_id, key_id, model, tags = (row[i] for i in _ROLLUP_ORDER)
+    return (account, created.date(), user_id, key_id, model, tags)
 
 
 def record_row(fields: dict[str, str]) -> tuple[Any, ...]:
@@ -197,6 +212,7 @@ class UsageWriter:
             key_id, created = row[4], row[-1]
             if key_id not in last_used or last_used[key_id] < created:
                 last_used[key_id] = created
+        rows = sorted(rows, key=_rollup_key)
         async with self.db.acquire() as conn, conn.transaction():
             await conn.executemany(_INSERT, rows)
             await conn.executemany(

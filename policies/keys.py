@@ -10,7 +10,10 @@ key                    type    contents
 {acct:A}:s             hash    loaded, credits, holds, sub_alw (allowance per period of the
                                current subscription), mh:<scope> (holds per member scope)
 {acct:A}:p:<period>    hash    alw, aspent, spend, req, ms:<scope>, mr:<scope>, ks:<key>,
-                               mo:<model> — this period's counters (expire after ~3 months)
+                               mo:<model> — this period's counters (expire after ~3 months);
+                               mx:<scope> — the member's spend this period in the same team
+                               billed to the *other* account (billing mode switched mid-period);
+                               al:<scope|team>:<threshold>:<limit> — alert fired (dedupe flag)
 {acct:A}:cfg           hash    limit, dml, den, disc, ml:<scope>, me:<scope>, deleted
 {acct:A}:keys          hash    <key id> -> <member scope>: the keys that may bill A right now
 {acct:A}:blk:<scope>   set     models blocked for requests of that scope ("" = the account)
@@ -18,10 +21,17 @@ key                    type    contents
 {acct:A}:hv            hash    hold id -> "<amount>|<scope>"
 {acct:A}:rid:<req id>  string  settle marker (idempotency), expires after a day
 {acct:A}:usage         stream  usage records waiting for the PostgreSQL writer
+{acct:A}:alerts        stream  limit alerts (thresholds crossed) waiting for the alert worker
 mb:usage:streams       set     names of every account's usage stream (for the writer)
 mb:keys:invalidate     pubsub  key ids whose cached auth entries must be dropped
 mb:seq:invalidate      string  counter bumped on every invalidation (cache epoch)
 =====================  ======  ================================================================
+
+Member scopes. In a team account ``t_T`` the scope of a request is the member's user id. In a
+user account ``u_X`` it is ``X`` for the user's personal keys, and the team id ``T`` for X's team
+keys in a team where X's ``billing_mode`` is ``personal``: ``u_X`` then mirrors that team's
+policies under scope ``T`` (``blk:T`` = the team's blocked models, cfg ``ml:T`` / ``me:T`` = X's
+effective member limit and enforcement in T, resolved), so every script still touches one slot.
 """
 
 from __future__ import annotations
@@ -86,6 +96,10 @@ class AccountKeys:
     @property
     def usage_stream(self) -> str:
         return f"{self.tag}:usage"
+
+    @property
+    def alerts(self) -> str:
+        return f"{self.tag}:alerts"
 
 
 def account_of_stream(stream: str) -> str:

@@ -12,6 +12,10 @@ parity tests run one table through both. Checks, in order (first failure wins):
 
 "Greater than the limit" refuses; reaching it exactly is allowed. Soft limits count settled spend
 only, hard limits count settled spend plus holds.
+
+``member_spend`` is the member's settled spend in the team this period across both billing
+accounts: in Redis, ``ms:<scope>`` of the account billed now plus ``mx:<scope>``, what was billed to
+the other account before a billing-mode switch (gateway/billing.py).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class HoldState:
     holds: int = 0  # every active hold on the account
     spend: int = 0  # charged this period
     spending_limit: int | None = None
-    member_spend: int = 0
+    member_spend: int = 0  # ms + mx: settled this period, both billing accounts
     member_holds: int = 0
     member_limit: int | None = None
     enforcement: str = HARD

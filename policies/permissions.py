@@ -1,7 +1,8 @@
 """The role matrix of contract section 3: which role may take which action in a team.
 
 One table, one function; every management endpoint asks ``allowed(role, action)`` and the tests
-check every cell.
+check every cell. Decisions about one member acting on another (role changes, removal, per-member
+policy, billing mode, ownership transfer) are the pure functions below the table, built on it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ class Action(StrEnum):
     MANAGE_ALL_KEYS = "manage_all_keys"  # list / revoke any member's team keys
     MANAGE_MEMBERS = "manage_members"  # invite, remove, approve join requests, roles below owner
     MANAGE_POLICIES = "manage_policies"  # default member limit, overrides, enforcement, models
-    VIEW_BILLING = "view_billing"  # balance, subscription, invoices; the audit log
+    VIEW_BILLING = "view_billing"  # balance, subscription, invoices
+    VIEW_AUDIT = "view_audit"  # the team's audit log
     MANAGE_BILLING = "manage_billing"  # subscription / seats, spending limit, billing settings
     TRANSFER_OWNERSHIP = "transfer_ownership"
     DELETE_TEAM = "delete_team"
@@ -37,10 +39,15 @@ MATRIX: dict[Action, frozenset[str]] = {
     Action.MANAGE_MEMBERS: _STAFF,
     Action.MANAGE_POLICIES: _STAFF,
     Action.VIEW_BILLING: _STAFF,
+    Action.VIEW_AUDIT: _STAFF,
     Action.MANAGE_BILLING: _OWNER,
     Action.TRANSFER_OWNERSHIP: _OWNER,
     Action.DELETE_TEAM: _OWNER,
 }
+
+
+#: Roles an invitation or a role change may give (the owner role moves only by transfer).
+ASSIGNABLE_ROLES = (ADMIN, MEMBER)
 
 
 def allowed(role: str | None, action: Action) -> bool:
@@ -62,3 +69,23 @@ def may_remove(actor: str, target: str, *, self_removal: bool) -> bool:
     if self_removal:
         return True
     return allowed(actor, Action.MANAGE_MEMBERS)
+
+
+def may_manage_member(actor: str, target: str) -> bool:
+    """Per-member policy (monthly limit override, enforcement) of ``target``: owners and admins,
+    but only the owner touches the owner's own settings ("admins cannot change the owner")."""
+    if not allowed(actor, Action.MANAGE_POLICIES):
+        return False
+    return target != OWNER or actor == OWNER
+
+
+def may_set_billing_mode(*, self_change: bool) -> bool:
+    """Whether a member's team keys bill the team or their own balance is theirs alone."""
+    return self_change
+
+
+def may_transfer(actor: str, target: str, *, self_target: bool) -> bool:
+    """Ownership moves from the owner to another existing member (admin or member)."""
+    return (
+        allowed(actor, Action.TRANSFER_OWNERSHIP) and target in ASSIGNABLE_ROLES and not self_target
+    )

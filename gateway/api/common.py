@@ -161,5 +161,5 @@ async def audit(
         target_id,
         None if before is None else orjson.dumps(before, default=_default).decode(),
         None if after is None else orjson.dumps(after, default=_default).decode(),
-        request.get("request_id", ""),
+        request.get(S.REQUEST_ID, ""),
     )

@@ -133,8 +133,9 @@ async def revoke_keys(
     could bill them. Call inside a transaction."""
     app = request.app
     for row in rows:
-        for account in {billing_account(row["user_id"], row["team_id"], "team"),
-                        billing_account(row["user_id"], row["team_id"], "personal")}:  # fmt: skip
+        # Sorted: team accounts (t_) before users (u_), the lock order everywhere.
+        for account in sorted({billing_account(row["user_id"], row["team_id"], "team"),
+                               billing_account(row["user_id"], row["team_id"], "personal")}):  # fmt: skip
             await lock_account(conn, account)
             await app[S.ACCOUNTS].remove_keys(account, [row["id"]])
         await conn.execute(

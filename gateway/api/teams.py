@@ -93,13 +93,9 @@ async def overview(request: web.Request, access: TeamAccess) -> dict[str, Any]:
     members = await db.fetchval(
         "SELECT count(*) FROM memberships WHERE team_id = $1 AND removed_at IS NULL", access.team_id
     )
-    pending = (
-        await db.fetchval(
-            "SELECT count(*) FROM join_requests WHERE team_id = $1 AND status = 'pending'",
-            access.team_id,
-        )
-        if await db.fetchval("SELECT to_regclass('join_requests') IS NOT NULL")
-        else 0
+    pending = await db.fetchval(
+        "SELECT count(*) FROM join_requests WHERE team_id = $1 AND status = 'pending'",
+        access.team_id,
     )
     return {
         "id": access.team_id,

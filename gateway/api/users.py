@@ -30,6 +30,7 @@ from gateway.api.common import (
     usd,
 )
 from gateway.auth import new_id, new_token
+from gateway.csrf import secure_cookies
 from gateway.errors import AuthenticationFailed, Conflict, InvalidRequest, RateLimited
 from policies import keys as rk
 
@@ -152,7 +153,7 @@ async def login(request: web.Request) -> web.Response:
         max_age=ttl,
         httponly=True,
         samesite="Lax",
-        secure=request.secure,
+        secure=secure_cookies(request),
         path="/",
     )
     return response

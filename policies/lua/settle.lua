@@ -7,6 +7,8 @@ KEYS[3]  {acct:A}:hz           hold expiries
 KEYS[4]  {acct:A}:hv           hold values
 KEYS[5]  {acct:A}:rid:<id>     settle marker
 KEYS[6]  {acct:A}:usage        usage stream (read by the PostgreSQL writer)
+KEYS[7]  {acct:A}:cfg          policy hash (limits, for the alert thresholds)
+KEYS[8]  {acct:A}:alerts       alert stream (read by the alert worker)
 
 ARGV[1]  hold id
 ARGV[2]  charged, nano-dollars (after discount)
@@ -15,29 +17,66 @@ ARGV[4]  key id
 ARGV[5]  model name
 ARGV[6]  period hash lifetime, seconds
 ARGV[7]  settle marker lifetime, seconds
-ARGV[8..] usage record as field, value pairs (appended to the stream as given, followed by
+ARGV[8]  "1" when the hold warned about a soft member limit, else "0"
+ARGV[9]  the request's time, unix seconds (stamped on alerts)
+ARGV[10..] usage record as field, value pairs (appended to the stream as given, followed by
           from_allowance and from_credits)
 
-Returns {settled, from_allowance, from_credits}
+Returns {settled, from_allowance, from_credits, alerted}
   settled  1 when this call settled the request, 0 when it had been settled before
-The period's allowance is drawn first, then credits. If the account's state is not loaded
-(Redis lost it), only the usage record is appended: the balance is rebuilt from PostgreSQL.
+  alerted  number of alerts queued on KEYS[8]
+The period's allowance is drawn first, then credits (policies/holds.py:split_debit). If the
+account's state is not loaded (Redis lost it), only the usage record is appended: the balance is
+rebuilt from PostgreSQL. Thresholds crossed by this settle (policies/alerts.py:crossings) are
+queued once per period and limit value (dedupe flag al:<subject>:<threshold>:<limit>).
 ]]
-local state, period, hz, hv, marker, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local state, period, hz, hv, marker, stream, cfg, alerts =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local hold_id, charged, scope, key_id, model = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+local warned = ARGV[8] == '1'
 
 if not redis.call('SET', marker, '1', 'NX', 'EX', tonumber(ARGV[7])) then
-  return {0, 0, 0}
+  return {0, 0, 0, 0}
+end
+
+-- Negate a decimal string for HINCRBY ("-0" is not an integer to Redis).
+local function neg(a) if a == '0' then return '0' end return '-' .. a end
+local function str(n) return string.format('%.0f', n) end
+local function num(v, default)
+  if v == false or v == nil or v == '' then return default end
+  return tonumber(v)
 end
 
 local v = redis.call('HGET', hv, hold_id)
 if v then
   local sep = string.find(v, '|', 1, true)
   local amount = string.sub(v, 1, sep - 1)
-  redis.call('HINCRBY', state, 'holds', -amount)
-  redis.call('HINCRBY', state, 'mh:' .. string.sub(v, sep + 1), -amount)
+  redis.call('HINCRBY', state, 'holds', neg(amount))
+  redis.call('HINCRBY', state, 'mh:' .. string.sub(v, sep + 1), neg(amount))
   redis.call('HDEL', hv, hold_id)
   redis.call('ZREM', hz, hold_id)
+end
+
+-- Queue the thresholds of `limit` crossed from `before` to `after` (policies/alerts.py).
+local alerted = 0
+local function cross(kind, subject, before, after, limit, enforcement)
+  local found = {}
+  local q, r = math.floor(limit / 100), limit % 100
+  for _, pct in ipairs({80, 100}) do
+    local amount = q * pct + math.ceil(r * pct / 100)
+    if before < amount and amount <= after then found[#found + 1] = tostring(pct) end
+  end
+  if enforcement == 'soft' and (warned or (before <= limit and limit < after)) then
+    found[#found + 1] = 'exceeded'
+  end
+  for _, threshold in ipairs(found) do
+    if redis.call('HSETNX', period, 'al:' .. subject .. ':' .. threshold .. ':' .. str(limit), '1') == 1 then
+      redis.call('XADD', alerts, '*', 'kind', kind, 'scope', scope, 'threshold', threshold,
+        'limit', str(limit), 'spend', str(after), 'enforcement', enforcement, 'trigger', 'spend',
+        'period', string.match(period, ':p:([^:]+)$'), 'at', ARGV[9])
+      alerted = alerted + 1
+    end
+  end
 end
 
 local from_alw, from_credits = 0, charged
@@ -52,22 +91,36 @@ if redis.call('HGET', state, 'loaded') == '1' then
   from_alw = charged
   if from_alw > left then from_alw = left end
   from_credits = charged - from_alw
-  redis.call('HINCRBY', period, 'aspent', from_alw)
-  redis.call('HINCRBY', state, 'credits', -from_credits)
-  redis.call('HINCRBY', period, 'spend', charged)
+  redis.call('HINCRBY', period, 'aspent', str(from_alw))
+  redis.call('HINCRBY', state, 'credits', neg(str(from_credits)))
+  local spend = redis.call('HINCRBY', period, 'spend', ARGV[2])
   redis.call('HINCRBY', period, 'req', 1)
-  redis.call('HINCRBY', period, 'ms:' .. scope, charged)
+  local member_spend = redis.call('HINCRBY', period, 'ms:' .. scope, ARGV[2])
   redis.call('HINCRBY', period, 'mr:' .. scope, 1)
-  redis.call('HINCRBY', period, 'ks:' .. key_id, charged)
-  redis.call('HINCRBY', period, 'mo:' .. model, charged)
+  redis.call('HINCRBY', period, 'ks:' .. key_id, ARGV[2])
+  redis.call('HINCRBY', period, 'mo:' .. model, ARGV[2])
   redis.call('EXPIRE', period, tonumber(ARGV[6]))
+
+  local c = redis.call('HMGET', cfg, 'limit', 'dml', 'den', 'ml:' .. scope, 'me:' .. scope)
+  local limit = num(c[1], -1)
+  if limit >= 0 then cross('team', 'team', spend - charged, spend, limit, 'hard') end
+  local member_limit = c[4]
+  if member_limit == false then member_limit = c[2] end
+  member_limit = num(member_limit, -1)
+  if member_limit >= 0 then
+    local enforcement = c[5]
+    if enforcement == false or enforcement == '' then enforcement = c[3] end
+    if enforcement == false or enforcement == '' then enforcement = 'hard' end
+    local after = member_spend + num(redis.call('HGET', period, 'mx:' .. scope), 0)
+    cross('member', scope, after - charged, after, member_limit, enforcement)
+  end
 end
 
 local fields = {}
-for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
 fields[#fields + 1] = 'from_allowance'
-fields[#fields + 1] = tostring(from_alw)
+fields[#fields + 1] = str(from_alw)
 fields[#fields + 1] = 'from_credits'
-fields[#fields + 1] = tostring(from_credits)
+fields[#fields + 1] = str(from_credits)
 redis.call('XADD', stream, '*', unpack(fields))
-return {1, from_alw, from_credits}
+return {1, from_alw, from_credits, alerted}

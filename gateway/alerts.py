@@ -1,0 +1,307 @@
+"""Limit alerts: from the accounts' Redis alert streams to PostgreSQL, then to the teams' webhooks.
+
+The request path does no alert work of its own. The hold and settle scripts detect a threshold
+crossed (policies/alerts.py) in the same atomic step that moves the money, flag it in the period
+hash (once per period and limit value) and append it to the account's stream ``{acct:A}:alerts``;
+``Metering`` then calls :meth:`AlertWorker.notify` (an in-memory set, no I/O). This worker:
+
+1. **collects**: reads the streams of notified accounts (and, every ``sweep_s`` and at start,
+   of every account: a process that died between a settle and its collection leaves entries
+   behind) and inserts one ``alert_events`` row per alert — the unique index drops repeats —
+   with one ``alert_deliveries`` row per active webhook of the team, then deletes the entries;
+   a crash before the delete re-inserts nothing.
+2. **delivers**: claims due deliveries with a lease (``FOR UPDATE SKIP LOCKED``, next attempt
+   pushed past the request timeout, so several processes never send one delivery at once and a
+   dead process's claim runs out), POSTs the event's stored body signed with the team's secret,
+   and records success, or schedules the retry with exponential backoff until it gives up.
+
+Delivery is at least once: receivers dedupe on ``x-modelbridge-event-id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from policies import alerts as policy
+from policies import keys as rk
+from policies.money import format_usd
+
+log = logging.getLogger("modelbridge.alerts")
+
+SIGNATURE_HEADER = "x-modelbridge-signature"
+EVENT_ID_HEADER = "x-modelbridge-event-id"
+EVENT_TYPE_HEADER = "x-modelbridge-event-type"
+USER_AGENT = "ModelBridge-Webhooks/1"
+
+
+def sign(secret: str, body: bytes) -> str:
+    """``sha256=<hex>``: HMAC-SHA256 of the raw body with the team's signing secret."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def new_secret() -> str:
+    return "whsec_" + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """One stream entry, attributed to a team (and a member for member limits)."""
+
+    team_id: str
+    user_id: str  # "" for the team's spending limit
+    kind: str  # policies.alerts.TEAM | MEMBER
+    threshold: str
+    limit: int
+    spend: int
+    enforcement: str
+    trigger: str  # "spend" (settled spend crossed it) | "refusal" (a request was refused)
+    period: str
+    at: int
+
+    @classmethod
+    def from_entry(cls, account: str, fields: Mapping[str, str]) -> Alert:
+        """Account ``t_T``: scope is the member (or the team limit); ``u_X``: scope is the team
+        whose keys X uses with personal billing."""
+        kind, scope = fields["kind"], fields["scope"]
+        if account.startswith("t_"):
+            team_id, user_id = account[2:], "" if kind == policy.TEAM else scope
+        else:
+            team_id, user_id = scope, account[2:]
+        return cls(
+            team_id, user_id, kind, fields["threshold"], int(fields["limit"]),
+            int(fields["spend"]), fields.get("enforcement", "hard"),
+            fields.get("trigger", "spend"), fields["period"], int(fields.get("at") or 0),
+        )  # fmt: skip
+
+    def body(self, event_id: str) -> bytes:
+        percent = int(self.threshold) if self.threshold.isdigit() else None
+        return orjson.dumps(
+            {
+                "id": event_id,
+                "type": policy.event_type(self.kind, self.threshold),
+                "created_at": datetime.fromtimestamp(self.at, UTC).isoformat(),
+                "team_id": self.team_id,
+                "period": self.period,
+                "data": {
+                    "limit": self.kind,
+                    "user_id": self.user_id or None,
+                    "threshold": self.threshold,
+                    "threshold_percent": percent,
+                    "limit_usd": format_usd(self.limit),
+                    "spend_usd": format_usd(self.spend),
+                    "enforcement": self.enforcement,
+                    "trigger": self.trigger,
+                },
+            }
+        )
+
+
+_INSERT_EVENT = """
+INSERT INTO alert_events (id, team_id, user_id, type, period, threshold, limit_amount, body)
+SELECT $1, $2, $3, $4, $5, $6, $7, $8
+WHERE EXISTS (SELECT 1 FROM teams WHERE id = $2 AND deleted_at IS NULL)
+ON CONFLICT DO NOTHING RETURNING id
+"""
+_FAN_OUT = """
+INSERT INTO alert_deliveries (event_id, webhook_id)
+SELECT $1, id FROM webhooks WHERE team_id = $2 AND deleted_at IS NULL
+"""
+_CLAIM = """
+WITH due AS (
+    SELECT id FROM alert_deliveries
+    WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= now()
+    ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED
+)
+UPDATE alert_deliveries d
+SET attempts = d.attempts + 1, next_attempt_at = now() + make_interval(secs => $2)
+FROM due, alert_events e, webhooks w
+WHERE d.id = due.id AND e.id = d.event_id AND w.id = d.webhook_id
+RETURNING d.id, d.attempts, e.id AS event_id, e.type, e.body, w.url, w.deleted_at,
+          (SELECT secret FROM webhook_secrets s WHERE s.team_id = e.team_id) AS secret
+"""
+
+
+class AlertWorker:
+    def __init__(
+        self,
+        db: asyncpg.Pool,
+        redis: Redis,
+        *,
+        poll_s: float = 1.0,
+        sweep_s: float = 30.0,
+        timeout_s: float = 10.0,
+        base_backoff_s: float = policy.BASE_BACKOFF_S,
+        max_attempts: int = policy.MAX_ATTEMPTS,
+        batch: int = 50,
+    ) -> None:
+        self.db = db
+        self.redis = redis
+        self.poll_s = poll_s
+        self.sweep_s = sweep_s
+        self.timeout_s = timeout_s
+        self.base_backoff_s = base_backoff_s
+        self.max_attempts = max_attempts
+        self.batch = batch
+        self.delivered = 0
+        self._notified: set[str] = set()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._http: aiohttp.ClientSession | None = None
+
+    # --- the loop -------------------------------------------------------------------------------
+    def notify(self, account: str) -> None:
+        """An account queued alerts (called on the request path: memory only)."""
+        self._notified.add(account)
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            self._http = http
+            last_sweep = float("-inf")
+            while not self._stopping.is_set():
+                try:
+                    if time.monotonic() - last_sweep >= self.sweep_s:
+                        last_sweep = time.monotonic()
+                        await self.sweep()
+                    await self.step()
+                except (redis_errors.RedisError, OSError, asyncpg.PostgresError) as exc:
+                    log.warning("alert worker: %s; retrying", exc)
+                    await asyncio.sleep(1.0)
+                self._wake.clear()
+                if not self._notified:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.poll_s)
+        self._http = None
+
+    async def step(self) -> int:
+        """Collect what notified accounts queued, then send what is due."""
+        accounts, self._notified = self._notified, set()
+        try:
+            await self.collect(accounts)
+        except BaseException:
+            self._notified |= accounts
+            raise
+        return await self.deliver_due()
+
+    # --- collecting -----------------------------------------------------------------------------
+    async def sweep(self) -> int:
+        """Collect the alert streams of every account (after a crash or a lost notification)."""
+        found = [
+            rk.account_of_stream(key)
+            async for key in self.redis.scan_iter(match="{acct:*}:alerts", count=1000)
+        ]
+        return await self.collect(found)
+
+    async def collect(self, accounts: Iterable[str]) -> int:
+        total = 0
+        for account in sorted(set(accounts)):
+            while moved := await self._collect_one(account):
+                total += moved
+        return total
+
+    async def _collect_one(self, account: str) -> int:
+        stream = rk.AccountKeys(account).alerts
+        entries: Any = await self.redis.xrange(stream, count=self.batch)
+        if not entries:
+            return 0
+        async with self.db.acquire() as conn, conn.transaction():
+            for _, fields in entries:
+                try:
+                    alert = Alert.from_entry(account, fields)
+                except (KeyError, ValueError) as exc:
+                    log.error("malformed alert entry on %s dropped: %s %r", stream, exc, fields)
+                    continue
+                await self._record(conn, alert)
+        await self.redis.xdel(stream, *[entry_id for entry_id, _ in entries])
+        return len(entries)
+
+    @staticmethod
+    async def _record(conn: asyncpg.Connection, alert: Alert) -> None:
+        event_id = "evt_" + secrets.token_hex(12)
+        inserted = await conn.fetchval(
+            _INSERT_EVENT, event_id, alert.team_id, alert.user_id,
+            policy.event_type(alert.kind, alert.threshold), alert.period, alert.threshold,
+            alert.limit, alert.body(event_id).decode(),
+        )  # fmt: skip
+        if inserted:
+            await conn.execute(_FAN_OUT, event_id, alert.team_id)
+
+    # --- delivering -----------------------------------------------------------------------------
+    async def deliver_due(self) -> int:
+        rows = await self.db.fetch(_CLAIM, self.batch, self.timeout_s + 5.0)
+        if rows:
+            await asyncio.gather(*(self._deliver(row) for row in rows))
+        return len(rows)
+
+    async def _deliver(self, row: asyncpg.Record) -> None:
+        if row["deleted_at"] is not None or not row["secret"]:
+            await self._finish(row["id"], failed=True, error="webhook deleted")
+            return
+        body = row["body"].encode()
+        headers = {
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+            SIGNATURE_HEADER: sign(row["secret"], body),
+            EVENT_ID_HEADER: row["event_id"],
+            EVENT_TYPE_HEADER: row["type"],
+        }
+        status, error = None, ""
+        try:
+            assert self._http is not None
+            async with self._http.post(
+                row["url"], data=body, headers=headers, allow_redirects=False
+            ) as resp:
+                status = resp.status
+                await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"[:500]
+        if status is not None and 200 <= status < 300:
+            self.delivered += 1
+            await self._finish(row["id"], status=status)
+            return
+        error = error or f"HTTP {status}"
+        if policy.gives_up(row["attempts"], self.max_attempts):
+            log.warning(
+                "webhook delivery %s given up after %d attempts", row["id"], row["attempts"]
+            )
+            await self._finish(row["id"], failed=True, status=status, error=error)
+            return
+        delay = policy.retry_delay(row["attempts"], self.base_backoff_s)
+        await self.db.execute(
+            "UPDATE alert_deliveries SET next_attempt_at = now() + make_interval(secs => $2),"
+            " last_status = $3, last_error = $4 WHERE id = $1",
+            row["id"], delay, status, error,
+        )  # fmt: skip
+
+    async def _finish(
+        self, delivery_id: int, *, failed: bool = False, status: int | None = None, error: str = ""
+    ) -> None:
+        column = "failed_at" if failed else "delivered_at"
+        await self.db.execute(
+            f"UPDATE alert_deliveries SET {column} = now(), last_status = $2, last_error = $3"
+            " WHERE id = $1",
+            delivery_id,
+            status,
+            error,
+        )

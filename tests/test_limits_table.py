@@ -1,0 +1,307 @@
+"""Every decision of sections 2 to 4 as a table through its pure function in ``policies``.
+
+The same tables run through the Lua scripts on real Redis in ``test_lua_parity.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+
+from policies import alerts, subscriptions
+from policies.holds import discounted_hold, split_debit
+from policies.limits import (
+    HARD,
+    SOFT,
+    HoldState,
+    decide,
+    effective_enforcement,
+    effective_member_limit,
+)
+from policies.periods import period_of, seconds_to_period_end
+from policies.pricing import apply_discount, charge
+
+BIG = 2**52
+
+
+@dataclass(frozen=True)
+class Row:
+    """One account's state as Redis holds it (cfg fields raw: ``ml_set`` = an override exists)
+    and one request; ``expect`` is the refusal code, None when admitted."""
+
+    name: str
+    worst: int = 1000  # the request's worst-case list cost
+    disc: int = 0
+    credits: int = 0
+    alw: int = 0
+    aspent: int = 0
+    holds: int = 0
+    spend: int = 0
+    limit: int | None = None
+    ms: int = 0  # member spend billed here
+    mx: int = 0  # member spend billed to the other account
+    mh: int = 0  # member holds (part of holds)
+    dml: int | None = None
+    den: str | None = None
+    ml_set: bool = False
+    ml: int | None = None
+    me: str | None = None
+    key_active: bool = True
+    blocked: bool = False
+    expect: str | None = None
+    warn: bool = False
+
+    @property
+    def hold(self) -> int:
+        return apply_discount(self.worst, self.disc)
+
+    def state(self) -> HoldState:
+        return HoldState(
+            key_active=self.key_active, model_blocked=self.blocked, allowance=self.alw,
+            allowance_spent=self.aspent, credits=self.credits, holds=self.holds, spend=self.spend,
+            spending_limit=self.limit, member_spend=self.ms + self.mx, member_holds=self.mh,
+            member_limit=effective_member_limit(self.ml, self.ml_set, self.dml),
+            enforcement=effective_enforcement(self.me, self.den),
+        )  # fmt: skip
+
+
+Q = "insufficient_quota"
+T = "team_spending_limit_reached"
+M = "member_limit_reached"
+RICH = 10**12
+
+DECISIONS = [
+    # balance: allowance left + credits - holds must cover the hold
+    Row("credits cover exactly", credits=1000),
+    Row("credits short by one", credits=999, expect=Q),
+    Row("allowance first then credits", alw=600, aspent=100, credits=500),
+    Row("allowance plus credits short", alw=600, aspent=100, credits=499, expect=Q),
+    Row("overspent allowance counts zero", alw=100, aspent=300, credits=1000),
+    Row("overspent allowance never negative", alw=100, aspent=300, credits=999, expect=Q),
+    Row("holds use the balance", credits=2000, holds=1001, expect=Q),
+    Row("negative credits", alw=5000, credits=-4000, expect=None),
+    Row("negative credits short", alw=5000, credits=-4001, expect=Q),
+    # discount applies to the hold, rounded down
+    Row("discount makes it fit", credits=500, disc=5000),
+    Row("discount rounding down fits", worst=999, disc=3333, credits=666),
+    Row("discount rounding down short", worst=999, disc=3333, credits=665, expect=Q),
+    Row("full discount holds nothing", disc=10000, credits=0),
+    Row("huge amounts stay exact", worst=BIG, credits=BIG),
+    Row("huge amounts short by one", worst=BIG + 1, credits=BIG, expect=Q),
+    # team spending limit: settled + holds + hold > limit refuses; reaching it is allowed
+    Row("team limit reached exactly", credits=RICH, limit=1000),
+    Row("team limit passed by spend", credits=RICH, limit=1000, spend=1, expect=T),
+    Row("team limit passed by holds", credits=RICH, limit=1000, holds=1, expect=T),
+    Row("team limit zero", credits=RICH, limit=0, expect=T),
+    Row("team limit zero with free request", credits=RICH, limit=0, disc=10000),
+    Row("quota is checked before the team limit", credits=10, limit=0, expect=Q),
+    Row("team limit before member limit", credits=RICH, limit=0, dml=0, expect=T),
+    # model and key come first
+    Row("blocked model", credits=RICH, blocked=True, expect="model_not_allowed"),
+    Row("inactive key first", credits=0, blocked=True, key_active=False, expect="invalid_api_key"),
+    # member limit: override when set (None = none), else the team default; hard counts holds
+    Row("member default reached exactly", credits=RICH, dml=1000),
+    Row("member default passed", credits=RICH, dml=1000, ms=1, expect=M),
+    Row("member holds count when hard", credits=RICH, dml=1000, holds=1, mh=1, expect=M),
+    Row("other members' holds do not", credits=RICH, dml=1000, holds=5000),
+    Row("spend billed elsewhere counts", credits=RICH, dml=1000, mx=1, expect=M),
+    Row("spend here and elsewhere", credits=RICH, dml=1500, ms=250, mx=250),
+    Row("override none lifts the default", credits=RICH, dml=10, ml_set=True, ml=None),
+    Row("override above the default", credits=RICH, dml=10, ml_set=True, ml=5000),
+    Row("override below the default", credits=RICH, dml=5000, ml_set=True, ml=999, expect=M),
+    Row("override zero", credits=RICH, ml_set=True, ml=0, expect=M),
+    # soft: admitted, warned when settled spend + hold passes the limit; holds not counted
+    Row("soft ignores holds", credits=RICH, dml=1000, den=SOFT, ms=0, holds=9000, mh=9000),
+    Row("soft reached exactly no warning", credits=RICH, dml=1000, den=SOFT, ms=0),
+    Row("soft passed warns", credits=RICH, dml=1000, den=SOFT, ms=1, warn=True),
+    Row("soft far past warns", credits=RICH, dml=10, den=SOFT, ms=10**6, warn=True),
+    Row("member soft over team hard", credits=RICH, dml=10, den=HARD, me=SOFT, ms=10, warn=True),
+    Row("member hard over team soft", credits=RICH, dml=10, den=SOFT, me=HARD, ms=10, expect=M),
+    Row("soft elsewhere spend warns", credits=RICH, dml=1000, den=SOFT, mx=1, warn=True),
+    Row("soft still needs the balance", credits=999, dml=10, den=SOFT, expect=Q),
+    Row("no limits at all", credits=RICH, spend=10**9, ms=10**9),
+]
+
+
+@pytest.mark.parametrize("row", DECISIONS, ids=lambda r: r.name)
+def test_decide(row: Row) -> None:
+    decision = decide(row.state(), row.hold)
+    assert (decision.refusal, decision.warn_member_limit) == (row.expect, row.warn)
+
+
+@pytest.mark.parametrize(
+    ("override", "override_set", "default", "limit"),
+    [(None, False, None, None), (None, False, 7, 7), (None, True, 7, None), (3, True, 7, 3),
+     (0, True, None, 0)],
+)  # fmt: skip
+def test_which_member_limit_applies(
+    override: int | None, override_set: bool, default: int | None, limit: int | None
+) -> None:
+    assert effective_member_limit(override, override_set, default) == limit
+
+
+@pytest.mark.parametrize(
+    ("override", "default", "enforcement"),
+    [(None, None, HARD), (None, SOFT, SOFT), (HARD, SOFT, HARD), (SOFT, HARD, SOFT), ("", SOFT, SOFT)],
+)  # fmt: skip
+def test_which_enforcement_applies(
+    override: str | None, default: str | None, enforcement: str
+) -> None:
+    assert effective_enforcement(override, default) == enforcement
+
+
+# charged, allowance, allowance spent -> from allowance, from credits
+SPLITS = [
+    (0, 0, 0, 0, 0),
+    (100, 0, 0, 0, 100),
+    (100, 1000, 0, 100, 0),
+    (100, 1000, 950, 50, 50),
+    (100, 1000, 1000, 0, 100),
+    (100, 1000, 1500, 0, 100),
+    (1000, 1000, 0, 1000, 0),
+    (BIG, BIG - 1, 0, BIG - 1, 1),
+]
+
+
+@pytest.mark.parametrize(("charged", "alw", "aspent", "from_alw", "from_credits"), SPLITS)
+def test_allowance_first_then_credits(
+    charged: int, alw: int, aspent: int, from_alw: int, from_credits: int
+) -> None:
+    debit = split_debit(charged, alw, aspent)
+    assert (debit.from_allowance, debit.from_credits) == (from_alw, from_credits)
+
+
+# amount, discount bps -> charged (floor)
+DISCOUNTS = [
+    (4350, 0, 4350),
+    (4350, 1000, 3915),
+    (4350, 3333, 2900),  # 2900.145 rounds down
+    (1, 1, 0),  # 0.9999
+    (9999, 1, 9998),  # 9998.0001
+    (10_000, 1, 9999),
+    (12_345, 9999, 1),  # 1.2345
+    (12_345, 10_000, 0),
+    (0, 5000, 0),
+    (BIG + 12_345, 3333, (BIG + 12_345) * 6667 // 10_000),
+    (2**53 - 1, 1234, (2**53 - 1) * 8766 // 10_000),
+]
+
+
+@pytest.mark.parametrize(("amount", "bps", "charged"), DISCOUNTS)
+def test_discount_rounds_down(amount: int, bps: int, charged: int) -> None:
+    assert apply_discount(amount, bps) == charged == discounted_hold(amount, bps)
+    c = charge(amount, bps)
+    assert (c.list_cost, c.discount, c.charged) == (amount, amount - charged, charged)
+
+
+# before, after, limit, soft, warned -> thresholds crossed
+CROSSINGS = [
+    (0, 799, 1000, False, False, ()),
+    (0, 800, 1000, False, False, ("80",)),
+    (799, 800, 1000, False, False, ("80",)),
+    (800, 900, 1000, False, False, ()),
+    (900, 1000, 1000, False, False, ("100",)),
+    (0, 1000, 1000, False, False, ("80", "100")),
+    (1000, 1200, 1000, False, False, ()),
+    (0, 5000, 1000, False, False, ("80", "100")),
+    (999, 1001, 1000, True, False, ("100", "exceeded")),
+    (1000, 1001, 1000, True, False, ("exceeded",)),
+    (1001, 1002, 1000, True, False, ()),
+    (900, 950, 1000, True, True, ("exceeded",)),  # the hold warned
+    (0, 0, 1000, True, True, ("exceeded",)),
+    (0, 999, 1000, True, False, ("80",)),
+    (0, 10, 0, False, False, ()),  # a zero limit is reached at zero: never crossed
+    (0, 1, 0, True, False, ("exceeded",)),
+    (0, 10, None, True, True, ()),
+    (0, 10, -1, True, True, ()),
+    (0, 1, 1, False, False, ("80", "100")),  # ceil(0.8) = 1
+    (0, 7, 9, False, False, ()),  # 80 % of 9 is 7.2: reached at 8
+    (7, 8, 9, False, False, ("80",)),
+    (BIG, BIG + 1, BIG + 1, False, False, ("100",)),
+]
+
+
+@pytest.mark.parametrize(("before", "after", "limit", "soft", "warned", "crossed"), CROSSINGS)
+def test_threshold_crossings(
+    before: int, after: int, limit: int | None, soft: bool, warned: bool, crossed: tuple[str, ...]
+) -> None:
+    assert alerts.crossings(before, after, limit, soft=soft, warned=warned) == crossed
+
+
+@pytest.mark.parametrize(
+    ("limit", "pct", "amount"),
+    [(1000, 80, 800), (9, 80, 8), (1, 80, 1), (0, 80, 0), (101, 80, 81), (12_345, 100, 12_345),
+     (2**53 - 1, 80, -(-(2**53 - 1) * 80 // 100))],
+)  # fmt: skip
+def test_threshold_amount_is_the_ceiling(limit: int, pct: int, amount: int) -> None:
+    assert alerts.threshold_amount(limit, pct) == amount
+
+
+def test_retries_back_off_exponentially_and_give_up() -> None:
+    delays = [alerts.retry_delay(n, base_s=1.0, cap_s=60.0) for n in range(1, 9)]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    assert not alerts.gives_up(alerts.MAX_ATTEMPTS - 1) and alerts.gives_up(alerts.MAX_ATTEMPTS)
+
+
+def test_every_threshold_has_an_event_type() -> None:
+    assert alerts.event_type("team", "80") == "spending_limit.threshold_reached"
+    assert alerts.event_type("member", "100") == "member_limit.threshold_reached"
+    assert alerts.event_type("member", "exceeded") == "member_limit.soft_exceeded"
+
+
+# this period's allowance, invoiced, new allowance, new cost -> delta, invoice line, allowance
+SUBSCRIPTION_CHANGES = [
+    ("first subscription", 0, 0, 15, 60, 15, 60, 15),
+    ("raise seats", 15, 60, 25, 100, 10, 40, 25),
+    ("lower seats: next period", 25, 100, 10, 40, 0, 0, 25),
+    ("raise back to what was paid", 25, 100, 20, 80, 0, 0, 25),
+    ("raise past what was paid", 25, 100, 30, 120, 5, 20, 30),
+    ("cancel", 25, 100, 0, 0, 0, 0, 25),
+    ("upgrade plan", 10, 50, 25, 100, 15, 50, 25),
+    ("same", 15, 60, 15, 60, 0, 0, 15),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "alw", "invoiced", "new_alw", "new_cost", "delta", "line", "after"),
+    SUBSCRIPTION_CHANGES,
+    ids=[c[0] for c in SUBSCRIPTION_CHANGES],
+)
+def test_subscription_changes(
+    name: str, alw: int, invoiced: int, new_alw: int, new_cost: int, delta: int, line: int,
+    after: int,
+) -> None:  # fmt: skip
+    change = subscriptions.change(alw, invoiced, new_alw, new_cost)
+    assert (change.allowance_delta, change.invoice_amount, change.period_allowance) == (
+        delta,
+        line,
+        after,
+    )
+
+
+@pytest.mark.parametrize(
+    ("old_plan", "new_plan", "seats", "amount", "price", "line_seats"),
+    [(None, "pro", 3, 60, 20, 3), ("pro", "pro", 5, 40, 20, 2), ("pro", "pro", 12, 30, 20, 2),
+     ("starter", "pro", 5, 50, 20, 5), ("pro", "pro", 2, 0, 0, 2)],
+)  # fmt: skip
+def test_invoice_line_seats(
+    old_plan: str | None, new_plan: str, seats: int, amount: int, price: int, line_seats: int
+) -> None:
+    assert subscriptions.line_seats(old_plan, new_plan, seats, amount, price) == line_seats
+
+
+def _ts(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize(
+    ("when", "period", "retry_after"),
+    [("2026-12-31T23:59:50", "2026-12", 10), ("2026-12-31T23:59:59.500", "2026-12", 1),
+     ("2027-01-01T00:00:00", "2027-01", 31 * 86400), ("2028-02-28T00:00:00", "2028-02", 2 * 86400),
+     ("2027-02-28T23:00:00", "2027-02", 3600), ("2026-11-30T23:59:59.001", "2026-11", 1)],
+)  # fmt: skip
+def test_periods_and_retry_after(when: str, period: str, retry_after: int) -> None:
+    now = _ts(when)
+    assert (period_of(now), seconds_to_period_end(now)) == (period, retry_after)
