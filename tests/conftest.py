@@ -125,7 +125,7 @@ def gateway_config(upstream_url: str, **server: Any) -> Config:
                 "max_output_tokens": 0,
                 "encoding": "cl100k_base",
             },
-        },  # fmt: skip
+        },
         "plans": {
             "starter": {"seat_price": 10.00, "included_usage_per_seat": 2.00},
             "pro": {"seat_price": 20.00, "included_usage_per_seat": 5.00},

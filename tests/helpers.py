@@ -75,7 +75,7 @@ class Api:
 
     async def signup(self, email: str | None = None, name: str = "Tester") -> Session:
         email = email or unique_email()
-        _, body = await self.call(
+        _, _body = await self.call(
             "POST",
             "/api/auth/signup",
             json={"email": email, "password": PASSWORD, "name": name},

@@ -36,7 +36,7 @@ def write_config(directory: Path, upstream_url: str, **server: object) -> Path:
                 "max_output_tokens": 1000,
                 "encoding": "o200k_base",
             },
-        },  # fmt: skip
+        },
     }
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -72,7 +72,7 @@ async def test_bad_input_is_a_clear_4xx_and_changes_nothing(
 ) -> None:  # fmt: skip
     owner, team, secret = await api.funded_team_key("1.00")
     before = await api.overview(owner, team["id"])
-    got_status, payload, headers = await post(http, gateway, secret, body)
+    got_status, payload, _headers = await post(http, gateway, secret, body)
     assert got_status == status
     assert payload["error"]["code"] == code
     assert payload["error"]["param"] == param

@@ -109,10 +109,13 @@ async def test_malformed_usage_record_is_kept_not_dropped_and_blocks_nothing(
     await redis.xadd(stream, {"request_id": "req_malformed", "prompt_tokens": "many"})
     assert await chat(http, gateway, secret) == 200
     await eventually(
-        lambda: db.fetchval("SELECT count(*) FROM usage_records WHERE team_id = $1", team["id"]), lambda n: n == 1
+        lambda: db.fetchval("SELECT count(*) FROM usage_records WHERE team_id = $1", team["id"]),
+        lambda n: n == 1,
     )
     reject = await eventually(
-        lambda: db.fetchrow("SELECT * FROM usage_rejects WHERE fields->>'request_id' = 'req_malformed'"),
+        lambda: db.fetchrow(
+            "SELECT * FROM usage_rejects WHERE fields->>'request_id' = 'req_malformed'"
+        ),
         lambda r: r is not None,
     )
     assert reject["stream"] == stream
