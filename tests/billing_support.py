@@ -18,6 +18,7 @@ from policies.money import format_usd
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, Session
+from tests.people import add_member  # noqa: F401  (re-exported for the billing tests)
 
 INPUT = 150  # gpt-4o-mini, nano-USD per token
 OUTPUT = 600
@@ -82,22 +83,6 @@ async def models(http: aiohttp.ClientSession, gateway: Gateway, secret: str) -> 
     ) as resp:
         assert resp.status == 200, await resp.text()
         return [m["id"] for m in (await resp.json())["data"]]
-
-
-async def add_member(api: Api, owner: Session, team_id: str, role: str = "member") -> Session:
-    """A new user who joins through the team's invite link, approved by the owner."""
-    user = await api.signup()
-    _, link = await api.call("POST", f"/api/teams/{team_id}/invite-link", session=owner, expect=201)
-    _, req = await api.call("POST", f"/api/join/{link['token']}", session=user, expect=201)
-    await api.call(
-        "POST", f"/api/teams/{team_id}/join-requests/{req['id']}/approve", session=owner, expect=200
-    )
-    if role != "member":
-        await api.call(
-            "PATCH", f"/api/teams/{team_id}/members/{user.user['id']}", session=owner,
-            json={"role": role}, expect=200,
-        )  # fmt: skip
-    return user
 
 
 async def patch_team(

@@ -147,3 +147,73 @@ async def test_shutdown_lets_a_stream_finish_and_bills_it(
     )
     assert (row["usage_source"], row["completion_tokens"], row["status"]) == ("upstream", 6, 200)
     await asyncio.sleep(0)
+
+
+@pytest.mark.slow
+async def test_member_removed_on_one_process_is_refused_on_the_other(
+    two_gateways: tuple[GatewayProcess, GatewayProcess], http: aiohttp.ClientSession
+) -> None:
+    from tests.people import add_member
+
+    a, b = two_gateways
+    api_a = Api(http, a.base, ADMIN_TOKEN)
+    owner, team, _ = await api_a.funded_team_key()
+    member = await add_member(api_a, owner, team["id"])
+    key = await api_a.key(member, team["id"])
+    assert await chat(http, b.v1, key["secret"]) == 200
+    await api_a.call(
+        "DELETE", f"/api/teams/{team['id']}/members/{member.user['id']}", session=owner, expect=200
+    )
+    assert await chat(http, b.v1, key["secret"]) == 401
+    status, _ = await Api(http, b.base, ADMIN_TOKEN).call(
+        "GET", f"/api/teams/{team['id']}", session=member
+    )
+    assert status == 404
+
+
+@pytest.mark.slow
+async def test_hard_team_limit_holds_across_two_processes(
+    two_gateways: tuple[GatewayProcess, GatewayProcess], http: aiohttp.ClientSession, fake: FakeUpstream,
+    db: asyncpg.Connection,
+) -> None:  # fmt: skip
+    from gateway.tokens import TokenCounter
+    from policies.money import format_usd
+
+    a, b = two_gateways
+    api = Api(http, a.base, ADMIN_TOKEN)
+    owner, team, secret = await api.funded_team_key("10.00")
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 6,
+    }
+    prompt = TokenCounter().count_chat_prompt(body, "o200k_base")
+    fake.set_default(prompt_tokens=prompt, delay_s=0.02)  # actual cost == hold
+    cost = prompt * 150 + 6 * 600
+    k = 12
+    await api.call(
+        "PATCH", f"/api/teams/{team['id']}", session=owner, json={"spending_limit_usd": format_usd(k * cost)},
+        expect=200,
+    )  # fmt: skip
+
+    async def one(v1: str) -> tuple[int, str | None]:
+        async with http.post(
+            v1 + "/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
+        ) as r:
+            payload = await r.json()
+            return r.status, None if r.status == 200 else payload["error"]["code"]
+
+    results = await asyncio.gather(*(one(a.v1 if i % 2 else b.v1) for i in range(10 * k)))
+    ok = sum(1 for status, _ in results if status == 200)
+    assert ok == k
+    assert {r for r in results if r[0] != 200} == {(429, "team_spending_limit_reached")}
+    total = await eventually(
+        lambda: db.fetchval(
+            "SELECT coalesce(sum(charged), 0) FROM usage_records WHERE team_id = $1", team["id"]
+        ),
+        lambda n: n == k * cost,
+    )
+    _, billing = await api.call(
+        "GET", f"/api/teams/{team['id']}/billing", session=owner, expect=200
+    )
+    assert billing["spend_this_period_usd"] == format_usd(total)
