@@ -72,5 +72,6 @@ async def clear_guess_limits(redis: Redis) -> None:
     """Forget failed token attempts (every test client shares the address 127.0.0.1)."""
     keys = [k async for k in redis.scan_iter("mb:invite:*")]
     keys += [k async for k in redis.scan_iter("mb:join:*")]
+    keys += [k async for k in redis.scan_iter("mb:login:*")]
     if keys:
         await redis.delete(*keys)

@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
+from gateway import guessing
 from gateway import state as S
 from gateway.api.common import (
     User,
@@ -39,44 +40,16 @@ from gateway.api.members import (
 )
 from gateway.api.teams import team_access
 from gateway.auth import new_id, new_token
-from gateway.errors import Conflict, Forbidden, Gone, InvalidRequest, NotFound, RateLimited
+from gateway.errors import Conflict, Forbidden, Gone, InvalidRequest, NotFound
 from gateway.mailer import Mail, Mailer
 from policies.permissions import ASSIGNABLE_ROLES, MEMBER, Action
 
 routes = web.RouteTableDef()
 
 MAX_EXPIRES_S = 30 * 24 * 3600
-GUESS_WINDOW_S = 300
-GUESS_MAX_PER_ACCOUNT = 10
-GUESS_MAX_PER_ADDRESS = 50
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 _EMAIL_FORBIDDEN = set('<>()[],;:\\"')
 JOIN_STATUSES = ("pending", "approved", "denied", "cancelled")
-
-
-# --- guessing limits ------------------------------------------------------------------------------
-async def throttle(request: web.Request, kind: str, user_id: str | None) -> list[str]:
-    """429 once an account or address has failed ``kind`` too often in the window."""
-    buckets = [f"mb:{kind}:ip:{request.remote or '-'}"]
-    limits = [GUESS_MAX_PER_ADDRESS]
-    if user_id is not None:
-        buckets.append(f"mb:{kind}:user:{user_id}")
-        limits.append(GUESS_MAX_PER_ACCOUNT)
-    counts = await request.app[S.REDIS].mget(buckets)
-    if any(int(c or 0) >= limit for c, limit in zip(counts, limits, strict=True)):
-        raise RateLimited(
-            "too many failed attempts; try again in a few minutes",
-            headers={"Retry-After": str(GUESS_WINDOW_S)},
-        )
-    return buckets
-
-
-async def record_failure(request: web.Request, buckets: list[str]) -> None:
-    pipe = request.app[S.REDIS].pipeline(transaction=False)
-    for bucket in buckets:
-        pipe.incr(bucket)
-        pipe.expire(bucket, GUESS_WINDOW_S, nx=True)
-    await pipe.execute()
 
 
 def token_param(request: web.Request) -> str | None:
@@ -271,11 +244,11 @@ async def _invitation_by_token(request: web.Request, token: str | None) -> async
 @routes.get("/api/invitations/{token}")
 async def view_invitation(request: web.Request) -> web.Response:
     """What the accept page shows; no login needed (the token is the credential)."""
-    buckets = await throttle(request, "invite", None)
+    buckets = await guessing.check(request, "invite", None)
     try:
         row = await _invitation_by_token(request, token_param(request))
     except NotFound:
-        await record_failure(request, buckets)
+        await guessing.record_failure(request, buckets)
         raise
     return json_response(
         {
@@ -325,11 +298,11 @@ async def _accept(request: web.Request, user: User, token: str | None) -> dict[s
 @routes.post("/api/invitations/{token}/accept")
 async def accept_invitation(request: web.Request) -> web.Response:
     user = await current_user(request)
-    buckets = await throttle(request, "invite", user.id)
+    buckets = await guessing.check(request, "invite", user.id)
     try:
         result = await _accept(request, user, token_param(request))
     except (NotFound, Forbidden):
-        await record_failure(request, buckets)
+        await guessing.record_failure(request, buckets)
         raise
     return json_response(result)
 
@@ -457,11 +430,11 @@ async def _join(request: web.Request, user: User, token: str | None) -> tuple[st
 async def join(request: web.Request) -> web.Response:
     """Ask to join through a team's invite link; asking again returns the same request."""
     user = await current_user(request)
-    buckets = await throttle(request, "join", user.id)
+    buckets = await guessing.check(request, "join", user.id)
     try:
         request_id, created = await _join(request, user, token_param(request))
     except NotFound:
-        await record_failure(request, buckets)
+        await guessing.record_failure(request, buckets)
         raise
     row = await request.app[S.DB].fetchrow(_JOIN_REQUESTS + " WHERE r.id = $1", request_id)
     return json_response(join_request_json(row), status=201 if created else 200)

@@ -120,15 +120,21 @@ async def overview(request: web.Request, access: TeamAccess) -> dict[str, Any]:
     }
 
 
+async def user_teams(app: web.Application, user_id: str) -> list[dict[str, Any]]:
+    """The teams a user belongs to, with their role and billing mode, oldest first."""
+    rows = await app[S.DB].fetch(
+        "SELECT t.id, t.name, m.role, m.billing_mode, t.created_at FROM memberships m"
+        " JOIN teams t ON t.id = m.team_id"
+        " WHERE m.user_id = $1 AND m.removed_at IS NULL AND t.deleted_at IS NULL ORDER BY t.created_at",
+        user_id,
+    )
+    return [dict(r) for r in rows]
+
+
 @routes.get("/api/teams")
 async def list_teams(request: web.Request) -> web.Response:
     user = await current_user(request)
-    rows = await request.app[S.DB].fetch(
-        "SELECT t.id, t.name, m.role, t.created_at FROM memberships m JOIN teams t ON t.id = m.team_id"
-        " WHERE m.user_id = $1 AND m.removed_at IS NULL AND t.deleted_at IS NULL ORDER BY t.created_at",
-        user.id,
-    )
-    return json_response({"data": [dict(r) for r in rows]})
+    return json_response({"data": await user_teams(request.app, user.id)})
 
 
 @routes.post("/api/teams")

@@ -17,6 +17,7 @@ from aiohttp import web
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from gateway import guessing
 from gateway import state as S
 from gateway.api.common import (
     SESSION_COOKIE,
@@ -29,9 +30,10 @@ from gateway.api.common import (
     token_hash,
     usd,
 )
+from gateway.api.teams import account_money, user_teams
 from gateway.auth import new_id, new_token
 from gateway.csrf import secure_cookies
-from gateway.errors import AuthenticationFailed, Conflict, InvalidRequest, RateLimited
+from gateway.errors import AuthenticationFailed, Conflict, InvalidRequest
 from policies import keys as rk
 
 routes = web.RouteTableDef()
@@ -40,8 +42,6 @@ routes = web.RouteTableDef()
 _HASHER = PasswordHasher(time_cost=2, memory_cost=19_456, parallelism=1)
 MIN_PASSWORD = 8
 MAX_PASSWORD = 256
-LOGIN_WINDOW_S = 300
-LOGIN_MAX_FAILURES = 10
 
 
 @functools.cache
@@ -101,26 +101,6 @@ async def signup(request: web.Request) -> web.Response:
     return json_response({"user": user_json(row)}, status=201)
 
 
-async def _throttle(request: web.Request, email: str) -> list[str]:
-    redis = request.app[S.REDIS]
-    buckets = [f"mb:login:email:{email.lower()}", f"mb:login:ip:{request.remote or '-'}"]
-    counts = await redis.mget(buckets)
-    if any(int(c or 0) >= LOGIN_MAX_FAILURES for c in counts):
-        raise RateLimited(
-            "too many failed logins; try again in a few minutes",
-            headers={"Retry-After": str(LOGIN_WINDOW_S)},
-        )
-    return buckets
-
-
-async def _record_failure(request: web.Request, buckets: list[str]) -> None:
-    pipe = request.app[S.REDIS].pipeline(transaction=False)
-    for bucket in buckets:
-        pipe.incr(bucket)
-        pipe.expire(bucket, LOGIN_WINDOW_S, nx=True)
-    await pipe.execute()
-
-
 @routes.post("/api/auth/login")
 async def login(request: web.Request) -> web.Response:
     body = await read_body(request)
@@ -128,14 +108,14 @@ async def login(request: web.Request) -> web.Response:
     password = body.get("password")
     if not isinstance(password, str) or len(password) > MAX_PASSWORD:
         raise InvalidRequest("'password' is required", param="password")
-    buckets = await _throttle(request, email)
+    buckets = await guessing.check(request, "login", email)
     db = request.app[S.DB]
     row = await db.fetchrow(
         "SELECT * FROM users WHERE lower(email) = lower($1) AND deleted_at IS NULL", email
     )
     ok = await verify_password(row["password_hash"] if row else _dummy_hash(), password)
     if row is None or not ok:
-        await _record_failure(request, buckets)
+        await guessing.record_failure(request, buckets)
         raise AuthenticationFailed("wrong email or password", code="invalid_credentials")
     token = new_token()
     ttl = request.app[S.CONFIG].server.session_ttl_s
@@ -172,33 +152,17 @@ async def logout(request: web.Request) -> web.Response:
     return response
 
 
-async def personal_balance(request: web.Request, user_id: str) -> int:
-    """Credits left on the user's personal account (from Redis once loaded, else rebuilt)."""
-    app = request.app
-    account = rk.user_account(user_id)
-    state = rk.AccountKeys(account).state
-    loaded, credits = await app[S.REDIS].hmget(state, ["loaded", "credits"])
-    if loaded != "1":
-        await app[S.ACCOUNTS].load(account, app[S.CLOCK].now())
-        credits = await app[S.REDIS].hget(state, "credits")
-    return int(credits or 0)
-
-
 @routes.get("/api/me")
 async def me(request: web.Request) -> web.Response:
     user = await current_user(request)
-    teams = await request.app[S.DB].fetch(
-        "SELECT t.id, t.name, m.role, m.billing_mode FROM memberships m JOIN teams t ON t.id = m.team_id"
-        " WHERE m.user_id = $1 AND m.removed_at IS NULL AND t.deleted_at IS NULL ORDER BY t.created_at",
-        user.id,
-    )
-    balance = await personal_balance(request, user.id)
+    teams = await user_teams(request.app, user.id)
+    money = await account_money(request.app, rk.user_account(user.id))
     return json_response(
         {
             "id": user.id,
             "email": user.email,
             "name": user.name,
-            "balance_usd": usd(balance),
-            "teams": [dict(t) for t in teams],
+            "balance_usd": usd(money["credits"]),
+            "teams": teams,
         }
     )
