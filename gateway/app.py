@@ -27,6 +27,7 @@ from gateway.db import create_pool, migrate
 from gateway.errors import GatewayError, NotFound, PayloadTooLarge
 from gateway.metering import Metering
 from gateway.metrics import Metrics
+from gateway.scriptclient import Endpoint, ScriptClient
 from gateway.scripts import Scripts
 from gateway.tokens import TokenCounter
 from gateway.upstream import Upstreams
@@ -79,7 +80,9 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
 
 async def _metering(app: web.Application) -> AsyncIterator[None]:
     config = app[S.CONFIG]
-    scripts = Scripts(app[S.REDIS])
+    endpoint = Endpoint.from_url(app[S.RUNTIME].redis_url)
+    fast = ScriptClient(endpoint) if endpoint is not None else None
+    scripts = Scripts(app[S.REDIS], fast)
     app[S.ACCOUNTS] = Accounts(config, app[S.DB], app[S.REDIS], scripts)
     longest = max((u.timeout_s for u in config.upstreams.values()), default=600.0)
     app[S.METERING] = Metering(scripts, app[S.ACCOUNTS], hold_ttl(longest))
@@ -87,6 +90,8 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
     await app[S.KEYS].start()
     yield
     await app[S.KEYS].stop()
+    if fast is not None:
+        await fast.close()
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
@@ -107,7 +112,6 @@ async def _usage_writer(app: web.Application) -> AsyncIterator[None]:
         f"worker-{app[S.RUNTIME].worker_id}",
         on_pending=metrics.usage_pending.set,
     )
-    app[WRITER] = writer
     task = asyncio.create_task(writer.run(), name="usage-writer")
     yield
     writer.stop()
@@ -115,10 +119,11 @@ async def _usage_writer(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait_for(task, timeout=10)
 
 
-WRITER = web.AppKey("usage_writer", UsageWriter)
-
-
-def build_app(config: Config, runtime: S.Runtime, clock: S.Clock | None = None) -> web.Application:
+def build_app(
+    config: Config, runtime: S.Runtime, clock: S.Clock | None = None, *, usage_writer: bool = True
+) -> web.Application:
+    """The gateway. ``usage_writer=False`` when a separate writer process moves usage records
+    (``modelbridge serve`` runs one, so that its batches never stall a request's event loop)."""
     app = web.Application(
         middlewares=[errors_middleware, csrf.csrf_middleware],
         client_max_size=config.server.max_body_bytes,
@@ -127,7 +132,10 @@ def build_app(config: Config, runtime: S.Runtime, clock: S.Clock | None = None) 
     app[S.RUNTIME] = runtime
     app[S.CLOCK] = clock or S.Clock()
     app[S.METRICS] = Metrics(team_labels=config.metrics.team_labels)
-    app.cleanup_ctx.extend([_stores, _metering, _upstreams, _usage_writer, billing.background])
+    app.cleanup_ctx.extend([_stores, _metering, _upstreams])
+    if usage_writer:
+        app.cleanup_ctx.append(_usage_writer)
+    app.cleanup_ctx.append(billing.background)
     app.router.add_post("/v1/chat/completions", proxy.chat_completions)
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_post("/v1/embeddings", proxy.embeddings)

@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--workers", type=int, default=None)
+    sub.add_parser("_writer", help=argparse.SUPPRESS)
     worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
     worker.add_argument("--config", default=None)
     worker.add_argument("--host", required=True)
@@ -81,7 +82,7 @@ def admin_token(embedded: bool, directory: Path) -> tuple[str, bool]:
 async def serve_app(config: Config, runtime: Runtime, *, reuse_port: bool) -> None:
     from gateway.app import build_app  # after the metrics directory is set
 
-    app = build_app(config, runtime)
+    app = build_app(config, runtime, usage_writer=False)  # the writer runs as its own process
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_timeout_s)
     await runner.setup()
     site = web.TCPSite(
@@ -144,12 +145,40 @@ def serve(args: argparse.Namespace) -> None:
         )
         runtime = Runtime(urls.database_url, urls.redis_url, token)
         _banner(config, token, generated, directory)
-        if config.server.workers == 1:
-            _run(serve_app(config, runtime, reuse_port=False))
-        else:
-            run_workers(config, runtime, args.config)
+        writer = spawn_writer(runtime)
+        try:
+            if config.server.workers == 1:
+                _run(serve_app(config, runtime, reuse_port=False))
+            else:
+                run_workers(config, runtime, args.config)
+        finally:
+            stop_writer(writer)  # after the workers: it drains what their last streams settled
     finally:
         stores.stop()
+
+
+def spawn_writer(runtime: Runtime) -> subprocess.Popen[bytes]:
+    """The usage writer process, in a session of its own so that a terminal's Ctrl-C reaches
+    it only through us, after the workers have finished."""
+    env = {
+        **os.environ,
+        "MODELBRIDGE_DATABASE_URL": runtime.database_url,
+        "MODELBRIDGE_REDIS_URL": runtime.redis_url,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", "_writer"], env=env, start_new_session=True
+    )
+
+
+def stop_writer(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        log.error("usage writer did not stop in %ss; killing it (records stay in Redis)", timeout_s)
+        proc.kill()
+        proc.wait()
 
 
 def run_workers(config: Config, runtime: Runtime, config_path: str | None) -> None:
@@ -200,6 +229,17 @@ def worker(args: argparse.Namespace) -> None:
     _run(serve_app(config, runtime, reuse_port=True))
 
 
+def usage_writer() -> None:
+    from gateway.usage_writer import serve_writer
+
+    consumer = f"writer-{os.getpid()}"
+    _run(
+        serve_writer(
+            os.environ["MODELBRIDGE_DATABASE_URL"], os.environ["MODELBRIDGE_REDIS_URL"], consumer
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=os.environ.get("MODELBRIDGE_LOG_LEVEL", "INFO"),
@@ -209,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "serve":
             serve(args)
+        elif args.command == "_writer":
+            usage_writer()
         else:
             worker(args)
     except ConfigError as exc:

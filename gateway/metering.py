@@ -20,6 +20,7 @@ from redis import exceptions as redis_errors
 
 from gateway.accounts import Accounts
 from gateway.errors import StoreUnavailable
+from gateway.scriptclient import ScriptError
 from gateway.scripts import Scripts
 from policies import keys as rk
 
@@ -55,6 +56,10 @@ async def guarded(call: Callable[[], Awaitable[T]]) -> T:
         return await call()
     except _REDIS_DOWN as exc:
         raise StoreUnavailable("the gateway's store is unreachable; request not forwarded") from exc
+    except ScriptError as exc:
+        if not str(exc).startswith(("LOADING", "BUSY", "MASTERDOWN", "READONLY")):
+            raise
+        raise StoreUnavailable("the gateway's store is not ready; request not forwarded") from exc
 
 
 class Metering:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -49,6 +50,7 @@ class Metrics:
     def __init__(self, team_labels: bool = False) -> None:
         _use_multiprocess_values()
         self.team_labels = team_labels
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         team = ("team",) if team_labels else ()
         self.requests = Counter(
             "modelbridge_requests_total",
@@ -90,6 +92,16 @@ class Metrics:
             "modelbridge_usage_events_pending", "Usage records accepted but not yet in PostgreSQL",
             multiprocess_mode="mostrecent", registry=None,
         )  # fmt: skip
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: the hot path asks for the same few children."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            if len(self._children) > 10_000:  # per-team labels: bound the cache, not the metric
+                self._children.clear()
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def team_label(self, team_id: str | None) -> tuple[str, ...]:
         """The extra ``team`` label value when per-team labels are on ("" for personal keys)."""

@@ -233,7 +233,7 @@ async def place_hold(call: Call) -> HoldResult:
     if result.status == "invalid_api_key":
         app[S.KEYS].forget(call.key.key_id)
         raise AuthenticationFailed(_MESSAGES["invalid_api_key"])
-    app[S.METRICS].rejections.labels(result.status).inc()
+    app[S.METRICS].child(app[S.METRICS].rejections, result.status).inc()
     if result.status == "model_not_allowed":
         raise Forbidden(_MESSAGES[result.status], code=result.status, param="model")
     retry = seconds_to_period_end(call.now) if result.status in _PERIOD_LIMIT_CODES else None
@@ -292,9 +292,11 @@ async def settle(
     )  # fmt: skip
     metrics = app[S.METRICS]
     team = metrics.team_label(key.team_id)
-    metrics.tokens.labels(call.model.name, "prompt", *team).inc(prompt)
-    metrics.tokens.labels(call.model.name, "completion", *team).inc(completion)
-    metrics.spend.labels(call.model.name, *team).inc(charge.charged / 1e9)  # metrics, not money
+    metrics.child(metrics.tokens, call.model.name, "prompt", *team).inc(prompt)
+    metrics.child(metrics.tokens, call.model.name, "completion", *team).inc(completion)
+    metrics.child(metrics.spend, call.model.name, *team).inc(
+        charge.charged / 1e9
+    )  # metrics, not money
     return charge
 
 
@@ -328,7 +330,9 @@ async def forward(call: Call) -> web.StreamResponse:
     )
     started = time.perf_counter()
     response = await app[S.UPSTREAMS].send(req)
-    app[S.METRICS].ttfb.labels(call.model.name).observe(time.perf_counter() - started)
+    app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(
+        time.perf_counter() - started
+    )
     try:
         if response.status >= 400:
             raise await upstream_error(call, response)
@@ -438,10 +442,10 @@ async def proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         metrics.inflight.dec()
         elapsed = time.perf_counter() - started
         team = metrics.team_label(call.key.team_id if call is not None else None)
-        metrics.requests.labels(endpoint.route, model_label, str(status), *team).inc()
-        metrics.duration.labels(endpoint.route, model_label).observe(elapsed)
+        metrics.child(metrics.requests, endpoint.route, model_label, str(status), *team).inc()
+        metrics.child(metrics.duration, endpoint.route, model_label).observe(elapsed)
         upstream_s = call.upstream_s if call is not None else 0.0
-        metrics.overhead.labels(endpoint.route).observe(max(0.0, elapsed - upstream_s))
+        metrics.child(metrics.overhead, endpoint.route).observe(max(0.0, elapsed - upstream_s))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -1,16 +1,24 @@
-"""The Lua scripts of ``policies/lua``, registered once per Redis client and called by SHA
-(redis-py's ``Script`` falls back to loading the script when Redis answers NOSCRIPT)."""
+"""The Lua scripts of ``policies/lua``, registered once and called by SHA.
+
+The hold, settle and release scripts run on every request: with a :class:`ScriptClient` they go
+through that lean pipelined connection; otherwise (and always for ``load``) through redis-py,
+whose ``Script`` also falls back to loading the script when Redis answers NOSCRIPT.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 
 import policies
+from gateway.scriptclient import FastScript, ScriptClient
 
 LUA_DIR = Path(policies.__file__).resolve().parent / "lua"
+
+ScriptCall = Callable[..., Awaitable[Any]]
 
 
 def lua_source(name: str) -> str:
@@ -18,8 +26,14 @@ def lua_source(name: str) -> str:
 
 
 class Scripts:
-    def __init__(self, redis: Redis) -> None:
-        self.hold: AsyncScript = redis.register_script(lua_source("hold"))
-        self.settle: AsyncScript = redis.register_script(lua_source("settle"))
-        self.release: AsyncScript = redis.register_script(lua_source("release"))
-        self.load: AsyncScript = redis.register_script(lua_source("load"))
+    def __init__(self, redis: Redis, fast: ScriptClient | None = None) -> None:
+        def script(name: str) -> ScriptCall:
+            source = lua_source(name)
+            if fast is not None:
+                return FastScript(fast, source)
+            return redis.register_script(source)
+
+        self.hold = script("hold")
+        self.settle = script("settle")
+        self.release = script("release")
+        self.load: ScriptCall = redis.register_script(lua_source("load"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -112,7 +113,7 @@ class UsageWriter:
         while not self._stopping.is_set():
             try:
                 moved = await self.step()
-                if moved == 0:
+                if moved < self.batch:  # no backlog: let records gather, one batch a tick
                     await self._idle()
             except (redis_errors.RedisError, OSError, asyncpg.PostgresError) as exc:
                 log.warning("usage writer: %s; retrying", exc)
@@ -258,3 +259,36 @@ class UsageWriter:
     def _report(self, pending: int) -> None:
         if self.on_pending is not None:
             self.on_pending(pending)
+
+
+async def serve_writer(database_url: str, redis_url: str, consumer: str) -> None:
+    """The writer as a process of its own (``modelbridge serve`` starts one): runs until
+    SIGTERM or SIGINT, then drains what is left and exits."""
+    import signal
+
+    from gateway.db import create_pool
+    from gateway.metrics import Metrics
+
+    metrics = Metrics()
+    redis = Redis.from_url(
+        redis_url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10
+    )
+    db = await create_pool(database_url, min_size=1, max_size=2)
+    writer = UsageWriter(redis, db, consumer, on_pending=metrics.usage_pending.set)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, writer.stop)
+    parent = os.getppid()
+
+    async def orphaned() -> None:  # the serving process died without stopping us
+        while os.getppid() == parent:
+            await asyncio.sleep(1.0)
+        writer.stop()
+
+    watch = asyncio.create_task(orphaned())
+    try:
+        await writer.run()
+    finally:
+        watch.cancel()
+        await redis.aclose()
+        await db.close()

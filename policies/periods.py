@@ -5,12 +5,19 @@ Counters are keyed by period, so a new month starts from zero without any job ru
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 
 
 def period_of(now: float) -> str:
     """Unix time -> ``"2026-11"``."""
-    dt = datetime.fromtimestamp(now, UTC)
+    return _period_of_hour(int(now // 3600))
+
+
+@functools.lru_cache(maxsize=64)
+def _period_of_hour(hour: int) -> str:
+    # Months start on whole UTC hours, so every second of an hour is in one period.
+    dt = datetime.fromtimestamp(hour * 3600, UTC)
     return f"{dt.year:04d}-{dt.month:02d}"
 
 
