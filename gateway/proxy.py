@@ -34,7 +34,7 @@ from gateway.errors import (
     UpstreamFailed,
 )
 from gateway.metering import HoldResult
-from gateway.streaming import SSERelay, relay
+from gateway.streaming import SSERelay, StreamOutcome, relay
 from gateway.upstream import UpstreamRequest, read_body
 from policies import pricing
 from policies.money import format_usd
@@ -266,15 +266,26 @@ def usage_numbers(usage: dict[str, Any] | None) -> tuple[int, int, int] | None:
     return prompt, completion, cached if isinstance(cached, int) else 0
 
 
+def price(call: Call, tokens: tuple[int, int, int]) -> pricing.Charge:
+    """What the request costs, after the discount its hold was placed with."""
+    prompt, completion, cached = tokens
+    assert call.hold is not None
+    return pricing.charge(
+        pricing.list_cost(call.model.prices, prompt, completion, cached), call.hold.discount_bps
+    )
+
+
 async def settle(
-    call: Call, tokens: tuple[int, int, int], source: str, status: int
+    call: Call,
+    tokens: tuple[int, int, int],
+    source: str,
+    status: int,
+    charge: pricing.Charge | None = None,
 ) -> pricing.Charge:
     app = call.request.app
     prompt, completion, cached = tokens
     assert call.hold is not None
-    charge = pricing.charge(
-        pricing.list_cost(call.model.prices, prompt, completion, cached), call.hold.discount_bps
-    )
+    charge = charge or price(call, tokens)
     key = call.key
     record: list[str | int] = [
         "request_id", call.request_id, "account", key.account, "team_id", key.team_id or "",
@@ -346,10 +357,21 @@ async def forward(call: Call) -> web.StreamResponse:
     source = "upstream"
     if tokens is None:
         tokens, source = estimate(call, _texts_of(raw)), "estimated"
-    charge = await settle(call, tokens, source, 200)
+    charge = price(call, tokens)
     headers = base_headers(call)
     headers["x-modelbridge-cost-usd"] = format_usd(charge.charged)
-    return web.Response(body=raw, status=200, content_type="application/json", headers=headers)
+    answer = web.Response(body=raw, status=200, content_type="application/json", headers=headers)
+    # The answer goes out first, the settle right after: the client does not wait for the
+    # second Redis round trip. The hold covers the cost until then, so no limit can be passed.
+    with contextlib.suppress(ConnectionError, RuntimeError):  # a client gone is billed anyway
+        await answer.prepare(call.request)
+        await answer.write_eof()
+    try:
+        await settle(call, tokens, source, 200, charge)
+    except GatewayError as exc:  # too late for an error response: the hold expires on its own
+        log.error("request %s answered but not settled: %s", call.request_id, exc.message)
+        call.hold = None
+    return answer
 
 
 def _usage_of(raw: bytes) -> dict[str, Any] | None:
@@ -387,27 +409,29 @@ async def forward_stream(
         await settle(call, estimate(call, sse.outcome.text), "estimated", 499)
         raise
     call.upstream_s = time.perf_counter() - started
+    if not outcome.client_gone:  # finish the client's stream first, then settle
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            if outcome.upstream_failed:
+                # SDKs raise on an event carrying "error"; never end a broken stream as if whole.
+                await client.write(b"data: " + orjson.dumps(_STREAM_BROKEN) + b"\n\n")
+            await client.write_eof()
+    await settle_stream(call, outcome)
+    return client
+
+
+async def settle_stream(call: Call, outcome: StreamOutcome) -> None:
+    """Bill a finished stream: the provider's usage, else tiktoken on what was streamed (the
+    client left, or the provider reported none); nothing when it failed before any text."""
     tokens = None if outcome.client_gone else usage_numbers(outcome.usage)
     if tokens is None and outcome.upstream_failed and not outcome.text:
         await call.request.app[S.METERING].release(
             account=call.key.account, request_id=call.request_id
         )
         call.hold = None
-    else:
-        source = "upstream" if tokens is not None else "estimated"
-        await settle(
-            call,
-            tokens or estimate(call, outcome.text),
-            source,
-            499 if outcome.client_gone else 200,
-        )
-    if not outcome.client_gone:
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            if outcome.upstream_failed:
-                # SDKs raise on an event carrying "error"; never end a broken stream as if whole.
-                await client.write(b"data: " + orjson.dumps(_STREAM_BROKEN) + b"\n\n")
-            await client.write_eof()
-    return client
+        return
+    source = "upstream" if tokens is not None else "estimated"
+    status = 499 if outcome.client_gone else 200
+    await settle(call, tokens or estimate(call, outcome.text), source, status)
 
 
 async def proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
