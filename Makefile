@@ -28,7 +28,7 @@ test: lint
 	$(VENV)/bin/pytest
 
 bench: install
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .modelbridge .pytest_cache .mypy_cache .ruff_cache

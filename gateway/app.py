@@ -42,7 +42,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith("/v1/"):  # the proxy makes its own request ids
-        request[S.REQUEST_ID] = proxy.new_request_id()
+        request[S.REQUEST_ID] = request.app[S.REQUEST_IDS].new()
     try:
         return await handler(request)
     except GatewayError as exc:
@@ -131,6 +131,7 @@ def build_app(
     app[S.CONFIG] = config
     app[S.RUNTIME] = runtime
     app[S.CLOCK] = clock or S.Clock()
+    app[S.REQUEST_IDS] = S.RequestIds()
     app[S.METRICS] = Metrics(team_labels=config.metrics.team_labels)
     app.cleanup_ctx.extend([_stores, _metering, _upstreams])
     if usage_writer:

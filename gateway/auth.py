@@ -90,12 +90,14 @@ class KeyCache:
         self._listener: asyncio.Task[None] | None = None
 
     async def lookup(self, secret: str | None) -> KeyInfo:
-        if not secret or not apikeys.well_formed(secret):
+        if not secret:
             raise AuthenticationFailed("Incorrect API key provided.")
         digest = hash_secret(secret)
         info = self._by_hash.get(digest)
-        if info is not None:
+        if info is not None:  # a cached key was well formed
             return info
+        if not apikeys.well_formed(secret):  # refuse made-up keys without a lookup
+            raise AuthenticationFailed("Incorrect API key provided.")
         miss = self._unknown.get(digest)
         if miss is not None and miss > time.monotonic():
             raise AuthenticationFailed("Incorrect API key provided.")

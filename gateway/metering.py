@@ -20,7 +20,7 @@ from redis import exceptions as redis_errors
 
 from gateway.accounts import Accounts
 from gateway.errors import StoreUnavailable
-from gateway.scriptclient import ScriptError
+from gateway.scriptclient import FastScript, ScriptError
 from gateway.scripts import Scripts
 from policies import keys as rk
 
@@ -111,8 +111,33 @@ class Metering:
             await guarded(lambda: self.accounts.load(account, now))
         raise StoreUnavailable("the billing account could not be loaded")
 
-    async def settle(
-        self,
+    async def settle(self, **kwargs: Any) -> SettleResult:
+        """Replace the request's hold by its cost and record its usage (``settle.lua``).
+        Keywords: account, period, request_id, scope, key_id, model, charged, record, warned, at."""
+        keys, args = self._settle_call(**kwargs)
+        raw: Any = await guarded(lambda: self.scripts.settle(keys=keys, args=args))
+        return self._settled(kwargs["account"], raw)
+
+    def settle_sent(self, **kwargs: Any) -> Awaitable[SettleResult] | None:
+        """Like :meth:`settle`, but the script is on its way to Redis when this returns (ordered
+        before any later hold), so the caller can answer its client before awaiting the result.
+        None when that cannot be promised (no lean connection open): call :meth:`settle`."""
+        script = self.scripts.settle
+        if not isinstance(script, FastScript):
+            return None
+        keys, args = self._settle_call(**kwargs)
+        sent = script.send_now(keys, args)
+        if sent is None:
+            return None
+        account = kwargs["account"]
+
+        async def result() -> SettleResult:
+            return self._settled(account, await guarded(lambda: sent))
+
+        return result()
+
+    @staticmethod
+    def _settle_call(
         *,
         account: str,
         period: str,
@@ -124,17 +149,19 @@ class Metering:
         record: list[str | int],
         warned: bool = False,
         at: int = 0,
-    ) -> SettleResult:
+    ) -> tuple[list[str], list[str | int]]:
         ak = rk.AccountKeys(account)
         keys = [
             ak.state, ak.period(period), ak.hold_expiry, ak.hold_values,
             ak.settled_marker(request_id), ak.usage_stream, ak.cfg, ak.alerts,
         ]  # fmt: skip
-        args = [
+        args: list[str | int] = [
             request_id, charged, scope, key_id, model, rk.PERIOD_TTL_S, rk.RID_TTL_S,
             int(warned), at, *record,
         ]  # fmt: skip
-        raw: Any = await guarded(lambda: self.scripts.settle(keys=keys, args=args))
+        return keys, args
+
+    def _settled(self, account: str, raw: Any) -> SettleResult:
         if raw[3]:
             self._alerted(account)
         return SettleResult(raw[0] == 1, int(raw[1]), int(raw[2]), raw[3] > 0)

@@ -43,7 +43,11 @@ def _use_multiprocess_values() -> None:
     value class at import time; this makes the choice explicit and independent of import order)."""
     if not os.environ.get(MULTIPROC_ENV):
         os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="modelbridge-metrics-")
-    values.ValueClass = values.MultiProcessValue()
+    # prometheus_client asks getpid() (a system call) on every update; a cached pid, refreshed
+    # in a forked child, names the same file.
+    pid = [os.getpid()]
+    os.register_at_fork(after_in_child=lambda: pid.__setitem__(0, os.getpid()))
+    values.ValueClass = values.MultiProcessValue(process_identifier=lambda: pid[0])
 
 
 class Metrics:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -94,10 +93,6 @@ class Call:
     tags: str
     hold: HoldResult | None = None
     upstream_s: float = 0.0
-
-
-def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
 
 
 # --- parsing and validation -------------------------------------------------------------------
@@ -197,7 +192,7 @@ async def begin(request: web.Request, endpoint: Endpoint) -> Call:
         model,
         body,
         raw,
-        new_request_id(),
+        app[S.REQUEST_IDS].new(),
         now,
         period_of(now),
         prompt_tokens,
@@ -275,17 +270,12 @@ def price(call: Call, tokens: tuple[int, int, int]) -> pricing.Charge:
     )
 
 
-async def settle(
-    call: Call,
-    tokens: tuple[int, int, int],
-    source: str,
-    status: int,
-    charge: pricing.Charge | None = None,
-) -> pricing.Charge:
-    app = call.request.app
+def settle_args(
+    call: Call, tokens: tuple[int, int, int], source: str, status: int, charge: pricing.Charge
+) -> dict[str, Any]:
+    """The keywords of :meth:`Metering.settle` for this request: its cost and usage record."""
     prompt, completion, cached = tokens
     assert call.hold is not None
-    charge = charge or price(call, tokens)
     key = call.key
     record: list[str | int] = [
         "request_id", call.request_id, "account", key.account, "team_id", key.team_id or "",
@@ -296,18 +286,28 @@ async def settle(
         "encoding", call.encoding, "tags", call.tags, "status", status,
         "created_at", int(call.now * 1000),
     ]  # fmt: skip
-    await app[S.METERING].settle(
+    return dict(
         account=key.account, period=call.period, request_id=call.request_id, scope=key.scope,
         key_id=key.key_id, model=call.model.name, charged=charge.charged, record=record,
         warned=call.hold.warn, at=int(call.now),
     )  # fmt: skip
-    metrics = app[S.METRICS]
-    team = metrics.team_label(key.team_id)
-    metrics.child(metrics.tokens, call.model.name, "prompt", *team).inc(prompt)
-    metrics.child(metrics.tokens, call.model.name, "completion", *team).inc(completion)
-    metrics.child(metrics.spend, call.model.name, *team).inc(
-        charge.charged / 1e9
-    )  # metrics, not money
+
+
+def count(call: Call, tokens: tuple[int, int, int], charge: pricing.Charge) -> None:
+    metrics = call.request.app[S.METRICS]
+    team = metrics.team_label(call.key.team_id)
+    model = call.model.name
+    metrics.child(metrics.tokens, model, "prompt", *team).inc(tokens[0])
+    metrics.child(metrics.tokens, model, "completion", *team).inc(tokens[1])
+    metrics.child(metrics.spend, model, *team).inc(charge.charged / 1e9)  # metrics, not money
+
+
+async def settle(
+    call: Call, tokens: tuple[int, int, int], source: str, status: int
+) -> pricing.Charge:
+    charge = price(call, tokens)
+    await call.request.app[S.METERING].settle(**settle_args(call, tokens, source, status, charge))
+    count(call, tokens, charge)
     return charge
 
 
@@ -361,16 +361,24 @@ async def forward(call: Call) -> web.StreamResponse:
     headers = base_headers(call)
     headers["x-modelbridge-cost-usd"] = format_usd(charge.charged)
     answer = web.Response(body=raw, status=200, content_type="application/json", headers=headers)
-    # The answer goes out first, the settle right after: the client does not wait for the
-    # second Redis round trip. The hold covers the cost until then, so no limit can be passed.
+    metering = app[S.METERING]
+    kwargs = settle_args(call, tokens, source, 200, charge)
+    # The settle is on its way to Redis before the answer goes out, so any later request of this
+    # client is held against the settled spend; the client does not wait for its reply.
+    pending = metering.settle_sent(**kwargs)
+    if pending is None:
+        await metering.settle(**kwargs)
     with contextlib.suppress(ConnectionError, RuntimeError):  # a client gone is billed anyway
         await answer.prepare(call.request)
         await answer.write_eof()
-    try:
-        await settle(call, tokens, source, 200, charge)
-    except GatewayError as exc:  # too late for an error response: the hold expires on its own
-        log.error("request %s answered but not settled: %s", call.request_id, exc.message)
-        call.hold = None
+    if pending is not None:
+        try:
+            await pending
+        except GatewayError as exc:  # too late for an error response: the hold expires
+            log.error("request %s answered but not settled: %s", call.request_id, exc.message)
+            call.hold = None
+            return answer
+    count(call, tokens, charge)
     return answer
 
 
@@ -409,29 +417,41 @@ async def forward_stream(
         await settle(call, estimate(call, sse.outcome.text), "estimated", 499)
         raise
     call.upstream_s = time.perf_counter() - started
-    if not outcome.client_gone:  # finish the client's stream first, then settle
+    await finish_stream(call, client, outcome)
+    return client
+
+
+async def finish_stream(call: Call, client: web.StreamResponse, outcome: StreamOutcome) -> None:
+    """Bill a finished stream — the provider's usage, else tiktoken on what was streamed (the
+    client left, or the provider reported none), nothing when it failed before any text — and
+    end the client's stream. As for plain answers, the settle is sent before the end goes out."""
+    metering = call.request.app[S.METERING]
+    tokens = None if outcome.client_gone else usage_numbers(outcome.usage)
+    pending = None
+    if tokens is None and outcome.upstream_failed and not outcome.text:
+        await metering.release(account=call.key.account, request_id=call.request_id)
+        call.hold = None
+    else:
+        source = "upstream" if tokens is not None else "estimated"
+        tokens = tokens or estimate(call, outcome.text)
+        charge = price(call, tokens)
+        kwargs = settle_args(call, tokens, source, 499 if outcome.client_gone else 200, charge)
+        pending = metering.settle_sent(**kwargs)
+        if pending is None:
+            await metering.settle(**kwargs)
+        count(call, tokens, charge)
+    if not outcome.client_gone:
         with contextlib.suppress(ConnectionError, RuntimeError):
             if outcome.upstream_failed:
                 # SDKs raise on an event carrying "error"; never end a broken stream as if whole.
                 await client.write(b"data: " + orjson.dumps(_STREAM_BROKEN) + b"\n\n")
             await client.write_eof()
-    await settle_stream(call, outcome)
-    return client
-
-
-async def settle_stream(call: Call, outcome: StreamOutcome) -> None:
-    """Bill a finished stream: the provider's usage, else tiktoken on what was streamed (the
-    client left, or the provider reported none); nothing when it failed before any text."""
-    tokens = None if outcome.client_gone else usage_numbers(outcome.usage)
-    if tokens is None and outcome.upstream_failed and not outcome.text:
-        await call.request.app[S.METERING].release(
-            account=call.key.account, request_id=call.request_id
-        )
-        call.hold = None
-        return
-    source = "upstream" if tokens is not None else "estimated"
-    status = 499 if outcome.client_gone else 200
-    await settle(call, tokens or estimate(call, outcome.text), source, status)
+    if pending is not None:
+        try:
+            await pending
+        except GatewayError as exc:  # the stream is over: the hold expires on its own
+            log.error("stream %s ended but not settled: %s", call.request_id, exc.message)
+            call.hold = None
 
 
 async def proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:

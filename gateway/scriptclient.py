@@ -19,7 +19,7 @@ import asyncio
 import hashlib
 import itertools
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -90,6 +90,15 @@ class _Protocol(asyncio.Protocol):
         self.waiters.append(waiter)
         return waiter
 
+    def send_now(self, packed: bytes) -> asyncio.Future[Any]:
+        """Write a command at once, after anything queued: Redis will run it before any command
+        sent later on this connection."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.pending.append(packed)
+        self.waiters.append(waiter)
+        self.flush()
+        return waiter
+
     def flush(self) -> None:
         pending, self.pending = self.pending, []
         if self.transport is not None and not self.closed and pending:
@@ -158,6 +167,26 @@ class ScriptClient:
             raise ScriptError(str(reply))
         return reply
 
+    def call_now(self, *args: Any) -> asyncio.Future[Any] | None:
+        """Send a command right now on an open connection (None when none is open): the caller
+        may then answer its client knowing Redis runs this before any later command."""
+        protocol = self._slots[0]
+        if protocol is None or protocol.closed:
+            return None
+        return protocol.send_now(hiredis.pack_command(args))
+
+    async def reply(self, waiter: asyncio.Future[Any]) -> Any:
+        try:
+            reply = await asyncio.wait_for(waiter, timeout=self.timeout_s)
+        except TimeoutError:
+            protocol = self._slots[0]
+            if protocol is not None:
+                protocol.close()
+            raise
+        if isinstance(reply, hiredis.ReplyError):
+            raise ScriptError(str(reply))
+        return reply
+
     async def close(self) -> None:
         for protocol in self._slots:
             if protocol is not None:
@@ -173,6 +202,22 @@ class FastScript:
         self.client = client
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def send_now(self, keys: Sequence[Any], args: Sequence[Any]) -> Awaitable[Any] | None:
+        """Send the call at once (see :meth:`ScriptClient.call_now`); await the result later.
+        None when no connection is open: then call the script normally."""
+        waiter = self.client.call_now("EVALSHA", self.sha, len(keys), *keys, *args)
+        return None if waiter is None else self._finish(waiter, keys, args)
+
+    async def _finish(
+        self, waiter: asyncio.Future[Any], keys: Sequence[Any], args: Sequence[Any]
+    ) -> Any:
+        try:
+            return await self.client.reply(waiter)
+        except ScriptError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await self(keys, args)
 
     async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
         try:

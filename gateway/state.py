@@ -6,6 +6,8 @@ lives in module globals.
 
 from __future__ import annotations
 
+import itertools
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -34,6 +36,18 @@ class Clock:
         return self.fixed if self.fixed is not None else time.time() + self.offset
 
 
+class RequestIds:
+    """Request ids, unique across processes and restarts: 64 random bits drawn once per process,
+    then a counter (no system call per request). Not secrets."""
+
+    def __init__(self) -> None:
+        self._prefix = "req_" + secrets.token_hex(8)
+        self._counter = itertools.count(1)
+
+    def new(self) -> str:
+        return f"{self._prefix}{next(self._counter):012x}"
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Values fixed at start: the store URLs and the operator token."""
@@ -47,6 +61,7 @@ class Runtime:
 REQUEST_ID = web.RequestKey("request_id", str)  # management requests; the proxy keeps its own
 
 CONFIG = web.AppKey("config", Config)
+REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 RUNTIME = web.AppKey("runtime", Runtime)
 CLOCK = web.AppKey("clock", Clock)
 DB = web.AppKey("db", asyncpg.Pool)

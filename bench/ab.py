@@ -1,0 +1,115 @@
+"""A/B: two checkouts' gateways measured interleaved, to tell a hot-path change's effect from
+the drift of a shared machine.
+
+    python -m bench.ab --a DIR --b DIR [--test saturation|latency] [--rounds 6] [--duration 8]
+
+DIR is a checkout (or a copy of its ``gateway/``, ``policies/`` and ``tests/``); both run on this
+venv, each with its own embedded stores, against one fake upstream. Runs go A B B A A B ... (the
+ABBA order cancels a linear drift); each is a ``bench.run`` measurement (the quiet-machine gate,
+CPU counted until the usage writer has drained). Prints per round the gateway processes' CPU ms
+per request, req/s and p50, and the median [min – max] of the paired B/A ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import load, report
+from bench.run import log, stop_cleanly
+from bench.session import Plan, Session
+from bench.stack import FakeUpstream, Gateway
+
+
+def _plan(a: argparse.Namespace) -> Plan:
+    return Plan(
+        repeats=1,
+        duration=a.duration,
+        lat_duration=a.duration,
+        lat_conns=4,
+        lat_think_ms=50.0,
+        sat_conns=32,
+        stream_conc=4,
+        stream_think_ms=50.0,
+        warmup=3,
+        tests=(a.test,),
+        max_foreign=a.max_foreign,
+        quiet_wait=60,
+        retries=0,
+    )
+
+
+def _figures(run: dict[str, Any]) -> dict[str, float]:
+    cpu = run["cpu"]
+    return {
+        "gateway_ms": cpu["gateway_ms_per_req"],
+        "stores_ms": cpu.get("redis_ms_per_req", 0) + cpu.get("postgres_ms_per_req", 0),
+        "rps": run["load"]["rps"],
+        "p50_ms": run["load"]["latency_ms"]["p50"],
+        "foreign": cpu["foreign_cores"],
+    }
+
+
+def compare(sessions: dict[str, Session], a: argparse.Namespace) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {"A": [], "B": []}
+    for name, s in sessions.items():
+        s.sanity()
+        s.warm_up()
+        log(f"{name}: warmed up")
+    for i in range(a.rounds):
+        for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
+            s = sessions[name]
+            s.quiet_gate()
+            fig = _figures(s.measure(s.target, a.test))
+            rows[name].append(fig)
+            log(f"round {i + 1} {name}: " + " ".join(f"{k} {v:.3f}" for k, v in fig.items()))
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--a", type=Path, required=True, help="the base checkout")
+    p.add_argument("--b", type=Path, required=True, help="the changed checkout")
+    p.add_argument("--test", choices=("saturation", "latency"), default="saturation")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--duration", type=int, default=8)
+    p.add_argument("--max-foreign", type=float, default=0.15)
+    a = p.parse_args()
+    stop_cleanly()
+    load.ensure_wrk()
+    plan = _plan(a)
+    with tempfile.TemporaryDirectory(prefix="mb-ab-") as tmp:
+        body = load.write_body(Path(tmp))
+        fake = FakeUpstream(Path(tmp))
+        fake.start()
+        gateways = {"A": Gateway(1, fake.url, a.a), "B": Gateway(1, fake.url, a.b)}
+        try:
+            for gw in gateways.values():
+                gw.start()
+                gw.provision()
+            sessions = {n: Session(plan, fake, gw, body, log=log) for n, gw in gateways.items()}
+            for name, s in sessions.items():  # the other gateway's CPU is not foreign load
+                other = gateways["B" if name == "A" else "A"]
+                s.groups.roots |= {f"other_{k}": v for k, v in other.groups().roots.items()}
+            rows = compare(sessions, a)
+        finally:
+            for gw in gateways.values():
+                gw.stop()
+            fake.stop()
+    print(f"\n{a.test}, {a.rounds} rounds of {a.duration} s; A = {a.a}, B = {a.b}\n")
+    print("| figure | A | B | B / A (paired) |\n|---|---|---|---|")
+    for key in ("gateway_ms", "stores_ms", "rps", "p50_ms"):
+        va, vb = [r[key] for r in rows["A"]], [r[key] for r in rows["B"]]
+        ratio = report.med([y / x for x, y in zip(va, vb, strict=True) if x])
+        print(
+            f"| {key} | {report.fmt(report.med(va))} | {report.fmt(report.med(vb))} "
+            f"| {report.fmt(ratio)} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
