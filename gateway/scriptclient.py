@@ -105,7 +105,9 @@ class _Protocol(asyncio.Protocol):
             self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def close(self) -> None:
+        """Stop using this connection now; waiting calls fail when it is gone."""
         if self.transport is not None and not self.closed:
+            self.closed = True
             self.transport.close()
 
 
