@@ -7,6 +7,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import aiohttp
@@ -133,3 +134,8 @@ class Api:
         await self.credit_team(team["id"], amount)
         key = await self.key(owner, team["id"])
         return owner, team, key["secret"]
+
+
+def ts(text: str) -> float:
+    """An ISO time in UTC (``2026-12-31T23:59:50``) as unix seconds."""
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()

@@ -3,7 +3,6 @@ view, team settings, and the operator's discount — exact to the nano-dollar.""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -26,13 +25,9 @@ from tests.billing_support import (
 )
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, eventually
+from tests.helpers import Api, eventually, ts
 
 USD = 1_000_000_000
-
-
-def ts(text: str) -> float:
-    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
 
 
 async def usage_row(db: asyncpg.Connection, request_id: str) -> asyncpg.Record:

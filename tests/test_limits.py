@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from datetime import UTC, datetime
 
 import aiohttp
 import asyncpg
@@ -25,11 +24,7 @@ from tests.billing_support import (
 )
 from tests.conftest import Gateway, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, eventually
-
-
-def ts(text: str) -> float:
-    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+from tests.helpers import Api, eventually, ts
 
 
 async def test_team_spending_limit_refuses_every_team_key_until_raised_or_next_period(

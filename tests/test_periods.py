@@ -4,7 +4,6 @@ credits carry over, alerts re-arm — tested exactly at the December to January 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 import aiohttp
 import asyncpg
@@ -25,13 +24,9 @@ from tests.billing_support import (
 )
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, eventually
+from tests.helpers import Api, eventually, ts
 
 USD = 1_000_000_000
-
-
-def ts(text: str) -> float:
-    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 
 from policies import apikeys
@@ -18,10 +16,7 @@ from policies.pricing import (
     requested_output_cap,
     worst_case_list_cost,
 )
-
-
-def ts(text: str) -> float:
-    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+from tests.helpers import ts
 
 
 @pytest.mark.parametrize(

@@ -47,21 +47,23 @@ async def _credit(request: web.Request, account: str, team_id: str | None) -> we
     )
 
 
+async def _exists(request: web.Request, table: str, param: str) -> str:
+    check_admin(request, request.app[S.RUNTIME].admin_token)
+    row_id = request.match_info[param]
+    if not await request.app[S.DB].fetchval(f"SELECT 1 FROM {table} WHERE id = $1", row_id):
+        raise NotFound(f"no such {param}", code=f"{param}_not_found")
+    return row_id
+
+
 @routes.post("/admin/teams/{team}/credits")
 async def team_credits(request: web.Request) -> web.Response:
-    check_admin(request, request.app[S.RUNTIME].admin_token)
-    team_id = request.match_info["team"]
-    if not await request.app[S.DB].fetchval("SELECT 1 FROM teams WHERE id = $1", team_id):
-        raise NotFound("no such team", code="team_not_found")
+    team_id = await _exists(request, "teams", "team")
     return await _credit(request, rk.team_account(team_id), team_id)
 
 
 @routes.post("/admin/users/{user}/credits")
 async def user_credits(request: web.Request) -> web.Response:
-    check_admin(request, request.app[S.RUNTIME].admin_token)
-    user_id = request.match_info["user"]
-    if not await request.app[S.DB].fetchval("SELECT 1 FROM users WHERE id = $1", user_id):
-        raise NotFound("no such user", code="user_not_found")
+    user_id = await _exists(request, "users", "user")
     return await _credit(request, rk.user_account(user_id), None)
 
 
