@@ -34,7 +34,7 @@ from gateway.errors import (
 )
 from gateway.metering import HoldResult
 from gateway.streaming import SSERelay, StreamOutcome, relay
-from gateway.upstream import UpstreamRequest, read_body
+from gateway.upstream import UpstreamRequest
 from policies import pricing
 from policies.money import format_usd
 from policies.periods import period_of, seconds_to_period_end
@@ -325,34 +325,28 @@ def base_headers(call: Call) -> dict[str, str]:
     return headers
 
 
-async def upstream_error(call: Call, response: aiohttp.ClientResponse) -> UpstreamFailed:
+def upstream_error(status: int, raw: bytes) -> UpstreamFailed:
     with contextlib.suppress(Exception):
-        detail = orjson.loads(await response.read())
-        message = detail["error"]["message"]
-        return UpstreamFailed(f"upstream error: {message}", status=response.status)
-    return UpstreamFailed(f"upstream error (HTTP {response.status})", status=response.status)
+        message = orjson.loads(raw)["error"]["message"]
+        return UpstreamFailed(f"upstream error: {message}", status=status)
+    return UpstreamFailed(f"upstream error (HTTP {status})", status=status)
 
 
 async def forward(call: Call) -> web.StreamResponse:
     app = call.request.app
     stream = bool(call.body.get("stream")) and call.endpoint.kind != "embedding"
-    req = UpstreamRequest(
-        call.model.upstream, call.endpoint.upstream_path, upstream_body(call, stream), stream
-    )
+    if stream:
+        return await forward_stream(call)
+    upstreams = app[S.UPSTREAMS]
+    upstream = call.model.upstream
+    wire = upstreams.encode(upstream, call.endpoint.upstream_path, upstream_body(call, False))
     started = time.perf_counter()
-    response = await app[S.UPSTREAMS].send(req)
-    app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(
-        time.perf_counter() - started
-    )
-    try:
-        if response.status >= 400:
-            raise await upstream_error(call, response)
-        if stream:
-            return await forward_stream(call, response, started)
-        raw = await read_body(response, call.model.upstream)
-    finally:
-        response.release()
+    response = await upstreams.call(upstream, wire)
     call.upstream_s = time.perf_counter() - started
+    app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(response.ttfb_s)
+    if response.status >= 400:
+        raise upstream_error(response.status, response.body)
+    raw = response.body
     tokens = usage_numbers(_usage_of(raw))
     source = "upstream"
     if tokens is None:
@@ -400,7 +394,31 @@ def _texts_of(raw: bytes) -> list[str]:
     return texts
 
 
-async def forward_stream(
+async def forward_stream(call: Call) -> web.StreamResponse:
+    app = call.request.app
+    req = UpstreamRequest(
+        call.model.upstream, call.endpoint.upstream_path, upstream_body(call, True), True
+    )
+    started = time.perf_counter()
+    response = await app[S.UPSTREAMS].send(req)
+    app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(
+        time.perf_counter() - started
+    )
+    try:
+        if response.status >= 400:
+            raise upstream_error(response.status, await _error_body(response))
+        return await _relay_stream(call, response, started)
+    finally:
+        response.release()
+
+
+async def _error_body(response: aiohttp.ClientResponse) -> bytes:
+    with contextlib.suppress(Exception):
+        return await response.read()
+    return b""
+
+
+async def _relay_stream(
     call: Call, response: aiohttp.ClientResponse, started: float
 ) -> web.StreamResponse:
     wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))

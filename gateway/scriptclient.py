@@ -2,10 +2,12 @@
 
 redis-py's asyncio client spends more CPU per command than the rest of the request path together
 (connection pool, locks, observability hooks, per-call timeouts). The hold and settle scripts need
-none of that: this client keeps a couple of connections open, writes each ``EVALSHA`` at once
-(packed by hiredis), and matches replies to callers in order, so any number of requests share a
-connection with no pool and no lock. Everything else (management writes, the usage writer,
-pub/sub) stays on redis-py.
+none of that: this client keeps one connection open, writes each ``EVALSHA`` at once (packed by
+hiredis; later commands of the same loop iteration in one write), and matches replies to callers
+in order, so any number of requests share the connection with no pool, no lock and no timer per
+call. One connection also orders every script a process sends: a settle written before a client
+is answered runs before that client's next hold. Everything else (management writes, the usage
+writer, pub/sub) stays on redis-py.
 
 Errors: a lost or refused connection fails every waiting call with :class:`ConnectionError`, a
 silent server with :class:`TimeoutError` (both ``OSError``: :func:`gateway.metering.guarded`
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -56,12 +57,22 @@ class Endpoint:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    """One connection. A command is written at once when it is the first of a loop iteration;
+    the ones that follow in the same iteration go out together at its end (one write). One timer
+    per connection watches the oldest unanswered command: past ``timeout_s`` the connection is
+    dropped and every waiting call fails with :class:`TimeoutError`."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
         self.reader = hiredis.Reader(encoding="utf-8")
         self.waiters: deque[asyncio.Future[Any]] = deque()
+        self.sent_at: deque[float] = deque()
         self.transport: asyncio.WriteTransport | None = None
         self.closed = False
         self.pending: list[bytes] = []
+        self._burst = False
+        self._watch: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
@@ -70,39 +81,63 @@ class _Protocol(asyncio.Protocol):
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
             waiter = self.waiters.popleft()
+            self.sent_at.popleft()
             if not waiter.done():
                 waiter.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._fail_all(ConnectionError("Redis connection lost"))
+
+    def _fail_all(self, exc: Exception) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self.sent_at.clear()
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(ConnectionError("Redis connection lost"))
+                waiter.set_exception(exc)
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
-        """Queue a command; commands queued in one loop iteration go out in one write."""
-        loop = asyncio.get_running_loop()
+        """Write a command: Redis runs it before any command sent later on this connection."""
+        loop = self._loop
         waiter = loop.create_future()
-        if not self.pending:
-            loop.call_soon(self.flush)
-        self.pending.append(packed)
+        if self.closed:
+            waiter.set_exception(ConnectionError("Redis connection closed"))
+            return waiter
         self.waiters.append(waiter)
+        self.sent_at.append(loop.time())
+        if self._watch is None:
+            self._watch = loop.call_later(self.timeout_s, self._check)
+        if self._burst:
+            self.pending.append(packed)
+        else:
+            self._burst = True
+            loop.call_soon(self._end_burst)
+            self._write(packed)
         return waiter
 
-    def send_now(self, packed: bytes) -> asyncio.Future[Any]:
-        """Write a command at once, after anything queued: Redis will run it before any command
-        sent later on this connection."""
-        waiter = asyncio.get_running_loop().create_future()
-        self.pending.append(packed)
-        self.waiters.append(waiter)
-        self.flush()
-        return waiter
-
-    def flush(self) -> None:
+    def _end_burst(self) -> None:
+        self._burst = False
         pending, self.pending = self.pending, []
-        if self.transport is not None and not self.closed and pending:
-            self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        if pending:
+            self._write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def _check(self) -> None:
+        self._watch = None
+        if not self.sent_at:
+            return
+        due = self.sent_at[0] + self.timeout_s
+        if self._loop.time() < due:
+            self._watch = self._loop.call_at(due, self._check)
+            return
+        self._fail_all(TimeoutError(f"Redis did not answer in {self.timeout_s:g} s"))
+        self.close()  # replies would come out of step: start afresh
 
     def close(self) -> None:
         """Stop using this connection now; waiting calls fail when it is gone."""
@@ -112,18 +147,18 @@ class _Protocol(asyncio.Protocol):
 
 
 class ScriptClient:
-    def __init__(self, endpoint: Endpoint, *, connections: int = 2, timeout_s: float = 5.0) -> None:
+    def __init__(self, endpoint: Endpoint, *, timeout_s: float = 5.0) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self._slots: list[_Protocol | None] = [None] * connections
-        self._opening: list[asyncio.Task[_Protocol] | None] = [None] * connections
-        self._next = itertools.cycle(range(connections))
+        self._protocol: _Protocol | None = None
+        self._opening: asyncio.Task[_Protocol] | None = None
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         ep = self.endpoint
         _, protocol = await asyncio.wait_for(
-            loop.create_connection(_Protocol, ep.host, ep.port), timeout=self.timeout_s
+            loop.create_connection(lambda: _Protocol(self.timeout_s), ep.host, ep.port),
+            timeout=self.timeout_s,
         )
         setup: list[tuple[Any, ...]] = []
         if ep.password is not None:
@@ -132,68 +167,52 @@ class ScriptClient:
         if ep.db:
             setup.append(("SELECT", ep.db))
         for command in setup:
-            reply = await asyncio.wait_for(
-                protocol.send(hiredis.pack_command(command)), timeout=self.timeout_s
-            )
+            reply = await protocol.send(hiredis.pack_command(command))
             if isinstance(reply, hiredis.ReplyError):
                 protocol.close()
                 raise ConnectionError(f"Redis refused {command[0]}: {reply}")
         return protocol
 
     async def _connection(self) -> _Protocol:
-        slot = next(self._next)
-        protocol = self._slots[slot]
+        protocol = self._protocol
         if protocol is not None and not protocol.closed:
             return protocol
-        opening = self._opening[slot]
-        if opening is None:  # one opener per slot; concurrent callers wait for it
-            opening = asyncio.ensure_future(self._open())
-            self._opening[slot] = opening
+        opening = self._opening
+        if opening is None:  # one opener; concurrent callers wait for it
+            opening = self._opening = asyncio.ensure_future(self._open())
         try:
             protocol = await asyncio.shield(opening)
         finally:
             if opening.done():
-                self._opening[slot] = None
-        self._slots[slot] = protocol
+                self._opening = None
+        self._protocol = protocol
         return protocol
 
     async def call(self, *args: Any) -> Any:
         protocol = await self._connection()
-        waiter = protocol.send(hiredis.pack_command(args))
-        try:
-            reply = await asyncio.wait_for(waiter, timeout=self.timeout_s)
-        except TimeoutError:
-            protocol.close()  # replies would come out of step: start afresh
-            raise
-        if isinstance(reply, hiredis.ReplyError):
-            raise ScriptError(str(reply))
-        return reply
+        return self._checked(await protocol.send(hiredis.pack_command(args)))
 
     def call_now(self, *args: Any) -> asyncio.Future[Any] | None:
-        """Send a command right now on an open connection (None when none is open): the caller
+        """Send a command right now on the open connection (None when none is open): the caller
         may then answer its client knowing Redis runs this before any later command."""
-        protocol = self._slots[0]
+        protocol = self._protocol
         if protocol is None or protocol.closed:
             return None
-        return protocol.send_now(hiredis.pack_command(args))
+        return protocol.send(hiredis.pack_command(args))
 
     async def reply(self, waiter: asyncio.Future[Any]) -> Any:
-        try:
-            reply = await asyncio.wait_for(waiter, timeout=self.timeout_s)
-        except TimeoutError:
-            protocol = self._slots[0]
-            if protocol is not None:
-                protocol.close()
-            raise
+        return self._checked(await waiter)
+
+    @staticmethod
+    def _checked(reply: Any) -> Any:
         if isinstance(reply, hiredis.ReplyError):
             raise ScriptError(str(reply))
         return reply
 
     async def close(self) -> None:
-        for protocol in self._slots:
-            if protocol is not None:
-                protocol.close()
-        self._slots = [None] * len(self._slots)
+        if self._protocol is not None:
+            self._protocol.close()
+        self._protocol = None
 
 
 class FastScript:

@@ -41,6 +41,9 @@ TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3
 IMAGE_PART_TOKENS = 85
 DEFAULT_EXACT_CHARS = 100_000
+MEMO_MAX_TEXT = 64_000  # longer strings are counted each time
+MEMO_MAX_CHARS = 8_000_000
+MEMO_MAX_ENTRIES = 50_000
 
 _CL100K_PAT = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|"""
@@ -127,13 +130,38 @@ def _json_text(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, default=str)
 
 
+class _Memo:
+    """The token counts of recently seen strings, for one encoding. A chat sends its system
+    prompt and every earlier turn again with each request; those are counted once. Bounded by
+    the strings' total length and number (then it starts afresh)."""
+
+    __slots__ = ("chars", "counts", "encode")
+
+    def __init__(self, enc: tiktoken.Encoding) -> None:
+        self.encode = enc.encode_ordinary
+        self.counts: dict[str, int] = {}
+        self.chars = 0
+
+    def count(self, text: str) -> int:
+        n = self.counts.get(text)
+        if n is None:
+            n = len(self.encode(text))
+            if len(text) <= MEMO_MAX_TEXT:
+                if self.chars > MEMO_MAX_CHARS or len(self.counts) >= MEMO_MAX_ENTRIES:
+                    self.counts.clear()
+                    self.chars = 0
+                self.counts[text] = n
+                self.chars += len(text)
+        return n
+
+
 class _Tally:
     """Sums one request's tokens; strings past the exact-encoding budget count as bytes."""
 
-    __slots__ = ("budget", "encode", "total")
+    __slots__ = ("budget", "memo", "total")
 
-    def __init__(self, enc: tiktoken.Encoding, budget: int) -> None:
-        self.encode = enc.encode_ordinary
+    def __init__(self, memo: _Memo, budget: int) -> None:
+        self.memo = memo
         self.budget = budget
         self.total = 0
 
@@ -141,7 +169,7 @@ class _Tally:
         n = len(text)
         if n <= self.budget:
             self.budget -= n
-            self.total += len(self.encode(text))
+            self.total += self.memo.count(text)
         else:
             self.total += _byte_bound(text)
 
@@ -187,6 +215,7 @@ class TokenCounter:
     def __init__(self, *, exact_chars: int = DEFAULT_EXACT_CHARS) -> None:
         self._exact_chars = exact_chars
         self._cache: dict[str, tuple[tiktoken.Encoding, str]] = {}
+        self._memos: dict[str, _Memo] = {}
         self._lock = threading.Lock()
 
     def encoding_for(self, name: str) -> tuple[tiktoken.Encoding, str]:
@@ -217,7 +246,10 @@ class TokenCounter:
             self.encoding_for(name)
 
     def _tally(self, encoding: str) -> _Tally:
-        return _Tally(self.encoding_for(encoding)[0], self._exact_chars)
+        memo = self._memos.get(encoding)
+        if memo is None:
+            memo = self._memos[encoding] = _Memo(self.encoding_for(encoding)[0])
+        return _Tally(memo, self._exact_chars)
 
     def count_text(self, text: str, encoding: str) -> int:
         tally = self._tally(encoding)

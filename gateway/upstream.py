@@ -1,13 +1,16 @@
-"""The providers: one pooled ``aiohttp.ClientSession`` per configured upstream.
+"""The providers: per configured upstream, one pooled ``aiohttp.ClientSession`` for streams and
+listings, and one lean keep-alive :class:`gateway.http1.Origin` for the answers read whole.
 
-``Upstreams.send(request)`` is the single seam for provider I/O (tests plug a fake OpenAI server
-in through config, nothing else). aiohttp's exceptions are translated here, and only here:
-connection failures become :class:`UpstreamFailed` (502) and timeouts :class:`UpstreamTimeout`
-(504). The client's key never travels upstream; the upstream's key never reaches a client.
+``Upstreams`` is the single seam for provider I/O (tests plug a fake OpenAI server in through
+config, nothing else): ``send(request)`` starts a stream, ``encode`` + ``call`` make a plain call.
+Both clients' exceptions are translated here, and only here: connection failures become
+:class:`UpstreamFailed` (502) and timeouts :class:`UpstreamTimeout` (504). The client's key never
+travels upstream; the upstream's key never reaches a client.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -15,6 +18,9 @@ import aiohttp
 
 from gateway.config import Config, UpstreamConfig
 from gateway.errors import UpstreamFailed, UpstreamTimeout
+from gateway.http1 import Origin, OriginError, OriginTimeout, Response
+
+log = logging.getLogger("modelbridge.upstream")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +37,7 @@ class Upstreams:
         self.sessions: dict[str, aiohttp.ClientSession] = {}
         self._headers: dict[str, Mapping[str, str]] = {}
         self._urls: dict[str, str] = {}
+        self.origins: dict[str, Origin] = {}
 
     async def open(self) -> None:
         for name, up in self.config.upstreams.items():
@@ -47,6 +54,12 @@ class Upstreams:
             )
             self._headers[name] = self._auth_headers(up)
             self._urls[name] = up.base_url.rstrip("/")
+            self.origins[name] = Origin(
+                up.base_url,
+                dict(self._headers[name]),
+                connect_timeout=up.connect_timeout_s,
+                read_timeout=up.timeout_s,
+            )
 
     @staticmethod
     def _auth_headers(up: UpstreamConfig) -> dict[str, str]:
@@ -57,9 +70,26 @@ class Upstreams:
         return headers
 
     async def close(self) -> None:
+        for origin in self.origins.values():
+            origin.close()
+        self.origins.clear()
         for session in self.sessions.values():
             await session.close()
         self.sessions.clear()
+
+    def encode(self, upstream: str, path: str, body: bytes) -> bytes:
+        """A plain call's request as :meth:`call` sends it (built ahead of the hold's reply)."""
+        return self.origins[upstream].encode(path, body)
+
+    async def call(self, upstream: str, data: bytes) -> Response:
+        """Send a request made by :meth:`encode`; the provider's whole answer, any status."""
+        try:
+            return await self.origins[upstream].post(data)
+        except OriginTimeout as exc:
+            raise UpstreamTimeout(f"upstream {upstream} did not answer in time") from exc
+        except OriginError as exc:
+            log.warning("upstream %s: %s", upstream, exc)  # the detail stays in the log
+            raise UpstreamFailed(f"upstream {upstream} unreachable or broken") from exc
 
     async def send(self, request: UpstreamRequest) -> aiohttp.ClientResponse:
         """Start the request; the caller reads (or streams) the body and releases the response."""
@@ -82,16 +112,3 @@ class Upstreams:
             return await session.get(self._urls[upstream] + path, headers=self._headers[upstream])
         except aiohttp.ClientError as exc:
             raise UpstreamFailed(f"upstream {upstream} unreachable: {type(exc).__name__}") from exc
-
-
-async def read_body(response: aiohttp.ClientResponse, upstream: str) -> bytes:
-    """Read a whole (non-streamed) upstream body, translating failures (the session's
-    ``sock_read`` timeout bounds a silent upstream)."""
-    try:
-        return await response.read()
-    except TimeoutError as exc:
-        raise UpstreamTimeout(f"upstream {upstream} did not answer in time") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamFailed(
-            f"upstream {upstream} failed mid-response: {type(exc).__name__}"
-        ) from exc

@@ -133,21 +133,24 @@ async def test_unreachable_upstream_is_502(
     gateway: Gateway, api: Api, http: aiohttp.ClientSession, redis: Redis
 ) -> None:
     from gateway import state as S
-    from gateway.config import UpstreamConfig
+    from gateway.http1 import Origin
 
     _, team, secret = await api.funded_team_key("1.00")
     upstreams = gateway.app[S.UPSTREAMS]
-    saved = upstreams._urls["fake"]
-    upstreams._urls["fake"] = "http://127.0.0.1:9/v1"  # discard port: nothing listens
+    saved = upstreams.origins["fake"]
+    # the discard port: nothing listens
+    upstreams.origins["fake"] = Origin(
+        "http://127.0.0.1:9/v1", {}, connect_timeout=5, read_timeout=5
+    )
     try:
         status, payload, _ = await post(
             http, gateway, secret, {"model": "gpt-4o-mini", "messages": CHAT}
         )
     finally:
-        upstreams._urls["fake"] = saved
+        upstreams.origins["fake"] = saved
     assert (status, payload["error"]["code"]) == (502, "upstream_error")
+    assert payload["error"]["message"] == "upstream fake unreachable or broken"
     assert (await account_state(redis, team["id"]))["holds"] == "0"
-    assert isinstance(gateway.config.upstreams["fake"], UpstreamConfig)
 
 
 async def test_missing_usage_is_estimated_with_tiktoken(

@@ -35,16 +35,46 @@ async def test_replies_come_back_in_order_and_a_lost_connection_reopens(redis_ur
     try:
         replies = await asyncio.gather(*(client.call("ECHO", str(i)) for i in range(200)))
         assert replies == [str(i) for i in range(200)]
-        first = client._slots[0]
+        first = client._protocol
         assert first is not None
         first.close()
         assert await client.call("PING") == "PONG"
-        assert client._slots[0] is not first
+        assert client._protocol is not first
         with pytest.raises(ScriptError, match="unknown command"):
             await client.call("NOSUCHCOMMAND")
         assert await client.call("PING") == "PONG"  # an error reply leaves the stream in step
     finally:
         await client.close()
+
+
+async def test_a_silent_server_times_out_every_waiting_call_and_the_next_call_reconnects() -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # reads nothing, answers nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = ScriptClient(Endpoint("127.0.0.1", port, 0, None, None), timeout_s=0.3)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        results = await asyncio.gather(
+            client.call("PING"), client.call("PING"), return_exceptions=True
+        )
+        assert [type(r) for r in results] == [TimeoutError, TimeoutError]
+        assert 0.3 <= loop.time() - started < 3
+        first = client._protocol
+        assert first is not None and first.closed
+        with pytest.raises(TimeoutError):
+            await client.call("PING")
+        assert client._protocol is not first
+        assert len(accepted) == 2
+    finally:
+        await client.close()
+        server.close()
+        for writer in accepted:
+            writer.close()
 
 
 async def test_a_script_flush_is_survived(redis_url: str, redis: Redis) -> None:

@@ -241,6 +241,32 @@ def test_lone_surrogates_do_not_raise(counter: TokenCounter) -> None:
     assert TokenCounter(exact_chars=0).count_text("a\ud800b", "cl100k_base") == 5
 
 
+def test_repeated_strings_are_counted_once_and_the_memo_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tc = TokenCounter()
+    system = "You are a concise assistant that answers questions about software architecture."
+    body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]}
+    first = tc.count_chat_prompt(body, "o200k_base")
+    memo = tc._memos["o200k_base"]
+    calls: list[str] = []
+    real = memo.encode
+    memo.encode = lambda text: calls.append(text) or real(text)  # type: ignore[method-assign]
+    assert tc.count_chat_prompt(body, "o200k_base") == first
+    assert calls == []  # every string came from the memo
+    for name in ("cl100k_base", "o200k_base"):  # one memo per encoding
+        exact = len(tc.encoding_for(name)[0].encode_ordinary(system))
+        assert tc.count_text(system, name) == exact
+    assert calls == []
+    long_text = "word " * (tokens.MEMO_MAX_TEXT // 5 + 1)
+    tc.count_text(long_text, "o200k_base")
+    assert long_text not in memo.counts  # too long to keep
+    monkeypatch.setattr(tokens, "MEMO_MAX_ENTRIES", 3)
+    for text in ("a b", "c d", "e f", "g h"):
+        tc.count_text(text, "o200k_base")
+    assert len(memo.counts) <= 3 and "g h" in memo.counts
+
+
 def test_unknown_encoding_is_refused(counter: TokenCounter) -> None:
     with pytest.raises(ValueError, match="unknown encoding"):
         counter.encoding_for("p50k_base")

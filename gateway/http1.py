@@ -1,0 +1,276 @@
+"""A lean keep-alive HTTP/1.1 client for the provider calls whose answer is read whole.
+
+aiohttp's client spends more CPU on a request than the rest of the gateway's path does (request
+and response objects, tracing hooks, cookie handling, per-read timers, a task per connect). A
+non-streamed chat completion needs none of that: one ``POST`` with a JSON body, one JSON answer.
+:class:`Origin` writes the whole request in one ``write`` (its head is prepared once per path) on a
+pooled connection and parses the answer with ``httptools`` (llhttp, as Node.js uses) as it
+arrives, chunked or not. Streams and everything else keep aiohttp's ``ClientSession``.
+
+Errors, all raised from one place per cause::
+
+    OriginError                     the provider's connection failed or spoke no HTTP
+     └── OriginTimeout              no connection within the connect timeout, or the provider
+                                    sent nothing for ``read_timeout`` seconds
+
+Connections are reused last-in first-out (the warmest first), dropped after ``keepalive_s``
+idle, when the provider closes them or answers ``Connection: close``. A request is never sent
+twice: a reused connection that the provider closed in the meantime fails the request
+(``OriginError``), as aiohttp does for a ``POST``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as ssl_module
+from collections import deque
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httptools
+
+
+class OriginError(Exception):
+    """The provider's connection failed, or what came back was not HTTP."""
+
+
+class OriginTimeout(OriginError, TimeoutError):
+    """No connection in time, or no byte from the provider for ``read_timeout`` seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    ttfb_s: float  # from the request's write to the end of the response head
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection: at most one request in flight."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
+        self.loop = loop
+        self.read_timeout = read_timeout
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.reused = False
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[Response] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._chunks: list[bytes] = []
+        self._sent_at = 0.0
+        self._head_at = 0.0
+        self._last_read = 0.0
+        self._status = 0
+        self._length_known = False
+
+    # --- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiter is None:  # bytes nobody asked for: the connection is out of step
+            self._fail(OriginError("unexpected data from the provider"))
+            return
+        self._last_read = self.loop.time()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(OriginError(f"malformed HTTP response: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._waiter is None or self._waiter.done():
+            return
+        if self._status and not self._length_known:  # the body ran until the close
+            self._complete(keep_alive=False)
+            return
+        what = "closed the connection" if exc is None else f"connection lost ({exc})"
+        self._fail(OriginError(f"the provider {what} before answering in full"))
+
+    # --- httptools callbacks ----------------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        lowered = name.lower()
+        if lowered == b"content-length" or (
+            lowered == b"transfer-encoding" and b"chunked" in value.lower()
+        ):
+            self._length_known = True
+
+    def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+        self._head_at = self.loop.time()
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        self._length_known = True
+        self._complete(keep_alive=self._parser.should_keep_alive())
+
+    # --- one request --------------------------------------------------------------------------------
+    def request(self, data: bytes) -> asyncio.Future[Response]:
+        assert self.transport is not None and self._waiter is None
+        self._reset()
+        self._waiter = waiter = self.loop.create_future()
+        self._sent_at = self._last_read = self.loop.time()
+        self._timer = self.loop.call_at(self._sent_at + self.read_timeout, self._check_timeout)
+        self.transport.write(data)
+        return waiter
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        if self._waiter is None or self._waiter.done():
+            return
+        due = self._last_read + self.read_timeout
+        if self.loop.time() >= due:
+            self._fail(OriginTimeout(f"no answer from the provider in {self.read_timeout:g} s"))
+        else:
+            self._timer = self.loop.call_at(due, self._check_timeout)
+
+    def _complete(self, keep_alive: bool) -> None:
+        waiter, self._waiter = self._waiter, None
+        self._stop_timer()
+        if not keep_alive:
+            self.close()
+        if waiter is not None and not waiter.done():
+            body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+            ttfb = (self._head_at or self.loop.time()) - self._sent_at
+            waiter.set_result(Response(self._status, self._headers, body, ttfb))
+
+    def _fail(self, exc: OriginError) -> None:
+        waiter, self._waiter = self._waiter, None
+        self._stop_timer()
+        self.close()
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    @property
+    def busy(self) -> bool:
+        return self._waiter is not None
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Origin:
+    """A pool of keep-alive connections to one provider base URL (``https://host/v1``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: dict[str, str],
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        keepalive_s: float = 60.0,
+        ssl_context: ssl_module.SSLContext | None = None,
+    ) -> None:
+        parts = urlsplit(base_url.rstrip("/"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.ssl: ssl_module.SSLContext | None = None
+        if parts.scheme == "https":
+            self.ssl = ssl_context or ssl_module.create_default_context()
+        default_port = self.port == (443 if self.ssl else 80)
+        authority = self.host if default_port else f"{self.host}:{self.port}"
+        if ":" in self.host and not default_port:  # an IPv6 literal
+            authority = f"[{self.host}]:{self.port}"
+        self.prefix = parts.path
+        lines = [f"Host: {authority}", "Accept-Encoding: identity"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        self._common = ("\r\n".join(lines) + "\r\n").encode("latin-1")
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.keepalive_s = keepalive_s
+        self._idle: deque[_Connection] = deque()
+        self._busy: set[_Connection] = set()
+        self._heads: dict[str, bytes] = {}
+
+    def head(self, path: str) -> bytes:
+        """The request line and fixed headers of a ``POST`` to ``path``, built once."""
+        head = self._heads.get(path)
+        if head is None:
+            head = f"POST {self.prefix}{path} HTTP/1.1\r\n".encode("latin-1") + self._common
+            self._heads[path] = head
+        return head
+
+    def encode(self, path: str, body: bytes) -> bytes:
+        """The whole request on the wire (built ahead, e.g. while the hold is in flight)."""
+        return b"%sContent-Length: %d\r\n\r\n%s" % (self.head(path), len(body), body)
+
+    async def post(self, data: bytes) -> Response:
+        """Send a request made by :meth:`encode`; the whole answer, whatever its status."""
+        conn = await self._acquire()
+        try:
+            response = await conn.request(data)
+        except asyncio.CancelledError:
+            conn.close()  # the answer will never be read: the connection is out of step
+            raise
+        finally:
+            self._busy.discard(conn)
+            self._release(conn)
+        return response
+
+    async def _acquire(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and now - conn.idle_since < self.keepalive_s:
+                conn.reused = True
+                self._busy.add(conn)
+                return conn
+            conn.close()
+        read_timeout = self.read_timeout
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop, read_timeout),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.host if self.ssl else None,
+                )
+        except TimeoutError as exc:
+            raise OriginTimeout(f"no connection to {self.host}:{self.port} in time") from exc
+        except OSError as exc:  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
+            raise OriginError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        self._busy.add(conn)
+        return conn
+
+    def _release(self, conn: _Connection) -> None:
+        if conn.closed or conn.busy:
+            conn.close()
+            return
+        conn.idle_since = asyncio.get_running_loop().time()
+        self._idle.append(conn)
+        self._prune(conn.idle_since)
+
+    def _prune(self, now: float) -> None:
+        """Close the connections idle for too long (the oldest are at the left)."""
+        while self._idle and (
+            self._idle[0].closed or now - self._idle[0].idle_since >= self.keepalive_s
+        ):
+            self._idle.popleft().close()
+
+    def close(self) -> None:
+        for conn in (*self._idle, *self._busy):
+            conn.close()
+        self._idle.clear()
+        self._busy.clear()

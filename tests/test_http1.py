@@ -1,0 +1,301 @@
+"""The lean HTTP/1.1 client (``gateway.http1``) against real sockets: a scripted server that
+records what it received and answers as each test tells it (keep-alive, chunked, close-delimited,
+silent, trickling, malformed, TLS)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+import trustme
+
+from gateway.http1 import Origin, OriginError, OriginTimeout
+
+Answer = Callable[[asyncio.StreamWriter], Awaitable[None]]
+
+OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
+
+
+def fixed(raw: bytes) -> Answer:
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(raw)
+
+    return answer
+
+
+@dataclass
+class Scripted:
+    """A server answering each request with the next scripted answer (``OK`` when none)."""
+
+    answers: list[Answer] = field(default_factory=list)
+    requests: list[tuple[bytes, bytes]] = field(default_factory=list)  # (head, body)
+    connections: int = 0
+    port: int = 0
+    server: asyncio.Server | None = None
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.lower() == b"content-length":
+                        length = int(value)
+                body = await reader.readexactly(length)
+                self.requests.append((head, body))
+                answer = self.answers.pop(0) if self.answers else fixed(OK)
+                await answer(writer)
+                await writer.drain()
+                if writer.is_closing():
+                    return
+
+    def url(self, scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}/v1"
+
+    def close_all(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Scripted]:
+    scripted = Scripted()
+    scripted.server = await asyncio.start_server(scripted.handle, "127.0.0.1", 0)
+    scripted.port = scripted.server.sockets[0].getsockname()[1]
+    yield scripted
+    scripted.close_all()
+    scripted.server.close()
+
+
+def origin(url: str, **kw: float) -> Origin:
+    return Origin(
+        url,
+        {"Authorization": "Bearer up-key", "Content-Type": "application/json"},
+        connect_timeout=kw.get("connect_timeout", 5.0),
+        read_timeout=kw.get("read_timeout", 5.0),
+        keepalive_s=kw.get("keepalive_s", 60.0),
+    )
+
+
+async def test_the_request_on_the_wire_and_a_reused_connection(server: Scripted) -> None:
+    client = origin(server.url())
+    try:
+        first = await client.post(client.encode("/chat/completions", b'{"a":1}'))
+        second = await client.post(client.encode("/embeddings", b"{}"))
+    finally:
+        client.close()
+    assert (first.status, first.body, second.body) == (200, b'{"ok":true}', b'{"ok":true}')
+    assert (b"content-type", b"application/json") in [(k.lower(), v) for k, v in first.headers]
+    assert server.connections == 1
+    head, body = server.requests[0]
+    assert body == b'{"a":1}'
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /v1/chat/completions HTTP/1.1"
+    assert f"Host: 127.0.0.1:{server.port}" in lines
+    assert "Authorization: Bearer up-key" in lines
+    assert "Content-Length: 7" in lines
+    assert "Accept-Encoding: identity" in lines
+    assert server.requests[1][0].startswith(b"POST /v1/embeddings HTTP/1.1\r\n")
+
+
+async def test_a_chunked_answer_is_joined(server: Scripted) -> None:
+    server.answers.append(
+        fixed(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        )
+    )
+    client = origin(server.url())
+    try:
+        response = await client.post(client.encode("/x", b""))
+        again = await client.post(client.encode("/x", b""))
+    finally:
+        client.close()
+    assert (response.status, response.body, again.body) == (200, b"hello world", b'{"ok":true}')
+    assert server.connections == 1
+
+
+async def test_an_answer_that_runs_until_close_and_connection_close(server: Scripted) -> None:
+    async def until_close(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n\r\npart one, ")
+        await writer.drain()
+        writer.write(b"part two")
+        writer.close()
+
+    server.answers += [
+        until_close,
+        fixed(OK.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")),
+    ]
+    client = origin(server.url())
+    try:
+        broken = await client.post(client.encode("/x", b""))
+        closing = await client.post(client.encode("/x", b""))
+        third = await client.post(client.encode("/x", b""))
+    finally:
+        client.close()
+    assert (broken.status, broken.body) == (500, b"part one, part two")
+    assert (closing.status, third.status) == (200, 200)
+    assert server.connections == 3  # neither closing connection was used again
+
+
+async def test_a_silent_provider_times_out_but_a_slow_trickle_does_not(server: Scripted) -> None:
+    async def silent(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+
+    async def trickle(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+        for byte in b"slow":
+            await asyncio.sleep(0.15)
+            writer.write(bytes([byte]))
+            await writer.drain()
+
+    server.answers += [trickle, silent]
+    client = origin(server.url(), read_timeout=0.4)
+    loop = asyncio.get_running_loop()
+    try:
+        slow = await client.post(client.encode("/x", b""))
+        started = loop.time()
+        with pytest.raises(OriginTimeout):
+            await client.post(client.encode("/x", b""))
+        waited = loop.time() - started
+        after = await client.post(client.encode("/x", b""))
+    finally:
+        client.close()
+    assert slow.body == b"slow"  # 0.6 s in all, never 0.4 s without a byte
+    assert 0.4 <= waited < 3
+    assert after.status == 200
+    assert server.connections == 2  # the timed-out connection was dropped
+
+
+async def test_garbage_and_a_hang_up_are_origin_errors(server: Scripted) -> None:
+    async def hang_up(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+        writer.close()
+
+    server.answers += [fixed(b"SMTP ready\r\n\r\n"), hang_up]
+    client = origin(server.url())
+    try:
+        with pytest.raises(OriginError, match="malformed"):
+            await client.post(client.encode("/x", b""))
+        with pytest.raises(OriginError, match="before answering in full"):
+            await client.post(client.encode("/x", b""))
+        assert (await client.post(client.encode("/x", b""))).status == 200
+    finally:
+        client.close()
+    assert server.connections == 3
+
+
+async def test_nothing_listening_is_an_origin_error() -> None:
+    client = origin("http://127.0.0.1:9/v1")  # the discard port
+    with pytest.raises(OriginError, match="cannot connect"):
+        await client.post(client.encode("/x", b""))
+
+
+async def test_an_idle_connection_the_provider_closed_is_not_used(server: Scripted) -> None:
+    client = origin(server.url())
+    try:
+        await client.post(client.encode("/x", b""))
+        server.close_all()  # the provider ends its idle keep-alive connection
+        conn = client._idle[0]
+        deadline = asyncio.get_running_loop().time() + 5
+        while not conn.closed and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert conn.closed
+        assert (await client.post(client.encode("/x", b""))).status == 200
+    finally:
+        client.close()
+    assert server.connections == 2
+
+
+async def test_connections_idle_past_keepalive_are_dropped(server: Scripted) -> None:
+    client = origin(server.url(), keepalive_s=0.05)
+    try:
+        await client.post(client.encode("/x", b""))
+        await asyncio.sleep(0.1)
+        await client.post(client.encode("/x", b""))
+    finally:
+        client.close()
+    assert server.connections == 2
+
+
+async def test_concurrent_requests_get_a_connection_each(server: Scripted) -> None:
+    async def slow(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.1)
+        writer.write(OK)
+
+    server.answers += [slow, slow, slow]
+    client = origin(server.url())
+    try:
+        answers = await asyncio.gather(*(client.post(client.encode("/x", b"")) for _ in range(3)))
+        assert [a.status for a in answers] == [200, 200, 200]
+        assert len(client._idle) == 3
+        await client.post(client.encode("/x", b""))
+    finally:
+        client.close()
+    assert server.connections == 3
+
+
+async def test_a_cancelled_request_drops_its_connection(server: Scripted) -> None:
+    async def silent(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+
+    server.answers.append(silent)
+    client = origin(server.url())
+    try:
+        task = asyncio.ensure_future(client.post(client.encode("/x", b"")))
+        deadline = asyncio.get_running_loop().time() + 5
+        while not server.requests and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not client._idle and not client._busy
+        assert (await client.post(client.encode("/x", b""))).status == 200
+    finally:
+        client.close()
+    assert server.connections == 2
+
+
+async def test_https_with_a_verified_certificate(tmp_path: object) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    scripted = Scripted()
+    srv = await asyncio.start_server(scripted.handle, "127.0.0.1", 0, ssl=server_ctx)
+    scripted.port = srv.sockets[0].getsockname()[1]
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    good = Origin(
+        scripted.url("https"), {}, connect_timeout=5, read_timeout=5, ssl_context=trusting
+    )
+    untrusting = Origin(scripted.url("https"), {}, connect_timeout=5, read_timeout=5)
+    try:
+        response = await good.post(good.encode("/x", b"{}"))
+        assert (response.status, response.body) == (200, b'{"ok":true}')
+        with pytest.raises(OriginError, match="cannot connect"):
+            await untrusting.post(untrusting.encode("/x", b"{}"))
+    finally:
+        good.close()
+        untrusting.close()
+        scripted.close_all()
+        srv.close()
+    assert scripted.requests[0][0].startswith(b"POST /v1/x HTTP/1.1\r\n")
+
+
+def test_only_http_urls() -> None:
+    with pytest.raises(ValueError):
+        origin("ftp://example.com/v1")
+    assert (
+        origin("https://api.openai.com/v1")
+        .head("/x")
+        .startswith(b"POST /v1/x HTTP/1.1\r\nHost: api.openai.com\r\n")
+    )
