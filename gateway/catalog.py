@@ -29,10 +29,10 @@ async def _allowed(request: web.Request) -> tuple[KeyInfo, list[str]]:
         pipe.hget(ak.state, "loaded")
         pipe.hexists(ak.keys, key.key_id)
         pipe.smembers(ak.blocked(key.blocked_scope))
-        loaded, active, blocked = await guarded(pipe.execute)
+        loaded, active, blocked = await guarded(pipe.execute())
         if loaded == "1":
             break
-        await guarded(lambda: app[S.ACCOUNTS].load(key.account, app[S.CLOCK].now()))
+        await guarded(app[S.ACCOUNTS].load(key.account, app[S.CLOCK].now()))
     if not active:
         app[S.KEYS].forget(key.key_id)
         raise AuthenticationFailed("Incorrect API key provided.")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from redis import exceptions as redis_errors
 
@@ -25,6 +25,8 @@ from gateway.scripts import Scripts
 from policies import keys as rk
 
 T = TypeVar("T")
+
+KEY_CACHE_MAX = 100_000
 
 _REDIS_DOWN = (
     redis_errors.ConnectionError,
@@ -51,9 +53,10 @@ class SettleResult:
     alerted: bool = False
 
 
-async def guarded(call: Callable[[], Awaitable[T]]) -> T:
+async def guarded(pending: Awaitable[T]) -> T:
+    """Await a Redis call, translating an unreachable or unready Redis to a 503."""
     try:
-        return await call()
+        return await pending
     except _REDIS_DOWN as exc:
         raise StoreUnavailable("the gateway's store is unreachable; request not forwarded") from exc
     except ScriptError as exc:
@@ -68,6 +71,7 @@ class Metering:
         self.accounts = accounts
         self.hold_ttl_s = hold_ttl_s
         self.on_alert: Callable[[str], None] | None = None
+        self._keys: dict[tuple[str, str, str], list[str]] = {}  # hold keys, built once
 
     def _alerted(self, account: str) -> None:
         if self.on_alert is not None:
@@ -85,12 +89,11 @@ class Metering:
         model: str,
         worst_list_cost: int,
         blocked_scope: str = "",
+        meanwhile: Callable[[], object] | None = None,
     ) -> HoldResult:
-        ak = rk.AccountKeys(account)
-        keys = [
-            ak.state, ak.period(period), ak.cfg, ak.keys, ak.blocked(blocked_scope),
-            ak.hold_expiry, ak.hold_values, ak.alerts,
-        ]  # fmt: skip
+        """Place the hold (``hold.lua``). ``meanwhile`` runs once the script is on its way, while
+        Redis works (the caller prepares its upstream request there)."""
+        keys = self._hold_keys(account, period, blocked_scope)
         args: list[str | int] = [
             int(now),
             request_id,
@@ -102,20 +105,46 @@ class Metering:
             rk.PERIOD_TTL_S,
         ]
         for _ in range(3):
-            raw: Any = await guarded(lambda: self.scripts.hold(keys=keys, args=args))
+            sent = self._send(self.scripts.hold, keys, args)
+            if meanwhile is not None:
+                meanwhile()
+                meanwhile = None
+            raw: Any = await guarded(sent)
             status = raw[0]
             if status != "not_loaded":
                 if raw[4] == 1:
                     self._alerted(account)
                 return HoldResult(status, int(raw[1]), int(raw[2]), raw[3] == 1, raw[4] == 1)
-            await guarded(lambda: self.accounts.load(account, now))
+            await guarded(self.accounts.load(account, now))
         raise StoreUnavailable("the billing account could not be loaded")
+
+    @staticmethod
+    def _send(script: Any, keys: list[str], args: list[str | int]) -> Awaitable[Any]:
+        """The script call, already written to Redis when the lean connection is open."""
+        if isinstance(script, FastScript):
+            sent = script.send_now(keys, args)
+            if sent is not None:
+                return sent
+        return cast(Awaitable[Any], script(keys=keys, args=args))
+
+    def _hold_keys(self, account: str, period: str, blocked_scope: str) -> list[str]:
+        cached = self._keys.get((account, period, blocked_scope))
+        if cached is None:
+            if len(self._keys) >= KEY_CACHE_MAX:
+                self._keys.clear()
+            ak = rk.AccountKeys(account)
+            cached = [
+                ak.state, ak.period(period), ak.cfg, ak.keys, ak.blocked(blocked_scope),
+                ak.hold_expiry, ak.hold_values, ak.alerts,
+            ]  # fmt: skip
+            self._keys[(account, period, blocked_scope)] = cached
+        return cached
 
     async def settle(self, **kwargs: Any) -> SettleResult:
         """Replace the request's hold by its cost and record its usage (``settle.lua``).
         Keywords: account, period, request_id, scope, key_id, model, charged, record, warned, at."""
         keys, args = self._settle_call(**kwargs)
-        raw: Any = await guarded(lambda: self.scripts.settle(keys=keys, args=args))
+        raw: Any = await guarded(self.scripts.settle(keys=keys, args=args))
         return self._settled(kwargs["account"], raw)
 
     def settle_sent(self, **kwargs: Any) -> Awaitable[SettleResult] | None:
@@ -132,7 +161,7 @@ class Metering:
         account = kwargs["account"]
 
         async def result() -> SettleResult:
-            return self._settled(account, await guarded(lambda: sent))
+            return self._settled(account, await guarded(sent))
 
         return result()
 
@@ -169,4 +198,4 @@ class Metering:
     async def release(self, *, account: str, request_id: str) -> int:
         ak = rk.AccountKeys(account)
         keys = [ak.state, ak.hold_expiry, ak.hold_values]
-        return int(await guarded(lambda: self.scripts.release(keys=keys, args=[request_id])))
+        return int(await guarded(self.scripts.release(keys=keys, args=[request_id])))

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -91,6 +92,8 @@ class Call:
     prompt_tokens: int
     encoding: str
     tags: str
+    stream: bool = False
+    wire: bytes = b""  # the plain upstream request, built while the hold is in Redis
     hold: HoldResult | None = None
     upstream_s: float = 0.0
 
@@ -198,7 +201,16 @@ async def begin(request: web.Request, endpoint: Endpoint) -> Call:
         prompt_tokens,
         encoding,
         tags,
+        stream=body.get("stream") is True and endpoint.kind != "embedding",
     )
+
+
+def prepare_upstream(call: Call) -> None:
+    """Build a plain call's upstream request (run while the hold is in flight)."""
+    if not call.stream:
+        call.wire = call.request.app[S.UPSTREAMS].encode(
+            call.model.upstream, call.endpoint.upstream_path, upstream_body(call, False)
+        )
 
 
 async def place_hold(call: Call) -> HoldResult:
@@ -213,7 +225,7 @@ async def place_hold(call: Call) -> HoldResult:
         result = await app[S.METERING].hold(
             account=call.key.account, period=call.period, now=call.now, request_id=call.request_id,
             key_id=call.key.key_id, scope=call.key.scope, model=call.model.name, worst_list_cost=worst,
-            blocked_scope=call.key.blocked_scope,
+            blocked_scope=call.key.blocked_scope, meanwhile=None if attempt else partial(prepare_upstream, call),
         )  # fmt: skip
         if result.status != "invalid_api_key" or attempt:
             break
@@ -333,18 +345,14 @@ def upstream_error(status: int, raw: bytes) -> UpstreamFailed:
 
 
 async def forward(call: Call) -> web.StreamResponse:
-    app = call.request.app
-    stream = bool(call.body.get("stream")) and call.endpoint.kind != "embedding"
-    if stream:
+    if call.stream:
         return await forward_stream(call)
-    upstreams = app[S.UPSTREAMS]
-    upstream = call.model.upstream
-    wire = upstreams.encode(upstream, call.endpoint.upstream_path, upstream_body(call, False))
+    app = call.request.app
     started = time.perf_counter()
-    response = await upstreams.call(upstream, wire)
+    response = await app[S.UPSTREAMS].call(call.model.upstream, call.wire)
     call.upstream_s = time.perf_counter() - started
-    app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(response.ttfb_s)
     if response.status >= 400:
+        app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(response.ttfb_s)
         raise upstream_error(response.status, response.body)
     raw = response.body
     tokens = usage_numbers(_usage_of(raw))
@@ -355,23 +363,19 @@ async def forward(call: Call) -> web.StreamResponse:
     headers = base_headers(call)
     headers["x-modelbridge-cost-usd"] = format_usd(charge.charged)
     answer = web.Response(body=raw, status=200, content_type="application/json", headers=headers)
-    metering = app[S.METERING]
-    kwargs = settle_args(call, tokens, source, 200, charge)
-    # The settle is on its way to Redis before the answer goes out, so any later request of this
-    # client is held against the settled spend; the client does not wait for its reply.
-    pending = metering.settle_sent(**kwargs)
-    if pending is None:
-        await metering.settle(**kwargs)
     with contextlib.suppress(ConnectionError, RuntimeError):  # a client gone is billed anyway
         await answer.prepare(call.request)
         await answer.write_eof()
-    if pending is not None:
-        try:
-            await pending
-        except GatewayError as exc:  # too late for an error response: the hold expires
-            log.error("request %s answered but not settled: %s", call.request_id, exc.message)
-            call.hold = None
-            return answer
+    # Writing a small answer does not yield to the event loop, and neither does sending the
+    # settle on the open script connection: Redis has it before this process reads anything
+    # else, such as this client's next request.
+    try:
+        await app[S.METERING].settle(**settle_args(call, tokens, source, 200, charge))
+    except GatewayError as exc:  # too late for an error response: the hold expires
+        log.error("request %s answered but not settled: %s", call.request_id, exc.message)
+        call.hold = None
+        return answer
+    app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(response.ttfb_s)
     count(call, tokens, charge)
     return answer
 

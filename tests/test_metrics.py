@@ -9,7 +9,7 @@ import aiohttp
 from gateway.config import MetricsConfig
 from tests.conftest import ADMIN_TOKEN, Gateway, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api
+from tests.helpers import Api, eventually
 from tests.test_processes import metric
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi there"}]}
@@ -39,12 +39,20 @@ async def test_contract_metrics_move(
         gateway.v1 + "/chat/completions", json={**BODY, "model": "x" * 50}, headers=headers
     ) as resp:
         assert resp.status == 404
-    after = await scrape(http, gateway.base)
+    route = "/v1/chat/completions"
+
+    def durations(text: str) -> float:
+        labels = {"endpoint": route, "model": "gpt-4o-mini"}
+        return metric(text, "modelbridge_request_duration_seconds_count", **labels)
+
+    # a request is counted once its settle is confirmed, which can be just after its answer
+    after = await eventually(
+        lambda: scrape(http, gateway.base), lambda text: durations(text) - durations(before) == 2
+    )
 
     def delta(name: str, **labels: str) -> float:
         return metric(after, name, **labels) - metric(before, name, **labels)
 
-    route = "/v1/chat/completions"
     assert (
         delta("modelbridge_requests_total", endpoint=route, model="gpt-4o-mini", status="200") == 1
     )
