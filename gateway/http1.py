@@ -228,15 +228,14 @@ class Origin:
         return response
 
     async def _acquire(self) -> _Connection:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed and now - conn.idle_since < self.keepalive_s:
+            if not conn.closed and conn.loop.time() - conn.idle_since < self.keepalive_s:
                 conn.reused = True
                 self._busy.add(conn)
                 return conn
             conn.close()
+        loop = asyncio.get_running_loop()
         read_timeout = self.read_timeout
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -258,7 +257,7 @@ class Origin:
         if conn.closed or conn.busy:
             conn.close()
             return
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = conn.loop.time()
         self._idle.append(conn)
         self._prune(conn.idle_since)
 

@@ -3,7 +3,7 @@
 redis-py's asyncio client spends more CPU per command than the rest of the request path together
 (connection pool, locks, observability hooks, per-call timeouts). The hold and settle scripts need
 none of that: this client keeps one connection open, writes each ``EVALSHA`` at once (packed by
-hiredis; later commands of the same loop iteration in one write), and matches replies to callers
+hiredis; under load, the commands of one loop iteration in one write), and matches replies to callers
 in order, so any number of requests share the connection with no pool, no lock and no timer per
 call. One connection also orders every script a process sends: a settle written before a client
 is answered runs before that client's next hold. Everything else (management writes, the usage
@@ -57,8 +57,8 @@ class Endpoint:
 
 
 class _Protocol(asyncio.Protocol):
-    """One connection. A command is written at once when it is the first of a loop iteration;
-    the ones that follow in the same iteration go out together at its end (one write). One timer
+    """One connection. A command is written at once when no other is in flight; while some are,
+    the commands of one loop iteration go out together at its end (one write). One timer
     per connection watches the oldest unanswered command: past ``timeout_s`` the connection is
     dropped and every waiting call fails with :class:`TimeoutError`."""
 
@@ -106,16 +106,19 @@ class _Protocol(asyncio.Protocol):
         if self.closed:
             waiter.set_exception(ConnectionError("Redis connection closed"))
             return waiter
+        idle = not self.waiters
         self.waiters.append(waiter)
         self.sent_at.append(loop.time())
         if self._watch is None:
             self._watch = loop.call_later(self.timeout_s, self._check)
         if self._burst:
             self.pending.append(packed)
-        else:
-            self._burst = True
-            loop.call_soon(self._end_burst)
+        elif idle:  # nothing in flight: no burst to expect, no reason to wait
             self._write(packed)
+        else:  # busy: more commands likely follow in this loop iteration; send them together
+            self._burst = True
+            self.pending.append(packed)
+            loop.call_soon(self._end_burst)
         return waiter
 
     def _end_burst(self) -> None:
