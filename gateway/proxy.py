@@ -362,7 +362,8 @@ async def forward(call: Call) -> web.StreamResponse:
     charge = price(call, tokens)
     headers = base_headers(call)
     headers["x-modelbridge-cost-usd"] = format_usd(charge.charged)
-    answer = web.Response(body=raw, status=200, content_type="application/json", headers=headers)
+    headers["Content-Type"] = "application/json"
+    answer = web.Response(body=raw, status=200, headers=headers)
     with contextlib.suppress(ConnectionError, RuntimeError):  # a client gone is billed anyway
         await answer.prepare(call.request)
         await answer.write_eof()
