@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from redis.asyncio import Redis
 
-from gateway import billing, catalog, csrf, dashboard, health, proxy
+from gateway import billing, catalog, csrf, dashboard, front, health, proxy
 from gateway import state as S
 from gateway.accounts import Accounts
 from gateway.api import routes as api_routes
@@ -25,6 +25,7 @@ from gateway.auth import KeyCache
 from gateway.config import Config
 from gateway.db import create_pool, migrate
 from gateway.errors import GatewayError, NotFound, PayloadTooLarge
+from gateway.fronts import Fronts
 from gateway.metering import Metering
 from gateway.metrics import Metrics
 from gateway.scriptclient import Endpoint, ScriptClient
@@ -133,6 +134,8 @@ def build_app(
     app[S.CLOCK] = clock or S.Clock()
     app[S.REQUEST_IDS] = S.RequestIds()
     app[S.METRICS] = Metrics(team_labels=config.metrics.team_labels)
+    app[S.FRONTS] = Fronts()
+    app.on_shutdown.append(front.on_shutdown)
     app.cleanup_ctx.extend([_stores, _metering, _upstreams])
     if usage_writer:
         app.cleanup_ctx.append(_usage_writer)

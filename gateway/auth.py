@@ -89,6 +89,10 @@ class KeyCache:
         self._unknown: dict[bytes, float] = {}
         self._listener: asyncio.Task[None] | None = None
 
+    def cached(self, secret: str) -> KeyInfo | None:
+        """The key's entry when this process has it (no I/O); None means: ask :meth:`lookup`."""
+        return self._by_hash.get(hash_secret(secret))
+
     async def lookup(self, secret: str | None) -> KeyInfo:
         if not secret:
             raise AuthenticationFailed("Incorrect API key provided.")

@@ -82,11 +82,12 @@ def admin_token(embedded: bool, directory: Path) -> tuple[str, bool]:
 
 async def serve_app(config: Config, runtime: Runtime, *, reuse_port: bool) -> None:
     from gateway.app import build_app  # after the metrics directory is set
+    from gateway.front import FrontSite
 
     app = build_app(config, runtime, usage_writer=False)  # the writer runs as its own process
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_timeout_s)
     await runner.setup()
-    site = web.TCPSite(
+    site = FrontSite(
         runner, config.server.host, config.server.port, reuse_port=reuse_port, backlog=2048
     )
     await site.start()

@@ -94,29 +94,52 @@ class Metering:
         """Place the hold (``hold.lua``). ``meanwhile`` runs once the script is on its way, while
         Redis works (the caller prepares its upstream request there)."""
         keys = self._hold_keys(account, period, blocked_scope)
-        args: list[str | int] = [
-            int(now),
-            request_id,
-            key_id,
-            scope,
-            model,
-            worst_list_cost,
-            self.hold_ttl_s,
-            rk.PERIOD_TTL_S,
-        ]
+        args = self._hold_args(now, request_id, key_id, scope, model, worst_list_cost)
         for _ in range(3):
             sent = self._send(self.scripts.hold, keys, args)
             if meanwhile is not None:
                 meanwhile()
                 meanwhile = None
-            raw: Any = await guarded(sent)
-            status = raw[0]
-            if status != "not_loaded":
-                if raw[4] == 1:
-                    self._alerted(account)
-                return HoldResult(status, int(raw[1]), int(raw[2]), raw[3] == 1, raw[4] == 1)
+            result = self.hold_result(account, await guarded(sent))
+            if result.status != "not_loaded":
+                return result
             await guarded(self.accounts.load(account, now))
         raise StoreUnavailable("the billing account could not be loaded")
+
+    def hold_now(
+        self,
+        *,
+        account: str,
+        period: str,
+        now: float,
+        request_id: str,
+        key_id: str,
+        scope: str,
+        model: str,
+        worst_list_cost: int,
+        blocked_scope: str = "",
+    ) -> Awaitable[Any] | None:
+        """Write ``hold.lua`` to Redis now, without awaiting (``gateway.front``); None when the
+        lean script connection is not open. Await the reply with :func:`guarded`, read it with
+        :meth:`hold_result` (``not_loaded`` included: then :meth:`hold` loads the account)."""
+        script = self.scripts.hold
+        if not isinstance(script, FastScript):
+            return None
+        keys = self._hold_keys(account, period, blocked_scope)
+        args = self._hold_args(now, request_id, key_id, scope, model, worst_list_cost)
+        return script.send_now(keys, args)
+
+    def _hold_args(
+        self, now: float, request_id: str, key_id: str, scope: str, model: str, worst: int
+    ) -> list[str | int]:
+        return [
+            int(now), request_id, key_id, scope, model, worst, self.hold_ttl_s, rk.PERIOD_TTL_S,
+        ]  # fmt: skip
+
+    def hold_result(self, account: str, raw: Any) -> HoldResult:
+        if raw[4] == 1:
+            self._alerted(account)
+        return HoldResult(raw[0], int(raw[1]), int(raw[2]), raw[3] == 1, raw[4] == 1)
 
     @staticmethod
     def _send(script: Any, keys: list[str], args: list[str | int]) -> Awaitable[Any]:

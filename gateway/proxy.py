@@ -80,8 +80,9 @@ EMBEDDING = Endpoint("/v1/embeddings", "/embeddings", "embedding")
 class Call:
     """One proxied request on its way through the gateway."""
 
-    request: web.Request
+    app: web.Application
     endpoint: Endpoint
+    secret: str
     key: KeyInfo
     model: ModelConfig
     body: dict[str, Any]
@@ -96,6 +97,19 @@ class Call:
     wire: bytes = b""  # the plain upstream request, built while the hold is in Redis
     hold: HoldResult | None = None
     upstream_s: float = 0.0
+    request: web.Request | None = None  # on aiohttp's path (not on gateway.front's)
+
+
+@dataclass(frozen=True, slots=True)
+class Plain:
+    """A provider's whole answer, priced: what the client gets and what settles."""
+
+    body: bytes
+    headers: dict[str, str]
+    tokens: tuple[int, int, int]
+    source: str
+    charge: pricing.Charge
+    ttfb_s: float
 
 
 # --- parsing and validation -------------------------------------------------------------------
@@ -106,13 +120,17 @@ async def read_json(request: web.Request, max_bytes: int) -> tuple[bytes, dict[s
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLarge(f"request body larger than {max_bytes} bytes") from exc
+    return raw, decode_json(raw)
+
+
+def decode_json(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest("The request body is not valid JSON.") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    return raw, body
+    return body
 
 
 def _check_int(body: dict[str, Any], name: str, minimum: int) -> None:
@@ -175,9 +193,26 @@ def count_prompt(
 # --- the request path ---------------------------------------------------------------------------
 async def begin(request: web.Request, endpoint: Endpoint) -> Call:
     app = request.app
+    secret = bearer(request)
+    key = await app[S.KEYS].lookup(secret)
+    raw, body = await read_json(request, app[S.CONFIG].server.max_body_bytes)
+    assert secret is not None  # lookup refuses a missing key
+    call = parse(app, endpoint, secret, key, raw, body, request.headers.get(TAGS_HEADER))
+    call.request = request
+    return call
+
+
+def parse(
+    app: web.Application,
+    endpoint: Endpoint,
+    secret: str,
+    key: KeyInfo,
+    raw: bytes,
+    body: dict[str, Any],
+    tags_header: str | None,
+) -> Call:
+    """Check a request's body and size what it asks for (no I/O)."""
     config = app[S.CONFIG]
-    key = await app[S.KEYS].lookup(bearer(request))
-    raw, body = await read_json(request, config.server.max_body_bytes)
     name = body.get("model")
     if not isinstance(name, str) or not name:
         raise InvalidRequest("you must provide a model parameter", param="model")
@@ -185,42 +220,38 @@ async def begin(request: web.Request, endpoint: Endpoint) -> Call:
     if model is None:
         raise NotFound(f"The model '{name}' does not exist.", code="model_not_found", param="model")
     validate(endpoint, body)
-    tags = parse_tags(request.headers.get(TAGS_HEADER))
+    tags = parse_tags(tags_header)
     prompt_tokens, encoding = count_prompt(app, endpoint, model, body)
     now = app[S.CLOCK].now()
     return Call(
-        request,
-        endpoint,
-        key,
-        model,
-        body,
-        raw,
-        app[S.REQUEST_IDS].new(),
-        now,
-        period_of(now),
-        prompt_tokens,
-        encoding,
-        tags,
+        app=app, endpoint=endpoint, secret=secret, key=key, model=model, body=body, raw=raw,
+        request_id=app[S.REQUEST_IDS].new(), now=now, period=period_of(now),
+        prompt_tokens=prompt_tokens, encoding=encoding, tags=tags,
         stream=body.get("stream") is True and endpoint.kind != "embedding",
-    )
+    )  # fmt: skip
 
 
 def prepare_upstream(call: Call) -> None:
     """Build a plain call's upstream request (run while the hold is in flight)."""
     if not call.stream:
-        call.wire = call.request.app[S.UPSTREAMS].encode(
+        call.wire = call.app[S.UPSTREAMS].encode(
             call.model.upstream, call.endpoint.upstream_path, upstream_body(call, False)
         )
 
 
-async def place_hold(call: Call) -> HoldResult:
-    app = call.request.app
+def worst_cost(call: Call) -> int:
+    """The request's list cost if it used its whole output cap: what the hold covers."""
     out_cap = (
         0
         if call.endpoint.kind == "embedding"
         else pricing.requested_output_cap(call.body, call.model.max_output_tokens)
     )
-    worst = pricing.worst_case_list_cost(call.model.prices, call.prompt_tokens, out_cap)
+    return pricing.worst_case_list_cost(call.model.prices, call.prompt_tokens, out_cap)
+
+
+async def place_hold(call: Call) -> HoldResult:
+    app = call.app
+    worst = worst_cost(call)
     for attempt in range(2):
         result = await app[S.METERING].hold(
             account=call.key.account, period=call.period, now=call.now, request_id=call.request_id,
@@ -231,7 +262,7 @@ async def place_hold(call: Call) -> HoldResult:
             break
         # The cached key may bill another account by now (billing mode): look it up afresh.
         app[S.KEYS].forget(call.key.key_id)
-        fresh = await app[S.KEYS].lookup(bearer(call.request))
+        fresh = await app[S.KEYS].lookup(call.secret)
         if fresh == call.key:
             break
         call.key = fresh
@@ -306,7 +337,7 @@ def settle_args(
 
 
 def count(call: Call, tokens: tuple[int, int, int], charge: pricing.Charge) -> None:
-    metrics = call.request.app[S.METRICS]
+    metrics = call.app[S.METRICS]
     team = metrics.team_label(call.key.team_id)
     model = call.model.name
     metrics.child(metrics.tokens, model, "prompt", *team).inc(tokens[0])
@@ -318,15 +349,13 @@ async def settle(
     call: Call, tokens: tuple[int, int, int], source: str, status: int
 ) -> pricing.Charge:
     charge = price(call, tokens)
-    await call.request.app[S.METERING].settle(**settle_args(call, tokens, source, status, charge))
+    await call.app[S.METERING].settle(**settle_args(call, tokens, source, status, charge))
     count(call, tokens, charge)
     return charge
 
 
 def estimate(call: Call, text: list[str]) -> tuple[int, int, int]:
-    completion = (
-        call.request.app[S.TOKENS].count_text("".join(text), call.model.encoding) if text else 0
-    )
+    completion = call.app[S.TOKENS].count_text("".join(text), call.model.encoding) if text else 0
     return call.prompt_tokens, completion, 0
 
 
@@ -347,7 +376,19 @@ def upstream_error(status: int, raw: bytes) -> UpstreamFailed:
 async def forward(call: Call) -> web.StreamResponse:
     if call.stream:
         return await forward_stream(call)
-    app = call.request.app
+    assert call.request is not None
+    plain = await ask_upstream(call)
+    answer = web.Response(body=plain.body, status=200, headers=plain.headers)
+    with contextlib.suppress(ConnectionError, RuntimeError):  # a client gone is billed anyway
+        await answer.prepare(call.request)
+        await answer.write_eof()
+    await settle_plain(call, plain)
+    return answer
+
+
+async def ask_upstream(call: Call) -> Plain:
+    """Make a plain call (built ahead in ``call.wire``) and price its answer."""
+    app = call.app
     started = time.perf_counter()
     response = await app[S.UPSTREAMS].call(call.model.upstream, call.wire)
     call.upstream_s = time.perf_counter() - started
@@ -363,22 +404,25 @@ async def forward(call: Call) -> web.StreamResponse:
     headers = base_headers(call)
     headers["x-modelbridge-cost-usd"] = format_usd(charge.charged)
     headers["Content-Type"] = "application/json"
-    answer = web.Response(body=raw, status=200, headers=headers)
-    with contextlib.suppress(ConnectionError, RuntimeError):  # a client gone is billed anyway
-        await answer.prepare(call.request)
-        await answer.write_eof()
-    # Writing a small answer does not yield to the event loop, and neither does sending the
-    # settle on the open script connection: Redis has it before this process reads anything
-    # else, such as this client's next request.
+    return Plain(raw, headers, tokens, source, charge, response.ttfb_s)
+
+
+async def settle_plain(call: Call, plain: Plain) -> None:
+    """Settle an answered plain call. The caller has just written the answer: that does not
+    yield to the event loop for a small answer, and neither does sending the settle on the open
+    script connection, so Redis has it before this process reads anything else, such as this
+    client's next request."""
+    app = call.app
     try:
-        await app[S.METERING].settle(**settle_args(call, tokens, source, 200, charge))
+        await app[S.METERING].settle(
+            **settle_args(call, plain.tokens, plain.source, 200, plain.charge)
+        )
     except GatewayError as exc:  # too late for an error response: the hold expires
         log.error("request %s answered but not settled: %s", call.request_id, exc.message)
         call.hold = None
-        return answer
-    app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(response.ttfb_s)
-    count(call, tokens, charge)
-    return answer
+        return
+    app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(plain.ttfb_s)
+    count(call, plain.tokens, plain.charge)
 
 
 def _usage_of(raw: bytes) -> dict[str, Any] | None:
@@ -400,7 +444,7 @@ def _texts_of(raw: bytes) -> list[str]:
 
 
 async def forward_stream(call: Call) -> web.StreamResponse:
-    app = call.request.app
+    app = call.app
     req = UpstreamRequest(
         call.model.upstream, call.endpoint.upstream_path, upstream_body(call, True), True
     )
@@ -430,6 +474,7 @@ async def _relay_stream(
     client = web.StreamResponse(status=200, headers=base_headers(call))
     client.content_type = "text/event-stream"
     client.headers["Cache-Control"] = "no-cache"
+    assert call.request is not None  # streams are served by aiohttp
     await client.prepare(call.request)
     sse = SSERelay(strip_usage_chunk=not wants_usage)
     try:
@@ -448,7 +493,7 @@ async def finish_stream(call: Call, client: web.StreamResponse, outcome: StreamO
     """Bill a finished stream — the provider's usage, else tiktoken on what was streamed (the
     client left, or the provider reported none), nothing when it failed before any text — and
     end the client's stream. As for plain answers, the settle is sent before the end goes out."""
-    metering = call.request.app[S.METERING]
+    metering = call.app[S.METERING]
     tokens = None if outcome.client_gone else usage_numbers(outcome.usage)
     pending = None
     if tokens is None and outcome.upstream_failed and not outcome.text:
@@ -479,9 +524,8 @@ async def finish_stream(call: Call, client: web.StreamResponse, outcome: StreamO
 
 async def proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     app = request.app
-    metrics = app[S.METRICS]
     started = time.perf_counter()
-    metrics.inflight.inc()
+    app[S.METRICS].inflight.inc()
     model_label = "other"
     status = 500
     call: Call | None = None
@@ -492,11 +536,7 @@ async def proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         try:
             response = await forward(call)
         except BaseException:
-            if call.hold is not None:
-                with contextlib.suppress(Exception):
-                    await app[S.METERING].release(
-                        account=call.key.account, request_id=call.request_id
-                    )
+            await release_quietly(call)
             raise
         status = response.status
         return response
@@ -506,13 +546,33 @@ async def proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
             exc.headers["x-request-id"] = call.request_id
         raise
     finally:
-        metrics.inflight.dec()
-        elapsed = time.perf_counter() - started
-        team = metrics.team_label(call.key.team_id if call is not None else None)
-        metrics.child(metrics.requests, endpoint.route, model_label, str(status), *team).inc()
-        metrics.child(metrics.duration, endpoint.route, model_label).observe(elapsed)
-        upstream_s = call.upstream_s if call is not None else 0.0
-        metrics.child(metrics.overhead, endpoint.route).observe(max(0.0, elapsed - upstream_s))
+        observe(app, endpoint, model_label, status, call, started)
+
+
+async def release_quietly(call: Call) -> None:
+    """Give the hold back (the request failed or was cancelled before it settled)."""
+    if call.hold is not None:
+        with contextlib.suppress(Exception):
+            await call.app[S.METERING].release(account=call.key.account, request_id=call.request_id)
+
+
+def observe(
+    app: web.Application,
+    endpoint: Endpoint,
+    model_label: str,
+    status: int,
+    call: Call | None,
+    started: float,
+) -> None:
+    """A proxied request is over: count it (the in-flight gauge was raised as it began)."""
+    metrics = app[S.METRICS]
+    metrics.inflight.dec()
+    elapsed = time.perf_counter() - started
+    team = metrics.team_label(call.key.team_id if call is not None else None)
+    metrics.child(metrics.requests, endpoint.route, model_label, str(status), *team).inc()
+    metrics.child(metrics.duration, endpoint.route, model_label).observe(elapsed)
+    upstream_s = call.upstream_s if call is not None else 0.0
+    metrics.child(metrics.overhead, endpoint.route).observe(max(0.0, elapsed - upstream_s))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

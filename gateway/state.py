@@ -19,6 +19,7 @@ from gateway.accounts import Accounts
 from gateway.alerts import AlertWorker
 from gateway.auth import KeyCache
 from gateway.config import Config
+from gateway.fronts import Fronts
 from gateway.metering import Metering
 from gateway.metrics import Metrics
 from gateway.tokens import TokenCounter
@@ -63,6 +64,7 @@ REQUEST_ID = web.RequestKey("request_id", str)  # management requests; the proxy
 CONFIG = web.AppKey("config", Config)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 RUNTIME = web.AppKey("runtime", Runtime)
+FRONTS = web.AppKey("fronts", Fronts)
 CLOCK = web.AppKey("clock", Clock)
 DB = web.AppKey("db", asyncpg.Pool)
 REDIS = web.AppKey("redis", Redis)

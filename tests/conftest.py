@@ -151,13 +151,14 @@ async def start_gateway(
     config: Config, database_url: str, redis_url: str
 ) -> tuple[Gateway, web.AppRunner]:
     from gateway.app import build_app
+    from gateway.front import FrontSite
 
     clock = Clock()
     app = build_app(config, Runtime(database_url, redis_url, ADMIN_TOKEN), clock)
     runner = web.AppRunner(app, shutdown_timeout=2)
     await runner.setup()
     port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = FrontSite(runner, "127.0.0.1", port)
     await site.start()
     return Gateway(app, f"http://127.0.0.1:{port}", clock, config), runner
 

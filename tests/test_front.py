@@ -1,0 +1,272 @@
+"""``gateway.front``: plain proxy calls served lean on raw connections, everything else handed to
+aiohttp at a request boundary, and both answer the same."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from gateway import state as S
+from gateway.fronts import Fronts
+from tests.conftest import ADMIN_TOKEN, Gateway, gateway_config, start_gateway
+from tests.fake_upstream import FakeUpstream
+from tests.helpers import Api
+from tests.test_proxy_errors import account_state
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+class Conn:
+    """A raw HTTP/1.1 client connection: what is sent and read is exactly what is written here."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    def send(self, raw: bytes) -> None:
+        self.writer.write(raw)
+
+    async def response(self) -> tuple[int, dict[str, str], bytes]:
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        if status < 200:
+            return status, headers, b""
+        if "content-length" in headers:
+            body = await self.reader.readexactly(int(headers["content-length"]))
+        else:  # chunked (aiohttp's streams) or until close
+            body = await asyncio.wait_for(self._chunked(), 10)
+        return status, headers, body
+
+    async def _chunked(self) -> bytes:
+        out = b""
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+            chunk = await self.reader.readexactly(size + 2)
+            if size == 0:
+                return out
+            out += chunk[:-2]
+
+    async def closed(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(1), 10) == b""
+
+
+def post(secret: str, body: object, path: str = "/v1/chat/completions", **extra: str) -> bytes:
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    headers = {"Host": "gw", "Authorization": f"Bearer {secret}", **extra}
+    if "Transfer-Encoding" not in extra:
+        headers["Content-Length"] = str(len(data))
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + data
+
+
+@pytest.fixture
+async def conn(gateway: Gateway) -> AsyncIterator[Conn]:
+    port = int(gateway.base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    yield Conn(reader, writer)
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+
+
+def counts(gateway: Gateway) -> tuple[int, int]:
+    fronts: Fronts = gateway.app[S.FRONTS]
+    return fronts.served, fronts.handed_over
+
+
+async def test_plain_calls_and_their_errors_are_served_lean_on_one_connection(
+    gateway: Gateway, api: Api, conn: Conn, redis: Redis
+) -> None:
+    _, team, secret = await api.funded_team_key("1.00")
+    served, handed = counts(gateway)
+    conn.send(post(secret, CHAT))  # a key this process has not seen: looked up on the way
+    status, headers, body = await conn.response()
+    assert status == 200
+    assert headers["content-type"] == "application/json"
+    assert headers["x-modelbridge-cost-usd"] == "0.000004200"  # 4 prompt, 6 completion tokens
+    assert headers["x-request-id"].startswith("req_")
+    assert {"date", "server", "content-length"} <= set(headers)
+    assert orjson.loads(body)["usage"]["completion_tokens"] == 6
+    conn.send(post(secret, {"model": "no-such-model", "messages": []}))
+    status, headers, body = await conn.response()
+    assert (status, orjson.loads(body)["error"]["code"]) == (404, "model_not_found")
+    conn.send(post(secret, b"{not json"))
+    status, _, body = await conn.response()
+    assert (status, orjson.loads(body)["error"]["type"]) == (400, "invalid_request_error")
+    conn.send(post("mb_" + "x" * 46, CHAT))
+    status, _, body = await conn.response()
+    assert (status, orjson.loads(body)["error"]["code"]) == (401, "invalid_api_key")
+    conn.send(post(secret, {"model": "gpt-4o-mini", "input": "hi"}, "/v1/embeddings"))
+    assert (await conn.response())[0] == 200
+    assert counts(gateway) == (served + 5, handed)
+    state = await account_state(redis, team["id"])
+    assert state["holds"] == "0"
+
+
+async def test_pipelined_requests_are_answered_in_order(
+    gateway: Gateway, api: Api, conn: Conn
+) -> None:
+    _, _, secret = await api.funded_team_key()
+    served, handed = counts(gateway)
+    conn.send(post(secret, CHAT) + post(secret, {**CHAT, "max_tokens": 5}) + post(secret, CHAT))
+    ids = []
+    for _ in range(3):
+        status, headers, _ = await conn.response()
+        assert status == 200
+        ids.append(headers["x-request-id"])
+    assert len(set(ids)) == 3 and ids == sorted(ids)  # request ids grow with time
+    assert counts(gateway) == (served + 3, handed)
+
+
+async def test_a_refusal_is_the_same_envelope_as_on_aiohttps_path(
+    gateway: Gateway, api: Api, conn: Conn
+) -> None:
+    owner = await api.signup()
+    team = await api.team(owner)
+    secret = (await api.key(owner, team["id"]))["secret"]
+    conn.send(post(secret, CHAT))  # no balance
+    status, headers, body = await conn.response()
+    assert status == 429
+    assert orjson.loads(body)["error"]["code"] == "insufficient_quota"
+    assert headers["x-request-id"].startswith("req_")
+    await api.credit_team(team["id"], "1.00")
+    conn.send(post(secret, CHAT))
+    assert (await conn.response())[0] == 200
+
+
+async def test_an_upstream_failure_after_the_hold_releases_it(
+    gateway: Gateway, api: Api, conn: Conn, fake: FakeUpstream, redis: Redis
+) -> None:
+    _, team, secret = await api.funded_team_key("1.00")
+    conn.send(post(secret, CHAT))
+    assert (await conn.response())[0] == 200  # the key is cached: the next hold is sent at once
+    fake.next(status=503)
+    conn.send(post(secret, CHAT))
+    status, headers, body = await conn.response()
+    assert (status, orjson.loads(body)["error"]["code"]) == (503, "upstream_error")
+    assert headers["x-request-id"].startswith("req_")
+    assert (await account_state(redis, team["id"]))["holds"] == "0"
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n",  # another route
+        b"POST /v1/chat/completions HTTP/1.0\r\nHost: gw\r\nContent-Length: 2\r\n\r\n{}",
+    ],
+)
+async def test_other_requests_go_to_aiohttp_for_the_rest_of_the_connection(
+    gateway: Gateway, api: Api, conn: Conn, first: bytes
+) -> None:
+    _, _, secret = await api.funded_team_key()
+    served, handed = counts(gateway)
+    conn.send(first)
+    assert (await conn.response())[0] in (200, 401)
+    if b"HTTP/1.0" in first:
+        return  # HTTP/1.0 closes after its answer
+    conn.send(post(secret, CHAT))
+    assert (await conn.response())[0] == 200
+    assert counts(gateway) == (served, handed + 1)
+
+
+async def test_a_stream_after_lean_calls_is_handed_over_with_the_bytes_already_read(
+    gateway: Gateway, api: Api, conn: Conn
+) -> None:
+    _, _, secret = await api.funded_team_key()
+    conn.send(post(secret, CHAT))
+    assert (await conn.response())[0] == 200
+    served, handed = counts(gateway)
+    conn.send(post(secret, {**CHAT, "stream": True}) + post(secret, CHAT))
+    status, headers, body = await conn.response()
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert body.rstrip().endswith(b"data: [DONE]")
+    assert (await conn.response())[0] == 200  # the pipelined one, now aiohttp's
+    assert counts(gateway) == (served, handed + 1)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"Expect": "100-continue"},
+        {"Content-Length": "2", "content-length": "3"},  # ambiguous framing
+    ],
+)
+async def test_framing_front_does_not_take_is_aiohttps(
+    gateway: Gateway, api: Api, conn: Conn, extra: dict[str, str]
+) -> None:
+    _, _, secret = await api.funded_team_key()
+    served, handed = counts(gateway)
+    if "Expect" in extra:
+        conn.send(post(secret, CHAT, **extra))
+        status, _, _ = await conn.response()
+        if status == 100:
+            status, _, _ = await conn.response()
+        assert status == 200
+    else:
+        conn.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n"
+                  b"Content-Length: 3\r\n\r\n{}")  # fmt: skip
+        assert (await conn.response())[0] == 400
+    assert counts(gateway)[1] == handed + 1 and counts(gateway)[0] == served
+
+
+async def test_a_chunked_body_is_served_by_aiohttp(gateway: Gateway, api: Api, conn: Conn) -> None:
+    _, _, secret = await api.funded_team_key()
+    data = orjson.dumps(CHAT)
+    chunked = f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n"
+    conn.send(post(secret, chunked, **{"Transfer-Encoding": "chunked"}))
+    assert (await conn.response())[0] == 200
+
+
+async def test_connection_close_is_honoured(gateway: Gateway, api: Api, conn: Conn) -> None:
+    _, _, secret = await api.funded_team_key()
+    conn.send(post(secret, CHAT))
+    assert (await conn.response())[0] == 200
+    conn.send(post(secret, CHAT, Connection="close"))
+    status, headers, _ = await conn.response()
+    assert (status, headers["connection"]) == (200, "close")
+    assert await conn.closed()
+
+
+async def test_a_body_over_the_cap_is_413(gateway: Gateway, api: Api, conn: Conn) -> None:
+    _, _, secret = await api.funded_team_key()
+    cap = gateway.config.server.max_body_bytes
+    big = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"' + b"a" * cap + b'"}]}'
+    conn.send(post(secret, big))
+    status, _, body = await conn.response()
+    assert (status, orjson.loads(body)["error"]["code"]) == (413, "payload_too_large")
+
+
+async def test_shutdown_lets_a_lean_request_finish_and_closes_idle_connections(
+    fake: FakeUpstream, database_url: str, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    gw, runner = await start_gateway(gateway_config(fake.base_url), database_url, redis_url)
+    port = int(gw.base.rsplit(":", 1)[1])
+    idle = Conn(*await asyncio.open_connection("127.0.0.1", port))
+    busy = Conn(*await asyncio.open_connection("127.0.0.1", port))
+    try:
+        _, _, secret = await Api(http, gw.base, ADMIN_TOKEN).funded_team_key()
+        idle.send(post(secret, CHAT))
+        assert (await idle.response())[0] == 200
+        seen = len(fake.requests)
+        fake.next(delay_s=0.5)
+        busy.send(post(secret, CHAT))
+        await fake.wait_until(lambda: len(fake.requests) == seen + 1)
+        stopping = asyncio.ensure_future(runner.cleanup())
+        assert await idle.closed()
+        assert (await busy.response())[0] == 200  # answered while the gateway stops
+        await asyncio.wait_for(stopping, 10)
+        assert gw.app[S.FRONTS].connections == set()
+    finally:
+        for conn in (idle, busy):
+            conn.writer.close()
