@@ -100,7 +100,6 @@ class Front(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._read_paused = False
         if self._resumed is not None and not self._resumed.done():
             self._resumed.set_result(None)
 

@@ -270,3 +270,31 @@ async def test_shutdown_lets_a_lean_request_finish_and_closes_idle_connections(
     finally:
         for conn in (idle, busy):
             conn.writer.close()
+
+
+async def test_a_client_that_pipelines_without_reading_is_paused_not_dropped(
+    gateway: Gateway, api: Api, conn: Conn
+) -> None:
+    _, _, secret = await api.funded_team_key("100.00")
+    served = counts(gateway)[0]
+    conn.send(post(secret, CHAT) * 300)  # ~300 KB of answers pile up before the client reads
+    statuses = [(await conn.response())[0] for _ in range(300)]
+    assert statuses == [200] * 300
+    assert counts(gateway)[0] == served + 300
+
+
+async def test_an_idle_connection_is_closed_after_the_keepalive_time(
+    gateway: Gateway, api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway import front
+
+    _, _, secret = await api.funded_team_key()
+    monkeypatch.setattr(front, "KEEPALIVE_S", 0.3)
+    port = int(gateway.base.rsplit(":", 1)[1])
+    conn = Conn(*await asyncio.open_connection("127.0.0.1", port))
+    try:
+        conn.send(post(secret, CHAT))
+        assert (await conn.response())[0] == 200
+        assert await conn.closed()  # within Conn's 10 s read deadline
+    finally:
+        conn.writer.close()
