@@ -30,7 +30,7 @@ def _plan(a: argparse.Namespace) -> Plan:
         duration=a.duration,
         lat_duration=a.duration,
         lat_conns=4,
-        lat_think_ms=50.0,
+        lat_think_ms=a.think_ms,
         sat_conns=32,
         stream_conc=4,
         stream_think_ms=50.0,
@@ -76,6 +76,12 @@ def main() -> int:
     p.add_argument("--test", choices=("saturation", "latency"), default="saturation")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--duration", type=int, default=8)
+    p.add_argument(
+        "--think-ms",
+        type=float,
+        default=50.0,
+        help="latency test: mean think time (200 ≈ 20 req/s)",
+    )
     p.add_argument("--max-foreign", type=float, default=0.15)
     a = p.parse_args()
     stop_cleanly()
