@@ -298,3 +298,45 @@ async def test_an_idle_connection_is_closed_after_the_keepalive_time(
         assert await conn.closed()  # within Conn's 10 s read deadline
     finally:
         conn.writer.close()
+
+
+HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json"
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (HEAD + b"\r\nAuthorization: Bearer AbC\r\nContent-Length: 12",
+         {b"authorization": b"Bearer AbC", b"content-length": b"12"}),
+        (HEAD + b"\r\ncontent-length:7\r\nX-API-KEY:  k1 \r\nConnection: close",
+         {b"content-length": b"7", b"x-api-key": b"k1", b"connection": b"close"}),
+        (HEAD + b"\r\nContent-Length: 3\r\nX-ModelBridge-Tags: a=1, b=2",
+         {b"content-length": b"3", b"x-modelbridge-tags": b"a=1, b=2"}),
+        (HEAD + b"\r\nContent-Length: 3\r\nContent-Length: 3", None),  # twice
+        (HEAD + b"\r\nContent-Length: 3\r\nTransfer-Encoding: chunked", None),
+        (HEAD + b"\r\nContent-Length: 3\r\nExpect: 100-continue", None),
+        (HEAD + b"\r\nContent-Length: 3\r\nX-A: 1\r\n folded", None),
+        (HEAD + b"\r\nContent-Length : 3", None),  # no length Front can trust
+        (HEAD + b"\r\nContent-Length: -3", None),
+        (HEAD + b"\r\nContent-Length: 3\r\nX-Name: caf\xc3\xa9", None),
+        (HEAD, None),  # no length at all
+        (HEAD.replace(b"POST", b"GET") + b"\r\nContent-Length: 3", None),
+        (HEAD.replace(b"HTTP/1.1", b"HTTP/1.0") + b"\r\nContent-Length: 3", None),
+        (HEAD.replace(b"completions ", b"completions?x=1 ") + b"\r\nContent-Length: 3", None),
+        (HEAD.replace(b"chat/", b"") + b"\r\nContent-Length: 3", "completion"),
+    ],
+)  # fmt: skip
+def test_read_head(head: bytes, expected: object) -> None:
+    from gateway.front import HandOver, _read_head
+
+    if expected is None:
+        with pytest.raises(HandOver):
+            _read_head(head)
+        return
+    endpoint, headers, length = _read_head(head)
+    if expected == "completion":
+        assert (endpoint.kind, length) == ("completion", 3)
+        return
+    assert endpoint.kind == "chat"
+    assert headers == expected
+    assert length == int(headers[b"content-length"])
