@@ -1,24 +1,23 @@
 """The front of every connection: the common plain proxy call served lean, the rest by aiohttp.
 
-A client's connection starts on :class:`Front`. While it sends well-formed, complete
+A client's connection starts on :class:`Front`. While it sends complete, well-formed
 ``POST /v1/chat/completions`` (``/completions``, ``/embeddings``) requests with a ``Content-Length``
-body, a known key (cached in this process), a valid body and no ``stream``, Front serves them
-itself: the hold goes to Redis from ``data_received`` (no task, no loop iteration before it),
-the upstream call is the lean :mod:`gateway.http1` one, and the answer is one ``write``. That is
-the same code as aiohttp's path (:mod:`gateway.proxy`) minus aiohttp's request and response
-objects, which cost more than the rest of the gateway's work at low load.
+body and no ``stream``, Front serves them itself, with the same code as aiohttp's path
+(:mod:`gateway.proxy`: parse, hold, ask, answer, settle, count) minus aiohttp's request and
+response objects, which cost more than the rest of the gateway's work at low load. For a key
+this process has cached and a sound body, the hold goes to Redis straight from
+``data_received`` (no task, no loop iteration before it) and the upstream request is built while
+Redis works; otherwise a task looks the key up first. Errors are answered in the OpenAI
+envelope, as on aiohttp's path; an upstream failure after the hold releases it.
 
 Anything else, at a request boundary, hands the connection to aiohttp for good: the bytes read
 so far go to a fresh ``RequestHandler``, which serves them as if it had read them itself. That
-covers every other route, streams, ``Expect``, chunked bodies, HTTP/1.0, malformed requests, and
-every request refused before it reached the provider (bad body, unknown key, a refusing hold:
-aiohttp's path decides again and answers with its error; a refusal changes nothing in Redis).
-Once a hold is placed the request stays here: an upstream failure releases it and is answered
-in the OpenAI envelope, as on aiohttp's path.
+covers every other route, streams, ``Expect``, chunked bodies, HTTP/1.0, folded or duplicate
+framing headers, non-ASCII heads and bodies over the size cap.
 
 Shutdown (``app.on_shutdown``, after the listening socket is closed): idle connections are
-closed, requests in flight get ``shutdown_timeout_s`` to finish, then are cancelled (their holds
-released).
+closed, requests in flight get ``shutdown_timeout_s`` to finish, then are cancelled (a hold
+already placed is released; one still on its way to Redis expires on its own).
 """
 
 from __future__ import annotations
