@@ -160,11 +160,7 @@ class Front(asyncio.Protocol):
             call = proxy.parse(app, endpoint, secret, key, raw, body, _tags(headers))
         except GatewayError:
             return None
-        sent = app[S.METERING].hold_now(
-            account=key.account, period=call.period, now=call.now, request_id=call.request_id,
-            key_id=key.key_id, scope=key.scope, model=call.model.name,
-            worst_list_cost=proxy.worst_cost(call), blocked_scope=key.blocked_scope,
-        )  # fmt: skip
+        sent = app[S.METERING].hold_now(proxy.hold_ask(call, proxy.worst_cost(call)))
         if sent is None:
             return None
         proxy.prepare_upstream(call)  # while Redis works

@@ -37,6 +37,21 @@ _REDIS_DOWN = (
 
 
 @dataclass(frozen=True, slots=True)
+class HoldAsk:
+    """What a hold is asked for: the request, who bills it, its worst-case list cost."""
+
+    account: str
+    period: str
+    now: float
+    request_id: str
+    key_id: str
+    scope: str
+    model: str
+    worst_list_cost: int
+    blocked_scope: str = ""  # see policies/keys.py
+
+
+@dataclass(frozen=True, slots=True)
 class HoldResult:
     status: str  # "ok" or a refusal code
     amount: int
@@ -77,64 +92,37 @@ class Metering:
         if self.on_alert is not None:
             self.on_alert(account)
 
-    async def hold(
-        self,
-        *,
-        account: str,
-        period: str,
-        now: float,
-        request_id: str,
-        key_id: str,
-        scope: str,
-        model: str,
-        worst_list_cost: int,
-        blocked_scope: str = "",
-        meanwhile: Callable[[], object] | None = None,
-    ) -> HoldResult:
+    async def hold(self, ask: HoldAsk, meanwhile: Callable[[], object] | None = None) -> HoldResult:
         """Place the hold (``hold.lua``). ``meanwhile`` runs once the script is on its way, while
         Redis works (the caller prepares its upstream request there)."""
-        keys = self._hold_keys(account, period, blocked_scope)
-        args = self._hold_args(now, request_id, key_id, scope, model, worst_list_cost)
+        keys, args = self._hold_call(ask)
         for _ in range(3):
             sent = self._send(self.scripts.hold, keys, args)
             if meanwhile is not None:
                 meanwhile()
                 meanwhile = None
-            result = self.hold_result(account, await guarded(sent))
+            result = self.hold_result(ask.account, await guarded(sent))
             if result.status != "not_loaded":
                 return result
-            await guarded(self.accounts.load(account, now))
+            await guarded(self.accounts.load(ask.account, ask.now))
         raise StoreUnavailable("the billing account could not be loaded")
 
-    def hold_now(
-        self,
-        *,
-        account: str,
-        period: str,
-        now: float,
-        request_id: str,
-        key_id: str,
-        scope: str,
-        model: str,
-        worst_list_cost: int,
-        blocked_scope: str = "",
-    ) -> Awaitable[Any] | None:
+    def hold_now(self, ask: HoldAsk) -> Awaitable[Any] | None:
         """Write ``hold.lua`` to Redis now, without awaiting (``gateway.front``); None when the
         lean script connection is not open. Await the reply with :func:`guarded`, read it with
         :meth:`hold_result` (``not_loaded`` included: then :meth:`hold` loads the account)."""
         script = self.scripts.hold
         if not isinstance(script, FastScript):
             return None
-        keys = self._hold_keys(account, period, blocked_scope)
-        args = self._hold_args(now, request_id, key_id, scope, model, worst_list_cost)
-        return script.send_now(keys, args)
+        return script.send_now(*self._hold_call(ask))
 
-    def _hold_args(
-        self, now: float, request_id: str, key_id: str, scope: str, model: str, worst: int
-    ) -> list[str | int]:
-        return [
-            int(now), request_id, key_id, scope, model, worst, self.hold_ttl_s, rk.PERIOD_TTL_S,
+    def _hold_call(self, ask: HoldAsk) -> tuple[list[str], list[str | int]]:
+        keys = self._hold_keys(ask.account, ask.period, ask.blocked_scope)
+        args: list[str | int] = [
+            int(ask.now), ask.request_id, ask.key_id, ask.scope, ask.model, ask.worst_list_cost,
+            self.hold_ttl_s, rk.PERIOD_TTL_S,
         ]  # fmt: skip
+        return keys, args
 
     def hold_result(self, account: str, raw: Any) -> HoldResult:
         if raw[4] == 1:

@@ -33,7 +33,7 @@ from gateway.errors import (
     Refused,
     UpstreamFailed,
 )
-from gateway.metering import HoldResult
+from gateway.metering import HoldAsk, HoldResult
 from gateway.streaming import SSERelay, StreamOutcome, relay
 from gateway.upstream import UpstreamRequest
 from policies import pricing
@@ -249,15 +249,22 @@ def worst_cost(call: Call) -> int:
     return pricing.worst_case_list_cost(call.model.prices, call.prompt_tokens, out_cap)
 
 
+def hold_ask(call: Call, worst: int) -> HoldAsk:
+    key = call.key
+    return HoldAsk(
+        account=key.account, period=call.period, now=call.now, request_id=call.request_id,
+        key_id=key.key_id, scope=key.scope, model=call.model.name, worst_list_cost=worst,
+        blocked_scope=key.blocked_scope,
+    )  # fmt: skip
+
+
 async def place_hold(call: Call) -> HoldResult:
     app = call.app
     worst = worst_cost(call)
     for attempt in range(2):
         result = await app[S.METERING].hold(
-            account=call.key.account, period=call.period, now=call.now, request_id=call.request_id,
-            key_id=call.key.key_id, scope=call.key.scope, model=call.model.name, worst_list_cost=worst,
-            blocked_scope=call.key.blocked_scope, meanwhile=None if attempt else partial(prepare_upstream, call),
-        )  # fmt: skip
+            hold_ask(call, worst), None if attempt else partial(prepare_upstream, call)
+        )
         if result.status != "invalid_api_key" or attempt:
             break
         # The cached key may bill another account by now (billing mode): look it up afresh.

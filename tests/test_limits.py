@@ -11,6 +11,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from gateway import state as S
+from gateway.metering import HoldAsk
 from policies import keys as rk
 from policies.periods import period_of
 from tests.billing_support import (
@@ -178,9 +179,10 @@ async def test_expired_holds_free_their_funds(
     metering = gateway.app[S.METERING]
     # A gateway that crashed after placing this hold never settles or releases it.
     held = await metering.hold(
+        HoldAsk(
         account=account, period=period_of(start), now=start, request_id="req_crashed",
         key_id=key_id, scope=owner.user["id"], model="gpt-4o-mini", worst_list_cost=req.cost,
-    )  # fmt: skip
+    ))  # fmt: skip
     assert (held.status, held.amount) == ("ok", req.cost)
     assert (await chat(http, gateway, secret, req.body)).code == "insufficient_quota"
     gateway.clock.fixed = start + metering.hold_ttl_s - 1
