@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ MAX_HEAD = 16 * 1024  # a longer head goes to aiohttp (which refuses past 8190 p
 KEEPALIVE_S = 3630.0  # as aiohttp's server
 # aiohttp's business: other framing, interim answers, protocol switches, folded header lines
 _HANDED_OVER = (b"\r\ntransfer-encoding", b"\r\nexpect", b"\r\nupgrade", b"\r\n ", b"\r\n\t")
+# The request line, then "name: value" lines: token names, printable ASCII values (a C match).
+_HEAD = re.compile(rb"[^\r\n]+(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*)*")
 _READ = (b"content-length", b"authorization", b"x-api-key", b"connection", b"x-modelbridge-tags")
 _NEEDLES = tuple((name, b"\r\n" + name + b":") for name in _READ)
 _SINGLE = {b"content-length", b"authorization", b"x-api-key"}
@@ -301,7 +304,7 @@ def _read_head(head: bytes) -> tuple[proxy.Endpoint, dict[bytes, bytes], int]:
     if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
         raise HandOver
     endpoint = ROUTES.get(parts[1])
-    if endpoint is None or not head.isascii():
+    if endpoint is None or _HEAD.fullmatch(head) is None:
         raise HandOver
     lower = head.lower()
     for marker in _HANDED_OVER:

@@ -319,6 +319,9 @@ HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: applica
         (HEAD + b"\r\nContent-Length : 3", None),  # no length Front can trust
         (HEAD + b"\r\nContent-Length: -3", None),
         (HEAD + b"\r\nContent-Length: 3\r\nX-Name: caf\xc3\xa9", None),
+        (HEAD + b"\r\nContent-Length: 3\r\nno colon here", None),
+        (HEAD + b"\r\nContent-Length: 3\r\nBad Name: x", None),
+        (HEAD + b"\r\nContent-Length: 3\r\nX-Nul: a\x00b", None),
         (HEAD, None),  # no length at all
         (HEAD.replace(b"POST", b"GET") + b"\r\nContent-Length: 3", None),
         (HEAD.replace(b"HTTP/1.1", b"HTTP/1.0") + b"\r\nContent-Length: 3", None),
@@ -340,3 +343,19 @@ def test_read_head(head: bytes, expected: object) -> None:
     assert endpoint.kind == "chat"
     assert headers == expected
     assert length == int(headers[b"content-length"])
+
+
+async def test_the_openai_sdks_calls_are_served_lean(gateway: Gateway, api: Api) -> None:
+    from tests.people import client
+
+    _, _, secret = await api.funded_team_key()
+    served, handed = counts(gateway)
+    async with client(gateway, secret) as sdk:
+        for _ in range(3):
+            reply = await sdk.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert reply.usage is not None and reply.usage.completion_tokens == 6
+        embedded = await sdk.embeddings.create(model="gpt-4o-mini", input="hi")
+        assert embedded.data
+    assert counts(gateway) == (served + 4, handed)
