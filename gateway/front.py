@@ -139,6 +139,10 @@ class Front(asyncio.Protocol):
         except HandOver:
             self._hand_over()
             return
+        except Exception:  # a bug: aiohttp's path meets it again, logs it, answers 500
+            log.exception("front: unexpected error; handing the connection to aiohttp")
+            self._hand_over()
+            return
         del self.buffer[:end]
         request = Request(endpoint, headers, raw, started)
         self.task = self.loop.create_task(self._serve(request, fast))

@@ -359,3 +359,23 @@ async def test_the_openai_sdks_calls_are_served_lean(gateway: Gateway, api: Api)
         embedded = await sdk.embeddings.create(model="gpt-4o-mini", input="hi")
         assert embedded.data
     assert counts(gateway) == (served + 4, handed)
+
+
+async def test_a_bug_before_the_hold_is_a_logged_500_not_a_dropped_connection(
+    gateway: Gateway, api: Api, conn: Conn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway import proxy
+
+    _, _, secret = await api.funded_team_key()
+    conn.send(post(secret, CHAT))
+    assert (await conn.response())[0] == 200  # the key is cached now: the fast path
+    handed = counts(gateway)[1]
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(proxy, "parse", broken)
+    conn.send(post(secret, CHAT))
+    status, _, body = await conn.response()
+    assert (status, orjson.loads(body)["error"]["type"]) == (500, "server_error")
+    assert counts(gateway)[1] == handed + 1
