@@ -54,7 +54,6 @@ class _Connection(asyncio.Protocol):
         self.read_timeout = read_timeout
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.reused = False
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[Response] | None = None
@@ -231,7 +230,6 @@ class Origin:
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed and conn.loop.time() - conn.idle_since < self.keepalive_s:
-                conn.reused = True
                 self._busy.add(conn)
                 return conn
             conn.close()

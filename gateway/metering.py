@@ -111,10 +111,7 @@ class Metering:
         """Write ``hold.lua`` to Redis now, without awaiting (``gateway.front``); None when the
         lean script connection is not open. Await the reply with :func:`guarded`, read it with
         :meth:`hold_result` (``not_loaded`` included: then :meth:`hold` loads the account)."""
-        script = self.scripts.hold
-        if not isinstance(script, FastScript):
-            return None
-        return script.send_now(*self._hold_call(ask))
+        return self._send_now(self.scripts.hold, *self._hold_call(ask))
 
     def _hold_call(self, ask: HoldAsk) -> tuple[list[str], list[str | int]]:
         keys = self._hold_keys(ask.account, ask.period, ask.blocked_scope)
@@ -130,13 +127,14 @@ class Metering:
         return HoldResult(raw[0], int(raw[1]), int(raw[2]), raw[3] == 1, raw[4] == 1)
 
     @staticmethod
-    def _send(script: Any, keys: list[str], args: list[str | int]) -> Awaitable[Any]:
+    def _send_now(script: Any, keys: list[str], args: list[str | int]) -> Awaitable[Any] | None:
+        """The script call written to Redis now, or None when the lean connection is not open."""
+        return script.send_now(keys, args) if isinstance(script, FastScript) else None
+
+    def _send(self, script: Any, keys: list[str], args: list[str | int]) -> Awaitable[Any]:
         """The script call, already written to Redis when the lean connection is open."""
-        if isinstance(script, FastScript):
-            sent = script.send_now(keys, args)
-            if sent is not None:
-                return sent
-        return cast(Awaitable[Any], script(keys=keys, args=args))
+        sent = self._send_now(script, keys, args)
+        return sent if sent is not None else cast(Awaitable[Any], script(keys=keys, args=args))
 
     def _hold_keys(self, account: str, period: str, blocked_scope: str) -> list[str]:
         cached = self._keys.get((account, period, blocked_scope))
@@ -154,19 +152,14 @@ class Metering:
     async def settle(self, **kwargs: Any) -> SettleResult:
         """Replace the request's hold by its cost and record its usage (``settle.lua``).
         Keywords: account, period, request_id, scope, key_id, model, charged, record, warned, at."""
-        keys, args = self._settle_call(**kwargs)
-        raw: Any = await guarded(self.scripts.settle(keys=keys, args=args))
+        raw: Any = await guarded(self._send(self.scripts.settle, *self._settle_call(**kwargs)))
         return self._settled(kwargs["account"], raw)
 
     def settle_sent(self, **kwargs: Any) -> Awaitable[SettleResult] | None:
         """Like :meth:`settle`, but the script is on its way to Redis when this returns (ordered
         before any later hold), so the caller can answer its client before awaiting the result.
         None when that cannot be promised (no lean connection open): call :meth:`settle`."""
-        script = self.scripts.settle
-        if not isinstance(script, FastScript):
-            return None
-        keys, args = self._settle_call(**kwargs)
-        sent = script.send_now(keys, args)
+        sent = self._send_now(self.scripts.settle, *self._settle_call(**kwargs))
         if sent is None:
             return None
         account = kwargs["account"]

@@ -105,10 +105,3 @@ class Upstreams:
             raise UpstreamFailed(
                 f"upstream {request.upstream} unreachable: {type(exc).__name__}"
             ) from exc
-
-    async def get(self, upstream: str, path: str) -> aiohttp.ClientResponse:
-        session = self.sessions[upstream]
-        try:
-            return await session.get(self._urls[upstream] + path, headers=self._headers[upstream])
-        except aiohttp.ClientError as exc:
-            raise UpstreamFailed(f"upstream {upstream} unreachable: {type(exc).__name__}") from exc
