@@ -1,10 +1,15 @@
 """What a request costs, in nano-dollars.
 
-``list cost = uncached_prompt * input + cached * cached_input + completion * output``
+``list cost = uncached_prompt * input + cached * cached_input + cache_writes * cache_write
++ completion * output``
 ``charged   = list * (10000 - discount_bps) // 10000`` (rounded down, in the customer's favour)
 
 The hold placed before a request goes upstream is the same formula at its worst case: every prompt
-token uncached, and the full ``max_tokens`` (or the model's ``max_output_tokens``) of output.
+token at the dearest input price (uncached, or a cache write where that costs more), and the full
+``max_tokens`` (or the model's ``max_output_tokens``) of output.
+
+Cache writes are Anthropic's ``cache_creation_input_tokens``; a model without
+``cache_write_per_mtok`` prices them at its input price.
 """
 
 from __future__ import annotations
@@ -21,6 +26,12 @@ class Prices:
     input: int
     output: int
     cached_input: int | None = None
+    cache_write: int | None = None
+
+    @property
+    def dearest_input(self) -> int:
+        """The most one prompt token can cost (what the hold assumes)."""
+        return max(self.input, self.cache_write if self.cache_write is not None else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,16 +42,24 @@ class Charge:
 
 
 def list_cost(
-    prices: Prices, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    prices: Prices,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+    cache_write_tokens: int = 0,
 ) -> int:
-    """Cost before discount. Cached tokens are part of ``prompt_tokens`` (as OpenAI reports)."""
+    """Cost before discount. Cached (cache-read) and cache-write tokens are part of
+    ``prompt_tokens`` (as OpenAI reports; Anthropic's three input counts summed)."""
     prompt_tokens = max(0, prompt_tokens)
     completion_tokens = max(0, completion_tokens)
-    cached = min(max(0, cached_tokens), prompt_tokens) if prices.cached_input is not None else 0
+    writes = min(max(0, cache_write_tokens), prompt_tokens)
+    cached = min(max(0, cached_tokens), prompt_tokens - writes)
     cached_price = prices.cached_input if prices.cached_input is not None else prices.input
+    write_price = prices.cache_write if prices.cache_write is not None else prices.input
     return (
-        (prompt_tokens - cached) * prices.input
+        (prompt_tokens - cached - writes) * prices.input
         + cached * cached_price
+        + writes * write_price
         + completion_tokens * prices.output
     )
 
@@ -57,8 +76,8 @@ def charge(list_amount: int, discount_bps: int) -> Charge:
 
 
 def worst_case_list_cost(prices: Prices, prompt_tokens: int, max_output_tokens: int) -> int:
-    """List cost of the hold: all prompt tokens at the full input price, all output used."""
-    return max(0, prompt_tokens) * prices.input + max(0, max_output_tokens) * prices.output
+    """List cost of the hold: all prompt tokens at the dearest input price, all output used."""
+    return max(0, prompt_tokens) * prices.dearest_input + max(0, max_output_tokens) * prices.output
 
 
 def requested_output_cap(body: dict[str, object], model_max_output: int) -> int:
