@@ -12,10 +12,13 @@ COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY policies ./policies
 RUN pip install . \
-    && useradd --system --create-home --home-dir /var/lib/modelbridge --shell /usr/sbin/nologin modelbridge
+    && groupadd --system --gid 10001 modelbridge \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /var/lib/modelbridge \
+        --shell /usr/sbin/nologin modelbridge
 COPY config.yaml /etc/modelbridge/config.yaml
 
-USER modelbridge
+# Numeric, so that Kubernetes' runAsNonRoot can verify it (deploy/kubernetes runs as 10001).
+USER 10001:10001
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s \
     CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/readyz').status == 200 else 1)"

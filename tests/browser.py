@@ -9,9 +9,6 @@ breaks.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
@@ -19,8 +16,9 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-import pytest
 from playwright.async_api import Browser, BrowserContext, Page, Route, async_playwright
+
+from tests.debian import ensure_binary
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -36,21 +34,7 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 def ensure_chromium() -> str:
     """The chromium binary; installs Debian's package with apt when missing (root only)."""
-    for name in ("chromium", "chromium-browser"):
-        found = shutil.which(name)
-        if found:
-            return found
-    if os.geteuid() != 0:
-        pytest.skip("chromium is not installed and installing it with apt needs root")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, timeout=600)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-q", "chromium"], check=True, env=env, timeout=1200
-    )
-    found = shutil.which("chromium")
-    if not found:
-        pytest.fail("apt-get install chromium did not provide a chromium binary")
-    return found
+    return ensure_binary(("chromium", "chromium-browser"), "chromium")
 
 
 async def launch() -> AsyncIterator[Browser]:
