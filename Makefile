@@ -19,6 +19,7 @@ lint: install
 	$(VENV)/bin/ruff check gateway policies tests bench
 	$(VENV)/bin/ruff format --check gateway policies tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 fmt: install
 	$(VENV)/bin/ruff format gateway policies tests bench

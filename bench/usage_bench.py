@@ -28,8 +28,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from gateway.api.usage import build_query
-from gateway.db import migrate_dsn
-from gateway.stores import Stores
+from gateway.infra.db import migrate_dsn
+from gateway.infra.stores import Stores
 from policies import reports
 from policies.reports import GroupBy
 

@@ -12,30 +12,49 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
+import orjson
 from aiohttp import web
 from redis.asyncio import Redis
 
-from gateway import billing, catalog, csrf, dashboard, front, health, proxy
+from gateway import dashboard
 from gateway import state as S
-from gateway.accounts import Accounts
+from gateway.api import csrf
 from gateway.api import routes as api_routes
-from gateway.auth import KeyCache
 from gateway.config import Config
-from gateway.db import create_pool, migrate
 from gateway.errors import GatewayError, NotFound, PayloadTooLarge
-from gateway.fronts import Fronts
-from gateway.metering import Metering
-from gateway.metrics import Metrics
-from gateway.scriptclient import Endpoint, ScriptClient
-from gateway.scripts import Scripts
-from gateway.tokens import TokenCounter
-from gateway.upstream import Upstreams
-from gateway.usage_writer import UsageWriter
+from gateway.infra import health
+from gateway.infra.db import create_pool, migrate
+from gateway.infra.metrics import Metrics
+from gateway.metering.accounts import Accounts
+from gateway.metering.meter import Metering
+from gateway.metering.scriptclient import Endpoint, ScriptClient
+from gateway.metering.scripts import Scripts
+from gateway.metering.usage_writer import UsageWriter
+from gateway.proxy import catalog, front
+from gateway.proxy import handlers as proxy
+from gateway.proxy.front import Fronts
+from gateway.proxy.keycache import KeyCache
+from gateway.proxy.tokens import TokenCounter
+from gateway.teams import billing
+from gateway.upstream.upstreams import Upstreams
 from policies.holds import hold_ttl
 
 log = logging.getLogger("modelbridge.app")
+
+
+def error_response(
+    exc: GatewayError, extra_headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """An error of the tree in :mod:`gateway.errors`, as a JSON response in OpenAI's envelope."""
+    return web.Response(
+        body=orjson.dumps(exc.body()),
+        status=exc.status,
+        content_type="application/json",
+        headers={**exc.headers, **(extra_headers or {})},
+    )
+
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -47,22 +66,23 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except GatewayError as exc:
-        return exc.response()
+        return error_response(exc)
     except web.HTTPRequestEntityTooLarge:
-        return PayloadTooLarge("request body too large").response()
+        return error_response(PayloadTooLarge("request body too large"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         if exc.status == 404:
-            return NotFound(f"Unknown route {request.method} {request.path}").response()
-        return GatewayError(
+            return error_response(NotFound(f"Unknown route {request.method} {request.path}"))
+        error = GatewayError(
             exc.reason, code=exc.reason.lower().replace(" ", "_"), status=exc.status
-        ).response({k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+        )
+        return error_response(error, {k: v for k, v in exc.headers.items() if k.lower() == "allow"})
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return GatewayError("The gateway failed to handle the request.", status=500).response()
+        return error_response(GatewayError("The gateway failed to handle the request.", status=500))
 
 
 async def _stores(app: web.Application) -> AsyncIterator[None]:

@@ -24,7 +24,7 @@ import uvloop
 from aiohttp import web
 
 from gateway.config import Config, ConfigError, load_config
-from gateway.db import migrate_dsn
+from gateway.infra.db import migrate_dsn
 from gateway.state import Runtime
 
 log = logging.getLogger("modelbridge")
@@ -82,7 +82,7 @@ def admin_token(embedded: bool, directory: Path) -> tuple[str, bool]:
 
 async def serve_app(config: Config, runtime: Runtime, *, reuse_port: bool) -> None:
     from gateway.app import build_app  # after the metrics directory is set
-    from gateway.front import FrontSite
+    from gateway.proxy.front import FrontSite
 
     app = build_app(config, runtime, usage_writer=False)  # the writer runs as its own process
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_timeout_s)
@@ -129,8 +129,8 @@ def _banner(config: Config, token: str, generated: bool, directory: Path) -> Non
 
 
 def serve(args: argparse.Namespace) -> None:
-    from gateway.metrics import prepare_multiproc_dir
-    from gateway.stores import Stores
+    from gateway.infra.metrics import prepare_multiproc_dir
+    from gateway.infra.stores import Stores
 
     config = _with_cli(load_config(args.config), args)
     directory = data_dir()
@@ -217,7 +217,7 @@ def run_workers(config: Config, runtime: Runtime, config_path: str | None) -> No
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    from gateway.metrics import mark_worker_dead
+    from gateway.infra.metrics import mark_worker_dead
 
     for proc in procs:
         proc.wait()
@@ -236,7 +236,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def usage_writer() -> None:
-    from gateway.usage_writer import serve_writer
+    from gateway.metering.usage_writer import serve_writer
 
     consumer = f"writer-{os.getpid()}"
     _run(

@@ -18,16 +18,13 @@
     └── StoreUnavailable               503     gateway_unavailable    gateway_unavailable
 
 Third-party exceptions (redis, asyncpg, aiohttp client) are translated into this tree in one place
-each, with ``raise ... from exc``: :func:`gateway.metering` for Redis, :mod:`gateway.upstream` for
+each, with ``raise ... from exc``: :func:`gateway.metering.meter` for Redis, :mod:`gateway.upstream.upstreams` for
 the provider. Anything else that escapes a handler is a bug and becomes a logged 500.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import orjson
-from aiohttp import web
 
 
 class GatewayError(Exception):
@@ -62,15 +59,6 @@ class GatewayError(Exception):
                 "code": self.code,
             }
         }
-
-    def response(self, extra_headers: Mapping[str, str] | None = None) -> web.Response:
-        headers = {**self.headers, **(extra_headers or {})}
-        return web.Response(
-            body=orjson.dumps(self.body()),
-            status=self.status,
-            content_type="application/json",
-            headers=headers,
-        )
 
 
 class InvalidRequest(GatewayError):

@@ -1,5 +1,8 @@
 """Typed application state: every ``web.AppKey`` of the gateway, declared in this one module.
 
+A leaf: it imports the types of what it holds for type checking only, so any module may import
+it without pulling in the rest of the gateway.
+
 Pools and background tasks are opened in ``app.cleanup_ctx`` (see :mod:`gateway.app`); nothing
 lives in module globals.
 """
@@ -10,20 +13,23 @@ import itertools
 import secrets
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import asyncpg
 from aiohttp import web
-from redis.asyncio import Redis
 
-from gateway.accounts import Accounts
-from gateway.alerts import AlertWorker
-from gateway.auth import KeyCache
-from gateway.config import Config
-from gateway.fronts import Fronts
-from gateway.metering import Metering
-from gateway.metrics import Metrics
-from gateway.tokens import TokenCounter
-from gateway.upstream import Upstreams
+if TYPE_CHECKING:
+    import asyncpg
+    from redis.asyncio import Redis
+
+    from gateway.config import Config
+    from gateway.infra.metrics import Metrics
+    from gateway.metering.accounts import Accounts
+    from gateway.metering.meter import Metering
+    from gateway.proxy.front import Fronts
+    from gateway.proxy.keycache import KeyCache
+    from gateway.proxy.tokens import TokenCounter
+    from gateway.teams.alerts import AlertWorker
+    from gateway.upstream.upstreams import Upstreams
 
 
 @dataclass
@@ -61,17 +67,17 @@ class Runtime:
 
 REQUEST_ID = web.RequestKey("request_id", str)  # management requests; the proxy keeps its own
 
-CONFIG = web.AppKey("config", Config)
+CONFIG: web.AppKey[Config] = web.AppKey("config")
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 RUNTIME = web.AppKey("runtime", Runtime)
-FRONTS = web.AppKey("fronts", Fronts)
+FRONTS: web.AppKey[Fronts] = web.AppKey("fronts")
 CLOCK = web.AppKey("clock", Clock)
-DB = web.AppKey("db", asyncpg.Pool)
-REDIS = web.AppKey("redis", Redis)
-METERING = web.AppKey("metering", Metering)
-ACCOUNTS = web.AppKey("accounts", Accounts)
-KEYS = web.AppKey("key_cache", KeyCache)
-UPSTREAMS = web.AppKey("upstreams", Upstreams)
-TOKENS = web.AppKey("tokens", TokenCounter)
-METRICS = web.AppKey("metrics", Metrics)
-ALERTS = web.AppKey("alerts", AlertWorker)
+DB: web.AppKey[asyncpg.Pool] = web.AppKey("db")
+REDIS: web.AppKey[Redis] = web.AppKey("redis")
+METERING: web.AppKey[Metering] = web.AppKey("metering")
+ACCOUNTS: web.AppKey[Accounts] = web.AppKey("accounts")
+KEYS: web.AppKey[KeyCache] = web.AppKey("key_cache")
+UPSTREAMS: web.AppKey[Upstreams] = web.AppKey("upstreams")
+TOKENS: web.AppKey[TokenCounter] = web.AppKey("tokens")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+ALERTS: web.AppKey[AlertWorker] = web.AppKey("alerts")

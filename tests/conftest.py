@@ -25,8 +25,8 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from gateway.config import Config, parse_config
+from gateway.infra.stores import Stores, StoreURLs
 from gateway.state import Clock, Runtime
-from gateway.stores import Stores, StoreURLs
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api
 
@@ -151,7 +151,7 @@ async def start_gateway(
     config: Config, database_url: str, redis_url: str
 ) -> tuple[Gateway, web.AppRunner]:
     from gateway.app import build_app
-    from gateway.front import FrontSite
+    from gateway.proxy.front import FrontSite
 
     clock = Clock()
     app = build_app(config, Runtime(database_url, redis_url, ADMIN_TOKEN), clock)

@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway import state as S
-from policies import keys as rk
+from policies import keyspace as rk
 from policies.periods import period_of
 from tests.billing_support import (
     Receiver,

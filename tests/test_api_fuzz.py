@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from policies import keys as rk
+from policies import keyspace as rk
 from tests.conftest import Gateway
 from tests.helpers import Api, Session
 from tests.people import add_member

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from policies import keys as rk
+from policies import keyspace as rk
 from policies.periods import period_of
 from tests.billing_support import (
     INPUT,

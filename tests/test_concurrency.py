@@ -8,7 +8,7 @@ import aiohttp
 import asyncpg
 from redis.asyncio import Redis
 
-from policies import keys as rk
+from policies import keyspace as rk
 from policies.periods import period_of
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream

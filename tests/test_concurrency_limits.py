@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from policies import keys as rk
+from policies import keyspace as rk
 from policies.money import parse_usd
 from policies.periods import period_of
 from tests.billing_support import add_member, billing, chat, exact, patch_team, usd

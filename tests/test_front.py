@@ -1,4 +1,4 @@
-"""``gateway.front``: plain proxy calls served lean on raw connections, everything else handed to
+"""``gateway.proxy.front``: plain proxy calls served lean on raw connections, everything else handed to
 aiohttp at a request boundary, and both answer the same."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway import state as S
-from gateway.fronts import Fronts
+from gateway.proxy.front import Fronts
 from tests.conftest import ADMIN_TOKEN, Gateway, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api
@@ -286,7 +286,7 @@ async def test_a_client_that_pipelines_without_reading_is_paused_not_dropped(
 async def test_an_idle_connection_is_closed_after_the_keepalive_time(
     gateway: Gateway, api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway import front
+    from gateway.proxy import front
 
     _, _, secret = await api.funded_team_key()
     monkeypatch.setattr(front, "KEEPALIVE_S", 0.3)
@@ -330,7 +330,7 @@ HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: applica
     ],
 )  # fmt: skip
 def test_read_head(head: bytes, expected: object) -> None:
-    from gateway.front import HandOver, _read_head
+    from gateway.proxy.front import HandOver, _read_head
 
     if expected is None:
         with pytest.raises(HandOver):
@@ -364,7 +364,7 @@ async def test_the_openai_sdks_calls_are_served_lean(gateway: Gateway, api: Api)
 async def test_a_bug_before_the_hold_is_a_logged_500_not_a_dropped_connection(
     gateway: Gateway, api: Api, conn: Conn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway import proxy
+    from gateway.proxy import handlers as proxy
 
     _, _, secret = await api.funded_team_key()
     conn.send(post(secret, CHAT))

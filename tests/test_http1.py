@@ -1,4 +1,4 @@
-"""The lean HTTP/1.1 client (``gateway.http1``) against real sockets: a scripted server that
+"""The lean HTTP/1.1 client (``gateway.upstream.http1``) against real sockets: a scripted server that
 records what it received and answers as each test tells it (keep-alive, chunked, close-delimited,
 silent, trickling, malformed, TLS)."""
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 import trustme
 
-from gateway.http1 import Origin, OriginError, OriginTimeout
+from gateway.upstream.http1 import Origin, OriginError, OriginTimeout
 
 Answer = Callable[[asyncio.StreamWriter], Awaitable[None]]
 

@@ -11,8 +11,8 @@ import asyncpg
 from redis.asyncio import Redis
 
 from gateway import state as S
-from gateway.metering import HoldAsk
-from policies import keys as rk
+from gateway.metering.meter import HoldAsk
+from policies import keyspace as rk
 from policies.periods import period_of
 from tests.billing_support import (
     add_member,

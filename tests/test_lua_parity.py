@@ -1,7 +1,7 @@
 """The Lua scripts take the same decisions as the pure functions, on real Redis.
 
 Each row of the tables in ``test_limits_table`` is written into a fresh account's keys directly,
-then ``hold.lua`` / ``settle.lua`` run through ``gateway.scripts.Scripts`` and their answer is
+then ``hold.lua`` / ``settle.lua`` run through ``gateway.metering.scripts.Scripts`` and their answer is
 compared with ``policies.limits.decide``, ``policies.holds.split_debit``,
 ``policies.pricing.apply_discount`` and ``policies.alerts.crossings``.
 """
@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from gateway.scripts import Scripts
+from gateway.metering.scripts import Scripts
 from policies import alerts
-from policies import keys as rk
+from policies import keyspace as rk
 from policies.holds import split_debit
 from policies.limits import SOFT, decide
 from policies.pricing import apply_discount

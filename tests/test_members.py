@@ -11,7 +11,7 @@ import openai
 import pytest
 from redis.asyncio import Redis
 
-from policies import keys as rk
+from policies import keyspace as rk
 from tests.conftest import Gateway
 from tests.helpers import Api, Session, eventually
 from tests.people import CHAT, add_member, client, team_with_roles

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from policies import keys as rk
+from policies import keyspace as rk
 from tests.billing_support import (
     Receiver,
     add_member,

@@ -13,9 +13,9 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway import state as S
-from gateway.accounts import lock_account
-from gateway.billing import sync_member_policy
-from policies import keys as rk
+from gateway.metering.accounts import lock_account
+from gateway.teams.billing import sync_member_policy
+from policies import keyspace as rk
 from policies.periods import period_of
 from tests.billing_support import (
     Receiver,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policies import apikeys
+from policies import key_format as apikeys
 from policies.holds import discounted_hold, split_debit
 from policies.money import MoneyError, format_usd, parse_usd, price_per_token
 from policies.periods import next_period, period_bounds, period_of, seconds_to_period_end

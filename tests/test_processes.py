@@ -176,7 +176,7 @@ async def test_hard_team_limit_holds_across_two_processes(
     two_gateways: tuple[GatewayProcess, GatewayProcess], http: aiohttp.ClientSession, fake: FakeUpstream,
     db: asyncpg.Connection,
 ) -> None:  # fmt: skip
-    from gateway.tokens import TokenCounter
+    from gateway.proxy.tokens import TokenCounter
     from policies.money import format_usd
 
     a, b = two_gateways

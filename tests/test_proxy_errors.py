@@ -10,8 +10,8 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from gateway.tokens import TokenCounter
-from policies import keys as rk
+from gateway.proxy.tokens import TokenCounter
+from policies import keyspace as rk
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, eventually
@@ -133,7 +133,7 @@ async def test_unreachable_upstream_is_502(
     gateway: Gateway, api: Api, http: aiohttp.ClientSession, redis: Redis
 ) -> None:
     from gateway import state as S
-    from gateway.http1 import Origin
+    from gateway.upstream.http1 import Origin
 
     _, team, secret = await api.funded_team_key("1.00")
     upstreams = gateway.app[S.UPSTREAMS]
@@ -255,7 +255,7 @@ async def test_redis_down_is_503_and_never_forwarded(
     _, _, secret = await api.funded_team_key()
     metering = gateway.app[S.METERING]
     broken = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.5)
-    from gateway.scripts import Scripts
+    from gateway.metering.scripts import Scripts
 
     saved = metering.scripts
     metering.scripts = Scripts(broken)

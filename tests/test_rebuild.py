@@ -6,8 +6,8 @@ import aiohttp
 import asyncpg
 from redis.asyncio import Redis
 
-from gateway.metering import HoldAsk
-from policies import keys as rk
+from gateway.metering.meter import HoldAsk
+from policies import keyspace as rk
 from policies.periods import period_of
 from tests.conftest import Gateway
 from tests.helpers import Api, eventually

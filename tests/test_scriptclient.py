@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from gateway.scriptclient import Endpoint, FastScript, ScriptClient, ScriptError
+from gateway.metering.scriptclient import Endpoint, FastScript, ScriptClient, ScriptError
 from tests.conftest import Gateway
 from tests.helpers import Api
 

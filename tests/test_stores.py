@@ -14,7 +14,7 @@ import psutil
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.stores import StoreError, Stores, StoreURLs
+from gateway.infra.stores import StoreError, Stores, StoreURLs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CRASHING_RUN = (
     "import os, sys\n"
     "from pathlib import Path\n"
-    "from gateway.stores import Stores\n"
+    "from gateway.infra.stores import Stores\n"
     "urls = Stores(Path(sys.argv[1])).start()\n"
     "print(urls.database_url, urls.redis_url, flush=True)\n"
     "os._exit(0)\n"

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from policies import keys as rk
+from policies import keyspace as rk
 from tests.conftest import Gateway
 from tests.helpers import Api, Session, unique_email
 from tests.people import add_member, invite

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import tokens
-from gateway.tokens import TokenCounter
+from gateway.proxy import tokens
+from gateway.proxy.tokens import TokenCounter
 
 ROOT = Path(__file__).resolve().parent.parent
 ENCODINGS = ("cl100k_base", "o200k_base")
@@ -302,7 +302,7 @@ socket.socket.connect_ex = refuse
 socket.create_connection = refuse
 socket.getaddrinfo = refuse
 
-from gateway.tokens import TokenCounter
+from gateway.proxy.tokens import TokenCounter
 
 tc = TokenCounter()
 tc.preload(["cl100k_base", "o200k_base"])

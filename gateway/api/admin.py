@@ -6,11 +6,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway import state as S
-from gateway.accounts import lock_account
 from gateway.api.common import audit, json_response, money_field, read_body, text_field, usd
-from gateway.auth import check_admin
+from gateway.credentials import check_admin
 from gateway.errors import InvalidRequest, NotFound
-from policies import keys as rk
+from gateway.metering.accounts import lock_account
+from policies import keyspace as rk
 
 routes = web.RouteTableDef()
 

@@ -7,7 +7,7 @@ spending limit is billing (owner). Billing is viewed by owners and admins, chang
 Webhooks are managed by owners and admins.
 
 Every change writes PostgreSQL and the audit log in one transaction that holds the team's account
-lock, then brings the account's Redis state along (gateway.billing for what crosses accounts).
+lock, then brings the account's Redis state along (gateway.teams.billing for what crosses accounts).
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from aiohttp import web
 from yarl import URL
 
 from gateway import state as S
-from gateway.accounts import Accounts, lock_account
-from gateway.alerts import new_secret
 from gateway.api.common import (
     audit,
     id_param,
@@ -33,10 +31,12 @@ from gateway.api.common import (
     usd,
 )
 from gateway.api.teams import TeamAccess, account_money, overview, team_access
-from gateway.auth import new_id
-from gateway.billing import change_subscription, renew, sync_team_policies
+from gateway.credentials import new_id
 from gateway.errors import Conflict, InvalidRequest, NotFound
-from policies import keys as rk
+from gateway.metering.accounts import Accounts, lock_account
+from gateway.teams.alerts import new_secret
+from gateway.teams.billing import change_subscription, renew, sync_team_policies
+from policies import keyspace as rk
 from policies.limits import ENFORCEMENTS
 from policies.periods import period_bounds, period_of
 from policies.permissions import Action

@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 
 from gateway import state as S
-from gateway.auth import bearer
+from gateway.credentials import bearer
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
 from policies.money import MoneyError, format_usd, parse_usd
 

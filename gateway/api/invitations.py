@@ -1,9 +1,9 @@
 """Joining a team: invitations by email, the public invite link, and join requests.
 
-Invitation and link tokens are :func:`gateway.auth.new_token` (256 bits), stored only as SHA-256.
+Invitation and link tokens are :func:`gateway.credentials.new_token` (256 bits), stored only as SHA-256.
 An invitation is single use, expires (``expires_in_s``: 1 s to 30 days, default
 ``invitations.expires_in_s``) and can be revoked; it travels only in the mail (recorded in the
-outbox, see :mod:`gateway.mailer`). Accepting needs a logged-in user whose email matches the
+outbox, see :mod:`gateway.teams.mailer`). Accepting needs a logged-in user whose email matches the
 invitation's, case-insensitively. A team has at most one enabled invite link; creating a new one
 disables the old. Anyone logged in who holds the link can ask to join; owners and admins approve
 or deny. Token guessing is rate limited per account and per client address, as logins are.
@@ -19,8 +19,8 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from gateway import guessing
 from gateway import state as S
+from gateway.api import guessing
 from gateway.api.common import (
     User,
     audit,
@@ -39,9 +39,9 @@ from gateway.api.members import (
     path_id,
 )
 from gateway.api.teams import team_access
-from gateway.auth import new_id, new_token
+from gateway.credentials import new_id, new_token
 from gateway.errors import Conflict, Forbidden, Gone, InvalidRequest, NotFound
-from gateway.mailer import Mail, Mailer
+from gateway.teams.mailer import Mail, Mailer
 from policies.permissions import ASSIGNABLE_ROLES, MEMBER, Action
 
 routes = web.RouteTableDef()

@@ -12,12 +12,12 @@ from typing import Any
 from aiohttp import web
 
 from gateway import state as S
-from gateway.accounts import lock_account
 from gateway.api.common import User, audit, current_user, json_response, read_body, text_field
-from gateway.auth import hash_secret, new_api_key, new_id
+from gateway.credentials import hash_secret, new_api_key, new_id
 from gateway.errors import Forbidden, InvalidRequest, NotFound
-from policies import apikeys
-from policies import keys as rk
+from gateway.metering.accounts import lock_account
+from policies import key_format as apikeys
+from policies import keyspace as rk
 from policies.permissions import Action, allowed
 
 routes = web.RouteTableDef()

@@ -26,7 +26,7 @@ from gateway.api.members import (
 )
 from gateway.api.teams import team_access
 from gateway.errors import Forbidden, InvalidRequest
-from policies import keys as rk
+from policies import keyspace as rk
 from policies.permissions import ADMIN, OWNER, Action, may_transfer
 
 routes = web.RouteTableDef()

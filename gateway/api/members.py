@@ -19,14 +19,14 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from gateway import billing
 from gateway import state as S
-from gateway.accounts import lock_account
 from gateway.api.common import audit, json_response, money_field, read_body, usd
 from gateway.api.keys import revoke_keys
 from gateway.api.teams import team_access
 from gateway.errors import Conflict, Forbidden, InvalidRequest, NotFound
-from policies import keys as rk
+from gateway.metering.accounts import lock_account
+from gateway.teams import billing
+from policies import keyspace as rk
 from policies.limits import ENFORCEMENTS, effective_enforcement, effective_member_limit
 from policies.periods import period_of
 from policies.permissions import (

@@ -22,9 +22,9 @@ from gateway.api.common import (
     text_field,
     usd,
 )
-from gateway.auth import new_id
+from gateway.credentials import new_id
 from gateway.errors import Forbidden, NotFound
-from policies import keys as rk
+from policies import keyspace as rk
 from policies.limits import allowance_left
 from policies.periods import period_of
 from policies.permissions import Action, allowed

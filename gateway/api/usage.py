@@ -31,7 +31,7 @@ from gateway import state as S
 from gateway.api.common import current_user, json_response
 from gateway.api.teams import team_access
 from gateway.errors import InvalidRequest
-from policies import keys as rk
+from policies import keyspace as rk
 from policies import reports
 from policies.permissions import Action
 from policies.reports import DayRange, Format, GroupBy, Row

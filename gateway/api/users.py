@@ -17,8 +17,8 @@ from aiohttp import web
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from gateway import guessing
 from gateway import state as S
+from gateway.api import guessing
 from gateway.api.common import (
     SESSION_COOKIE,
     current_user,
@@ -30,11 +30,11 @@ from gateway.api.common import (
     token_hash,
     usd,
 )
+from gateway.api.csrf import secure_cookies
 from gateway.api.teams import account_money, user_teams
-from gateway.auth import new_id, new_token
-from gateway.csrf import secure_cookies
+from gateway.credentials import new_id, new_token
 from gateway.errors import AuthenticationFailed, Conflict, InvalidRequest
-from policies import keys as rk
+from policies import keyspace as rk
 
 routes = web.RouteTableDef()
 

@@ -4,7 +4,7 @@ A single page written in plain ES modules (``static/js``), no build step and not
 anywhere but this origin. Every dashboard path returns the same shell (``static/index.html``); the
 script routes on ``location.pathname`` and talks to the JSON API under ``/api``. Pages and assets
 carry a strict Content-Security-Policy (no inline script or style), ``X-Frame-Options: DENY`` and
-``nosniff``; the page response also hands out the CSRF cookie (:mod:`gateway.csrf`).
+``nosniff``; the page response also hands out the CSRF cookie (:mod:`gateway.api.csrf`).
 
 Two small read-only endpoints live here because only the dashboard needs them: the configured
 models (for the model access checkboxes) and the configured plans (for the billing page).
@@ -18,7 +18,7 @@ from aiohttp import web
 
 from gateway import state as S
 from gateway.api.common import current_user, json_response
-from gateway.csrf import ensure_csrf_cookie
+from gateway.api.csrf import ensure_csrf_cookie
 from gateway.errors import NotFound
 from policies.money import format_usd
 

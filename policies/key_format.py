@@ -1,7 +1,7 @@
 """The shape of API keys and other secrets: ``mb_`` + 40 base62 characters + a 6-character
 checksum. The checksum lets the gateway refuse a mistyped or made-up key without any lookup.
 
-Pure: the random part is passed in (``gateway.auth`` draws it from ``secrets``).
+Pure: the random part is passed in (``gateway.credentials`` draws it from ``secrets``).
 """
 
 from __future__ import annotations

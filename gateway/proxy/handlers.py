@@ -21,8 +21,8 @@ import orjson
 from aiohttp import web
 
 from gateway import state as S
-from gateway.auth import KeyInfo, bearer
 from gateway.config import ModelConfig
+from gateway.credentials import bearer
 from gateway.errors import (
     AuthenticationFailed,
     Forbidden,
@@ -33,9 +33,10 @@ from gateway.errors import (
     Refused,
     UpstreamFailed,
 )
-from gateway.metering import HoldAsk, HoldResult
-from gateway.streaming import SSERelay, StreamOutcome, relay
-from gateway.upstream import UpstreamRequest
+from gateway.metering.meter import HoldAsk, HoldResult
+from gateway.proxy.keycache import KeyInfo
+from gateway.proxy.streaming import SSERelay, StreamOutcome, relay
+from gateway.upstream.upstreams import UpstreamRequest
 from policies import pricing
 from policies.money import format_usd
 from policies.periods import period_of, seconds_to_period_end
@@ -97,7 +98,7 @@ class Call:
     wire: bytes = b""  # the plain upstream request, built while the hold is in Redis
     hold: HoldResult | None = None
     upstream_s: float = 0.0
-    request: web.Request | None = None  # on aiohttp's path (not on gateway.front's)
+    request: web.Request | None = None  # on aiohttp's path (not on gateway.proxy.front's)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ import orjson
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from policies import keys as rk
+from policies import keyspace as rk
 
 log = logging.getLogger("modelbridge.usage")
 
@@ -266,8 +266,8 @@ async def serve_writer(database_url: str, redis_url: str, consumer: str) -> None
     SIGTERM or SIGINT, then drains what is left and exits."""
     import signal
 
-    from gateway.db import create_pool
-    from gateway.metrics import Metrics
+    from gateway.infra.db import create_pool
+    from gateway.infra.metrics import Metrics
 
     metrics = Metrics()
     redis = Redis.from_url(

@@ -18,11 +18,11 @@ from typing import Any, TypeVar, cast
 
 from redis import exceptions as redis_errors
 
-from gateway.accounts import Accounts
 from gateway.errors import StoreUnavailable
-from gateway.scriptclient import FastScript, ScriptError
-from gateway.scripts import Scripts
-from policies import keys as rk
+from gateway.metering.accounts import Accounts
+from gateway.metering.scriptclient import FastScript, ScriptError
+from gateway.metering.scripts import Scripts
+from policies import keyspace as rk
 
 T = TypeVar("T")
 
@@ -108,7 +108,7 @@ class Metering:
         raise StoreUnavailable("the billing account could not be loaded")
 
     def hold_now(self, ask: HoldAsk) -> Awaitable[Any] | None:
-        """Write ``hold.lua`` to Redis now, without awaiting (``gateway.front``); None when the
+        """Write ``hold.lua`` to Redis now, without awaiting (``gateway.proxy.front``); None when the
         lean script connection is not open. Await the reply with :func:`guarded`, read it with
         :meth:`hold_result` (``not_loaded`` included: then :meth:`hold` loads the account)."""
         return self._send_now(self.scripts.hold, *self._hold_call(ask))

@@ -1,5 +1,5 @@
 """The providers: per configured upstream, one pooled ``aiohttp.ClientSession`` for streams and
-listings, and one lean keep-alive :class:`gateway.http1.Origin` for the answers read whole.
+listings, and one lean keep-alive :class:`gateway.upstream.http1.Origin` for the answers read whole.
 
 ``Upstreams`` is the single seam for provider I/O (tests plug a fake OpenAI server in through
 config, nothing else): ``send(request)`` starts a stream, ``encode`` + ``call`` make a plain call.
@@ -18,7 +18,7 @@ import aiohttp
 
 from gateway.config import Config, UpstreamConfig
 from gateway.errors import UpstreamFailed, UpstreamTimeout
-from gateway.http1 import Origin, OriginError, OriginTimeout, Response
+from gateway.upstream.http1 import Origin, OriginError, OriginTimeout, Response
 
 log = logging.getLogger("modelbridge.upstream")
 

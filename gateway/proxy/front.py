@@ -3,7 +3,7 @@
 A client's connection starts on :class:`Front`. While it sends complete, well-formed
 ``POST /v1/chat/completions`` (``/completions``, ``/embeddings``) requests with a ``Content-Length``
 body and no ``stream``, Front serves them itself, with the same code as aiohttp's path
-(:mod:`gateway.proxy`: parse, hold, ask, answer, settle, count) minus aiohttp's request and
+(:mod:`gateway.proxy.handlers`: parse, hold, ask, answer, settle, count) minus aiohttp's request and
 response objects, which cost more than the rest of the gateway's work at low load. For a key
 this process has cached and a sound body, the hold goes to Redis straight from
 ``data_received`` (no task, no loop iteration before it) and the upstream request is built while
@@ -23,11 +23,13 @@ already placed is released; one still on its way to Redis expires on its own).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 
@@ -35,11 +37,10 @@ import orjson
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
-from gateway import proxy
 from gateway import state as S
 from gateway.errors import GatewayError
-from gateway.fronts import Fronts
-from gateway.metering import guarded
+from gateway.metering.meter import guarded
+from gateway.proxy import handlers as proxy
 
 log = logging.getLogger("modelbridge.front")
 
@@ -57,6 +58,41 @@ _HEAD = re.compile(rb"[^\r\n]+(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*)
 _READ = (b"content-length", b"authorization", b"x-api-key", b"connection", b"x-modelbridge-tags")
 _NEEDLES = tuple((name, b"\r\n" + name + b":") for name in _READ)
 _SINGLE = {b"content-length", b"authorization", b"x-api-key"}
+
+
+class Fronts:
+    """The lean connections of one app (for shutdown), and how many requests they served."""
+
+    def __init__(self) -> None:
+        self.connections: set[Front] = set()
+        self.served = 0
+        self.handed_over = 0
+        self.closing = False
+        self._date = (0, "")
+
+    def date(self) -> str:
+        """The ``Date`` header's value, formatted once a second."""
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, formatdate(now, usegmt=True))
+        return self._date[1]
+
+    async def shutdown(self, timeout: float) -> None:
+        self.closing = True
+        for conn in list(self.connections):
+            if conn.task is None:
+                conn.close()
+        deadline = time.monotonic() + timeout
+        while any(c.task is not None for c in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        tasks = [c.task for c in self.connections if c.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        for conn in list(self.connections):
+            conn.close()
 
 
 class HandOver(Exception):
@@ -174,7 +210,7 @@ class Front(asyncio.Protocol):
         return call, sent
 
     async def _parsed(self, request: Request) -> proxy.Call:
-        """The request checked and sized, as :func:`gateway.proxy.begin` does it."""
+        """The request checked and sized, as :func:`gateway.proxy.handlers.begin` does it."""
         app = self.app
         secret = _bearer(request.headers)
         key = await app[S.KEYS].lookup(secret)
@@ -184,7 +220,7 @@ class Front(asyncio.Protocol):
         return proxy.parse(app, request.endpoint, secret, key, request.raw, body, tags)
 
     async def _hold(self, call: proxy.Call, sent: Awaitable[Any] | None) -> None:
-        """Place the hold as :func:`gateway.proxy.place_hold` does (refusals raise), reading the
+        """Place the hold as :func:`gateway.proxy.handlers.place_hold` does (refusals raise), reading the
         reply to the one sent ahead when there is one."""
         if sent is not None:
             result = self.app[S.METERING].hold_result(call.key.account, await guarded(sent))
@@ -345,7 +381,7 @@ def _tags(headers: dict[bytes, bytes]) -> str | None:
 
 
 def _bearer(headers: dict[bytes, bytes]) -> str | None:
-    """As :func:`gateway.auth.bearer`, on raw headers."""
+    """As :func:`gateway.credentials.bearer`, on raw headers."""
     header = headers.get(b"authorization")
     if header:
         scheme, _, value = header.partition(b" ")

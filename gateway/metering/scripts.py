@@ -14,7 +14,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 import policies
-from gateway.scriptclient import FastScript, ScriptClient
+from gateway.metering.scriptclient import FastScript, ScriptClient
 
 LUA_DIR = Path(policies.__file__).resolve().parent / "lua"
 

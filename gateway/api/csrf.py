@@ -24,7 +24,7 @@ from aiohttp import web
 
 from gateway import state as S
 from gateway.api.common import SESSION_COOKIE
-from gateway.auth import bearer
+from gateway.credentials import bearer
 from gateway.errors import Forbidden
 
 CSRF_COOKIE = "mb_csrf"

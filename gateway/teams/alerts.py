@@ -39,7 +39,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from policies import alerts as policy
-from policies import keys as rk
+from policies import keyspace as rk
 from policies.money import format_usd
 
 log = logging.getLogger("modelbridge.alerts")

@@ -12,10 +12,11 @@ import orjson
 from aiohttp import web
 
 from gateway import state as S
-from gateway.auth import KeyInfo, bearer
+from gateway.credentials import bearer
 from gateway.errors import AuthenticationFailed, NotFound
-from gateway.metering import guarded
-from policies import keys as rk
+from gateway.metering.meter import guarded
+from gateway.proxy.keycache import KeyInfo
+from policies import keyspace as rk
 
 _CREATED = 1_700_000_000
 

@@ -29,11 +29,11 @@ import asyncpg
 from aiohttp import web
 
 from gateway import state as S
-from gateway.accounts import lock_account
-from gateway.alerts import AlertWorker
 from gateway.config import Config
 from gateway.errors import InvalidRequest, NotFound
-from policies import keys as rk
+from gateway.metering.accounts import lock_account
+from gateway.teams.alerts import AlertWorker
+from policies import keyspace as rk
 from policies import subscriptions as subs
 from policies.periods import period_of
 

@@ -10,7 +10,7 @@ is answered runs before that client's next hold. Everything else (management wri
 writer, pub/sub) stays on redis-py.
 
 Errors: a lost or refused connection fails every waiting call with :class:`ConnectionError`, a
-silent server with :class:`TimeoutError` (both ``OSError``: :func:`gateway.metering.guarded`
+silent server with :class:`TimeoutError` (both ``OSError``: :func:`gateway.metering.meter.guarded`
 turns them into 503); the connection is re-opened on the next call. An error reply raises
 :class:`ScriptError`, except ``NOSCRIPT``, which loads the script and retries once.
 """

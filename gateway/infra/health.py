@@ -10,10 +10,10 @@ import orjson
 from aiohttp import web
 
 from gateway import state as S
-from gateway.auth import bearer
-from gateway.db import migrations_pending
+from gateway.credentials import bearer
 from gateway.errors import AuthenticationFailed
-from gateway.metrics import CONTENT_TYPE
+from gateway.infra.db import migrations_pending
+from gateway.infra.metrics import CONTENT_TYPE
 
 
 def _json(body: dict[str, object], status: int = 200) -> web.Response:

@@ -29,8 +29,8 @@ import orjson
 from redis.asyncio import Redis
 
 from gateway.config import Config
-from gateway.scripts import Scripts
-from policies import keys as rk
+from gateway.metering.scripts import Scripts
+from policies import keyspace as rk
 from policies.limits import effective_enforcement, effective_member_limit
 from policies.periods import period_of
 

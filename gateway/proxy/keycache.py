@@ -1,5 +1,4 @@
-"""Who is calling: API keys on the proxy, session tokens on the management API, the operator
-token on ``/admin``.
+"""The proxy's cache of API keys.
 
 API keys are looked up by their SHA-256 (the only form stored) and cached in the process. The
 cache never decides whether a key is still valid: the hold script checks the key against its
@@ -12,52 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 
 import asyncpg
-from aiohttp import web
 from redis.asyncio import Redis
 
+from gateway.credentials import hash_secret
 from gateway.errors import AuthenticationFailed
-from policies import apikeys
-from policies import keys as rk
+from policies import key_format
+from policies import keyspace as rk
 
 log = logging.getLogger("modelbridge.auth")
 
 NEGATIVE_TTL_S = 10.0
 CACHE_MAX = 100_000
-
-
-def hash_secret(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
-
-
-def new_api_key() -> str:
-    body = "".join(secrets.choice(apikeys.BASE62) for _ in range(apikeys.BODY_LEN))
-    return apikeys.format_key(body)
-
-
-def new_token() -> str:
-    """A session, invitation or link token: 256 random bits, URL-safe."""
-    return secrets.token_urlsafe(32)
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(10)}"
-
-
-def bearer(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization")
-    if header:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-    return request.headers.get("x-api-key")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +70,7 @@ class KeyCache:
         info = self._by_hash.get(digest)
         if info is not None:  # a cached key was well formed
             return info
-        if not apikeys.well_formed(secret):  # refuse made-up keys without a lookup
+        if not key_format.well_formed(secret):  # refuse made-up keys without a lookup
             raise AuthenticationFailed("Incorrect API key provided.")
         miss = self._unknown.get(digest)
         if miss is not None and miss > time.monotonic():
@@ -166,9 +136,3 @@ class KeyCache:
             except Exception as exc:  # Redis away: the hold check still guards revocation
                 log.warning("key invalidation listener: %s", exc)
                 await asyncio.sleep(1.0)
-
-
-def check_admin(request: web.Request, admin_token: str) -> None:
-    token = bearer(request) or ""
-    if not admin_token or not hmac.compare_digest(token.encode(), admin_token.encode()):
-        raise AuthenticationFailed("operator token required", code="invalid_admin_token")

@@ -1,0 +1,1 @@
+"""Infrastructure: the database and migrations, embedded stores, metrics, health."""

@@ -1,0 +1,1 @@
+"""Team domain code: billing, alerts, mail. No aiohttp.web here."""
