@@ -11,7 +11,7 @@ data (restarted without persistence, flushed) rebuilds itself account by account
   = a member's spend in the same team billed to the other account (billing mode switched)
 * policy (limits, enforcement, discount, blocked models) and active keys from their tables; a
   user account also gets the team keys and mirrored team policies of every team where the user
-  bills personally (scope = team id, see policies/keys.py)
+  bills personally (scope = team id, see policies/keyspace.py)
 
 Every writer of an account's state (management API, operator credits, this loader) holds the
 account's PostgreSQL advisory lock for the length of its transaction, so a rebuild can never
@@ -148,7 +148,7 @@ class Accounts:
         self, conn: asyncpg.Connection, user_id: str, cfg: dict[str, str], keys: dict[str, str]
     ) -> list[tuple[str, list[str]]]:
         """Teams where the user bills personally: their team keys, and the team's policies
-        mirrored under scope <team id> (policies/keys.py). Returns (team id, blocked models)."""
+        mirrored under scope <team id> (policies/keyspace.py). Returns (team id, blocked models)."""
         teams = await conn.fetch(
             "SELECT m.team_id, m.monthly_limit, m.limit_set, m.enforcement, t.default_member_limit,"
             " t.default_enforcement, t.model_restrictions FROM memberships m JOIN teams t ON t.id = m.team_id"
@@ -221,7 +221,7 @@ class Accounts:
         )
         counters.update(req=_n(total["req"]), spend=_n(total["spend"]), aspent=_n(total["aspent"]))
         # A request's member scope: the user in a team account; in a user account the team of
-        # a team key billed personally, else the user (policies/keys.py).
+        # a team key billed personally, else the user (policies/keyspace.py).
         scope = "user_id" if account.startswith("t_") else "coalesce(team_id, user_id)"
         for column, prefix in ((scope, "ms:"), ("key_id", "ks:"), ("model", "mo:")):
             rows = await conn.fetch(

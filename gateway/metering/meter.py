@@ -48,7 +48,7 @@ class HoldAsk:
     scope: str
     model: str
     worst_list_cost: int
-    blocked_scope: str = ""  # see policies/keys.py
+    blocked_scope: str = ""  # see policies/keyspace.py
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ class KeyInfo:
     user_id: str
     team_id: str | None
     account: str  # the billing account: t_<team> or u_<user>
-    scope: str  # member scope within the account (see policies/keys.py)
+    scope: str  # member scope within the account (see policies/keyspace.py)
     blocked_scope: str = ""  # the account's blocked-model set to check ("" = the account's own)
 
 

@@ -6,7 +6,7 @@ KEYS[2]  {acct:A}:p:<period>   period hash: alw, aspent, spend, ms:<scope>, mx:<
 KEYS[3]  {acct:A}:cfg          policy hash: limit, dml, den, disc, ml:<scope>, me:<scope>
 KEYS[4]  {acct:A}:keys         key id -> member scope (the keys allowed to bill A)
 KEYS[5]  {acct:A}:blk:<scope>  set of blocked model names (scope: "" or, in a user account, the
-                               team whose keys bill it personally: policies/keys.py)
+                               team whose keys bill it personally: policies/keyspace.py)
 KEYS[6]  {acct:A}:hz           hold id -> expiry (unix s)
 KEYS[7]  {acct:A}:hv           hold id -> "<amount>|<scope>"
 KEYS[8]  {acct:A}:alerts       alert stream (a limit refusal counts as reaching 100 % of it)
