@@ -20,7 +20,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from gateway.cli import stop_writer
 from gateway.config import parse_config
-from gateway.metrics import Metrics
+from gateway.infra.metrics import Metrics
 from tests.debian import ensure_binary
 
 ROOT = Path(__file__).resolve().parents[1]
