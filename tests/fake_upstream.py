@@ -1,7 +1,8 @@
 """A small, faithful fake of the OpenAI HTTP API, for the gateway's tests and benchmark.
 
 Endpoints (under ``/v1``): ``POST /chat/completions``, ``POST /completions`` (legacy),
-``POST /embeddings``, ``GET /models``, ``GET /models/{id}``; any other path is OpenAI's 404
+``POST /embeddings``, ``POST /responses`` (the Responses API, plain and typed-event SSE: see
+``tests.fake_responses``), ``GET /models``, ``GET /models/{id}``; any other path is OpenAI's 404
 ``Invalid URL (METHOD /path)``. Errors use OpenAI's envelope ``{"error": {"message", "type",
 "param", "code"}}``. With ``api_key`` set, a request without ``Authorization: Bearer <api_key>``
 gets OpenAI's 401 (wrong key: ``code: invalid_api_key``) and consumes no queued behaviour.
@@ -29,7 +30,11 @@ reasoning_tokens [0]; finish_reason [None: stop/length]; delay_s [0, before answ
 chunk_delay_s [0, before each SSE event but the first]; hang [False: never answer, until the
 client goes away]; omit_usage [False: send no usage at all, even when asked]; drop_after [None:
 close the connection after that many SSE events, before ``[DONE]``; a non-streaming request gets
-no response at all]; headers [{}: extra response headers].
+no response at all]; headers [{}: extra response headers]; tool_calls [(): function calls
+``{"name", "arguments"}`` (arguments a dict or JSON text) answered after the content, finish_reason
+``tool_calls``; each counts one completion token]; malformed [False: a plain answer is cut JSON
+(status 200), a stream's second event is not JSON]; fail_response [False: a Responses stream ends
+with ``response.failed``, a plain one has status ``failed``].
 
 Each POST request takes the next ``fake.next(**kw)`` queued overrides (else none) on top of
 ``fake.default`` (``fake.set_default(**kw)``), then the JSON of its ``x-fake-behaviour`` header,
@@ -64,6 +69,8 @@ import orjson
 import uvloop
 from aiohttp import web
 from multidict import CIMultiDict
+
+from tests import fake_responses
 
 DEFAULT_PIECES: tuple[str, ...] = ("Hello", " from", " the", " fake", " upstream", ".")
 DEFAULT_MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-3.5-turbo-instruct", "text-embedding-3-small")
@@ -103,6 +110,13 @@ class Behaviour:
     omit_usage: bool = False
     drop_after: int | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    tool_calls: Sequence[Mapping[str, Any]] = ()
+    malformed: bool = False
+    fail_response: bool = False
+
+
+MALFORMED_BODY = b'{"id": "chatcmpl-cut", "object": "chat.completion", "choices": [{"ind'
+MALFORMED_EVENT = b'{"id": "chatcmpl-cut", "choices": [{"delta": {"content": "x'
 
 
 @dataclass
@@ -192,6 +206,7 @@ class _Plan:
     pieces: list[str]
     finish: str
     usage: dict[str, Any] | None
+    tool_calls: Sequence[Mapping[str, Any]] = ()
     id: str = field(default_factory=lambda: secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -200,10 +215,23 @@ class _Plan:
                 "created": self.created, "model": self.model,
                 "system_fingerprint": FINGERPRINT, "choices": choices}  # fmt: skip
 
+    def _calls(self, streamed: bool) -> list[dict[str, Any]]:
+        calls = []
+        for index, call in enumerate(self.tool_calls):
+            args = call.get("arguments", {})
+            text = args if isinstance(args, str) else orjson.dumps(args).decode()
+            fn = {"name": call["name"], "arguments": "" if streamed else text}
+            entry = {"id": f"call_{self.id}_{index}", "type": "function", "function": fn}
+            calls.append({"index": index, **entry} if streamed else entry)
+        return calls
+
     def body(self) -> dict[str, Any]:
         text = "".join(self.pieces)
         if self.chat:
-            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            content = text if text or not self.tool_calls else None
+            message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+            if self.tool_calls:
+                message["tool_calls"] = self._calls(streamed=False)
             message["annotations"] = []
             choice: dict[str, Any] = {"index": 0, "message": message}
         else:
@@ -216,6 +244,12 @@ class _Plan:
         if self.chat:
             deltas: list[dict[str, Any]] = [{"role": "assistant", "content": "", "refusal": None}]
             deltas += [{"content": p} for p in self.pieces]
+            for call, full in zip(self._calls(True), self._calls(False), strict=True):
+                more = {
+                    "index": call["index"],
+                    "function": {"arguments": full["function"]["arguments"]},
+                }
+                deltas += [{"tool_calls": [call]}, {"tool_calls": [more]}]
             choices: list[dict[str, Any]] = [
                 {"index": 0, "delta": d, "logprobs": None} for d in [*deltas, {}]
             ]
@@ -287,6 +321,7 @@ class FakeUpstream:
         app.router.add_post("/v1/chat/completions", self._generate)
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/responses", self._responses)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model:.+}", self._models)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
@@ -360,7 +395,7 @@ class FakeUpstream:
             elif beh.error_body is not None:
                 resp = _json(beh.error_body, beh.status, beh.headers)
             else:
-                resp = error_response(beh.status)
+                resp = self.error_for(beh.status)
                 resp.headers.update(beh.headers)
             raise _Reply(resp)
         if beh.drop_after is not None and not stream:
@@ -391,22 +426,65 @@ class FakeUpstream:
         stream = bool(body.get("stream"))
         beh = self._behaviour(request, markers, pop=True)
         await self._prelude(request, beh, stream)
-        pieces, finish = list(beh.content_pieces), "stop"
+        pieces, finish = list(beh.content_pieces), "tool_calls" if beh.tool_calls else "stop"
         limit = body.get("max_completion_tokens") if chat else None
         limit = body.get("max_tokens") if limit is None else limit
         if isinstance(limit, int) and len(pieces) > limit:
             pieces, finish = pieces[:limit], "length"
         completion = beh.completion_tokens
         if completion is None:
-            completion = len(pieces) + beh.reasoning_tokens
+            completion = len(pieces) + len(beh.tool_calls) + beh.reasoning_tokens
         prompt = prompt if beh.prompt_tokens is None else beh.prompt_tokens
         usage = None if beh.omit_usage else _usage(prompt, completion, beh)
-        plan = _Plan(chat, str(body["model"]), pieces, beh.finish_reason or finish, usage)
+        model = str(body["model"])
+        plan = _Plan(chat, model, pieces, beh.finish_reason or finish, usage, beh.tool_calls)
         headers = {"x-request-id": "req_" + plan.id, **beh.headers}
         if not stream:
-            return _json(plan.body(), headers=headers)
+            if beh.malformed:
+                return web.Response(body=MALFORMED_BODY, content_type="application/json")
+            return _json(self.decorate(plan.body()), headers=headers)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return await _stream(request, plan.events(include_usage), beh, headers)
+        events = [*self.stream_prefix(), *plan.events(include_usage)]
+        return await _stream(request, events, beh, headers)
+
+    def error_for(self, status: int) -> web.Response:
+        """Hook: the provider's error answer for a behaviour's ``status``."""
+        return error_response(status)
+
+    def decorate(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Hook: what a provider adds to a plain chat answer (Azure: content filter results)."""
+        return body
+
+    def stream_prefix(self) -> list[bytes]:
+        """Hook: events a provider sends before the first chunk of a chat stream."""
+        return []
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        body = self._parse(request, "model", "input")
+        markers: list[str] = []
+        prompt = fake_responses.input_tokens(body, lambda text: _words(text, markers))
+        stream = bool(body.get("stream"))
+        beh = self._behaviour(request, markers, pop=True)
+        await self._prelude(request, beh, stream)
+        pieces, status = list(beh.content_pieces), "failed" if beh.fail_response else "completed"
+        limit = body.get("max_output_tokens")
+        if isinstance(limit, int) and len(pieces) > limit:
+            pieces, status = pieces[:limit], "incomplete"
+        completion = beh.completion_tokens
+        if completion is None:
+            completion = len(pieces) + len(beh.tool_calls) + beh.reasoning_tokens
+        prompt = prompt if beh.prompt_tokens is None else beh.prompt_tokens
+        usage = fake_responses.usage(prompt, completion, beh.cached_tokens, beh.reasoning_tokens)
+        model = str(body["model"])
+        plan = fake_responses.ResponsePlan(
+            body, model, pieces, beh.tool_calls, None if beh.omit_usage else usage, status
+        )
+        headers = {"x-request-id": "req_" + plan.id, **beh.headers}
+        if not stream:
+            if beh.malformed:
+                return web.Response(body=MALFORMED_BODY, content_type="application/json")
+            return _json(plan.body(), headers=headers)
+        return await _stream(request, plan.events(), beh, headers, typed=True)
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         body = self._parse(request, "model", "input")
@@ -464,20 +542,31 @@ def _drop(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
 
 
 async def _stream(
-    request: web.Request, events: list[bytes], beh: Behaviour, headers: dict[str, str]
+    request: web.Request,
+    events: list[bytes],
+    beh: Behaviour,
+    headers: Mapping[str, str],
+    *,
+    typed: bool = False,
 ) -> web.StreamResponse:
+    """Write ``events`` one by one; ``typed`` events carry their own ``event:`` line and the
+    stream ends without ``[DONE]`` (Responses API, Anthropic)."""
     resp = web.StreamResponse(headers={"Cache-Control": "no-cache", **headers})
     resp.content_type, resp.charset = "text/event-stream", "utf-8"
     await resp.prepare(request)
+    if beh.malformed:
+        bad = b"data: " + MALFORMED_EVENT
+        events = [*events[:1], b"event: bad\n" + bad if typed else MALFORMED_EVENT, *events[1:]]
     for i, event in enumerate(events):
         if beh.drop_after is not None and i >= beh.drop_after:
             return _drop(request, resp)
         if i and beh.chunk_delay_s:
             await asyncio.sleep(beh.chunk_delay_s)
-        await resp.write(b"data: " + event + b"\n\n")
+        await resp.write(event + b"\n\n" if typed else b"data: " + event + b"\n\n")
     if beh.drop_after is not None:
         return _drop(request, resp)
-    await resp.write(b"data: [DONE]\n\n")
+    if not typed:
+        await resp.write(b"data: [DONE]\n\n")
     return resp
 
 
