@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import secrets
+from pathlib import Path
 
 import aiohttp
+import asyncpg
 
 from gateway.config import MetricsConfig
-from tests.conftest import ADMIN_TOKEN, Gateway, gateway_config, start_gateway
+from gateway.infra.stores import Stores, StoreURLs
+from tests.conftest import ADMIN_TOKEN, Gateway, _with_database, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, eventually
 from tests.test_processes import metric
@@ -94,3 +98,44 @@ async def test_team_labels_only_when_configured(
         assert metric(text, "modelbridge_spend_usd_total", team=team["id"]) > 0
     finally:
         await runner.cleanup()
+
+
+async def test_store_up_follows_each_store(
+    tmp_path: Path, fake: FakeUpstream, store_urls: StoreURLs, http: aiohttp.ClientSession
+) -> None:
+    """A gateway on a Redis and a database of its own: ``modelbridge_store_up`` is 1 for both,
+    then 0 for Redis once it is stopped (and ``/readyz`` names it), then 0 for PostgreSQL once
+    the database refuses connections."""
+    name = f"mbtest_up_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(store_urls.database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    stores = Stores(tmp_path, _with_database(store_urls.database_url, name), None)
+    urls = stores.start()  # a Redis of its own
+    gw, runner = await start_gateway(
+        gateway_config(fake.base_url), urls.database_url, urls.redis_url
+    )
+    try:
+        text = await scrape(http, gw.base)
+        assert metric(text, "modelbridge_store_up", store="redis") == 1
+        assert metric(text, "modelbridge_store_up", store="postgresql") == 1
+
+        stores.stop()
+        text = await scrape(http, gw.base)
+        assert metric(text, "modelbridge_store_up", store="redis") == 0
+        assert metric(text, "modelbridge_store_up", store="postgresql") == 1
+        async with http.get(gw.base + "/readyz") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["down"] == ["redis: ConnectionError"]
+
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+        text = await scrape(http, gw.base)
+        assert metric(text, "modelbridge_store_up", store="redis") == 0
+        assert metric(text, "modelbridge_store_up", store="postgresql") == 0
+    finally:
+        await runner.cleanup()
+        stores.stop()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

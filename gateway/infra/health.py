@@ -53,8 +53,15 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """The merged metrics; first the stores are checked as for ``/readyz``, so that
+    ``modelbridge_store_up`` is as fresh as the scrape."""
     token = request.app[S.CONFIG].metrics.token()
     if token and not hmac.compare_digest((bearer(request) or "").encode(), token.encode()):
         raise AuthenticationFailed("metrics token required", code="invalid_metrics_token")
-    body = request.app[S.METRICS].render()
+    problems = await asyncio.gather(_check_redis(request.app), _check_db(request.app))
+    found = request.app[S.METRICS]
+    for store, problem in zip(("redis", "postgresql"), problems, strict=True):
+        down = problem is not None and problem.startswith(store + ":")
+        found.child(found.store_up, store).set(0 if down else 1)
+    body = found.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -92,6 +92,13 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=None,
         )
+        self.store_up = Gauge(
+            "modelbridge_store_up",
+            "1 when the store (redis, postgresql) answered this gateway at the last scrape, else 0",
+            ("store",),
+            multiprocess_mode="mostrecent",
+            registry=None,
+        )
         self.usage_pending = Gauge(
             "modelbridge_usage_events_pending", "Usage records accepted but not yet in PostgreSQL",
             multiprocess_mode="mostrecent", registry=None,
