@@ -22,10 +22,19 @@ key                    type    contents
 {acct:A}:rid:<req id>  string  settle marker (idempotency), expires after a day
 {acct:A}:usage         stream  usage records waiting for the PostgreSQL writer
 {acct:A}:alerts        stream  limit alerts (thresholds crossed) waiting for the alert worker
-mb:usage:streams       set     names of every account's usage stream (for the writer)
+mb:usage:streams:{rN}  set     names of the usage streams of the accounts whose slot is N
+                               modulo 16 (for the writer): 16 registry shards
 mb:keys:invalidate     pubsub  key ids whose cached auth entries must be dropped
 mb:seq:invalidate      string  counter bumped on every invalidation (cache epoch)
 =====================  ======  ================================================================
+
+Redis Cluster. A multi-key command (a script, MULTI, XREADGROUP over several streams) may only
+name keys of one slot. Account keys share their account's slot (:func:`account_slot`). The few
+keys outside an account are each used alone: the usage stream registry is split in shards with
+hash tags of their own (``{r0}`` .. ``{r15}``, spread over the masters), read one SMEMBERS per
+shard and added to with single SADDs; a registry shard lost in a failover is rebuilt by the
+writer's periodic scan of every master. ``mb:keys:invalidate`` is a classic pub/sub channel,
+which a cluster broadcasts to every node, and ``mb:seq:invalidate`` a lone counter.
 
 Member scopes. In a team account ``t_T`` the scope of a request is the member's user id. In a
 user account ``u_X`` it is ``X`` for the user's personal keys, and the team id ``T`` for X's team
@@ -38,12 +47,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-USAGE_STREAMS = "mb:usage:streams"
+from policies.slots import key_slot
+
+USAGE_REGISTRY_SHARDS = 16
 INVALIDATE_CHANNEL = "mb:keys:invalidate"
 INVALIDATE_SEQ = "mb:seq:invalidate"
 USAGE_GROUP = "usage-writers"
 PERIOD_TTL_S = 100 * 24 * 3600
 RID_TTL_S = 24 * 3600
+
+
+def account_slot(account: str) -> int:
+    """The Redis Cluster slot of every key of ``account``."""
+    return key_slot(f"acct:{account}")
+
+
+def usage_registry(account: str) -> str:
+    """The registry shard that lists ``account``'s usage stream."""
+    return usage_registry_shard(account_slot(account) % USAGE_REGISTRY_SHARDS)
+
+
+def usage_registry_shard(shard: int) -> str:
+    return f"mb:usage:streams:{{r{shard}}}"
+
+
+def usage_registries() -> list[str]:
+    return [usage_registry_shard(n) for n in range(USAGE_REGISTRY_SHARDS)]
 
 
 def team_account(team_id: str) -> str:

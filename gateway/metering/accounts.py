@@ -102,7 +102,7 @@ class Accounts:
         both are gone, and every account passes through ``load`` first)."""
         stream = rk.AccountKeys(account).usage_stream
         pipe = self.redis.pipeline(transaction=False)
-        pipe.sadd(rk.USAGE_STREAMS, stream)
+        pipe.sadd(rk.usage_registry(account), stream)
         pipe.xgroup_create(stream, rk.USAGE_GROUP, id="0", mkstream=True)
         try:
             await pipe.execute()

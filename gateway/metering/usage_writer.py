@@ -136,14 +136,23 @@ class UsageWriter:
         if now - self._last_scan >= self.scan_every_s:
             self._last_scan = now
             await self.discover()
-        return sorted(str(s) for s in await self.redis.smembers(rk.USAGE_STREAMS))
+        pipe = self.redis.pipeline(transaction=False)
+        for registry in rk.usage_registries():
+            pipe.smembers(registry)
+        return sorted({str(s) for members in await pipe.execute() for s in members})
 
     async def discover(self) -> None:
         """Register usage streams missing from the registry (a stream written after Redis lost
-        the registry, before its account was loaded again)."""
-        found = [key async for key in self.redis.scan_iter(match="{acct:*}:usage", count=1000)]
+        its registry shard, before its account was loaded again). On a cluster the scan visits
+        every master."""
+        found: dict[str, list[str]] = {}
+        async for key in self.redis.scan_iter(match="{acct:*}:usage", count=1000):
+            found.setdefault(rk.usage_registry(rk.account_of_stream(key)), []).append(key)
         if found:
-            await self.redis.sadd(rk.USAGE_STREAMS, *found)
+            pipe = self.redis.pipeline(transaction=False)
+            for registry, streams in found.items():
+                pipe.sadd(registry, *streams)
+            await pipe.execute()
 
     async def step(self) -> int:
         streams = await self.streams()
