@@ -38,6 +38,7 @@ from gateway.proxy.front import Fronts
 from gateway.proxy.keycache import KeyCache
 from gateway.proxy.tokens import TokenCounter
 from gateway.teams import billing
+from gateway.teams.alerts import WebhookGuard
 from gateway.upstream.upstreams import Upstreams
 from policies.holds import hold_ttl
 
@@ -155,6 +156,7 @@ def build_app(
     app[S.REQUEST_IDS] = S.RequestIds()
     app[S.METRICS] = Metrics(team_labels=config.metrics.team_labels)
     app[S.FRONTS] = Fronts()
+    app[S.WEBHOOKS] = WebhookGuard(config.alerts.allow_private_urls)
     app.on_shutdown.append(front.on_shutdown)
     app.cleanup_ctx.extend([_stores, _metering, _upstreams])
     if usage_writer:

@@ -94,6 +94,13 @@ class InvitationsConfig:
 
 
 @dataclass(frozen=True)
+class AlertsConfig:
+    # Webhooks may reach loopback, private, link-local and metadata addresses (a test receiver,
+    # an intranet): off by default, as a team admin could otherwise aim the gateway inside.
+    allow_private_urls: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
@@ -102,6 +109,7 @@ class Config:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     invitations: InvitationsConfig = field(default_factory=InvitationsConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
     @property
     def public_url(self) -> str:
@@ -115,6 +123,7 @@ _SCALAR_SECTIONS: dict[str, tuple[type, dict[str, str]]] = {
     "smtp": (SmtpConfig, {"from": "from_addr"}),
     "metrics": (MetricsConfig, {"token": "token_env"}),
     "invitations": (InvitationsConfig, {}),
+    "alerts": (AlertsConfig, {}),
 }
 _TOP_KEYS = {*_SCALAR_SECTIONS, "upstreams", "models", "plans"}
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from gateway.proxy.front import Fronts
     from gateway.proxy.keycache import KeyCache
     from gateway.proxy.tokens import TokenCounter
-    from gateway.teams.alerts import AlertWorker
+    from gateway.teams.alerts import AlertWorker, WebhookGuard
     from gateway.upstream.upstreams import Upstreams
 
 
@@ -81,3 +81,4 @@ UPSTREAMS: web.AppKey[Upstreams] = web.AppKey("upstreams")
 TOKENS: web.AppKey[TokenCounter] = web.AppKey("tokens")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 ALERTS: web.AppKey[AlertWorker] = web.AppKey("alerts")
+WEBHOOKS: web.AppKey[WebhookGuard] = web.AppKey("webhooks")

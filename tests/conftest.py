@@ -130,6 +130,7 @@ def gateway_config(upstream_url: str, **server: Any) -> Config:
             "starter": {"seat_price": 10.00, "included_usage_per_seat": 2.00},
             "pro": {"seat_price": 20.00, "included_usage_per_seat": 5.00},
         },
+        "alerts": {"allow_private_urls": True},  # the webhook receivers listen on loopback
     }
     os.environ["MB_TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
     return parse_config(raw, {})

@@ -4,7 +4,7 @@ and period, retried with backoff, delivered at least once, from a PostgreSQL out
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -12,8 +12,10 @@ import asyncpg
 import orjson
 import pytest
 from redis.asyncio import Redis
+from yarl import URL
 
 from gateway import state as S
+from gateway.teams.alerts import system_lookup
 from policies import keyspace as rk
 from policies.periods import period_of
 from tests.billing_support import (
@@ -25,7 +27,7 @@ from tests.billing_support import (
     usd,
     verify,
 )
-from tests.conftest import Gateway
+from tests.conftest import Gateway, free_port
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, Session, eventually
 
@@ -269,3 +271,162 @@ async def test_deleted_webhooks_receive_nothing(
         assert other.deliveries == [] and other.answered == []
     finally:
         await other.stop()
+
+
+class ScriptedDns:
+    """DNS answers set by the test (the outside world's DNS is the one fake here); names it has
+    no answer for go to the system resolver (``localhost``, ``2130706433``)."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, list[str]] = {}
+        self.asked: list[tuple[str, int]] = []
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.asked.append((host, port))
+        if host in self.answers:
+            return self.answers[host]
+        return await system_lookup(host, port)
+
+
+@pytest.fixture
+def strict(gateway: Gateway) -> Iterator[ScriptedDns]:
+    """The gateway as deployed: private addresses refused (``alerts.allow_private_urls`` off),
+    with DNS scripted by the test."""
+    guard = gateway.app[S.WEBHOOKS]
+    dns = ScriptedDns()
+    saved = (guard.allow_private, guard.lookup)
+    guard.allow_private, guard.lookup = False, dns
+    try:
+        yield dns
+    finally:
+        guard.allow_private, guard.lookup = saved
+
+
+async def queue_alert(gateway: Gateway, redis: Redis, team_id: str, user_id: str) -> None:
+    """An 80 % team alert queued as a settle queues it, collected and sent at once."""
+    account = rk.team_account(team_id)
+    entry = {
+        "kind": "team", "scope": user_id, "threshold": "80", "limit": "1000000000",
+        "spend": "800000000", "enforcement": "hard", "trigger": "spend", "period": "2031-02",
+        "at": "1924992000",
+    }  # fmt: skip
+    await redis.xadd(rk.AccountKeys(account).alerts, entry)
+    worker = gateway.app[S.ALERTS]
+    await worker.collect([account])
+    await worker.deliver_due()
+
+
+async def delivery_statuses(api: Api, owner: Session, team_id: str) -> list[dict[str, Any]]:
+    _, alerts = await api.call("GET", f"/api/teams/{team_id}/alerts", session=owner, expect=200)
+    return [d for a in alerts["data"] for d in a["deliveries"]]
+
+
+async def give_up(db: asyncpg.Connection, team_id: str) -> None:
+    """Stop the retries of a test's deliveries (the worker outlives the test)."""
+    await db.execute(
+        "UPDATE alert_deliveries d SET failed_at = now() FROM alert_events e"
+        " WHERE e.id = d.event_id AND e.team_id = $1 AND d.delivered_at IS NULL",
+        team_id,
+    )
+
+
+async def test_webhook_urls_must_reach_public_addresses(
+    api: Api, strict: ScriptedDns, db: asyncpg.Connection
+) -> None:
+    owner = await api.signup()
+    tid = (await api.team(owner))["id"]
+    path = f"/api/teams/{tid}/webhooks"
+    strict.answers = {
+        "hooks.partner.test": ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"],
+        "split.partner.test": ["93.184.216.34", "10.0.0.7"],
+        "internal.partner.test": ["192.168.1.20"],
+        "imds.partner.test": ["169.254.169.254"],
+        "gone.partner.test": [],
+    }
+    refused = [
+        "http://127.0.0.1:9/hook", "http://127.1.2.3/", "http://[::1]:8080/",
+        "http://[::ffff:127.0.0.1]/", "http://[::ffff:169.254.169.254]/latest/meta-data",
+        "http://169.254.169.254/latest/meta-data/", "http://10.1.2.3/", "http://172.20.0.1/",
+        "http://192.168.0.1/", "http://100.64.0.1/", "http://0.0.0.0:8080/", "http://[::]/",
+        "http://[fe80::1]/", "http://[fd00:ec2::254]/", "http://224.0.0.1/",
+        "http://168.63.129.16/", "http://localhost:8080/", "http://2130706433/",
+        "https://split.partner.test/", "https://internal.partner.test/",
+        "https://imds.partner.test/", "https://gone.partner.test/",
+        "https://no-such-host.invalid/",
+    ]  # fmt: skip
+    for url in refused:
+        status, body = await api.call("POST", path, session=owner, json={"url": url})
+        assert (status, body["error"]["code"], body["error"]["param"]) == (
+            400,
+            "url_not_allowed",
+            "url",
+        ), url
+        assert body["error"]["message"] == "'url' must resolve to a public address", url
+    for url in ("https://hooks.partner.test/a?x=1", "https://93.184.216.34/hook"):
+        await api.call("POST", path, session=owner, json={"url": url}, expect=201)
+    assert ("hooks.partner.test", 443) in strict.asked
+    assert await db.fetchval("SELECT count(*) FROM webhooks WHERE team_id = $1", tid) == 2
+
+
+async def test_delivery_checks_the_address_again_and_connects_to_what_it_checked(
+    gateway: Gateway, api: Api, strict: ScriptedDns, receiver: Receiver, redis: Redis,
+    db: asyncpg.Connection,
+) -> None:  # fmt: skip
+    """DNS rebinding: the host resolved to a public address when the webhook was set, and to
+    loopback (where the receiver listens) when the alert is sent; a URL stored before the check
+    existed is refused too. The receiver hears nothing."""
+    owner = await api.signup()
+    tid = (await api.team(owner))["id"]
+    port = URL(receiver.url).port
+    strict.answers["rebind.partner.test"] = ["93.184.216.34"]
+    await webhook(api, owner, tid, f"http://rebind.partner.test:{port}/hook")
+    await db.execute(
+        "INSERT INTO webhooks (id, team_id, url, created_by) VALUES ('wh_legacy', $1, $2, $3)",
+        tid,
+        receiver.url,
+        owner.user["id"],
+    )
+    strict.answers["rebind.partner.test"] = ["127.0.0.1"]
+    strict.asked.clear()
+    try:
+        await queue_alert(gateway, redis, tid, owner.user["id"])
+        shown = await eventually(
+            lambda: delivery_statuses(api, owner, tid),
+            lambda ds: len(ds) == 2 and all(d["attempts"] for d in ds),
+        )
+    finally:
+        await give_up(db, tid)
+    assert [d["status"] for d in shown] == ["refused: private address"] * 2
+    assert receiver.answered == []
+    # One resolution for the one connection attempt: what was checked is what it would connect to.
+    assert strict.asked == [("rebind.partner.test", port)]
+
+
+async def test_admins_see_a_short_status_never_the_error(
+    gateway: Gateway, api: Api, receiver: Receiver, redis: Redis, db: asyncpg.Connection
+) -> None:
+    owner = await api.signup()
+    tid = (await api.team(owner))["id"]
+    closed = free_port()
+    receiver.statuses = [500] * 100
+    await webhook(api, owner, tid, f"http://127.0.0.1:{closed}/hook")
+    await webhook(api, owner, tid, receiver.url)
+    try:
+        await queue_alert(gateway, redis, tid, owner.user["id"])
+        shown = await eventually(
+            lambda: delivery_statuses(api, owner, tid),
+            lambda ds: len(ds) == 2 and all(d["status"] != "pending" for d in ds),
+        )
+    finally:
+        await give_up(db, tid)
+    assert [(d["status"], d["attempts"]) for d in shown] == [
+        ("connection failed", 1),
+        ("HTTP 500", 1),
+    ]
+    assert set(shown[0]) == {"webhook_id", "attempts", "delivered_at", "failed_at", "status"}
+    stored = await db.fetch(
+        "SELECT last_error FROM alert_deliveries d JOIN alert_events e ON e.id = d.event_id"
+        " WHERE e.team_id = $1 ORDER BY d.id",
+        tid,
+    )
+    assert [r["last_error"] for r in stored] == ["connection failed", ""]

@@ -34,7 +34,7 @@ from gateway.api.teams import TeamAccess, account_money, overview, team_access
 from gateway.credentials import new_id
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.metering.accounts import Accounts, lock_account
-from gateway.teams.alerts import new_secret
+from gateway.teams.alerts import WebhookGuard, new_secret, shown_status
 from gateway.teams.billing import change_subscription, renew, sync_team_policies
 from policies import keyspace as rk
 from policies.limits import ENFORCEMENTS
@@ -287,6 +287,19 @@ def url_field(body: dict[str, Any], name: str = "url") -> str:
     return value
 
 
+async def webhook_url_field(guard: WebhookGuard, body: dict[str, Any], name: str = "url") -> str:
+    """A webhook URL whose host resolves to public addresses only (unless the operator allows
+    private ones). Refused and unresolvable hosts get one answer: no oracle of the inside."""
+    value = url_field(body, name)
+    try:
+        await guard.check_url(value)
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest(
+            f"'{name}' must resolve to a public address", param=name, code="url_not_allowed"
+        ) from exc
+    return value
+
+
 def webhook_json(row: Any) -> dict[str, Any]:
     return {
         "id": row["id"],
@@ -300,7 +313,7 @@ def webhook_json(row: Any) -> dict[str, Any]:
 @routes.post("/api/teams/{team}/webhooks")
 async def create_webhook(request: web.Request) -> web.Response:
     access = await team_access(request, Action.MANAGE_POLICIES)
-    url = url_field(await read_body(request))
+    url = await webhook_url_field(request.app[S.WEBHOOKS], await read_body(request))
     async with request.app[S.DB].acquire() as conn, conn.transaction():
         await lock_account(conn, rk.team_account(access.team_id))
         active = await conn.fetchval(
@@ -356,6 +369,13 @@ async def delete_webhook(request: web.Request) -> web.Response:
     return json_response({"id": webhook_id, "deleted": True})
 
 
+def delivery_json(d: dict[str, Any]) -> dict[str, Any]:
+    """A delivery as admins see it: a short status, never the text of an error."""
+    status = shown_status(d["delivered_at"] is not None, d["last_status"], d["last_error"])
+    keep = ("webhook_id", "attempts", "delivered_at", "failed_at")
+    return {**{k: d[k] for k in keep}, "status": status}
+
+
 @routes.get("/api/teams/{team}/alerts")
 async def list_alerts(request: web.Request) -> web.Response:
     """The team's recent alert events and how their deliveries went."""
@@ -381,7 +401,7 @@ async def list_alerts(request: web.Request) -> web.Response:
                     "threshold": r["threshold"],
                     "limit_usd": usd(r["limit_amount"]),
                     "created_at": r["created_at"],
-                    "deliveries": orjson.loads(r["deliveries"]),
+                    "deliveries": [delivery_json(d) for d in orjson.loads(r["deliveries"])],
                 }
                 for r in rows
             ]

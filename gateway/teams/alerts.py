@@ -16,6 +16,13 @@ hash (once per period and limit value) and append it to the account's stream ``{
    and records success, or schedules the retry with exponential backoff until it gives up.
 
 Delivery is at least once: receivers dedupe on ``x-modelbridge-event-id``.
+
+A webhook URL is chosen by a team admin: :class:`WebhookGuard` keeps deliveries on the public
+internet (policies/addresses.py) unless ``alerts.allow_private_urls``. The URL's host is resolved
+and checked when the webhook is set and again at every delivery, by the resolver of the
+connection itself, so the address checked is the address connected to (a DNS answer that
+changes in between, "DNS rebinding", cannot swap it). Admins see a short outcome ("HTTP 500",
+"connection failed", "refused: private address"), never the text of an error.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ import hashlib
 import hmac
 import logging
 import secrets
+import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -35,9 +43,12 @@ from typing import Any
 import aiohttp
 import asyncpg
 import orjson
+from aiohttp.abc import AbstractResolver, ResolveResult
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from yarl import URL
 
+from policies import addresses
 from policies import alerts as policy
 from policies import keyspace as rk
 from policies.money import format_usd
@@ -57,6 +68,134 @@ def sign(secret: str, body: bytes) -> str:
 
 def new_secret() -> str:
     return "whsec_" + secrets.token_urlsafe(32)
+
+
+# --- where webhooks may go ------------------------------------------------------------------------
+#: What admins see of a delivery (``GET /api/teams/{team}/alerts``), besides "HTTP <status>".
+DELIVERED = "delivered"
+PENDING = "pending"
+REFUSED = "refused: private address"
+CONNECTION_FAILED = "connection failed"
+TIMED_OUT = "timed out"
+INVALID_RESPONSE = "invalid response"
+WEBHOOK_DELETED = "webhook deleted"
+OUTCOMES = frozenset(
+    {DELIVERED, PENDING, REFUSED, CONNECTION_FAILED, TIMED_OUT, INVALID_RESPONSE, WEBHOOK_DELETED}
+)
+
+
+class RefusedAddress(OSError):
+    """The host is, or resolves to, an address webhooks may not reach (the kind in ``args``)."""
+
+
+#: host, port -> the addresses the host resolves to (the system resolver; tests script it).
+Lookup = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def system_lookup(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+class WebhookGuard:
+    """Resolves and checks webhook hosts (``alerts.allow_private_urls`` lifts the check)."""
+
+    def __init__(self, allow_private: bool = False, lookup: Lookup = system_lookup) -> None:
+        self.allow_private = allow_private
+        self.lookup = lookup
+
+    def check_literal(self, host: str) -> None:
+        """Refuse a host written as a refused address (the connector takes a literal as is)."""
+        literal = _literal(host)
+        if literal is not None:
+            self._check([literal])
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        """The addresses to connect to for ``host``, all checked: refused when any is not
+        public. ``OSError`` when the host does not resolve."""
+        literal = _literal(host)
+        found = [literal] if literal is not None else await self.lookup(host, port)
+        if not found:
+            raise OSError(f"{host} has no address")
+        self._check(found)
+        return found
+
+    def _check(self, found: list[str]) -> None:
+        for address in found:
+            kind = addresses.refusal(address, allow_private=self.allow_private)
+            if kind is not None:
+                raise RefusedAddress(kind)
+
+    async def check_url(self, url: str) -> None:
+        """Set time: refuse a URL whose host is or resolves to a refused address (OSError)."""
+        if self.allow_private:
+            return
+        parsed = URL(url)
+        assert parsed.host is not None
+        await self.resolve(parsed.host, parsed.explicit_port or parsed.port or 0)
+
+    def resolver(self) -> AbstractResolver:
+        return _GuardedResolver(self)
+
+
+def _literal(host: str) -> str | None:
+    try:
+        return str(addresses.parse(host))
+    except ValueError:
+        return None
+
+
+class _GuardedResolver(AbstractResolver):
+    """aiohttp's connector connects to exactly what its resolver answers: the checked addresses."""
+
+    def __init__(self, guard: WebhookGuard) -> None:
+        self.guard = guard
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results: list[ResolveResult] = []
+        for address in await self.guard.resolve(host, port):
+            ip = addresses.parse(address)
+            results.append(
+                {
+                    "hostname": host,
+                    "host": str(ip),
+                    "port": port,
+                    "family": socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                    "proto": 0,
+                    "flags": socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+                }
+            )
+        return results
+
+    async def close(self) -> None:
+        return None
+
+
+def outcome(exc: BaseException) -> str:
+    """What admins are told of a failed attempt (the exception itself goes to the log only)."""
+    cause: BaseException | None = exc
+    while cause is not None:  # the connector wraps what its resolver raised
+        if isinstance(cause, RefusedAddress):
+            return REFUSED
+        cause = cause.__cause__
+    if isinstance(exc, TimeoutError):
+        return TIMED_OUT
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+        return INVALID_RESPONSE
+    return CONNECTION_FAILED
+
+
+def shown_status(delivered: bool, last_status: int | None, last_error: str) -> str:
+    """A delivery's status for admins: an outcome of :data:`OUTCOMES` or ``HTTP <status>``."""
+    if delivered:
+        return DELIVERED
+    if last_error in OUTCOMES:
+        return last_error
+    if last_status is not None:
+        return f"HTTP {last_status}"
+    return CONNECTION_FAILED if last_error else PENDING
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +281,7 @@ class AlertWorker:
         self,
         db: asyncpg.Pool,
         redis: Redis,
+        guard: WebhookGuard,
         *,
         poll_s: float = 1.0,
         sweep_s: float = 30.0,
@@ -152,6 +292,7 @@ class AlertWorker:
     ) -> None:
         self.db = db
         self.redis = redis
+        self.guard = guard
         self.poll_s = poll_s
         self.sweep_s = sweep_s
         self.timeout_s = timeout_s
@@ -176,7 +317,10 @@ class AlertWorker:
 
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
+        # No DNS cache: every new connection resolves through the guard, and connects only to
+        # what it answered. No proxies from the environment (trust_env is off).
+        connector = aiohttp.TCPConnector(resolver=self.guard.resolver(), use_dns_cache=False)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
             self._http = http
             last_sweep = float("-inf")
             while not self._stopping.is_set():
@@ -256,7 +400,7 @@ class AlertWorker:
 
     async def _deliver(self, row: asyncpg.Record) -> None:
         if row["deleted_at"] is not None or not row["secret"]:
-            await self._finish(row["id"], failed=True, error="webhook deleted")
+            await self._finish(row["id"], failed=True, error=WEBHOOK_DELETED)
             return
         body = row["body"].encode()
         headers = {
@@ -269,18 +413,20 @@ class AlertWorker:
         status, error = None, ""
         try:
             assert self._http is not None
+            url = URL(row["url"])
+            self.guard.check_literal(url.host or "")
             async with self._http.post(
-                row["url"], data=body, headers=headers, allow_redirects=False
+                url, data=body, headers=headers, allow_redirects=False
             ) as resp:
                 status = resp.status
                 await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            error = f"{type(exc).__name__}: {exc}"[:500]
+            error = outcome(exc)
+            log.info("webhook delivery %s: %s: %s", row["id"], error, exc)
         if status is not None and 200 <= status < 300:
             self.delivered += 1
             await self._finish(row["id"], status=status)
             return
-        error = error or f"HTTP {status}"
         if policy.gives_up(row["attempts"], self.max_attempts):
             log.warning(
                 "webhook delivery %s given up after %d attempts", row["id"], row["attempts"]

@@ -288,7 +288,7 @@ async def _renewals(app: web.Application) -> None:
 
 async def background(app: web.Application) -> AsyncIterator[None]:
     """``app.cleanup_ctx``: the alert worker (webhook deliveries) and the renewal sweep."""
-    worker = AlertWorker(app[S.DB], app[S.REDIS])
+    worker = AlertWorker(app[S.DB], app[S.REDIS], app[S.WEBHOOKS])
     app[S.ALERTS] = worker
     app[S.METERING].on_alert = worker.notify
     tasks = [
