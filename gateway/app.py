@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 
 import orjson
 from aiohttp import web
@@ -28,6 +29,7 @@ from gateway.infra import health
 from gateway.infra.db import create_pool, migrate
 from gateway.infra.metrics import Metrics
 from gateway.metering.accounts import Accounts
+from gateway.metering.journal import SettleJournal
 from gateway.metering.meter import Metering
 from gateway.metering.scriptclient import Endpoint, ScriptClient
 from gateway.metering.scripts import Scripts
@@ -107,10 +109,26 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
     scripts = Scripts(app[S.REDIS], fast)
     app[S.ACCOUNTS] = Accounts(config, app[S.DB], app[S.REDIS], scripts)
     longest = max((u.timeout_s for u in config.upstreams.values()), default=600.0)
-    app[S.METERING] = Metering(scripts, app[S.ACCOUNTS], hold_ttl(longest))
+    runtime = app[S.RUNTIME]
+    journal = SettleJournal(
+        Path(runtime.data_dir) / "journal" if runtime.data_dir else None,
+        f"w{runtime.worker_id}",
+        config.metering.journal_max,
+    )
+    journal.open()
+    metering = Metering(
+        scripts, app[S.ACCOUNTS], hold_ttl(longest, config.metering.hold_margin_s), journal
+    )
+    app[S.METERING] = metering
     app[S.KEYS] = KeyCache(app[S.DB], app[S.REDIS])
     await app[S.KEYS].start()
+    stop = asyncio.Event()
+    replaying = asyncio.create_task(metering.run(stop), name="settle-replay")
     yield
+    stop.set()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(replaying, timeout=5)
+    journal.close()
     await app[S.KEYS].stop()
     if fast is not None:
         await fast.close()

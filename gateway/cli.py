@@ -149,7 +149,7 @@ def serve(args: argparse.Namespace) -> None:
         prepare_multiproc_dir(
             directory / "metrics" if embedded else Path(f"/tmp/modelbridge-metrics-{os.getpid()}")
         )
-        runtime = Runtime(urls.database_url, urls.redis_url, token)
+        runtime = Runtime(urls.database_url, urls.redis_url, token, data_dir=str(directory))
         _banner(config, token, generated, directory)
         writer = spawn_writer(runtime)
         try:
@@ -231,6 +231,7 @@ def worker(args: argparse.Namespace) -> None:
         os.environ["MODELBRIDGE_REDIS_URL"],
         os.environ.get("MODELBRIDGE_ADMIN_TOKEN", ""),
         worker_id=os.environ.get(WORKER_ENV, "0"),
+        data_dir=str(data_dir()),
     )
     _run(serve_app(config, runtime, reuse_port=True))
 

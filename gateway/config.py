@@ -89,6 +89,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class MeteringConfig:
+    hold_margin_s: int = 60  # a hold lives the longest upstream timeout plus this margin
+    journal_max: int = 100_000  # settles kept per process while Redis does not take them
+    sweep_every_s: float = 5.0  # expired holds are cleared this often, with no request needed
+    writer_batch: int = 2000  # usage records read and inserted per step of the writer
+    claim_idle_s: float = 30.0  # a dead writer's unwritten records are taken over after this
+
+
+@dataclass(frozen=True)
 class InvitationsConfig:
     expires_in_s: int = 7 * 24 * 3600
 
@@ -110,6 +119,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     invitations: InvitationsConfig = field(default_factory=InvitationsConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    metering: MeteringConfig = field(default_factory=MeteringConfig)
 
     @property
     def public_url(self) -> str:
@@ -124,6 +134,7 @@ _SCALAR_SECTIONS: dict[str, tuple[type, dict[str, str]]] = {
     "metrics": (MetricsConfig, {"token": "token_env"}),
     "invitations": (InvitationsConfig, {}),
     "alerts": (AlertsConfig, {}),
+    "metering": (MeteringConfig, {}),
 }
 _TOP_KEYS = {*_SCALAR_SECTIONS, "upstreams", "models", "plans"}
 

@@ -63,6 +63,7 @@ class Runtime:
     redis_url: str
     admin_token: str
     worker_id: str = "0"
+    data_dir: str = ""  # where this process keeps its settle journal ("" = memory only)
 
 
 REQUEST_ID = web.RequestKey("request_id", str)  # management requests; the proxy keeps its own

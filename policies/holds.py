@@ -19,9 +19,9 @@ class Debit:
     from_credits: int
 
 
-def hold_ttl(upstream_timeout_s: float) -> int:
+def hold_ttl(upstream_timeout_s: float, margin_s: int = HOLD_MARGIN_S) -> int:
     """Seconds a hold lives: the longest a request can take upstream, plus a margin."""
-    return int(upstream_timeout_s) + HOLD_MARGIN_S
+    return int(upstream_timeout_s) + margin_s
 
 
 def split_debit(charged: int, allowance: int, allowance_spent: int) -> Debit:

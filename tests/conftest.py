@@ -149,13 +149,14 @@ class Gateway:
 
 
 async def start_gateway(
-    config: Config, database_url: str, redis_url: str
+    config: Config, database_url: str, redis_url: str, data_dir: str = ""
 ) -> tuple[Gateway, web.AppRunner]:
     from gateway.app import build_app
     from gateway.proxy.front import FrontSite
 
     clock = Clock()
-    app = build_app(config, Runtime(database_url, redis_url, ADMIN_TOKEN), clock)
+    runtime = Runtime(database_url, redis_url, ADMIN_TOKEN, data_dir=data_dir)
+    app = build_app(config, runtime, clock)
     runner = web.AppRunner(app, shutdown_timeout=2)
     await runner.setup()
     port = free_port()

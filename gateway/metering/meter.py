@@ -4,6 +4,11 @@ Each step is one Lua script on the billing account's slot (one round trip each).
 translated here, and only here, into :class:`gateway.errors.StoreUnavailable`: a request is
 never forwarded unmetered.
 
+A settle Redis cannot take (unreachable, an error, no answer in time) is never lost: it is kept
+in the :class:`~gateway.metering.journal.SettleJournal` and sent again by :meth:`Metering.replay`
+(run every fraction of a second by :meth:`Metering.run` while anything is kept) once Redis answers;
+the caller is told ``kept=True`` and goes on answering its client.
+
 Limit alerts ride along: the hold and settle scripts append any threshold they cross to the
 account's alert stream in the same atomic step, and say so in their reply; ``on_alert`` (the
 alert worker's in-memory ``notify``, set in ``app.cleanup_ctx``) is then told the account, with
@@ -12,6 +17,9 @@ no I/O on the request path.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -20,11 +28,14 @@ from redis import exceptions as redis_errors
 
 from gateway.errors import StoreUnavailable
 from gateway.metering.accounts import Accounts
+from gateway.metering.journal import SettleCall, SettleJournal
 from gateway.metering.scriptclient import FastScript, ScriptError
 from gateway.metering.scripts import Scripts
 from policies import keyspace as rk
 
 T = TypeVar("T")
+
+log = logging.getLogger("modelbridge.metering")
 
 KEY_CACHE_MAX = 100_000
 
@@ -66,6 +77,7 @@ class SettleResult:
     from_allowance: int
     from_credits: int
     alerted: bool = False
+    kept: bool = False  # Redis did not take it: kept in the journal, sent again later
 
 
 async def guarded(pending: Awaitable[T]) -> T:
@@ -81,10 +93,18 @@ async def guarded(pending: Awaitable[T]) -> T:
 
 
 class Metering:
-    def __init__(self, scripts: Scripts, accounts: Accounts, hold_ttl_s: int) -> None:
+    def __init__(
+        self,
+        scripts: Scripts,
+        accounts: Accounts,
+        hold_ttl_s: int,
+        journal: SettleJournal | None = None,
+    ) -> None:
         self.scripts = scripts
         self.accounts = accounts
         self.hold_ttl_s = hold_ttl_s
+        self.journal = journal if journal is not None else SettleJournal(None, "memory")
+        self._kept = asyncio.Event()
         self.on_alert: Callable[[str], None] | None = None
         self._keys: dict[tuple[str, str, str], list[str]] = {}  # hold keys, built once
 
@@ -151,23 +171,41 @@ class Metering:
 
     async def settle(self, **kwargs: Any) -> SettleResult:
         """Replace the request's hold by its cost and record its usage (``settle.lua``).
-        Keywords: account, period, request_id, scope, key_id, model, charged, record, warned, at."""
-        raw: Any = await guarded(self._send(self.scripts.settle, *self._settle_call(**kwargs)))
-        return self._settled(kwargs["account"], raw)
+        Keywords: account, period, request_id, scope, key_id, model, charged, record, warned, at.
+        Never raises for Redis's sake: a settle Redis does not take is kept and sent again."""
+        call = self._settle_call(**kwargs)
+        try:
+            sent = self._send(self.scripts.settle, call.keys, call.args)
+        except Exception as exc:
+            return self._keep(call, exc)
+        return await self._settled_or_kept(call, sent)
 
     def settle_sent(self, **kwargs: Any) -> Awaitable[SettleResult] | None:
         """Like :meth:`settle`, but the script is on its way to Redis when this returns (ordered
         before any later hold), so the caller can answer its client before awaiting the result.
         None when that cannot be promised (no lean connection open): call :meth:`settle`."""
-        sent = self._send_now(self.scripts.settle, *self._settle_call(**kwargs))
+        call = self._settle_call(**kwargs)
+        sent = self._send_now(self.scripts.settle, call.keys, call.args)
         if sent is None:
             return None
-        account = kwargs["account"]
+        return self._settled_or_kept(call, sent)
 
-        async def result() -> SettleResult:
-            return self._settled(account, await guarded(sent))
+    async def _settled_or_kept(self, call: SettleCall, sent: Awaitable[Any]) -> SettleResult:
+        try:
+            raw = await guarded(sent)
+        except asyncio.CancelledError:
+            self.journal.keep(call)  # it may or may not have run: replaying is safe
+            raise
+        except Exception as exc:
+            return self._keep(call, exc)
+        return self._settled(call.account, raw)
 
-        return result()
+    def _keep(self, call: SettleCall, exc: Exception) -> SettleResult:
+        reason = repr(exc.__cause__ or exc)
+        if self.journal.keep(call):
+            log.warning("settle of %s kept for later: %s", call.request_id, reason)
+            self._kept.set()
+        return SettleResult(True, 0, 0, kept=True)
 
     @staticmethod
     def _settle_call(
@@ -182,7 +220,7 @@ class Metering:
         record: list[str | int],
         warned: bool = False,
         at: int = 0,
-    ) -> tuple[list[str], list[str | int]]:
+    ) -> SettleCall:
         ak = rk.AccountKeys(account)
         keys = [
             ak.state, ak.period(period), ak.hold_expiry, ak.hold_values,
@@ -192,7 +230,61 @@ class Metering:
             request_id, charged, scope, key_id, model, rk.PERIOD_TTL_S, rk.RID_TTL_S,
             int(warned), at, *record,
         ]  # fmt: skip
-        return keys, args
+        return SettleCall(account, request_id, keys, args)
+
+    # --- the kept settles ---------------------------------------------------------------------------
+    async def replay(self) -> int:
+        """Send the kept settles again, oldest first; how many are done with (settled now, settled
+        before, or in the ledger already). Stops at the first one Redis does not take."""
+        calls = list(self.journal)
+        if not calls:
+            return 0
+        in_ledger = await self._in_ledger([c.request_id for c in calls])
+        done = 0
+        for call in calls:
+            if call.request_id not in in_ledger:
+                try:
+                    raw = await guarded(self._send(self.scripts.settle, call.keys, call.args))
+                except StoreUnavailable:
+                    break
+                except Exception as exc:  # an error reply (OOM, a script bug): try again later
+                    log.error("kept settle of %s refused again: %r", call.request_id, exc)
+                    break
+                self._settled(call.account, raw)
+            self.journal.done(call.request_id)
+            done += 1
+        if done:
+            log.info("%d kept settles done; %d left", done, len(self.journal))
+        return done
+
+    async def _in_ledger(self, request_ids: list[str]) -> set[str]:
+        """The request ids whose usage record PostgreSQL has (an empty set when it is away: the
+        settle marker in Redis still stops a second settle)."""
+        try:
+            async with asyncio.timeout(2):
+                rows = await self.accounts.db.fetch(
+                    "SELECT request_id FROM usage_records WHERE request_id = ANY($1::text[])",
+                    request_ids,
+                )
+        except Exception:
+            return set()
+        return {r["request_id"] for r in rows}
+
+    async def run(self, stop: asyncio.Event, every_s: float = 0.25) -> None:
+        """Replay kept settles until ``stop``; a last attempt before returning."""
+        while not stop.is_set():
+            if len(self.journal):
+                try:
+                    await self.replay()
+                except Exception:
+                    log.exception("replaying kept settles failed")
+                await _wait(stop, every_s)
+            else:
+                self._kept.clear()
+                await _wait_any(stop, self._kept, 1.0)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await self.replay()
 
     def _settled(self, account: str, raw: Any) -> SettleResult:
         if raw[3]:
@@ -203,3 +295,17 @@ class Metering:
         ak = rk.AccountKeys(account)
         keys = [ak.state, ak.hold_expiry, ak.hold_values]
         return int(await guarded(self.scripts.release(keys=keys, args=[request_id])))
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def _wait_any(stop: asyncio.Event, other: asyncio.Event, seconds: float) -> None:
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(other.wait())]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

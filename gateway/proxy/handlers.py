@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -33,7 +34,7 @@ from gateway.errors import (
     Refused,
     UpstreamFailed,
 )
-from gateway.metering.meter import HoldAsk, HoldResult
+from gateway.metering.meter import HoldAsk, HoldResult, SettleResult
 from gateway.proxy.keycache import KeyInfo
 from gateway.proxy.streaming import SSERelay, StreamOutcome, relay
 from gateway.upstream.upstreams import UpstreamRequest
@@ -419,16 +420,9 @@ async def settle_plain(call: Call, plain: Plain) -> None:
     """Settle an answered plain call. The caller has just written the answer: that does not
     yield to the event loop for a small answer, and neither does sending the settle on the open
     script connection, so Redis has it before this process reads anything else, such as this
-    client's next request."""
+    client's next request. Never raises: a settle Redis does not take is kept and sent later."""
     app = call.app
-    try:
-        await app[S.METERING].settle(
-            **settle_args(call, plain.tokens, plain.source, 200, plain.charge)
-        )
-    except GatewayError as exc:  # too late for an error response: the hold expires
-        log.error("request %s answered but not settled: %s", call.request_id, exc.message)
-        call.hold = None
-        return
+    await app[S.METERING].settle(**settle_args(call, plain.tokens, plain.source, 200, plain.charge))
     app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(plain.ttfb_s)
     count(call, plain.tokens, plain.charge)
 
@@ -500,12 +494,17 @@ async def _relay_stream(
 async def finish_stream(call: Call, client: web.StreamResponse, outcome: StreamOutcome) -> None:
     """Bill a finished stream — the provider's usage, else tiktoken on what was streamed (the
     client left, or the provider reported none), nothing when it failed before any text — and
-    end the client's stream. As for plain answers, the settle is sent before the end goes out."""
+    end the client's stream. As for plain answers, the settle is sent before the end goes out.
+    Nothing here raises once the 200 has started: a settle Redis does not take is kept by the
+    metering (and applied when Redis answers); a release that fails leaves the hold to expire."""
     metering = call.app[S.METERING]
     tokens = None if outcome.client_gone else usage_numbers(outcome.usage)
-    pending = None
+    pending: Awaitable[SettleResult] | None = None
     if tokens is None and outcome.upstream_failed and not outcome.text:
-        await metering.release(account=call.key.account, request_id=call.request_id)
+        try:
+            await metering.release(account=call.key.account, request_id=call.request_id)
+        except Exception as exc:  # the hold expires on its own
+            log.warning("stream %s: hold not released: %r", call.request_id, exc)
         call.hold = None
     else:
         source = "upstream" if tokens is not None else "estimated"
@@ -513,7 +512,7 @@ async def finish_stream(call: Call, client: web.StreamResponse, outcome: StreamO
         charge = price(call, tokens)
         kwargs = settle_args(call, tokens, source, 499 if outcome.client_gone else 200, charge)
         pending = metering.settle_sent(**kwargs)
-        if pending is None:
+        if pending is None:  # no open script connection: wait for the settle (or its keeping)
             await metering.settle(**kwargs)
         count(call, tokens, charge)
     if not outcome.client_gone:
@@ -523,11 +522,7 @@ async def finish_stream(call: Call, client: web.StreamResponse, outcome: StreamO
                 await client.write(b"data: " + orjson.dumps(_STREAM_BROKEN) + b"\n\n")
             await client.write_eof()
     if pending is not None:
-        try:
-            await pending
-        except GatewayError as exc:  # the stream is over: the hold expires on its own
-            log.error("stream %s ended but not settled: %s", call.request_id, exc.message)
-            call.hold = None
+        await pending
 
 
 async def proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
