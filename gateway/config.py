@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from policies import forwarded
 from policies.money import MoneyError, parse_usd, price_per_token
 from policies.pricing import Prices
 
@@ -37,6 +38,9 @@ class ServerConfig:
     public_url: str = ""
     shutdown_timeout_s: float = 30.0
     session_ttl_s: int = 30 * 24 * 3600
+    # Proxies (addresses or CIDR networks) whose X-Forwarded-For names the client.
+    trusted_proxies: tuple[str, ...] = ()
+    signups_per_hour: int = 20  # per client address; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,14 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         raise ConfigError("server.workers must be at least 1")
     if config.server.max_body_bytes < 1024:
         raise ConfigError("server.max_body_bytes must be at least 1024")
+    if not 0 <= config.server.port <= 65535:
+        raise ConfigError("server.port must be from 1 to 65535")
+    if config.server.signups_per_hour < 0:
+        raise ConfigError("server.signups_per_hour must not be negative")
+    try:
+        forwarded.networks(config.server.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(f"server.trusted_proxies: {exc}") from exc
     return config
 
 
@@ -229,6 +241,11 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
                 return False
             raise ConfigError(f"{where}: expected true or false")
         return bool(value)
+    if isinstance(default, tuple):
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{where}: expected a list")
+        return tuple(str(item).strip() for item in items if str(item).strip())
     try:
         if isinstance(default, int):
             return int(value)

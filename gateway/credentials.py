@@ -43,6 +43,8 @@ def bearer(request: web.Request) -> str | None:
 
 
 def check_admin(request: web.Request, admin_token: str) -> None:
-    token = bearer(request) or ""
+    """The operator token, in ``Authorization: Bearer`` only (contract section 8)."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    token = value.strip() if scheme.lower() == "bearer" else ""
     if not admin_token or not hmac.compare_digest(token.encode(), admin_token.encode()):
         raise AuthenticationFailed("operator token required", code="invalid_admin_token")

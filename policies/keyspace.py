@@ -26,6 +26,9 @@ mb:usage:streams:{rN}  set     names of the usage streams of the accounts whose 
                                modulo 16 (for the writer): 16 registry shards
 mb:keys:invalidate     pubsub  key ids whose cached auth entries must be dropped
 mb:seq:invalidate      string  counter bumped on every invalidation (cache epoch)
+mb:{guess}:K:S:I:n     string  attempts of kind K (login, invite, join, signup) in the bucket of
+                               scope S (pair, account, client) for I (policies/guessing.py)
+mb:{guess}:K:S:I:w     string  set while that bucket waits (expires when the wait is over)
 =====================  ======  ================================================================
 
 Redis Cluster. A multi-key command (a script, MULTI, XREADGROUP over several streams) may only
@@ -34,7 +37,8 @@ keys outside an account are each used alone: the usage stream registry is split 
 hash tags of their own (``{r0}`` .. ``{r15}``, spread over the masters), read one SMEMBERS per
 shard and added to with single SADDs; a registry shard lost in a failover is rebuilt by the
 writer's periodic scan of every master. ``mb:keys:invalidate`` is a classic pub/sub channel,
-which a cluster broadcasts to every node, and ``mb:seq:invalidate`` a lone counter.
+which a cluster broadcasts to every node, and ``mb:seq:invalidate`` a lone counter. The
+guessing buckets all share the tag ``{guess}`` (one slot; logins are few).
 
 Member scopes. In a team account ``t_T`` the scope of a request is the member's user id. In a
 user account ``u_X`` it is ``X`` for the user's personal keys, and the team id ``T`` for X's team
@@ -73,6 +77,13 @@ def usage_registry_shard(shard: int) -> str:
 
 def usage_registries() -> list[str]:
     return [usage_registry_shard(n) for n in range(USAGE_REGISTRY_SHARDS)]
+
+
+def guess_keys(kind: str, scope: str, ident: str) -> tuple[str, str]:
+    """The attempt counter and the wait flag of one guessing bucket. One hash tag for all of
+    them: ``guess.lua`` touches an attempt's few buckets in one step."""
+    base = f"mb:{{guess}}:{kind}:{scope}:{ident}"
+    return base + ":n", base + ":w"
 
 
 def team_account(team_id: str) -> str:

@@ -92,7 +92,14 @@ async def fake() -> AsyncIterator[FakeUpstream]:
 
 def gateway_config(upstream_url: str, **server: Any) -> Config:
     raw = {
-        "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout_s": 5, **server},
+        # Every test signs up from 127.0.0.1: no signup limit unless a test sets one.
+        "server": {
+            "host": "127.0.0.1",
+            "port": 0,
+            "shutdown_timeout_s": 5,
+            "signups_per_hour": 0,
+            **server,
+        },
         "upstreams": {
             "fake": {
                 "base_url": upstream_url,

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def write_config(directory: Path, upstream_url: str, **server: object) -> Path:
     config = {
-        "server": {"host": "127.0.0.1", "shutdown_timeout_s": 10, **server},
+        "server": {"host": "127.0.0.1", "shutdown_timeout_s": 10, "signups_per_hour": 0, **server},
         "upstreams": {
             "fake": {
                 "base_url": upstream_url,

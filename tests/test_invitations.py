@@ -21,6 +21,7 @@ from aiosmtpd.controller import Controller
 from redis.asyncio import Redis
 
 from gateway.config import SmtpConfig
+from policies import keyspace as rk
 from tests.conftest import Gateway, free_port, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, Session, unique_email
@@ -354,8 +355,9 @@ async def test_guessing_invitation_tokens_is_rate_limited(
     assert (status, err["error"]["code"]) == (429, "rate_limited")
     other = await api.signup()  # another account from the same address is not locked out
     assert (await accept(api, other, "y" * 43))[0] == 404
-    # Per address: 50 failures from one address lock out every account there.
-    await redis.set("mb:invite:ip:127.0.0.1", 50)
+    # Per address: the 50th attempt from one address makes every account there wait.
+    await redis.set(rk.guess_keys("invite", "client", "127.0.0.1")[0], 49)
+    assert (await api.call("GET", f"/api/invitations/{'z' * 43}"))[0] == 404
     assert (await api.call("GET", f"/api/invitations/{token}"))[0] == 429
     await clear_guess_limits(redis)
     await api.call("POST", f"/api/invitations/{token}/accept", session=user, expect=200)

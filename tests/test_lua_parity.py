@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from gateway.metering.scripts import Scripts
-from policies import alerts
+from gateway.metering.scripts import Scripts, lua_source
+from policies import alerts, guessing
 from policies import keyspace as rk
 from policies.holds import split_debit
 from policies.limits import SOFT, decide
@@ -189,3 +189,56 @@ async def test_limit_refusal_queues_one_reached_alert(redis: Redis) -> None:
     fields = entries[0][1]
     assert (fields["kind"], fields["threshold"], fields["trigger"]) == ("team", "100", "refusal")
     assert (fields["limit"], fields["spend"], fields["period"]) == ("1000", "600", PERIOD)
+
+
+# --- guess.lua and policies.guessing ------------------------------------------------------------
+GUESS_RULES = [
+    guessing.Rule(guessing.PAIR, free=5, first_wait_s=2, max_wait_s=900, window_s=3600),
+    guessing.Rule(guessing.ACCOUNT, free=1, first_wait_s=1, max_wait_s=30, window_s=60),
+    guessing.Rule(guessing.CLIENT, free=3, first_wait_s=60, max_wait_s=60, window_s=3600),
+]
+
+
+async def _guess(redis: Redis, mode: str, keys: list[str], rule: guessing.Rule) -> list[int]:
+    waits = ",".join(map(str, rule.schedule()))
+    args = [mode, rule.free, rule.window_s, rule.on_success, waits]
+    return [int(x) for x in await redis.eval(lua_source("guess"), len(keys), *keys, *args)]  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("rule", GUESS_RULES)
+async def test_guess_waits_like_policies(redis: Redis, rule: guessing.Rule) -> None:
+    count, wait = keys = list(rk.guess_keys("parity", rule.scope, secrets.token_hex(8)))
+    for attempts in range(1, rule.free + 14):
+        assert await _guess(redis, "try", keys, rule) == [1, 0]
+        assert int(await redis.get(count)) == attempts
+        assert 0 < await redis.ttl(count) <= rule.window_s
+        expected = rule.wait_after(attempts)
+        left = await redis.pttl(wait)
+        if expected == 0:
+            assert left == -2  # no wait
+            continue
+        assert (expected - 1) * 1000 < left <= expected * 1000
+        refused = await _guess(redis, "try", keys, rule)  # waiting: refused, not counted
+        assert refused[0] == 0 and 0 < refused[1] <= left
+        assert int(await redis.get(count)) == attempts
+        await redis.delete(wait)  # the wait is over
+
+
+async def test_guess_success_clears_refunds_or_keeps(redis: Redis) -> None:
+    rules = [
+        guessing.Rule(guessing.PAIR, 2, 1, 8, 60, guessing.CLEAR),
+        guessing.Rule(guessing.ACCOUNT, 9, 1, 8, 60, guessing.REFUND),
+        guessing.Rule(guessing.CLIENT, 9, 1, 8, 60, guessing.KEEP),
+    ]
+    tag = secrets.token_hex(8)
+    keys = [k for r in rules for k in rk.guess_keys("parity", r.scope, tag)]
+    args: list[object] = []
+    for r in rules:
+        args += [r.free, r.window_s, r.on_success, ",".join(map(str, r.schedule()))]
+    lua = lua_source("guess")
+    for _ in range(2):
+        assert await redis.eval(lua, len(keys), *keys, "try", *args) == [1, 0]  # type: ignore[misc]
+    assert await redis.exists(keys[1]) == 1  # the pair waits after its 2nd attempt
+    assert await redis.eval(lua, len(keys), *keys, "ok", *args) == [1, 0]  # type: ignore[misc]
+    assert [await redis.get(k) for k in keys[::2]] == [None, "1", "2"]
+    assert await redis.exists(keys[1]) == 0

@@ -17,6 +17,7 @@ from aiohttp import web
 from gateway import state as S
 from gateway.credentials import bearer
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
+from policies import forwarded
 from policies.money import MoneyError, format_usd, parse_usd
 
 SESSION_COOKIE = "mb_session"
@@ -59,6 +60,15 @@ class User:
     id: str
     email: str
     name: str
+
+
+def client_address(request: web.Request) -> str:
+    """The caller's address: the peer, or through ``server.trusted_proxies`` the rightmost
+    untrusted hop of ``X-Forwarded-For`` (:mod:`policies.forwarded`)."""
+    trusted = forwarded.networks(request.app[S.CONFIG].server.trusted_proxies)
+    return forwarded.client_address(
+        request.remote, request.headers.getall("X-Forwarded-For", ()), trusted
+    )
 
 
 def session_token(request: web.Request) -> str | None:

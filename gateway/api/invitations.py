@@ -244,12 +244,8 @@ async def _invitation_by_token(request: web.Request, token: str | None) -> async
 @routes.get("/api/invitations/{token}")
 async def view_invitation(request: web.Request) -> web.Response:
     """What the accept page shows; no login needed (the token is the credential)."""
-    buckets = await guessing.check(request, "invite", None)
-    try:
+    async with guessing.guarded(request, "invite", None, NotFound):
         row = await _invitation_by_token(request, token_param(request))
-    except NotFound:
-        await guessing.record_failure(request, buckets)
-        raise
     return json_response(
         {
             "id": row["id"],
@@ -298,12 +294,8 @@ async def _accept(request: web.Request, user: User, token: str | None) -> dict[s
 @routes.post("/api/invitations/{token}/accept")
 async def accept_invitation(request: web.Request) -> web.Response:
     user = await current_user(request)
-    buckets = await guessing.check(request, "invite", user.id)
-    try:
+    async with guessing.guarded(request, "invite", user.id, NotFound, Forbidden):
         result = await _accept(request, user, token_param(request))
-    except (NotFound, Forbidden):
-        await guessing.record_failure(request, buckets)
-        raise
     return json_response(result)
 
 
@@ -430,12 +422,8 @@ async def _join(request: web.Request, user: User, token: str | None) -> tuple[st
 async def join(request: web.Request) -> web.Response:
     """Ask to join through a team's invite link; asking again returns the same request."""
     user = await current_user(request)
-    buckets = await guessing.check(request, "join", user.id)
-    try:
+    async with guessing.guarded(request, "join", user.id, NotFound):
         request_id, created = await _join(request, user, token_param(request))
-    except NotFound:
-        await guessing.record_failure(request, buckets)
-        raise
     row = await request.app[S.DB].fetchrow(_JOIN_REQUESTS + " WHERE r.id = $1", request_id)
     return json_response(join_request_json(row), status=201 if created else 200)
 

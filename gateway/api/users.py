@@ -1,8 +1,9 @@
 """Accounts and sessions: signup, login, logout, ``/api/me``.
 
 Passwords are hashed with Argon2id (in a worker thread, off the event loop); session tokens are
-256 random bits, stored only as SHA-256, and expire. Login is rate limited per account and per
-client address against guessing.
+256 random bits, stored only as SHA-256, and expire. Login attempts are limited against guessing
+per account and client address, per account (the account found, so that case folding cannot
+multiply the guesses) and per address; signups per address (:mod:`gateway.api.guessing`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from gateway.api.csrf import secure_cookies
 from gateway.api.teams import account_money, user_teams
 from gateway.credentials import new_id, new_token
 from gateway.errors import AuthenticationFailed, Conflict, InvalidRequest
+from policies import guessing as rules
 from policies import keyspace as rk
 
 routes = web.RouteTableDef()
@@ -85,6 +87,9 @@ async def signup(request: web.Request) -> web.Response:
     email = email_field(body)
     password = password_field(body)
     name = text_field(body, "name", required=False) or email.split("@")[0][:100]
+    per_hour = request.app[S.CONFIG].server.signups_per_hour
+    if per_hour:  # before the Argon2 hash, which is what a flood would cost
+        await guessing.attempt(request, "signup", None, (rules.signup_rule(per_hour),))
     password_hash = await hash_password(password)
     try:
         row = await request.app[S.DB].fetchrow(
@@ -108,15 +113,17 @@ async def login(request: web.Request) -> web.Response:
     password = body.get("password")
     if not isinstance(password, str) or len(password) > MAX_PASSWORD:
         raise InvalidRequest("'password' is required", param="password")
-    buckets = await guessing.check(request, "login", email)
     db = request.app[S.DB]
     row = await db.fetchrow(
         "SELECT * FROM users WHERE lower(email) = lower($1) AND deleted_at IS NULL", email
     )
+    # The account's bucket is the account found; an unknown email still counts, in its own.
+    account = row["id"] if row is not None else "?" + email.lower()
+    attempt = await guessing.attempt(request, "login", account)
     ok = await verify_password(row["password_hash"] if row else _dummy_hash(), password)
     if row is None or not ok:
-        await guessing.record_failure(request, buckets)
         raise AuthenticationFailed("wrong email or password", code="invalid_credentials")
+    await guessing.succeeded(request, attempt)
     token = new_token()
     ttl = request.app[S.CONFIG].server.session_ttl_s
     expires = datetime.now(UTC) + timedelta(seconds=ttl)
