@@ -2,7 +2,8 @@
 
 A key is stored as its SHA-256 and a display prefix. Creating or revoking a key also changes the
 live key set of the account it bills, under the account's lock, so a revoked key is refused by
-every gateway process on its next request.
+every gateway process on its next request (a revocation reaches Redis after its commit:
+gateway.metering.changes).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from gateway.api.common import User, audit, current_user, json_response, read_bo
 from gateway.credentials import hash_secret, new_api_key, new_id
 from gateway.errors import Forbidden, InvalidRequest, NotFound
 from gateway.metering.accounts import lock_account
+from gateway.metering.changes import AccountChanges
 from policies import key_format as apikeys
 from policies import keyspace as rk
 from policies.permissions import Action, allowed
@@ -127,17 +129,12 @@ async def revoke_keys(
     conn: Any,
     rows: list[Any],
     actor_id: str | None,
+    changes: AccountChanges,
     reason: str = "key.revoke",
 ) -> None:
-    """Revoke these keys (rows with id, user_id, team_id) in PostgreSQL and in every account that
-    could bill them. Call inside a transaction."""
-    app = request.app
+    """Revoke these keys (rows with id, user_id, team_id) in PostgreSQL, inside the caller's
+    transaction; ``changes.apply`` after its commit takes them out of every account's key set."""
     for row in rows:
-        # Sorted: team accounts (t_) before users (u_), the lock order everywhere.
-        for account in sorted({billing_account(row["user_id"], row["team_id"], "team"),
-                               billing_account(row["user_id"], row["team_id"], "personal")}):  # fmt: skip
-            await lock_account(conn, account)
-            await app[S.ACCOUNTS].remove_keys(account, [row["id"]])
         await conn.execute(
             "UPDATE api_keys SET revoked_at = now(), revoked_by = $2 WHERE id = $1 AND revoked_at IS NULL",
             row["id"],
@@ -145,6 +142,7 @@ async def revoke_keys(
         )
         await audit(conn, request, team_id=row["team_id"], actor_id=actor_id, action=reason, target_type="key",
                     target_id=row["id"], before={"name": row["name"], "user_id": row["user_id"]})  # fmt: skip
+        changes.keys.add(row["id"])
 
 
 @routes.delete("/api/keys/{key}")
@@ -167,6 +165,8 @@ async def delete_key(request: web.Request) -> web.Response:
             raise NotFound("no such key", code="key_not_found")
         if not allowed(role, Action.MANAGE_ALL_KEYS):
             raise Forbidden("only owners and admins revoke other members' keys")
+    changes = AccountChanges()
     async with db.acquire() as conn, conn.transaction():
-        await revoke_keys(request, conn, [row], user.id)
+        await revoke_keys(request, conn, [row], user.id, changes)
+    await changes.apply(request.app[S.ACCOUNTS])
     return json_response({"id": key_id, "revoked": True})

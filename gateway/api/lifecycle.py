@@ -17,16 +17,10 @@ from aiohttp import web
 from gateway import state as S
 from gateway.api.common import audit, json_response, read_body
 from gateway.api.keys import revoke_keys
-from gateway.api.members import (
-    check_fields,
-    clear_personal_mirror,
-    id_field,
-    lock_team,
-    membership,
-)
+from gateway.api.members import check_fields, id_field, lock_team, membership
 from gateway.api.teams import team_access
 from gateway.errors import Forbidden, InvalidRequest
-from policies import keyspace as rk
+from gateway.metering.changes import AccountChanges
 from policies.permissions import ADMIN, OWNER, Action, may_transfer
 
 routes = web.RouteTableDef()
@@ -73,8 +67,7 @@ async def delete_team(request: web.Request) -> web.Response:
     access = await team_access(request, Action.DELETE_TEAM)
     team_id = access.team_id
     actor = access.user.id
-    account = rk.team_account(team_id)
-    accounts = request.app[S.ACCOUNTS]
+    changes = AccountChanges(teams={team_id})
     async with request.app[S.DB].acquire() as conn, conn.transaction():
         await lock_team(conn, team_id)
         deleted_at = await conn.fetchval(
@@ -84,13 +77,13 @@ async def delete_team(request: web.Request) -> web.Response:
             "SELECT id, user_id, team_id, name FROM api_keys WHERE team_id = $1 AND revoked_at IS NULL",
             team_id,
         )
-        await revoke_keys(request, conn, list(keys), actor, "key.revoke.team_deleted")
+        await revoke_keys(request, conn, list(keys), actor, changes, "key.revoke.team_deleted")
         for member in await conn.fetch(
             "SELECT user_id FROM memberships WHERE team_id = $1 AND removed_at IS NULL"
-            " AND billing_mode = 'personal' ORDER BY user_id",
+            " AND billing_mode = 'personal'",
             team_id,
         ):
-            await clear_personal_mirror(request, conn, team_id, member["user_id"])
+            changes.members.add((team_id, member["user_id"]))
         invitations = await conn.execute(
             "UPDATE invitations SET revoked_at = now(), revoked_by = $2"
             " WHERE team_id = $1 AND accepted_at IS NULL AND revoked_at IS NULL",
@@ -113,8 +106,7 @@ async def delete_team(request: web.Request) -> web.Response:
                     target_id=team_id, before={"name": access.team["name"]},
                     after={"deleted_at": deleted_at, "keys_revoked": len(keys),
                            "invitations_revoked": int(invitations.split()[-1])})  # fmt: skip
-        await accounts.set_cfg(account, {"deleted": "1"})
-        await accounts.unload(account)
+    await changes.apply(request.app[S.ACCOUNTS])  # after the commit
     return json_response({"id": team_id, "deleted_at": deleted_at, "keys_revoked": len(keys)})
 
 

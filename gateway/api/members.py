@@ -5,7 +5,8 @@ and lifecycle modules share (``lock_team``, ``add_member``, field checks).
 Every membership change runs in one transaction that first takes the team account's advisory
 lock and the team row (``lock_team``), re-reads the roles involved under that lock and asks
 :mod:`policies.permissions`; then it writes PostgreSQL, the audit log, and the account's live
-state in Redis (``Accounts.set_cfg``, ``revoke_keys``).
+state in Redis (``Accounts.set_cfg``); a removal's Redis writes follow its commit
+(gateway.metering.changes).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from gateway.api.keys import revoke_keys
 from gateway.api.teams import team_access
 from gateway.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from gateway.metering.accounts import lock_account
+from gateway.metering.changes import AccountChanges
 from gateway.teams import billing
 from policies import keyspace as rk
 from policies.limits import ENFORCEMENTS, effective_enforcement, effective_member_limit
@@ -260,18 +262,6 @@ def _snapshot(row: Any) -> dict[str, Any]:
     }
 
 
-async def clear_personal_mirror(
-    request: web.Request, conn: asyncpg.Connection, team_id: str, user_id: str
-) -> None:
-    """A member who billed personally leaves the team: drop the team's policy mirrored into
-    their personal account (blocked models and limit of scope ``<team id>``)."""
-    account = rk.user_account(user_id)
-    accounts = request.app[S.ACCOUNTS]
-    await lock_account(conn, account)  # always after the team's account (one lock order)
-    await accounts.set_blocked(account, [], scope=team_id)
-    await accounts.set_cfg(account, {}, delete=["ml:" + team_id, "me:" + team_id])
-
-
 async def _apply(
     request: web.Request, conn: asyncpg.Connection, team: Any, target: Any, change: MemberChange,
     actor_id: str,
@@ -333,6 +323,7 @@ async def remove_member(request: web.Request) -> web.Response:
     access = await team_access(request, Action.VIEW_TEAM)
     user_id = path_id(request, "user", "member_not_found")
     leaving = user_id == access.user.id
+    changes = AccountChanges()
     async with request.app[S.DB].acquire() as conn, conn.transaction():
         await lock_team(conn, access.team_id)
         actor = await membership(conn, access.team_id, access.user.id)
@@ -358,16 +349,16 @@ async def remove_member(request: web.Request) -> web.Response:
             access.team_id,
             user_id,
         )
-        await revoke_keys(request, conn, list(keys), access.user.id, "key.revoke.member_removed")
-        if target["billing_mode"] == "personal":
-            await clear_personal_mirror(request, conn, access.team_id, user_id)
+        await revoke_keys(
+            request, conn, list(keys), access.user.id, changes, "key.revoke.member_removed"
+        )
         await audit(conn, request, team_id=access.team_id, actor_id=access.user.id,
                     action="member.leave" if leaving else "member.remove", target_type="user",
                     target_id=user_id, before=_snapshot(target),
                     after={"keys_revoked": len(keys)})  # fmt: skip
-        await request.app[S.ACCOUNTS].set_cfg(
-            rk.team_account(access.team_id), {}, delete=["ml:" + user_id, "me:" + user_id]
-        )
+        changes.members.add((access.team_id, user_id))
+    # Redis follows the record once it is committed (the member's cfg, mirror and keys).
+    await changes.apply(request.app[S.ACCOUNTS])
     return json_response(
         {
             "team_id": access.team_id,
