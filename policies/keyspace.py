@@ -8,20 +8,28 @@ load scripts touch a single slot and run unchanged on Redis Cluster. An account 
 key                    type    contents
 =====================  ======  ================================================================
 {acct:A}:s             hash    loaded, credits, holds, sub_alw (allowance per period of the
-                               current subscription), mh:<scope> (holds per member scope)
+                               current subscription), mh:<scope> (holds per member scope),
+                               kh:<key> (holds per key with a monthly limit)
 {acct:A}:p:<period>    hash    alw, aspent, spend, req, ms:<scope>, mr:<scope>, ks:<key>,
                                mo:<model> — this period's counters (expire after ~3 months);
                                mx:<scope> — the member's spend this period in the same team
                                billed to the *other* account (billing mode switched mid-period);
                                al:<scope|team>:<threshold>:<limit> — alert fired (dedupe flag)
-{acct:A}:cfg           hash    limit, dml, den, disc, ml:<scope>, me:<scope>, deleted
-{acct:A}:keys          hash    <key id> -> <member scope>: the keys that may bill A right now
+{acct:A}:cfg           hash    limit, dml, den, disc, ml:<scope>, me:<scope>, deleted; rate
+                               limits: rpm, tpm (team), rpm:<scope>, tpm:<scope> (member)
+{acct:A}:keys          hash    <key id> -> <member scope>[|<controls>]: the keys that may bill A
+                               right now, with their controls (policies/limits.py:key_entry)
 {acct:A}:blk:<scope>   set     models blocked for requests of that scope ("" = the account)
 {acct:A}:hz            zset    hold id -> expiry (unix s)
 {acct:A}:hv            hash    hold id -> "<amount>|<scope>"
 {acct:A}:rid:<req id>  string  settle marker (idempotency), expires after a day
 {acct:A}:usage         stream  usage records waiting for the PostgreSQL writer
 {acct:A}:alerts        stream  limit alerts (thresholds crossed) waiting for the alert worker
+{acct:A}:rt            hash    rate sums: last (the last rate stamp, ms), k:<key>, m:<scope>, t
+                               (worst-case, then actual, tokens in each log; expires when idle)
+{acct:A}:rw:k:<key>    zset    a key's rate log: "<request id>|<tokens>" scored by stamp (ms)
+{acct:A}:rw:m:<scope>  zset    a member's rate log (policies/ratelimits.py)
+{acct:A}:rw:t          zset    the team's rate log
 mb:usage:streams:{rN}  set     names of the usage streams of the accounts whose slot is N
                                modulo 16 (for the writer): 16 registry shards
 mb:keys:invalidate     pubsub  key ids whose cached auth entries must be dropped
@@ -140,6 +148,29 @@ class AccountKeys:
     @property
     def alerts(self) -> str:
         return f"{self.tag}:alerts"
+
+    @property
+    def rate_sums(self) -> str:
+        return f"{self.tag}:rt"
+
+    def key_rate_log(self, key_id: str) -> str:
+        return f"{self.tag}:rw:k:{key_id}"
+
+    def member_rate_log(self, scope: str) -> str:
+        return f"{self.tag}:rw:m:{scope}"
+
+    @property
+    def team_rate_log(self) -> str:
+        return f"{self.tag}:rw:t"
+
+    def rate_keys(self, key_id: str, scope: str) -> list[str]:
+        """The rate sums and the three logs a request of this key and scope may touch."""
+        return [
+            self.rate_sums,
+            self.key_rate_log(key_id),
+            self.member_rate_log(scope),
+            self.team_rate_log,
+        ]
 
 
 def account_of_stream(stream: str) -> str:

@@ -5,7 +5,8 @@ The same tables run through the Lua scripts on real Redis in ``test_lua_parity.p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import pytest
@@ -14,16 +15,30 @@ from policies import alerts, subscriptions
 from policies.holds import discounted_hold, split_debit
 from policies.limits import (
     HARD,
+    NO_CONTROLS,
     SOFT,
     HoldState,
+    KeyControls,
     decide,
     effective_enforcement,
     effective_member_limit,
+    key_entry,
+    parse_key_entry,
 )
 from policies.periods import period_of, seconds_to_period_end
 from policies.pricing import apply_discount, charge
+from policies.ratelimits import WINDOW_MS, Window, format_reset
 
 BIG = 2**52
+NOW = 1_795_000_000  # unix seconds of every row
+MODEL = "gpt-4o-mini"
+Entries = tuple[tuple[int, int], ...]  # (age in ms before the row's now_ms, tokens)
+# Each rate log holds two requests by default, of 30 tokens each, aged differently per scope so
+# that the Retry-After of each limit is its own: RPM 2 binds (a slot frees when the older leaves),
+# TPM 120 binds for a request of 100 tokens (both must leave).
+K_LOG: Entries = ((30_000, 30), (20_000, 30))
+M_LOG: Entries = ((45_000, 30), (10_000, 30))
+T_LOG: Entries = ((50_000, 30), (5_000, 30))
 
 
 @dataclass(frozen=True)
@@ -52,10 +67,42 @@ class Row:
     blocked: bool = False
     expect: str | None = None
     warn: bool = False
+    # section 10: key controls, key spend, rate limits and logs
+    now_ms: int = NOW * 1000
+    last: int = 0  # the account's last rate stamp, relative to now_ms (0: none ahead)
+    exp: int | None = None  # key expires_at, unix seconds
+    models: tuple[str, ...] | None = None
+    model: str = MODEL
+    klimit: int | None = None
+    ks: int = 0  # key spend this period
+    kh: int = 0  # key holds (part of holds)
+    krpm: int | None = None
+    ktpm: int | None = None
+    mrpm: int | None = None
+    mtpm: int | None = None
+    trpm: int | None = None
+    ttpm: int | None = None
+    klog: Entries = K_LOG
+    mlog: Entries = M_LOG
+    tlog: Entries = T_LOG
+    tokens: int = 100  # the request's worst-case tokens
+    retry: int | None = None  # expected Retry-After of a rate refusal
 
     @property
     def hold(self) -> int:
         return apply_discount(self.worst, self.disc)
+
+    @property
+    def controls(self) -> KeyControls:
+        return KeyControls(self.exp, self.models, self.klimit, self.krpm, self.ktpm)
+
+    @property
+    def last_ms(self) -> int:
+        return self.now_ms + self.last if self.last else 0
+
+    def log(self, entries: Entries) -> tuple[tuple[int, int], ...]:
+        """(stamp ms, tokens), oldest first."""
+        return tuple((self.now_ms - age, tokens) for age, tokens in entries)
 
     def state(self) -> HoldState:
         return HoldState(
@@ -64,6 +111,11 @@ class Row:
             spending_limit=self.limit, member_spend=self.ms + self.mx, member_holds=self.mh,
             member_limit=effective_member_limit(self.ml, self.ml_set, self.dml),
             enforcement=effective_enforcement(self.me, self.den),
+            now=self.now_ms // 1000, model=self.model, key=self.controls, key_spend=self.ks,
+            key_holds=self.kh, now_ms=self.now_ms, last_ms=self.last_ms,
+            key_window=Window(self.krpm, self.ktpm, self.log(self.klog)),
+            member_window=Window(self.mrpm, self.mtpm, self.log(self.mlog)),
+            team_window=Window(self.trpm, self.ttpm, self.log(self.tlog)),
         )  # fmt: skip
 
 
@@ -124,11 +176,228 @@ DECISIONS = [
     Row("no limits at all", credits=RICH, spend=10**9, ms=10**9),
 ]
 
+E = "key_expired"
+A = "model_not_allowed"
+KL = "key_limit_reached"
+R = "rate_limit_exceeded"
+S = 1000  # ms per second
 
-@pytest.mark.parametrize("row", DECISIONS, ids=lambda r: r.name)
+CONTROLS = [
+    # expiry, at the exact second: refused from expires_at on
+    Row("expires in a second", credits=RICH, exp=NOW + 1),
+    Row("expires in a millisecond", credits=RICH, now_ms=NOW * S + 999, exp=NOW + 1),
+    Row("expires this very second", credits=RICH, exp=NOW, expect=E),
+    Row("expired a second ago", credits=RICH, exp=NOW - 1, expect=E),
+    Row("expiry before the key's models", credits=RICH, exp=NOW, models=(), expect=E),
+    Row(
+        "expiry comes after the key check",
+        credits=RICH,
+        exp=NOW,
+        key_active=False,
+        expect="invalid_api_key",
+    ),
+    # the key's models
+    Row("model in the key's list", credits=RICH, models=("gpt-4o", MODEL)),
+    Row("model outside the key's list", credits=RICH, models=("gpt-4o",), expect=A),
+    Row("an empty list allows nothing", credits=RICH, models=(), expect=A),
+    Row("a name that merely contains it", credits=RICH, models=("gpt-4o-mini-2",), expect=A),
+    Row("listed but blocked for the team", credits=RICH, models=(MODEL,), blocked=True, expect=A),
+    # the key's monthly limit (hard): spend + key holds + hold > limit refuses
+    Row("key limit reached exactly", credits=RICH, klimit=1000),
+    Row("key limit one over", credits=RICH, klimit=1001),
+    Row("key limit one short", credits=RICH, klimit=999, expect=KL),
+    Row("key limit counts its spend", credits=RICH, klimit=1500, ks=501, expect=KL),
+    Row("key limit counts its holds", credits=RICH, klimit=1500, kh=501, holds=501, expect=KL),
+    Row("other keys' holds do not count", credits=RICH, klimit=1500, holds=5000),
+    Row("key limit zero", credits=RICH, klimit=0, expect=KL),
+    Row("key limit zero, free request", credits=RICH, klimit=0, disc=10000),
+    Row("key limit after the member limit", credits=RICH, klimit=0, dml=0, expect=M),
+    # rate limits, each at, one over and one under what the request needs
+    *[
+        row
+        for scope, log in (("k", K_LOG), ("m", M_LOG), ("t", T_LOG))
+        for row in (
+            Row(f"{scope} rpm at", credits=RICH, **{f"{scope}rpm": 3}),
+            Row(f"{scope} rpm one over", credits=RICH, **{f"{scope}rpm": 4}),
+            Row(
+                f"{scope} rpm one under",
+                credits=RICH,
+                **{f"{scope}rpm": 2},
+                expect=R,
+                retry=(WINDOW_MS - log[0][0]) // S,
+            ),
+            Row(f"{scope} tpm at", credits=RICH, **{f"{scope}tpm": 160}),
+            Row(f"{scope} tpm one over", credits=RICH, **{f"{scope}tpm": 161}),
+            Row(
+                f"{scope} tpm one under",
+                credits=RICH,
+                **{f"{scope}tpm": 159},
+                expect=R,
+                retry=(WINDOW_MS - log[0][0]) // S,
+            ),
+            Row(
+                f"{scope} tpm both must leave",
+                credits=RICH,
+                **{f"{scope}tpm": 120},
+                expect=R,
+                retry=(WINDOW_MS - log[1][0]) // S,
+            ),
+        )
+    ],
+    # the window's edge: an entry stamped exactly 60 s ago no longer counts
+    Row("entry exactly a window old is gone", credits=RICH, krpm=2, klog=((60_000, 30), (1, 30))),
+    Row(
+        "entry a millisecond younger counts",
+        credits=RICH,
+        krpm=2,
+        klog=((59_999, 30), (1, 30)),
+        expect=R,
+        retry=1,
+    ),
+    Row(
+        "tokens of aged entries are freed",
+        credits=RICH,
+        ktpm=100,
+        klog=((70_000, 500), (60_000, 500)),
+    ),
+    Row(
+        "retry rounds up to whole seconds",
+        credits=RICH,
+        krpm=1,
+        klog=((58_500, 1),),
+        expect=R,
+        retry=2,
+    ),
+    Row(
+        "retry is at least one second", credits=RICH, krpm=1, klog=((59_999, 1),), expect=R, retry=1
+    ),
+    Row("rpm zero refuses all", credits=RICH, krpm=0, klog=(), expect=R, retry=60),
+    Row("tpm smaller than the request", credits=RICH, ktpm=99, klog=(), expect=R, retry=60),
+    Row("tpm zero tokens fit tpm zero", credits=RICH, ktpm=0, klog=((1_000, 0),), tokens=0),
+    Row(
+        "tpm frees in order of age",
+        credits=RICH,
+        ktpm=250,
+        tokens=100,
+        klog=((50_000, 100), (40_000, 150), (30_000, 50)),
+        expect=R,
+        retry=20,
+    ),
+    # the account's clock never goes back: a later stamp elsewhere ages the log from there
+    Row(
+        "last stamp ahead ages entries",
+        credits=RICH,
+        krpm=2,
+        last=2_000,
+        klog=((58_500, 30), (1_000, 30)),
+    ),
+    Row(
+        "last stamp ahead, retry from it",
+        credits=RICH,
+        krpm=2,
+        last=500,
+        klog=((58_000, 30), (1_000, 30)),
+        expect=R,
+        retry=2,
+    ),
+    Row(
+        "last stamp behind is ignored",
+        credits=RICH,
+        krpm=2,
+        last=-5_000,
+        klog=((58_000, 30), (1_000, 30)),
+        expect=R,
+        retry=2,
+    ),
+    # several rate limits at once: Retry-After waits for every one of them
+    Row("key and member rpm", credits=RICH, krpm=2, mrpm=2, expect=R, retry=30),
+    Row("member and team tpm", credits=RICH, mtpm=120, ttpm=159, expect=R, retry=50),
+    Row("rpm binds, tpm fits", credits=RICH, krpm=2, ktpm=1000, expect=R, retry=30),
+    # soft warnings still travel with admitted rate-limited requests
+    Row("soft warning and rpm", credits=RICH, dml=1000, den=SOFT, ms=1, krpm=3, warn=True),
+]
+
+# Two limits binding at once: the first of this order wins (money before rate); two rate limits
+# give rate_limit_exceeded with the longer wait.
+BINDING: list[tuple[str, dict[str, object], str]] = [
+    ("expired", {"exp": NOW}, E),
+    ("key model", {"models": ("gpt-4o",)}, A),
+    ("blocked", {"blocked": True}, A),
+    ("quota", {"credits": 999}, Q),
+    ("team limit", {"limit": 999}, T),
+    ("member limit", {"dml": 999}, M),
+    ("key limit", {"klimit": 999}, KL),
+    ("key rpm", {"krpm": 2}, R),
+    ("key tpm", {"ktpm": 120}, R),
+    ("member rpm", {"mrpm": 2}, R),
+    ("member tpm", {"mtpm": 120}, R),
+    ("team rpm", {"trpm": 2}, R),
+    ("team tpm", {"ttpm": 120}, R),
+]
+_RETRY = {"key rpm": 30, "key tpm": 40, "member rpm": 15, "member tpm": 50, "team rpm": 10,
+          "team tpm": 55}  # fmt: skip
+PAIRS = [
+    Row(
+        f"{a} + {b}",
+        **{"credits": RICH, **da, **db},  # type: ignore[arg-type]
+        expect=ea,
+        retry=max(_RETRY[a], _RETRY[b]) if ea == eb == R else _RETRY.get(a) if ea == R else None,
+    )
+    for (a, da, ea), (b, db, eb) in itertools.combinations(BINDING, 2)
+]
+ALL_DECISIONS = DECISIONS + CONTROLS + PAIRS
+
+
+@pytest.mark.parametrize("row", ALL_DECISIONS, ids=lambda r: r.name)
 def test_decide(row: Row) -> None:
-    decision = decide(row.state(), row.hold)
+    decision = decide(row.state(), row.hold, row.tokens)
     assert (decision.refusal, decision.warn_member_limit) == (row.expect, row.warn)
+    assert decision.retry_after == row.retry
+
+
+def test_every_pair_of_limits_is_in_the_table() -> None:
+    assert len(PAIRS) == len(BINDING) * (len(BINDING) - 1) // 2 == 78
+    # and each binding limit alone refuses with its own code
+    for name, delta, code in BINDING:
+        row = replace(Row(name, credits=RICH), **delta)  # type: ignore[arg-type]
+        assert decide(row.state(), row.hold, row.tokens).refusal == code
+
+
+def test_rate_headers_name_the_tightest_limit() -> None:
+    # key: 3 - 3 = 0 requests left; member: 10 - 3 = 7; team tokens: 1000 - 160 = 840
+    row = Row("headers", credits=RICH, krpm=3, mrpm=10, ttpm=1000)
+    rate = decide(row.state(), row.hold, row.tokens).rate
+    assert rate is not None and rate.requests is not None and rate.tokens is not None
+    assert (rate.requests.limit, rate.requests.remaining, rate.requests.reset_ms) == (3, 0, 30_000)
+    assert (rate.tokens.limit, rate.tokens.remaining, rate.tokens.reset_ms) == (1000, 840, 10_000)
+    # a tie in what is left goes to the smaller limit
+    row = Row("tie", credits=RICH, krpm=13, mrpm=3, klog=K_LOG * 5)
+    rate = decide(row.state(), row.hold, row.tokens).rate
+    assert rate is not None and rate.requests is not None
+    assert (rate.requests.limit, rate.requests.remaining) == (3, 0)
+    # no rate limit: no figures
+    assert decide(Row("none", credits=RICH).state(), 1000, 100).rate is None
+
+
+@pytest.mark.parametrize(
+    ("ms", "text"),
+    [(0, "0ms"), (17, "17ms"), (999, "999ms"), (1000, "1s"), (1500, "1.5s"), (59_999, "59.999s"),
+     (60_000, "1m0s"), (61_250, "1m1.25s")],
+)  # fmt: skip
+def test_reset_durations_as_openai_writes_them(ms: int, text: str) -> None:
+    assert format_reset(ms) == text
+
+
+@pytest.mark.parametrize(
+    "controls",
+    [NO_CONTROLS, KeyControls(expires_at=NOW), KeyControls(models=()),
+     KeyControls(models=("a", "b-c")), KeyControls(1, ("x",), 2, 3, 4),
+     KeyControls(monthly_limit=0, rpm=0, tpm=0)],
+)  # fmt: skip
+def test_key_entries_round_trip(controls: KeyControls) -> None:
+    entry = key_entry("usr_1", controls)
+    assert parse_key_entry(entry) == ("usr_1", controls)
+    assert (entry == "usr_1") == (controls == NO_CONTROLS)
 
 
 @pytest.mark.parametrize(

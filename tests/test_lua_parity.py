@@ -18,15 +18,23 @@ from gateway.metering.scripts import Scripts, lua_source
 from policies import alerts, guessing
 from policies import keyspace as rk
 from policies.holds import split_debit
-from policies.limits import SOFT, decide
+from policies.limits import SOFT, decide, key_entry
 from policies.pricing import apply_discount
-from tests.test_limits_table import CROSSINGS, DECISIONS, DISCOUNTS, SPLITS, Row
+from policies.ratelimits import WINDOW_MS, RateView, Usage
+from tests.test_limits_table import (
+    ALL_DECISIONS,
+    CROSSINGS,
+    DISCOUNTS,
+    MODEL,
+    NOW,
+    SPLITS,
+    Entries,
+    Row,
+)
 
 PERIOD = "2026-11"
-NOW = 1_795_000_000
 SCOPE = "usr_0123456789abcdef0123"
 KEY = "key_parity"
-MODEL = "gpt-4o-mini"
 RICH = 2**62
 
 
@@ -37,7 +45,7 @@ def fresh() -> rk.AccountKeys:
 def hold_keys(ak: rk.AccountKeys) -> list[str]:
     return [
         ak.state, ak.period(PERIOD), ak.cfg, ak.keys, ak.blocked(""), ak.hold_expiry,
-        ak.hold_values, ak.alerts,
+        ak.hold_values, ak.alerts, *ak.rate_keys(KEY, SCOPE),
     ]  # fmt: skip
 
 
@@ -45,7 +53,17 @@ def settle_keys(ak: rk.AccountKeys, request_id: str) -> list[str]:
     return [
         ak.state, ak.period(PERIOD), ak.hold_expiry, ak.hold_values,
         ak.settled_marker(request_id), ak.usage_stream, ak.cfg, ak.alerts,
+        *ak.rate_keys(KEY, SCOPE),
     ]  # fmt: skip
+
+
+def logs(ak: rk.AccountKeys, row: Row) -> list[tuple[str, str, Entries]]:
+    """(log key, its field in the rate sums, the row's entries) of the key, member and team."""
+    return [
+        (ak.key_rate_log(KEY), "k:" + KEY, row.klog),
+        (ak.member_rate_log(SCOPE), "m:" + SCOPE, row.mlog),
+        (ak.team_rate_log, "t", row.tlog),
+    ]
 
 
 def _set(mapping: dict[str, Any], name: str, value: object) -> None:
@@ -67,37 +85,89 @@ async def install(redis: Redis, ak: rk.AccountKeys, row: Row) -> None:
     if row.ml_set:
         cfg["ml:" + SCOPE] = "-1" if row.ml is None else str(row.ml)
     _set(cfg, "me:" + SCOPE, row.me)
+    for name, value in (("rpm", row.trpm), ("tpm", row.ttpm), ("rpm:" + SCOPE, row.mrpm),
+                        ("tpm:" + SCOPE, row.mtpm)):  # fmt: skip
+        _set(cfg, name, value)
+    state["kh:" + KEY] = str(row.kh)
+    period["ks:" + KEY] = str(row.ks)
     pipe = redis.pipeline(transaction=False)
     pipe.hset(ak.state, mapping=state)
     pipe.hset(ak.period(PERIOD), mapping=period)
     pipe.hset(ak.cfg, mapping=cfg)
     if row.key_active:
-        pipe.hset(ak.keys, KEY, SCOPE)
+        pipe.hset(ak.keys, KEY, key_entry(SCOPE, row.controls))
     if row.blocked:
         pipe.sadd(ak.blocked(""), MODEL)
+    sums: dict[str, str] = {}
+    for key, field, entries in logs(ak, row):
+        stamps = {f"req_old{i}|{t}": at for i, (at, t) in enumerate(row.log(entries))}
+        if stamps:
+            pipe.zadd(key, stamps)
+        sums[field] = str(sum(t for _, t in entries))
+    if row.last_ms:
+        sums["last"] = str(row.last_ms)
+    pipe.hset(ak.rate_sums, mapping=sums)
     await pipe.execute()
 
 
-async def run_hold(scripts: Scripts, ak: rk.AccountKeys, worst: int) -> Any:
-    args = [NOW, "req_parity", KEY, SCOPE, MODEL, worst, 60, 3600]
+async def run_hold(scripts: Scripts, ak: rk.AccountKeys, worst: int, row: Row | None = None) -> Any:
+    now_ms, tokens = (row.now_ms, row.tokens) if row else (NOW * 1000, 0)
+    args = [now_ms // 1000, "req_parity", KEY, SCOPE, row.model if row else MODEL, worst, 60, 3600,
+            now_ms, tokens, WINDOW_MS]  # fmt: skip
     return await scripts.hold(keys=hold_keys(ak), args=args)
 
 
-@pytest.mark.parametrize("row", DECISIONS, ids=lambda r: r.name)
+def _rate(raw: list[Any]) -> RateView | None:
+    if len(raw) == 5:
+        return None
+
+    def usage(limit: int, remaining: int, reset: int) -> Usage | None:
+        return None if limit < 0 else Usage(limit, remaining, reset)
+
+    return RateView(usage(*raw[7:10]), usage(*raw[10:13]))
+
+
+@pytest.mark.parametrize("row", ALL_DECISIONS, ids=lambda r: r.name)
 async def test_hold_decides_like_policies(redis: Redis, row: Row) -> None:
     scripts = Scripts(redis)
     ak = fresh()
     await install(redis, ak, row)
-    status, amount, disc, warn, _ = await run_hold(scripts, ak, row.worst)
-    expected = decide(row.state(), row.hold)
+    raw = await run_hold(scripts, ak, row.worst, row)
+    status, amount, disc, warn, _ = raw[:5]
+    expected = decide(row.state(), row.hold, row.tokens)
     assert status == (expected.refusal or "ok")
     assert bool(warn) == expected.warn_member_limit
+    assert _rate(raw) == expected.rate
+    if len(raw) > 5:
+        assert raw[5] == (expected.retry_after or 0)
+        assert raw[6] == max(row.now_ms, row.last_ms)
+    kh = row.kh + (row.hold if expected.admitted and row.klimit is not None else 0)
     if expected.admitted:
         assert (amount, disc) == (row.hold, row.disc)
-        state = await redis.hmget(ak.state, ["holds", "mh:" + SCOPE])
-        assert state == [str(row.holds + row.hold), str(row.mh + row.hold)]
+        state = await redis.hmget(ak.state, ["holds", "mh:" + SCOPE, "kh:" + KEY])
+        assert state == [str(row.holds + row.hold), str(row.mh + row.hold), str(kh)]
     else:
-        assert await redis.hget(ak.state, "holds") == str(row.holds)
+        assert await redis.hmget(ak.state, ["holds", "kh:" + KEY]) == [str(row.holds), str(kh)]
+    await _check_logs(redis, ak, row, logged=expected.admitted)
+
+
+async def _check_logs(redis: Redis, ak: rk.AccountKeys, row: Row, *, logged: bool) -> None:
+    """Each limited log holds its live entries (plus the request when admitted), its sum their
+    tokens; logs of scopes without limits are untouched."""
+    stamp = max(row.now_ms, row.last_ms)
+    limited = [(row.krpm, row.ktpm), (row.mrpm, row.mtpm), (row.trpm, row.ttpm)]
+    sums = await redis.hgetall(ak.rate_sums)
+    for (key, field, entries), limits in zip(logs(ak, row), limited, strict=True):
+        got = await redis.zrange(key, 0, -1, withscores=True)
+        if limits == (None, None):
+            assert len(got) == len(entries)
+            continue
+        want = [(f"req_old{i}|{t}", at) for i, (at, t) in enumerate(row.log(entries))
+                if at > stamp - WINDOW_MS]  # fmt: skip
+        if logged:
+            want.append((f"req_parity|{row.tokens}", stamp))
+        assert [(m, int(s)) for m, s in got] == want
+        assert int(sums.get(field, 0)) == sum(int(m.split("|")[1]) for m, _ in want)
 
 
 @pytest.mark.parametrize(("amount", "bps", "charged"), DISCOUNTS)
@@ -119,7 +189,7 @@ async def _settle(
         await redis.hset(ak.hold_values, request_id, f"{hold}|{SCOPE}")
         await redis.hincrby(ak.state, "holds", hold)
         await redis.hincrby(ak.state, "mh:" + SCOPE, hold)
-    args = [request_id, charged, SCOPE, KEY, MODEL, 3600, 60, int(warned), NOW, "request_id", request_id]  # fmt: skip
+    args = [request_id, charged, SCOPE, KEY, MODEL, 3600, 60, int(warned), NOW, 0, "request_id", request_id]  # fmt: skip
     return await Scripts(redis).settle(keys=settle_keys(ak, request_id), args=args)
 
 
@@ -242,3 +312,72 @@ async def test_guess_success_clears_refunds_or_keeps(redis: Redis) -> None:
     assert await redis.eval(lua, len(keys), *keys, "ok", *args) == [1, 0]  # type: ignore[misc]
     assert [await redis.get(k) for k in keys[::2]] == [None, "1", "2"]
     assert await redis.exists(keys[1]) == 0
+
+
+async def _logged(redis: Redis, ak: rk.AccountKeys) -> list[list[tuple[str, int]]]:
+    return [
+        [(m, int(s)) for m, s in await redis.zrange(key, 0, -1, withscores=True)]
+        for key in (ak.key_rate_log(KEY), ak.member_rate_log(SCOPE), ak.team_rate_log)
+    ]
+
+
+async def test_settle_corrects_the_logs_to_the_actual_tokens(redis: Redis) -> None:
+    ak = fresh()
+    row = Row("settle", credits=RICH, klimit=10**6, krpm=10, mtpm=1000, klog=(), mlog=(), tlog=())
+    await install(redis, ak, row)
+    raw = await run_hold(Scripts(redis), ak, row.worst, row)
+    assert raw[0] == "ok"
+    assert await redis.hget(ak.hold_values, "req_parity") == f"1000|{SCOPE}|hkm|100|{KEY}"
+    assert await redis.hget(ak.state, "kh:" + KEY) == "1000"
+    request_id = "req_parity"
+    args = [request_id, 900, SCOPE, KEY, MODEL, 3600, 60, 0, NOW, 40, "request_id", request_id]
+    await Scripts(redis).settle(keys=settle_keys(ak, request_id), args=args)
+    stamp = row.now_ms
+    assert await _logged(redis, ak) == [[("req_parity|40", stamp)], [("req_parity|40", stamp)], []]
+    sums = await redis.hmget(ak.rate_sums, ["k:" + KEY, "m:" + SCOPE])
+    assert sums == ["40", "40"]
+    assert await redis.hmget(ak.state, ["holds", "kh:" + KEY]) == ["0", "0"]
+    assert await redis.hget(ak.period(PERIOD), "ks:" + KEY) == "900"
+
+
+async def test_release_leaves_the_request_counted_with_no_tokens(redis: Redis) -> None:
+    ak = fresh()
+    row = Row("release", credits=RICH, klimit=10**6, ttpm=1000, klog=(), mlog=(), tlog=())
+    await install(redis, ak, row)
+    assert (await run_hold(Scripts(redis), ak, row.worst, row))[0] == "ok"
+    keys = [ak.state, ak.hold_expiry, ak.hold_values, *ak.rate_keys(KEY, SCOPE)]
+    assert await Scripts(redis).release(keys=keys, args=["req_parity"]) == 1000
+    assert await _logged(redis, ak) == [[], [], [("req_parity|0", row.now_ms)]]
+    assert await redis.hget(ak.rate_sums, "t") == "0"
+    assert await redis.hmget(ak.state, ["holds", "kh:" + KEY]) == ["0", "0"]
+
+
+async def test_an_expired_hold_gives_its_key_holds_back(redis: Redis) -> None:
+    ak = fresh()
+    row = Row("expiry", credits=RICH, klimit=1500)
+    await install(redis, ak, row)
+    assert (await run_hold(Scripts(redis), ak, row.worst, row))[0] == "ok"
+    # a second request before the first settles: its hold still counts against the key limit
+    again = Row("again", credits=RICH, klimit=1500, now_ms=row.now_ms + 1000)
+    assert (await run_hold(Scripts(redis), ak, row.worst, again))[0] == "key_limit_reached"
+    later = Row("later", credits=RICH, klimit=1500, now_ms=row.now_ms + 61_000)
+    raw = await Scripts(redis).hold(
+        keys=hold_keys(ak),
+        args=[later.now_ms // 1000, "req_parity2", KEY, SCOPE, MODEL, 1000, 60, 3600,
+              later.now_ms, 100, WINDOW_MS],
+    )  # fmt: skip
+    assert raw[0] == "ok"  # the first hold expired (60 s) and gave its 1000 back
+    assert await redis.hget(ak.state, "kh:" + KEY) == "1000"
+
+
+async def test_a_sum_without_its_log_counts_nothing(redis: Redis) -> None:
+    """An idle log expires (PEXPIRE) while the account's sums live on: the sum of a log that is
+    gone is stale and must not count."""
+    ak = fresh()
+    row = Row("stale", credits=RICH, ktpm=100, klog=(), mlog=(), tlog=())
+    await install(redis, ak, row)
+    await redis.hset(ak.rate_sums, "k:" + KEY, "5000")
+    raw = await run_hold(Scripts(redis), ak, row.worst, row)
+    assert raw[0] == "ok"
+    assert await redis.hget(ak.rate_sums, "k:" + KEY) == "100"
+    assert await redis.pttl(ak.key_rate_log(KEY)) > WINDOW_MS

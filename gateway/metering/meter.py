@@ -32,6 +32,7 @@ from gateway.metering.journal import SettleCall, SettleJournal
 from gateway.metering.scriptclient import FastScript, ScriptError
 from gateway.metering.scripts import Scripts
 from policies import keyspace as rk
+from policies.ratelimits import WINDOW_MS, RateView, Usage
 
 T = TypeVar("T")
 
@@ -60,6 +61,7 @@ class HoldAsk:
     model: str
     worst_list_cost: int
     blocked_scope: str = ""  # see policies/keyspace.py
+    tokens: int = 0  # worst-case tokens (prompt + output cap), for TPM limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,13 @@ class HoldResult:
     discount_bps: int
     warn: bool
     alerted: bool = False
+    retry_after: int = 0  # seconds, for rate_limit_exceeded
+    stamp_ms: int = 0  # the rate-limit stamp, when a rate limit applies
+    rate: RateView | None = None  # the x-ratelimit-* figures, when a rate limit applies
+
+
+def _usage(limit: int, remaining: int, reset_ms: int) -> Usage | None:
+    return None if limit < 0 else Usage(int(limit), int(remaining), int(reset_ms))
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +115,7 @@ class Metering:
         self.journal = journal if journal is not None else SettleJournal(None, "memory")
         self._kept = asyncio.Event()
         self.on_alert: Callable[[str], None] | None = None
-        self._keys: dict[tuple[str, str, str], list[str]] = {}  # hold keys, built once
+        self._keys: dict[tuple[str, ...], list[str]] = {}  # hold keys, built once
 
     def _alerted(self, account: str) -> None:
         if self.on_alert is not None:
@@ -134,17 +143,29 @@ class Metering:
         return self._send_now(self.scripts.hold, *self._hold_call(ask))
 
     def _hold_call(self, ask: HoldAsk) -> tuple[list[str], list[str | int]]:
-        keys = self._hold_keys(ask.account, ask.period, ask.blocked_scope)
+        keys = self._hold_keys(ask)
         args: list[str | int] = [
             int(ask.now), ask.request_id, ask.key_id, ask.scope, ask.model, ask.worst_list_cost,
-            self.hold_ttl_s, rk.PERIOD_TTL_S,
+            self.hold_ttl_s, rk.PERIOD_TTL_S, int(ask.now * 1000), ask.tokens, WINDOW_MS,
         ]  # fmt: skip
         return keys, args
 
     def hold_result(self, account: str, raw: Any) -> HoldResult:
         if raw[4] == 1:
             self._alerted(account)
-        return HoldResult(raw[0], int(raw[1]), int(raw[2]), raw[3] == 1, raw[4] == 1)
+        if len(raw) == 5:
+            return HoldResult(raw[0], int(raw[1]), int(raw[2]), raw[3] == 1, raw[4] == 1)
+        rate = RateView(_usage(raw[7], raw[8], raw[9]), _usage(raw[10], raw[11], raw[12]))
+        return HoldResult(
+            raw[0],
+            int(raw[1]),
+            int(raw[2]),
+            raw[3] == 1,
+            raw[4] == 1,
+            int(raw[5]),
+            int(raw[6]),
+            rate,
+        )
 
     @staticmethod
     def _send_now(script: Any, keys: list[str], args: list[str | int]) -> Awaitable[Any] | None:
@@ -156,22 +177,24 @@ class Metering:
         sent = self._send_now(script, keys, args)
         return sent if sent is not None else cast(Awaitable[Any], script(keys=keys, args=args))
 
-    def _hold_keys(self, account: str, period: str, blocked_scope: str) -> list[str]:
-        cached = self._keys.get((account, period, blocked_scope))
+    def _hold_keys(self, ask: HoldAsk) -> list[str]:
+        index = (ask.account, ask.period, ask.blocked_scope, ask.key_id, ask.scope)
+        cached = self._keys.get(index)
         if cached is None:
             if len(self._keys) >= KEY_CACHE_MAX:
                 self._keys.clear()
-            ak = rk.AccountKeys(account)
+            ak = rk.AccountKeys(ask.account)
             cached = [
-                ak.state, ak.period(period), ak.cfg, ak.keys, ak.blocked(blocked_scope),
-                ak.hold_expiry, ak.hold_values, ak.alerts,
+                ak.state, ak.period(ask.period), ak.cfg, ak.keys, ak.blocked(ask.blocked_scope),
+                ak.hold_expiry, ak.hold_values, ak.alerts, *ak.rate_keys(ask.key_id, ask.scope),
             ]  # fmt: skip
-            self._keys[(account, period, blocked_scope)] = cached
+            self._keys[index] = cached
         return cached
 
     async def settle(self, **kwargs: Any) -> SettleResult:
         """Replace the request's hold by its cost and record its usage (``settle.lua``).
-        Keywords: account, period, request_id, scope, key_id, model, charged, record, warned, at.
+        Keywords: account, period, request_id, scope, key_id, model, charged, record, warned, at,
+        tokens (the actual tokens, for the rate logs).
         Never raises for Redis's sake: a settle Redis does not take is kept and sent again."""
         call = self._settle_call(**kwargs)
         try:
@@ -220,15 +243,17 @@ class Metering:
         record: list[str | int],
         warned: bool = False,
         at: int = 0,
+        tokens: int = 0,
     ) -> SettleCall:
         ak = rk.AccountKeys(account)
         keys = [
             ak.state, ak.period(period), ak.hold_expiry, ak.hold_values,
             ak.settled_marker(request_id), ak.usage_stream, ak.cfg, ak.alerts,
+            *ak.rate_keys(key_id, scope),
         ]  # fmt: skip
         args: list[str | int] = [
             request_id, charged, scope, key_id, model, rk.PERIOD_TTL_S, rk.RID_TTL_S,
-            int(warned), at, *record,
+            int(warned), at, tokens, *record,
         ]  # fmt: skip
         return SettleCall(account, request_id, keys, args)
 
@@ -291,9 +316,9 @@ class Metering:
             self._alerted(account)
         return SettleResult(raw[0] == 1, int(raw[1]), int(raw[2]), raw[3] > 0)
 
-    async def release(self, *, account: str, request_id: str) -> int:
+    async def release(self, *, account: str, request_id: str, key_id: str, scope: str) -> int:
         ak = rk.AccountKeys(account)
-        keys = [ak.state, ak.hold_expiry, ak.hold_values]
+        keys = [ak.state, ak.hold_expiry, ak.hold_values, *ak.rate_keys(key_id, scope)]
         return int(await guarded(self.scripts.release(keys=keys, args=[request_id])))
 
 

@@ -251,7 +251,7 @@ class Front(asyncio.Protocol):
             except GatewayError as exc:
                 status = exc.status
                 if call is not None:
-                    exc.headers.setdefault("x-request-id", call.request_id)
+                    proxy.annotate(exc, call)
                 self._write_error(exc, keep_alive)
             except Exception:
                 log.exception("unhandled error on POST %s", request.endpoint.route)

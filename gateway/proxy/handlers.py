@@ -38,7 +38,7 @@ from gateway.metering.meter import HoldAsk, HoldResult, SettleResult
 from gateway.proxy.keycache import KeyInfo
 from gateway.proxy.streaming import SSERelay, StreamOutcome, relay
 from gateway.upstream.upstreams import UpstreamRequest
-from policies import pricing
+from policies import pricing, ratelimits
 from policies.money import format_usd
 from policies.periods import period_of, seconds_to_period_end
 
@@ -48,7 +48,7 @@ WARNING_HEADER = "x-modelbridge-limit-warning"
 TAGS_HEADER = "x-modelbridge-tags"
 _MAX_TAGS = 20
 _MAX_TAG_LEN = 100
-_PERIOD_LIMIT_CODES = {"team_spending_limit_reached", "member_limit_reached"}
+_PERIOD_LIMIT_CODES = {"team_spending_limit_reached", "member_limit_reached", "key_limit_reached"}
 _STREAM_BROKEN = {
     "error": {
         "message": "The upstream connection failed mid-stream.",
@@ -63,6 +63,10 @@ _MESSAGES = {
     "insufficient_quota": "You exceeded your current quota: the balance cannot cover this request.",
     "team_spending_limit_reached": "The team's spending limit for this period is reached.",
     "member_limit_reached": "Your monthly limit in this team is reached.",
+    "key_expired": "This API key has expired.",
+    "key_limit_reached": "This API key's monthly limit is reached.",
+    "rate_limit_exceeded": "Rate limit reached: too many requests or tokens in the last minute"
+    " for this key, member or team. Try again after the time in Retry-After.",
 }
 
 
@@ -241,14 +245,15 @@ def prepare_upstream(call: Call) -> None:
         )
 
 
+def output_cap(call: Call) -> int:
+    if call.endpoint.kind == "embedding":
+        return 0
+    return pricing.requested_output_cap(call.body, call.model.max_output_tokens)
+
+
 def worst_cost(call: Call) -> int:
     """The request's list cost if it used its whole output cap: what the hold covers."""
-    out_cap = (
-        0
-        if call.endpoint.kind == "embedding"
-        else pricing.requested_output_cap(call.body, call.model.max_output_tokens)
-    )
-    return pricing.worst_case_list_cost(call.model.prices, call.prompt_tokens, out_cap)
+    return pricing.worst_case_list_cost(call.model.prices, call.prompt_tokens, output_cap(call))
 
 
 def hold_ask(call: Call, worst: int) -> HoldAsk:
@@ -256,7 +261,7 @@ def hold_ask(call: Call, worst: int) -> HoldAsk:
     return HoldAsk(
         account=key.account, period=call.period, now=call.now, request_id=call.request_id,
         key_id=key.key_id, scope=key.scope, model=call.model.name, worst_list_cost=worst,
-        blocked_scope=key.blocked_scope,
+        blocked_scope=key.blocked_scope, tokens=call.prompt_tokens + output_cap(call),
     )  # fmt: skip
 
 
@@ -280,11 +285,18 @@ async def place_hold(call: Call) -> HoldResult:
     if result.status == "invalid_api_key":
         app[S.KEYS].forget(call.key.key_id)
         raise AuthenticationFailed(_MESSAGES["invalid_api_key"])
+    if result.status == "key_expired":
+        raise AuthenticationFailed(_MESSAGES["key_expired"])
     app[S.METRICS].child(app[S.METRICS].rejections, result.status).inc()
     if result.status == "model_not_allowed":
         raise Forbidden(_MESSAGES[result.status], code=result.status, param="model")
     retry = seconds_to_period_end(call.now) if result.status in _PERIOD_LIMIT_CODES else None
-    raise Refused(result.status, _MESSAGES[result.status], retry_after=retry)
+    if result.status == "rate_limit_exceeded":
+        retry = result.retry_after
+    refused = Refused(result.status, _MESSAGES[result.status], retry_after=retry)
+    if result.rate is not None:
+        refused.headers.update(ratelimits.headers(result.rate))
+    raise refused
 
 
 def upstream_body(call: Call, stream: bool) -> bytes:
@@ -336,12 +348,12 @@ def settle_args(
         "completion_tokens", completion, "cached_tokens", cached, "list_cost", charge.list_cost,
         "discount", charge.discount, "charged", charge.charged, "usage_source", source,
         "encoding", call.encoding, "tags", call.tags, "status", status,
-        "created_at", int(call.now * 1000),
+        "created_at", call.hold.stamp_ms or int(call.now * 1000),
     ]  # fmt: skip
     return dict(
         account=key.account, period=call.period, request_id=call.request_id, scope=key.scope,
         key_id=key.key_id, model=call.model.name, charged=charge.charged, record=record,
-        warned=call.hold.warn, at=int(call.now),
+        warned=call.hold.warn, at=int(call.now), tokens=prompt + completion,
     )  # fmt: skip
 
 
@@ -370,9 +382,22 @@ def estimate(call: Call, text: list[str]) -> tuple[int, int, int]:
 
 def base_headers(call: Call) -> dict[str, str]:
     headers = {"x-request-id": call.request_id}
-    if call.hold is not None and call.hold.warn:
-        headers[WARNING_HEADER] = "member_limit_exceeded"
+    hold = call.hold
+    if hold is not None:
+        if hold.warn:
+            headers[WARNING_HEADER] = "member_limit_exceeded"
+        if hold.rate is not None:
+            headers.update(ratelimits.headers(hold.rate))
     return headers
+
+
+def annotate(exc: GatewayError, call: Call) -> None:
+    """An error answered after the request was parsed: its id, and the rate-limit figures of
+    its hold (a refusal carries its own)."""
+    exc.headers.setdefault("x-request-id", call.request_id)
+    if call.hold is not None and call.hold.rate is not None:
+        for name, value in ratelimits.headers(call.hold.rate).items():
+            exc.headers.setdefault(name, value)
 
 
 def upstream_error(status: int, raw: bytes) -> UpstreamFailed:
@@ -502,7 +527,12 @@ async def finish_stream(call: Call, client: web.StreamResponse, outcome: StreamO
     pending: Awaitable[SettleResult] | None = None
     if tokens is None and outcome.upstream_failed and not outcome.text:
         try:
-            await metering.release(account=call.key.account, request_id=call.request_id)
+            await metering.release(
+                account=call.key.account,
+                request_id=call.request_id,
+                key_id=call.key.key_id,
+                scope=call.key.scope,
+            )
         except Exception as exc:  # the hold expires on its own
             log.warning("stream %s: hold not released: %r", call.request_id, exc)
         call.hold = None
@@ -545,8 +575,8 @@ async def proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         return response
     except GatewayError as exc:
         status = exc.status
-        if call is not None and "x-request-id" not in exc.headers:
-            exc.headers["x-request-id"] = call.request_id
+        if call is not None:
+            annotate(exc, call)
         raise
     finally:
         observe(app, endpoint, model_label, status, call, started)
@@ -556,7 +586,12 @@ async def release_quietly(call: Call) -> None:
     """Give the hold back (the request failed or was cancelled before it settled)."""
     if call.hold is not None:
         with contextlib.suppress(Exception):
-            await call.app[S.METERING].release(account=call.key.account, request_id=call.request_id)
+            await call.app[S.METERING].release(
+                account=call.key.account,
+                request_id=call.request_id,
+                key_id=call.key.key_id,
+                scope=call.key.scope,
+            )
 
 
 def observe(

@@ -1,15 +1,25 @@
 --[[ hold.lua — admit a request by placing a hold on its billing account, or refuse it.
-The decision mirrors policies/limits.py:decide (the parity tests run one table through both).
+The decision mirrors policies/limits.py:decide, the rate windows policies/ratelimits.py (the parity
+tests run one table through both).
 
-KEYS[1]  {acct:A}:s            state hash: loaded, credits, holds, sub_alw, mh:<scope>
-KEYS[2]  {acct:A}:p:<period>   period hash: alw, aspent, spend, ms:<scope>, mx:<scope>, al:* flags
-KEYS[3]  {acct:A}:cfg          policy hash: limit, dml, den, disc, ml:<scope>, me:<scope>
-KEYS[4]  {acct:A}:keys         key id -> member scope (the keys allowed to bill A)
+KEYS[1]  {acct:A}:s            state hash: loaded, credits, holds, sub_alw, mh:<scope>, kh:<key>
+KEYS[2]  {acct:A}:p:<period>   period hash: alw, aspent, spend, ms:<scope>, mx:<scope>, ks:<key>,
+                               al:* flags
+KEYS[3]  {acct:A}:cfg          policy hash: limit, dml, den, disc, rpm, tpm, ml:<scope>, me:<scope>,
+                               rpm:<scope>, tpm:<scope>
+KEYS[4]  {acct:A}:keys         key id -> its entry: member scope, then its controls if any
+                               (policies/limits.py:key_entry)
 KEYS[5]  {acct:A}:blk:<scope>  set of blocked model names (scope: "" or, in a user account, the
                                team whose keys bill it personally: policies/keyspace.py)
 KEYS[6]  {acct:A}:hz           hold id -> expiry (unix s)
-KEYS[7]  {acct:A}:hv           hold id -> "<amount>|<scope>"
+KEYS[7]  {acct:A}:hv           hold id -> "<amount>|<scope>", or with rate or key limits
+                               "<amount>|<scope>|<flags>|<tokens>|<key>" (flags: h = counted in
+                               kh:<key>; k, m, t = logged in the key's, member's, team's window)
 KEYS[8]  {acct:A}:alerts       alert stream (a limit refusal counts as reaching 100 % of it)
+KEYS[9]  {acct:A}:rt           rate sums: last (the last stamp, ms), k:<key>, m:<scope>, t (tokens)
+KEYS[10] {acct:A}:rw:k:<key>   the key's rate log: "<hold id>|<tokens>" scored by stamp (ms)
+KEYS[11] {acct:A}:rw:m:<scope> the member's rate log
+KEYS[12] {acct:A}:rw:t         the team's rate log
 
 ARGV[1]  now, unix seconds (integer)
 ARGV[2]  hold id (the request id)
@@ -20,16 +30,25 @@ ARGV[5]  model name
 ARGV[6]  worst-case list cost of the request, nano-dollars
 ARGV[7]  hold lifetime, seconds
 ARGV[8]  period hash lifetime, seconds
+ARGV[9]  now, unix milliseconds
+ARGV[10] worst-case tokens of the request (prompt + output cap)
+ARGV[11] rate window, milliseconds (policies/ratelimits.py:WINDOW_MS)
 
-Returns {status, hold, discount_bps, warn, alerted}
-  status  "ok" | "not_loaded" | "invalid_api_key" | "model_not_allowed" | "insufficient_quota"
-          | "team_spending_limit_reached" | "member_limit_reached"
+Returns {status, hold, discount_bps, warn, alerted} and, when a rate limit applies (from the
+money checks on), also {retry_after, stamp, req_limit, req_remaining, req_reset_ms, tok_limit,
+tok_remaining, tok_reset_ms} (-1: no such limit)
+  status  "ok" | "not_loaded" | "invalid_api_key" | "key_expired" | "model_not_allowed"
+          | "insufficient_quota" | "team_spending_limit_reached" | "member_limit_reached"
+          | "key_limit_reached" | "rate_limit_exceeded"
   hold    nano-dollars held (after discount); 0 when refused
   warn    1 when a soft member limit is exceeded by this request
   alerted 1 when this call queued an alert on KEYS[8] (policies/alerts.py)
+  retry_after  whole seconds, for rate_limit_exceeded (else 0)
+  stamp   the request's rate stamp (ms): now, never below the account's last stamp
 
 Money is mutated only with HINCRBY (exact to 2^63); comparisons run on Lua doubles, exact for
-amounts below 2^53 nano-dollars (about 9 million USD).
+amounts below 2^53 nano-dollars (about 9 million USD). A key without controls, in an account
+without rate limits, costs one HGET where HEXISTS was, and four more fields in the cfg HMGET.
 ]]
 local state, period, cfg, keys, blocked, hz, hv, alerts =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
@@ -49,10 +68,14 @@ local expired = redis.call('ZRANGEBYSCORE', hz, '-inf', now, 'LIMIT', 0, 100)
 for _, id in ipairs(expired) do
   local v = redis.call('HGET', hv, id)
   if v then
-    local sep = string.find(v, '|', 1, true)
-    local amount = string.sub(v, 1, sep - 1)
+    local amount, rest = string.match(v, '^([^|]*)|(.*)$')
+    local hscope, flags, _, hkey = string.match(rest, '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
+    if not hscope then hscope, flags = rest, '' end
     redis.call('HINCRBY', state, 'holds', neg(amount))
-    redis.call('HINCRBY', state, 'mh:' .. string.sub(v, sep + 1), neg(amount))
+    redis.call('HINCRBY', state, 'mh:' .. hscope, neg(amount))
+    if string.find(flags, 'h', 1, true) then
+      redis.call('HINCRBY', state, 'kh:' .. hkey, neg(amount))
+    end
     redis.call('HDEL', hv, id)
   end
   redis.call('ZREM', hz, id)
@@ -67,19 +90,16 @@ local function str(n) return string.format('%.0f', n) end
 
 local function refuse(code) return {code, 0, 0, 0, 0} end
 
--- A refusal by a limit: "100 % reached" alert, once per period and limit value.
-local function refuse_limit(code, kind, subject, limit, spend, enforcement)
-  local alerted = 0
-  if redis.call('HSETNX', period, 'al:' .. subject .. ':100:' .. str(limit), '1') == 1 then
-    redis.call('XADD', alerts, '*', 'kind', kind, 'scope', scope, 'threshold', '100',
-      'limit', str(limit), 'spend', str(spend), 'enforcement', enforcement, 'trigger', 'refusal',
-      'period', string.match(period, ':p:([^:]+)$'), 'at', ARGV[1])
-    alerted = 1
-  end
-  return {code, 0, 0, 0, alerted}
+-- The key and its controls: "<scope>" or "<scope>|<expires>|<limit>|<rpm>|<tpm>|<models>".
+local entry = redis.call('HGET', keys, key_id)
+if not entry then return refuse('invalid_api_key') end
+local _, kexp, klimit, krpm, ktpm, kmodels = string.match(entry,
+  '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+klimit = num(klimit, -1)
+if kexp and kexp ~= '' and now >= tonumber(kexp) then return refuse('key_expired') end
+if kmodels and kmodels ~= '' and not string.find(kmodels, ',' .. model .. ',', 1, true) then
+  return refuse('model_not_allowed')
 end
-
-if redis.call('HEXISTS', keys, key_id) == 0 then return refuse('invalid_api_key') end
 if redis.call('SISMEMBER', blocked, model) == 1 then return refuse('model_not_allowed') end
 
 -- This period's allowance is fixed on the period's first request from the subscription.
@@ -91,22 +111,119 @@ if not alw then
 end
 alw = tonumber(alw)
 
-local c = redis.call('HMGET', cfg, 'disc', 'limit', 'dml', 'den', 'ml:' .. scope, 'me:' .. scope)
+local c = redis.call('HMGET', cfg, 'disc', 'limit', 'dml', 'den', 'ml:' .. scope, 'me:' .. scope,
+  'rpm', 'tpm', 'rpm:' .. scope, 'tpm:' .. scope)
 local disc = num(c[1], 0)
 if disc < 0 then disc = 0 elseif disc > 10000 then disc = 10000 end
 local keep = 10000 - disc
 -- floor(worst * keep / 10000), exact: split worst into whole ten-thousands and the rest.
 local hold = math.floor(worst / 10000) * keep + math.floor((worst % 10000) * keep / 10000)
 
-local s = redis.call('HMGET', state, 'credits', 'holds', 'mh:' .. scope)
+local sfields = {'credits', 'holds', 'mh:' .. scope}
+local pfields = {'aspent', 'spend', 'ms:' .. scope, 'mx:' .. scope}
+if klimit >= 0 then
+  sfields[4] = 'kh:' .. key_id
+  pfields[5] = 'ks:' .. key_id
+end
+local s = redis.call('HMGET', state, unpack(sfields))
 local credits, holds, member_holds = num(s[1], 0), num(s[2], 0), num(s[3], 0)
-local p = redis.call('HMGET', period, 'aspent', 'spend', 'ms:' .. scope, 'mx:' .. scope)
+local p = redis.call('HMGET', period, unpack(pfields))
 -- The member's spend in the team this period: here (ms) + billed to the other account (mx).
 local aspent, spend, member_spend = num(p[1], 0), num(p[2], 0), num(p[3], 0) + num(p[4], 0)
 
+-- Rate windows (policies/ratelimits.py): the key's, the member's, the team's log.
+local tokens, window, rt = tonumber(ARGV[10]), tonumber(ARGV[11]), KEYS[9]
+local t = tonumber(ARGV[9])
+local wins = {}
+local limits = {num(krpm, nil), num(ktpm, nil), num(c[9], nil), num(c[10], nil), num(c[7], nil),
+  num(c[8], nil)}
+local limited = false
+for i = 1, 6 do if limits[i] ~= nil then limited = true end end
+if limited then
+  wins = {
+    {key = KEYS[10], field = 'k:' .. key_id, flag = 'k', rpm = limits[1], tpm = limits[2]},
+    {key = KEYS[11], field = 'm:' .. scope, flag = 'm', rpm = limits[3], tpm = limits[4]},
+    {key = KEYS[12], field = 't', flag = 't', rpm = limits[5], tpm = limits[6]},
+  }
+  local r = redis.call('HMGET', rt, 'last', wins[1].field, wins[2].field, wins[3].field)
+  local last = num(r[1], 0)
+  if t < last then t = last elseif t > last then redis.call('HSET', rt, 'last', str(t)) end
+  local cutoff = t - window
+  for i, w in ipairs(wins) do
+    w.limited = w.rpm ~= nil or w.tpm ~= nil
+    if w.limited then
+      local sum = num(r[i + 1], 0)
+      local oldest = redis.call('ZRANGE', w.key, 0, 0, 'WITHSCORES')
+      if oldest[2] and tonumber(oldest[2]) <= cutoff then
+        for _, m in ipairs(redis.call('ZRANGEBYSCORE', w.key, '-inf', cutoff)) do
+          sum = sum - tonumber(string.match(m, '|(%d+)$'))
+        end
+        redis.call('ZREMRANGEBYSCORE', w.key, '-inf', cutoff)
+        oldest = redis.call('ZRANGE', w.key, 0, 0, 'WITHSCORES')
+        redis.call('HSET', rt, w.field, str(sum))
+      end
+      w.count = redis.call('ZCARD', w.key)
+      -- The sum is trusted only beside a non-empty log (an idle log expires before its sum).
+      if w.count == 0 then sum = 0 end
+      w.sum = sum
+      w.oldest = num(oldest[2], nil)
+    end
+  end
+end
+
+-- The x-ratelimit-* figures: the tightest limit of each kind (ratelimits.view).
+local function rate_reply(status, held, warn, alerted, retry, admitted)
+  local rq, tk = nil, nil
+  for _, w in ipairs(wins) do
+    if w.limited then
+      local count, sum, oldest = w.count, w.sum, w.oldest
+      if admitted then
+        count, sum = count + 1, sum + tokens
+        if oldest == nil then oldest = t end
+      end
+      local reset = 0
+      if oldest ~= nil then reset = oldest + window - t end
+      if w.rpm ~= nil then
+        local left = math.max(0, w.rpm - count)
+        if rq == nil or left < rq[2] or (left == rq[2] and w.rpm < rq[1]) then
+          rq = {w.rpm, left, reset}
+        end
+      end
+      if w.tpm ~= nil then
+        local left = math.max(0, w.tpm - sum)
+        if tk == nil or left < tk[2] or (left == tk[2] and w.tpm < tk[1]) then
+          tk = {w.tpm, left, reset}
+        end
+      end
+    end
+  end
+  rq = rq or {-1, -1, -1}
+  tk = tk or {-1, -1, -1}
+  local d = 0
+  if admitted then d = disc end
+  return {status, held, d, warn, alerted, retry, t, rq[1], rq[2], rq[3], tk[1], tk[2], tk[3]}
+end
+
+local function refused(code, alerted)
+  if limited then return rate_reply(code, 0, 0, alerted, 0, false) end
+  return {code, 0, 0, 0, alerted}
+end
+
+-- A refusal by a limit: "100 % reached" alert, once per period and limit value.
+local function refuse_limit(code, kind, subject, limit, spent, enforcement)
+  local alerted = 0
+  if redis.call('HSETNX', period, 'al:' .. subject .. ':100:' .. str(limit), '1') == 1 then
+    redis.call('XADD', alerts, '*', 'kind', kind, 'scope', scope, 'threshold', '100',
+      'limit', str(limit), 'spend', str(spent), 'enforcement', enforcement, 'trigger', 'refusal',
+      'period', string.match(period, ':p:([^:]+)$'), 'at', ARGV[1])
+    alerted = 1
+  end
+  return refused(code, alerted)
+end
+
 local left = alw - aspent
 if left < 0 then left = 0 end
-if left + credits - holds < hold then return refuse('insufficient_quota') end
+if left + credits - holds < hold then return refused('insufficient_quota', 0) end
 
 local limit = num(c[2], -1)
 if limit >= 0 and spend + holds + hold > limit then
@@ -132,8 +249,70 @@ if member_limit >= 0 then
   end
 end
 
+if klimit >= 0 and num(p[5], 0) + num(s[4], 0) + hold > klimit then
+  return refused('key_limit_reached', 0)
+end
+
+-- Rate limits: one more request, and its worst-case tokens, must fit every window.
+if limited then
+  local wait = -1
+  for _, w in ipairs(wins) do
+    if w.rpm ~= nil and w.count + 1 > w.rpm then
+      local ms = window
+      if w.rpm > 0 then
+        local e = redis.call('ZRANGE', w.key, w.count - w.rpm, w.count - w.rpm, 'WITHSCORES')
+        ms = tonumber(e[2]) + window - t
+      end
+      if ms > wait then wait = ms end
+    end
+    if w.tpm ~= nil and w.sum + tokens > w.tpm then
+      local ms = window
+      if tokens <= w.tpm then
+        local excess = w.sum + tokens - w.tpm
+        local all = redis.call('ZRANGE', w.key, 0, -1, 'WITHSCORES')
+        for i = 1, #all, 2 do
+          excess = excess - tonumber(string.match(all[i], '|(%d+)$'))
+          if excess <= 0 then
+            ms = tonumber(all[i + 1]) + window - t
+            break
+          end
+        end
+      end
+      if ms > wait then wait = ms end
+    end
+  end
+  if wait >= 0 then
+    local retry = math.ceil(wait / 1000)
+    if retry < 1 then retry = 1 end
+    return rate_reply('rate_limit_exceeded', 0, 0, 0, retry, false)
+  end
+end
+
 redis.call('ZADD', hz, now + tonumber(ARGV[7]), hold_id)
-redis.call('HSET', hv, hold_id, str(hold) .. '|' .. scope)
 redis.call('HINCRBY', state, 'holds', str(hold))
 redis.call('HINCRBY', state, 'mh:' .. scope, str(hold))
+local flags = ''
+if klimit >= 0 then
+  flags = 'h'
+  redis.call('HINCRBY', state, 'kh:' .. key_id, str(hold))
+end
+if limited then
+  local member = hold_id .. '|' .. str(tokens)
+  for _, w in ipairs(wins) do
+    if w.limited then
+      flags = flags .. w.flag
+      redis.call('ZADD', w.key, t, member)
+      redis.call('PEXPIRE', w.key, 2 * window)
+      redis.call('HSET', rt, w.field, str(w.sum + tokens))
+    end
+  end
+  redis.call('PEXPIRE', rt, 2 * window)
+end
+if flags == '' then
+  redis.call('HSET', hv, hold_id, str(hold) .. '|' .. scope)
+else
+  redis.call('HSET', hv, hold_id, str(hold) .. '|' .. scope .. '|' .. flags .. '|' .. str(tokens)
+    .. '|' .. key_id)
+end
+if limited then return rate_reply('ok', hold, warn, 0, 0, true) end
 return {'ok', hold, disc, warn, 0}

@@ -1,21 +1,41 @@
 --[[ release.lua — drop a request's hold without charging anything (upstream error, timeout).
 
-KEYS[1]  {acct:A}:s    state hash (holds, mh:<scope>)
-KEYS[2]  {acct:A}:hz   hold expiries
-KEYS[3]  {acct:A}:hv   hold values
+KEYS[1]  {acct:A}:s            state hash (holds, mh:<scope>, kh:<key>)
+KEYS[2]  {acct:A}:hz           hold expiries
+KEYS[3]  {acct:A}:hv           hold values (hold.lua)
+KEYS[4]  {acct:A}:rt           rate sums
+KEYS[5]  {acct:A}:rw:k:<key>   the key's rate log
+KEYS[6]  {acct:A}:rw:m:<scope> the member's rate log
+KEYS[7]  {acct:A}:rw:t         the team's rate log
 ARGV[1]  hold id
 
-Returns the amount released (0 when the hold was gone already).
+Returns the amount released (0 when the hold was gone already). The request stays counted in
+the rate logs it was admitted to (it was sent upstream), with 0 tokens.
 ]]
 -- Negate a decimal string for HINCRBY ("-0" is not an integer to Redis).
 local function neg(a) if a == '0' then return '0' end return '-' .. a end
 
-local v = redis.call('HGET', KEYS[3], ARGV[1])
+local hold_id = ARGV[1]
+local v = redis.call('HGET', KEYS[3], hold_id)
 if not v then return 0 end
-local sep = string.find(v, '|', 1, true)
-local amount = string.sub(v, 1, sep - 1)
+local amount, rest = string.match(v, '^([^|]*)|(.*)$')
+local hscope, flags, worst, hkey = string.match(rest, '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
+if not hscope then hscope, flags = rest, '' end
 redis.call('HINCRBY', KEYS[1], 'holds', neg(amount))
-redis.call('HINCRBY', KEYS[1], 'mh:' .. string.sub(v, sep + 1), neg(amount))
-redis.call('HDEL', KEYS[3], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'mh:' .. hscope, neg(amount))
+if string.find(flags, 'h', 1, true) then
+  redis.call('HINCRBY', KEYS[1], 'kh:' .. hkey, neg(amount))
+end
+local logs = {k = {KEYS[5], 'k:' .. (hkey or '')}, m = {KEYS[6], 'm:' .. hscope}, t = {KEYS[7], 't'}}
+for f in string.gmatch(flags, '[kmt]') do
+  local old = hold_id .. '|' .. worst
+  local score = redis.call('ZSCORE', logs[f][1], old)
+  if score and worst ~= '0' then
+    redis.call('ZREM', logs[f][1], old)
+    redis.call('ZADD', logs[f][1], score, hold_id .. '|0')
+    redis.call('HINCRBY', KEYS[4], logs[f][2], neg(worst))
+  end
+end
+redis.call('HDEL', KEYS[3], hold_id)
+redis.call('ZREM', KEYS[2], hold_id)
 return tonumber(amount)

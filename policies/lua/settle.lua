@@ -9,6 +9,10 @@ KEYS[5]  {acct:A}:rid:<id>     settle marker
 KEYS[6]  {acct:A}:usage        usage stream (read by the PostgreSQL writer)
 KEYS[7]  {acct:A}:cfg          policy hash (limits, for the alert thresholds)
 KEYS[8]  {acct:A}:alerts       alert stream (read by the alert worker)
+KEYS[9]  {acct:A}:rt           rate sums (hold.lua)
+KEYS[10] {acct:A}:rw:k:<key>   the key's rate log
+KEYS[11] {acct:A}:rw:m:<scope> the member's rate log
+KEYS[12] {acct:A}:rw:t         the team's rate log
 
 ARGV[1]  hold id
 ARGV[2]  charged, nano-dollars (after discount)
@@ -19,7 +23,9 @@ ARGV[6]  period hash lifetime, seconds
 ARGV[7]  settle marker lifetime, seconds
 ARGV[8]  "1" when the hold warned about a soft member limit, else "0"
 ARGV[9]  the request's time, unix seconds (stamped on alerts)
-ARGV[10..] usage record as field, value pairs (appended to the stream as given, followed by
+ARGV[10] the request's actual tokens: its entry in each rate log it was admitted to is
+         corrected from the worst case to these (policies/ratelimits.py)
+ARGV[11..] usage record as field, value pairs (appended to the stream as given, followed by
           from_allowance and from_credits)
 
 Returns {settled, from_allowance, from_credits, alerted}
@@ -49,10 +55,28 @@ end
 
 local v = redis.call('HGET', hv, hold_id)
 if v then
-  local sep = string.find(v, '|', 1, true)
-  local amount = string.sub(v, 1, sep - 1)
+  -- "<amount>|<scope>" or "<amount>|<scope>|<flags>|<tokens>|<key>" (hold.lua)
+  local amount, rest = string.match(v, '^([^|]*)|(.*)$')
+  local hscope, flags, worst, hkey = string.match(rest, '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  if not hscope then hscope, flags = rest, '' end
   redis.call('HINCRBY', state, 'holds', neg(amount))
-  redis.call('HINCRBY', state, 'mh:' .. string.sub(v, sep + 1), neg(amount))
+  redis.call('HINCRBY', state, 'mh:' .. hscope, neg(amount))
+  if string.find(flags, 'h', 1, true) then
+    redis.call('HINCRBY', state, 'kh:' .. hkey, neg(amount))
+  end
+  -- Rate logs: the entry's worst-case tokens become the actual ones (unless it aged out).
+  local logs = {k = {KEYS[10], 'k:' .. (hkey or '')}, m = {KEYS[11], 'm:' .. hscope},
+    t = {KEYS[12], 't'}}
+  local actual = tonumber(ARGV[10])
+  for f in string.gmatch(flags, '[kmt]') do
+    local old = hold_id .. '|' .. worst
+    local score = redis.call('ZSCORE', logs[f][1], old)
+    if score and actual ~= tonumber(worst) then
+      redis.call('ZREM', logs[f][1], old)
+      redis.call('ZADD', logs[f][1], score, hold_id .. '|' .. str(actual))
+      redis.call('HINCRBY', KEYS[9], logs[f][2], str(actual - tonumber(worst)))
+    end
+  end
   redis.call('HDEL', hv, hold_id)
   redis.call('ZREM', hz, hold_id)
 end
@@ -117,7 +141,7 @@ if redis.call('HGET', state, 'loaded') == '1' then
 end
 
 local fields = {}
-for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
 fields[#fields + 1] = 'from_allowance'
 fields[#fields + 1] = str(from_alw)
 fields[#fields + 1] = 'from_credits'
