@@ -55,7 +55,7 @@ def error_response(
         body=orjson.dumps(exc.body()),
         status=exc.status,
         content_type="application/json",
-        headers={**exc.headers, **(extra_headers or {})},
+        headers={**exc.response_headers(), **(extra_headers or {})},
     )
 
 

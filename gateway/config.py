@@ -50,6 +50,8 @@ class UpstreamConfig:
     api_key_env: str = ""
     timeout_s: float = 600.0
     connect_timeout_s: float = 10.0
+    kind: str = "openai"  # openai | anthropic | azure: see gateway.upstream.kinds
+    api_version: str = ""  # azure: the api-version query parameter
 
     def api_key(self) -> str:
         return os.environ.get(self.api_key_env, "") if self.api_key_env else ""
@@ -180,6 +182,10 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         for name, v in _mapping(raw.get("models"), "models").items()
     }
     plans = {name: _plan(name, v) for name, v in _mapping(raw.get("plans"), "plans").items()}
+    from gateway.upstream.kinds import provider_for  # the kinds know the config, not the reverse
+
+    for up in upstreams.values():
+        provider_for(up)  # an unknown kind, or keys that do not suit it, stop the start
     config = Config(upstreams=upstreams, models=models, plans=plans, **sections)
     if config.server.workers < 1:
         raise ConfigError("server.workers must be at least 1")
@@ -277,7 +283,7 @@ def _build(cls: type, values: dict[str, Any], where: str, renames: dict[str, str
 
 _MODEL_KEYS = frozenset({
     "upstream", "upstream_model", "input_per_mtok", "output_per_mtok", "cached_input_per_mtok",
-    "max_output_tokens", "encoding",
+    "cache_write_per_mtok", "max_output_tokens", "encoding",
 })  # fmt: skip
 
 
@@ -291,10 +297,12 @@ def _model(name: str, raw: dict[str, Any], upstreams: Mapping[str, UpstreamConfi
         raise ConfigError(f"{where}.upstream: no upstream named {upstream!r}")
     try:
         cached = raw.get("cached_input_per_mtok")
+        writes = raw.get("cache_write_per_mtok")
         prices = Prices(
             input=price_per_token(raw.get("input_per_mtok", 0)),
             output=price_per_token(raw.get("output_per_mtok", 0)),
             cached_input=None if cached is None else price_per_token(cached),
+            cache_write=None if writes is None else price_per_token(writes),
         )
     except MoneyError as exc:
         raise ConfigError(f"{where}: {exc}") from exc

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+ERROR_CODE_HEADER = "x-modelbridge-error-code"
+
 
 class GatewayError(Exception):
     status = 500
@@ -49,6 +51,10 @@ class GatewayError(Exception):
             self.status = status
         self.param = param
         self.headers = dict(headers or {})
+
+    def response_headers(self) -> dict[str, str]:
+        """The error's headers, with ``x-modelbridge-error-code`` (on every error response)."""
+        return {**self.headers, ERROR_CODE_HEADER: self.code or self.type}
 
     def body(self) -> dict[str, object]:
         return {

@@ -212,3 +212,105 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url, decode_responses=True)
     yield client
     await client.aclose()
+
+
+# --- several kinds of provider: OpenAI, Azure OpenAI and Anthropic fakes behind one gateway -----
+
+ANTHROPIC_KEY = "sk-ant-upstream-test"
+AZURE_KEY = "azure-upstream-test"
+
+
+@dataclass
+class Providers:
+    gateway: Gateway
+    openai: FakeUpstream
+    azure: Any  # tests.fake_azure.FakeAzure
+    anthropic: Any  # tests.fake_anthropic.FakeAnthropic
+
+    def reset(self) -> None:
+        for fake in (self.openai, self.azure, self.anthropic):
+            fake.reset()
+
+
+def providers_config(openai_url: str, azure_url: str, anthropic_url: str) -> Config:
+    """Models on each kind of upstream. Prices (nano-USD per token): ``gpt-4o-mini`` 150 / 600
+    (cached 75), ``azure-4o`` 2500 / 10000 (cached 1250), ``claude`` 3000 / 15000 (cache reads
+    300, writes 3750), ``claude-plain`` 1000 / 5000 (no cache prices: both at input)."""
+    raw = {
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout_s": 5},
+        "upstreams": {
+            "oai": {"base_url": openai_url, "api_key_env": "MB_TEST_UPSTREAM_KEY", "timeout_s": 3},
+            "az": {
+                "kind": "azure",
+                "base_url": azure_url,
+                "api_key_env": "MB_TEST_AZURE_KEY",
+                "api_version": "2024-10-21",
+                "timeout_s": 3,
+            },
+            "ant": {
+                "kind": "anthropic",
+                "base_url": anthropic_url,
+                "api_key_env": "MB_TEST_ANTHROPIC_KEY",
+                "timeout_s": 3,
+            },
+        },
+        "models": {
+            "gpt-4o-mini": {
+                "upstream": "oai",
+                "input_per_mtok": 0.15,
+                "output_per_mtok": 0.60,
+                "cached_input_per_mtok": 0.075,
+                "max_output_tokens": 1000,
+            },
+            "azure-4o": {
+                "upstream": "az",
+                "upstream_model": "gpt4o-prod",
+                "input_per_mtok": 2.50,
+                "output_per_mtok": 10.00,
+                "cached_input_per_mtok": 1.25,
+                "max_output_tokens": 1000,
+            },
+            "claude": {
+                "upstream": "ant",
+                "upstream_model": "claude-sonnet-4-5",
+                "input_per_mtok": 3.00,
+                "output_per_mtok": 15.00,
+                "cached_input_per_mtok": 0.30,
+                "cache_write_per_mtok": 3.75,
+                "max_output_tokens": 1000,
+            },
+            "claude-plain": {
+                "upstream": "ant",
+                "input_per_mtok": 1.00,
+                "output_per_mtok": 5.00,
+                "max_output_tokens": 1000,
+            },
+        },
+    }
+    os.environ["MB_TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
+    os.environ["MB_TEST_AZURE_KEY"] = AZURE_KEY
+    os.environ["MB_TEST_ANTHROPIC_KEY"] = ANTHROPIC_KEY
+    return parse_config(raw, {})
+
+
+@pytest.fixture(scope="session")
+async def providers(database_url: str, redis_url: str) -> AsyncIterator[Providers]:
+    from tests.fake_anthropic import FakeAnthropic
+    from tests.fake_azure import FakeAzure
+
+    openai_fake = FakeUpstream(api_key=UPSTREAM_KEY)
+    azure_fake = FakeAzure(api_key=AZURE_KEY)
+    anthropic_fake = FakeAnthropic(api_key=ANTHROPIC_KEY)
+    urls = [await f.start() for f in (openai_fake, azure_fake, anthropic_fake)]
+    gw, runner = await start_gateway(providers_config(*urls), database_url, redis_url)
+    yield Providers(gw, openai_fake, azure_fake, anthropic_fake)
+    await runner.cleanup()
+    for f in (openai_fake, azure_fake, anthropic_fake):
+        await f.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_providers(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "providers" in request.fixturenames:
+        request.getfixturevalue("providers").reset()

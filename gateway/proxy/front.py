@@ -283,7 +283,7 @@ class Front(asyncio.Protocol):
         self._next()
 
     def _write_error(self, exc: GatewayError, keep_alive: bool) -> None:
-        headers = {**exc.headers, "Content-Type": "application/json"}
+        headers = {**exc.response_headers(), "Content-Type": "application/json"}
         self._write(exc.status, headers, orjson.dumps(exc.body()), keep_alive)
 
     def _write(

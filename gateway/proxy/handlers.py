@@ -41,6 +41,8 @@ from gateway.upstream.upstreams import UpstreamRequest
 from policies import pricing, ratelimits
 from policies.money import format_usd
 from policies.periods import period_of, seconds_to_period_end
+from policies.translate import usage as usage_mod
+from policies.translate.usage import TokenUsage
 
 log = logging.getLogger("modelbridge.proxy")
 
@@ -112,7 +114,7 @@ class Plain:
 
     body: bytes
     headers: dict[str, str]
-    tokens: tuple[int, int, int]
+    tokens: TokenUsage
     source: str
     charge: pricing.Charge
     ttfb_s: float
@@ -240,9 +242,10 @@ def parse(
 def prepare_upstream(call: Call) -> None:
     """Build a plain call's upstream request (run while the hold is in flight)."""
     if not call.stream:
-        call.wire = call.app[S.UPSTREAMS].encode(
-            call.model.upstream, call.endpoint.upstream_path, upstream_body(call, False)
-        )
+        upstreams = call.app[S.UPSTREAMS]
+        model = call.model
+        path = upstreams.path(model.upstream, call.endpoint.upstream_path, model.upstream_model)
+        call.wire = upstreams.encode(model.upstream, path, upstream_body(call, False))
 
 
 def output_cap(call: Call) -> int:
@@ -313,32 +316,24 @@ def upstream_body(call: Call, stream: bool) -> bytes:
     return orjson.dumps(body)
 
 
-def usage_numbers(usage: dict[str, Any] | None) -> tuple[int, int, int] | None:
-    if not isinstance(usage, dict):
-        return None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
-    if not isinstance(prompt, int):
-        return None
-    details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
-    completion = completion if isinstance(completion, int) else 0
-    return prompt, completion, cached if isinstance(cached, int) else 0
-
-
-def price(call: Call, tokens: tuple[int, int, int]) -> pricing.Charge:
+def price(call: Call, tokens: TokenUsage) -> pricing.Charge:
     """What the request costs, after the discount its hold was placed with."""
-    prompt, completion, cached = tokens
     assert call.hold is not None
-    return pricing.charge(
-        pricing.list_cost(call.model.prices, prompt, completion, cached), call.hold.discount_bps
-    )
+    prompt, completion = tokens.prompt_tokens, tokens.completion_tokens
+    writes = tokens.cache_write_tokens
+    cost = pricing.list_cost(call.model.prices, prompt, completion, tokens.cached_tokens, writes)
+    return pricing.charge(cost, call.hold.discount_bps)
 
 
 def settle_args(
-    call: Call, tokens: tuple[int, int, int], source: str, status: int, charge: pricing.Charge
+    call: Call, tokens: TokenUsage, source: str, status: int, charge: pricing.Charge
 ) -> dict[str, Any]:
     """The keywords of :meth:`Metering.settle` for this request: its cost and usage record."""
-    prompt, completion, cached = tokens
+    prompt, completion, cached = (
+        tokens.prompt_tokens,
+        tokens.completion_tokens,
+        tokens.cached_tokens,
+    )
     assert call.hold is not None
     key = call.key
     record: list[str | int] = [
@@ -357,27 +352,25 @@ def settle_args(
     )  # fmt: skip
 
 
-def count(call: Call, tokens: tuple[int, int, int], charge: pricing.Charge) -> None:
+def count(call: Call, tokens: TokenUsage, charge: pricing.Charge) -> None:
     metrics = call.app[S.METRICS]
     team = metrics.team_label(call.key.team_id)
     model = call.model.name
-    metrics.child(metrics.tokens, model, "prompt", *team).inc(tokens[0])
-    metrics.child(metrics.tokens, model, "completion", *team).inc(tokens[1])
+    metrics.child(metrics.tokens, model, "prompt", *team).inc(tokens.prompt_tokens)
+    metrics.child(metrics.tokens, model, "completion", *team).inc(tokens.completion_tokens)
     metrics.child(metrics.spend, model, *team).inc(charge.charged / 1e9)  # metrics, not money
 
 
-async def settle(
-    call: Call, tokens: tuple[int, int, int], source: str, status: int
-) -> pricing.Charge:
+async def settle(call: Call, tokens: TokenUsage, source: str, status: int) -> pricing.Charge:
     charge = price(call, tokens)
     await call.app[S.METERING].settle(**settle_args(call, tokens, source, status, charge))
     count(call, tokens, charge)
     return charge
 
 
-def estimate(call: Call, text: list[str]) -> tuple[int, int, int]:
+def estimate(call: Call, text: list[str]) -> TokenUsage:
     completion = call.app[S.TOKENS].count_text("".join(text), call.model.encoding) if text else 0
-    return call.prompt_tokens, completion, 0
+    return TokenUsage(call.prompt_tokens, completion)
 
 
 def base_headers(call: Call) -> dict[str, str]:
@@ -430,7 +423,7 @@ async def ask_upstream(call: Call) -> Plain:
         app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(response.ttfb_s)
         raise upstream_error(response.status, response.body)
     raw = response.body
-    tokens = usage_numbers(_usage_of(raw))
+    tokens = usage_mod.from_chat(_usage_of(raw))
     source = "upstream"
     if tokens is None:
         tokens, source = estimate(call, _texts_of(raw)), "estimated"
@@ -472,9 +465,9 @@ def _texts_of(raw: bytes) -> list[str]:
 
 async def forward_stream(call: Call) -> web.StreamResponse:
     app = call.app
-    req = UpstreamRequest(
-        call.model.upstream, call.endpoint.upstream_path, upstream_body(call, True), True
-    )
+    upstreams, model = app[S.UPSTREAMS], call.model
+    path = upstreams.path(model.upstream, call.endpoint.upstream_path, model.upstream_model)
+    req = UpstreamRequest(model.upstream, path, upstream_body(call, True), True)
     started = time.perf_counter()
     response = await app[S.UPSTREAMS].send(req)
     app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(
@@ -523,7 +516,7 @@ async def finish_stream(call: Call, client: web.StreamResponse, outcome: StreamO
     Nothing here raises once the 200 has started: a settle Redis does not take is kept by the
     metering (and applied when Redis answers); a release that fails leaves the hold to expire."""
     metering = call.app[S.METERING]
-    tokens = None if outcome.client_gone else usage_numbers(outcome.usage)
+    tokens = None if outcome.client_gone else usage_mod.from_chat(outcome.usage)
     pending: Awaitable[SettleResult] | None = None
     if tokens is None and outcome.upstream_failed and not outcome.text:
         try:

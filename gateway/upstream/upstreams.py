@@ -1,8 +1,10 @@
 """The providers: per configured upstream, one pooled ``aiohttp.ClientSession`` for streams and
 listings, and one lean keep-alive :class:`gateway.upstream.http1.Origin` for the answers read whole.
 
-``Upstreams`` is the single seam for provider I/O (tests plug a fake OpenAI server in through
-config, nothing else): ``send(request)`` starts a stream, ``encode`` + ``call`` make a plain call.
+``Upstreams`` is the single seam for provider I/O (tests plug fake providers in through config,
+nothing else): ``send(request)`` starts a stream (or any call read by aiohttp), ``encode`` +
+``call`` make a plain call. What differs between kinds of upstream (URL paths, key headers, the
+protocol spoken) is each kind's :class:`gateway.upstream.provider.Provider`, in its own module.
 Both clients' exceptions are translated here, and only here: connection failures become
 :class:`UpstreamFailed` (502) and timeouts :class:`UpstreamTimeout` (504). The client's key never
 travels upstream; the upstream's key never reaches a client.
@@ -12,13 +14,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
-from gateway.config import Config, UpstreamConfig
+from gateway.config import Config
 from gateway.errors import UpstreamFailed, UpstreamTimeout
 from gateway.upstream.http1 import Origin, OriginError, OriginTimeout, Response
+from gateway.upstream.kinds import provider_for
+from gateway.upstream.provider import Provider
 
 log = logging.getLogger("modelbridge.upstream")
 
@@ -26,9 +30,12 @@ log = logging.getLogger("modelbridge.upstream")
 @dataclass(frozen=True, slots=True)
 class UpstreamRequest:
     upstream: str
-    path: str  # "/chat/completions"
+    path: (
+        str  # as made by Upstreams.path: "/chat/completions", "/deployments/d/...?api-version=..."
+    )
     body: bytes
     stream: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict)  # besides the upstream's own
 
 
 class Upstreams:
@@ -38,6 +45,10 @@ class Upstreams:
         self._headers: dict[str, Mapping[str, str]] = {}
         self._urls: dict[str, str] = {}
         self.origins: dict[str, Origin] = {}
+        self.providers: dict[str, Provider] = {
+            name: provider_for(up) for name, up in config.upstreams.items()
+        }
+        self._paths: dict[tuple[str, str, str], str] = {}
 
     async def open(self) -> None:
         for name, up in self.config.upstreams.items():
@@ -52,7 +63,7 @@ class Upstreams:
                 auto_decompress=True,
                 skip_auto_headers=("User-Agent",),
             )
-            self._headers[name] = self._auth_headers(up)
+            self._headers[name] = self.providers[name].headers()
             self._urls[name] = up.base_url.rstrip("/")
             self.origins[name] = Origin(
                 up.base_url,
@@ -61,13 +72,13 @@ class Upstreams:
                 read_timeout=up.timeout_s,
             )
 
-    @staticmethod
-    def _auth_headers(up: UpstreamConfig) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "User-Agent": "modelbridge/0.1"}
-        key = up.api_key()
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
+    def path(self, upstream: str, route: str, upstream_model: str) -> str:
+        """The URL path of ``route`` for ``upstream_model`` on ``upstream`` (memoized)."""
+        key = (upstream, route, upstream_model)
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = self.providers[upstream].path(route, upstream_model)
+        return path
 
     async def close(self) -> None:
         for origin in self.origins.values():
@@ -96,9 +107,10 @@ class Upstreams:
         session = self.sessions[request.upstream]
         url = self._urls[request.upstream] + request.path
         try:
-            return await session.post(
-                url, data=request.body, headers=self._headers[request.upstream]
-            )
+            headers = self._headers[request.upstream]
+            if request.headers:
+                headers = {**headers, **request.headers}
+            return await session.post(url, data=request.body, headers=headers)
         except TimeoutError as exc:
             raise UpstreamTimeout(f"upstream {request.upstream} did not answer in time") from exc
         except aiohttp.ClientError as exc:
