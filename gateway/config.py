@@ -182,10 +182,8 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         for name, v in _mapping(raw.get("models"), "models").items()
     }
     plans = {name: _plan(name, v) for name, v in _mapping(raw.get("plans"), "plans").items()}
-    from gateway.upstream.kinds import provider_for  # the kinds know the config, not the reverse
-
     for up in upstreams.values():
-        provider_for(up)  # an unknown kind, or keys that do not suit it, stop the start
+        _check_kind(up)
     config = Config(upstreams=upstreams, models=models, plans=plans, **sections)
     if config.server.workers < 1:
         raise ConfigError("server.workers must be at least 1")
@@ -317,6 +315,21 @@ def _model(name: str, raw: dict[str, Any], upstreams: Mapping[str, UpstreamConfi
         max_output_tokens=max_out,
         encoding=str(raw.get("encoding") or "cl100k_base"),
     )
+
+
+# The kinds of upstream; each has its module in gateway.upstream (registered in its ``kinds``).
+UPSTREAM_KINDS = ("openai", "anthropic", "azure")
+
+
+def _check_kind(up: UpstreamConfig) -> None:
+    where = f"upstreams.{up.name}"
+    if up.kind not in UPSTREAM_KINDS:
+        known = ", ".join(sorted(UPSTREAM_KINDS))
+        raise ConfigError(f"{where}.kind: {up.kind!r} is not one of {known}")
+    if up.kind == "azure" and not up.api_version:
+        raise ConfigError(f"{where}.api_version is required for azure")
+    if up.kind != "azure" and up.api_version:
+        raise ConfigError(f"{where}.api_version: only for azure")
 
 
 def _plan(name: str, raw: Any) -> PlanConfig:
