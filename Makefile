@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint fmt bench clean
+.PHONY: install run test test-cluster lint fmt bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ fmt: install
 
 test: lint
 	$(VENV)/bin/pytest
+
+# The tests marked `cluster` again, on a Redis Cluster of 3 masters + 3 replicas (tests/redis_cluster.py).
+test-cluster: install
+	$(VENV)/bin/pytest --redis-cluster -m cluster
 
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import orjson
 from aiohttp import web
-from redis.asyncio import Redis
 
 from gateway import dashboard
 from gateway import state as S
@@ -28,10 +27,10 @@ from gateway.errors import GatewayError, NotFound, PayloadTooLarge
 from gateway.infra import health
 from gateway.infra.db import create_pool, migrate
 from gateway.infra.metrics import Metrics
+from gateway.infra.redisconn import open_redis
 from gateway.metering.accounts import Accounts
 from gateway.metering.journal import SettleJournal
 from gateway.metering.meter import Metering
-from gateway.metering.scriptclient import Endpoint, ScriptClient
 from gateway.metering.scripts import Scripts
 from gateway.metering.usage_writer import UsageWriter
 from gateway.proxy import catalog, front
@@ -93,20 +92,17 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
     app[S.DB] = await create_pool(runtime.database_url)
     async with app[S.DB].acquire() as conn:
         await migrate(conn)
-    app[S.REDIS] = Redis.from_url(
-        runtime.redis_url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5,
-        health_check_interval=30, max_connections=512,
-    )  # fmt: skip
+    link = await open_redis(runtime.redis_url, script_client=app[S.CONFIG].redis.script_client)
+    app[S.REDIS_LINK] = link
+    app[S.REDIS] = link.client
     yield
-    await app[S.REDIS].aclose()
+    await link.close()
     await app[S.DB].close()
 
 
 async def _metering(app: web.Application) -> AsyncIterator[None]:
     config = app[S.CONFIG]
-    endpoint = Endpoint.from_url(app[S.RUNTIME].redis_url)
-    fast = ScriptClient(endpoint) if endpoint is not None else None
-    scripts = Scripts(app[S.REDIS], fast)
+    scripts = Scripts(app[S.REDIS], app[S.REDIS_LINK].scripts)
     app[S.ACCOUNTS] = Accounts(config, app[S.DB], app[S.REDIS], scripts)
     longest = max((u.timeout_s for u in config.upstreams.values()), default=600.0)
     runtime = app[S.RUNTIME]
@@ -130,8 +126,6 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait_for(replaying, timeout=5)
     journal.close()
     await app[S.KEYS].stop()
-    if fast is not None:
-        await fast.close()
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:

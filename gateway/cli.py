@@ -25,6 +25,7 @@ from aiohttp import web
 
 from gateway.config import Config, ConfigError, load_config
 from gateway.infra.db import migrate_dsn
+from gateway.infra.redisconn import RedisUnusable, is_cluster
 from gateway.state import Runtime
 
 log = logging.getLogger("modelbridge")
@@ -146,6 +147,7 @@ def serve(args: argparse.Namespace) -> None:
         if not token:
             log.warning("MODELBRIDGE_ADMIN_TOKEN is not set: the operator API (/admin) is disabled")
         asyncio.run(migrate_dsn(urls.database_url))
+        asyncio.run(is_cluster(urls.redis_url))  # credentials refused: one clear line, no start
         prepare_multiproc_dir(
             directory / "metrics" if embedded else Path(f"/tmp/modelbridge-metrics-{os.getpid()}")
         )
@@ -263,5 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"modelbridge: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
+    except RedisUnusable as exc:
+        print(f"modelbridge: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         pass

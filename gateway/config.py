@@ -104,6 +104,15 @@ class MeteringConfig:
 
 
 @dataclass(frozen=True)
+class RedisConfig:
+    """How the gateway uses Redis (its URL is ``MODELBRIDGE_REDIS_URL``, a secret)."""
+
+    script_client: str = "lean"  # or "redis-py": the hot path's scripts through redis-py
+    wait_replicas: int = 0  # >0: every metering write waits for that many replicas (WAIT)
+    wait_timeout_ms: int = 100  # how long a WAIT may take before the write counts as unconfirmed
+
+
+@dataclass(frozen=True)
 class InvitationsConfig:
     expires_in_s: int = 7 * 24 * 3600
 
@@ -126,6 +135,7 @@ class Config:
     invitations: InvitationsConfig = field(default_factory=InvitationsConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     metering: MeteringConfig = field(default_factory=MeteringConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
 
     @property
     def public_url(self) -> str:
@@ -141,6 +151,7 @@ _SCALAR_SECTIONS: dict[str, tuple[type, dict[str, str]]] = {
     "invitations": (InvitationsConfig, {}),
     "alerts": (AlertsConfig, {}),
     "metering": (MeteringConfig, {}),
+    "redis": (RedisConfig, {}),
 }
 _TOP_KEYS = {*_SCALAR_SECTIONS, "upstreams", "models", "plans"}
 
@@ -187,6 +198,10 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     config = Config(upstreams=upstreams, models=models, plans=plans, **sections)
     if config.server.workers < 1:
         raise ConfigError("server.workers must be at least 1")
+    if config.redis.script_client not in ("lean", "redis-py"):
+        raise ConfigError("redis.script_client must be lean or redis-py")
+    if config.redis.wait_replicas < 0 or config.redis.wait_timeout_ms < 1:
+        raise ConfigError("redis.wait_replicas must be >= 0 and redis.wait_timeout_ms >= 1")
     if config.server.max_body_bytes < 1024:
         raise ConfigError("server.max_body_bytes must be at least 1024")
     if not 0 <= config.server.port <= 65535:

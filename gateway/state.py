@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from gateway.config import Config
     from gateway.infra.metrics import Metrics
+    from gateway.infra.redisconn import RedisLink
     from gateway.metering.accounts import Accounts
     from gateway.metering.meter import Metering
     from gateway.proxy.front import Fronts
@@ -75,6 +76,7 @@ FRONTS: web.AppKey[Fronts] = web.AppKey("fronts")
 CLOCK = web.AppKey("clock", Clock)
 DB: web.AppKey[asyncpg.Pool] = web.AppKey("db")
 REDIS: web.AppKey[Redis] = web.AppKey("redis")
+REDIS_LINK: web.AppKey[RedisLink] = web.AppKey("redis_link")
 METERING: web.AppKey[Metering] = web.AppKey("metering")
 ACCOUNTS: web.AppKey[Accounts] = web.AppKey("accounts")
 KEYS: web.AppKey[KeyCache] = web.AppKey("key_cache")

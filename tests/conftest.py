@@ -4,6 +4,12 @@ Stores: ``MODELBRIDGE_TEST_DATABASE_URL`` / ``MODELBRIDGE_TEST_REDIS_URL`` when 
 database is created on that server for the session and dropped after; the Redis database is
 flushed at the start), else the same embedded servers ``make run`` uses, started once per session
 in a temporary directory. The only fake is the LLM provider (``tests/fake_upstream.py``).
+
+Redis Cluster: with ``--redis-cluster`` (or ``MODELBRIDGE_TEST_CLUSTER=1``; ``make test-cluster``)
+the session's Redis is a real cluster of 3 masters + 3 replicas on loopback
+(``tests/redis_cluster.py``) and the ``redis`` fixture a ``RedisCluster`` client. Tests marked
+``cluster`` are the ones that suite runs (the core proxy, limits under concurrency, revocation,
+rebuild, the usage writer, failover); ``cluster_only`` ones are skipped on a single node.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from gateway.config import Config, parse_config
 from gateway.infra.stores import Stores, StoreURLs
 from gateway.state import Clock, Runtime
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api
+from tests.redis_cluster import LocalCluster
 
 ADMIN_TOKEN = "test-admin-token"
 UPSTREAM_KEY = "sk-upstream-test"
@@ -45,10 +52,48 @@ def _with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--redis-cluster",
+        action="store_true",
+        help="run on a Redis Cluster of 3 masters + 3 replicas (MODELBRIDGE_TEST_CLUSTER=1)",
+    )
+
+
+def cluster_mode(config: pytest.Config) -> bool:
+    return bool(config.getoption("--redis-cluster")) or (
+        os.environ.get("MODELBRIDGE_TEST_CLUSTER", "") not in ("", "0")
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if cluster_mode(config):
+        return
+    skip = pytest.mark.skip(reason="needs --redis-cluster (make test-cluster)")
+    for item in items:
+        if "cluster_only" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
-def store_urls() -> Iterator[StoreURLs]:
+def redis_cluster(request: pytest.FixtureRequest) -> Iterator[LocalCluster | None]:
+    """The session's Redis Cluster in cluster mode, else None."""
+    if not cluster_mode(request.config):
+        yield None
+        return
+    with (
+        tempfile.TemporaryDirectory(prefix="mb-test-cluster-") as tmp,
+        LocalCluster(Path(tmp)) as cluster,
+    ):
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def store_urls(redis_cluster: LocalCluster | None) -> Iterator[StoreURLs]:
     db_url = os.environ.get("MODELBRIDGE_TEST_DATABASE_URL")
     redis_url = os.environ.get("MODELBRIDGE_TEST_REDIS_URL")
+    if redis_cluster is not None:
+        redis_url = redis_cluster.url
     with tempfile.TemporaryDirectory(prefix="mb-test-stores-") as tmp:
         stores = Stores(Path(tmp), db_url, redis_url)
         urls = stores.start()
@@ -75,7 +120,10 @@ async def database_url(store_urls: StoreURLs) -> AsyncIterator[str]:
 
 
 @pytest.fixture(scope="session")
-async def redis_url(store_urls: StoreURLs) -> str:
+async def redis_url(store_urls: StoreURLs, redis_cluster: LocalCluster | None) -> str:
+    if redis_cluster is not None:
+        redis_cluster.flush()
+        return store_urls.redis_url
     client = Redis.from_url(store_urls.redis_url)
     await client.flushdb()
     await client.aclose()
@@ -208,8 +256,12 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url, decode_responses=True)
+async def redis(redis_url: str, redis_cluster: LocalCluster | None) -> AsyncIterator[Redis]:
+    """A client of the session's Redis: a ``RedisCluster`` in cluster mode."""
+    if redis_cluster is not None:
+        client: Redis = RedisCluster.from_url(redis_url, decode_responses=True)  # type: ignore[assignment]
+    else:
+        client = Redis.from_url(redis_url, decode_responses=True)
     yield client
     await client.aclose()
 

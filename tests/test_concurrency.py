@@ -6,6 +6,7 @@ import asyncio
 
 import aiohttp
 import asyncpg
+import pytest
 from redis.asyncio import Redis
 
 from policies import keyspace as rk
@@ -13,6 +14,8 @@ from policies.periods import period_of
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, eventually
+
+pytestmark = pytest.mark.cluster
 
 COST = 5 * 150 + 6 * 600  # what the fake reports for one "hi there" request, max_tokens 6
 BODY = {

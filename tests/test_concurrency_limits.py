@@ -21,6 +21,8 @@ from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, eventually
 
+pytestmark = pytest.mark.cluster
+
 K = 12
 USD = 1_000_000_000
 

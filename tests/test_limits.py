@@ -8,6 +8,7 @@ import dataclasses
 
 import aiohttp
 import asyncpg
+import pytest
 from redis.asyncio import Redis
 
 from gateway import state as S
@@ -26,6 +27,8 @@ from tests.billing_support import (
 from tests.conftest import Gateway, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, eventually, ts
+
+pytestmark = pytest.mark.cluster
 
 
 async def test_team_spending_limit_refuses_every_team_key_until_raised_or_next_period(

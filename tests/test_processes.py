@@ -17,6 +17,8 @@ from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, eventually
 from tests.processes import GatewayProcess, write_config
 
+pytestmark = pytest.mark.cluster
+
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi there"}]}
 
 

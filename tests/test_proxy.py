@@ -10,6 +10,8 @@ from tests.conftest import UPSTREAM_KEY, Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, eventually
 
+pytestmark = pytest.mark.cluster
+
 # Fake upstream rule: chat prompt = 3 per message + words; completion = 6 pieces by default.
 # gpt-4o-mini: 150 nano-USD per input token, 600 per output token.
 HI_COST = 5 * 150 + 6 * 600  # "hi there": 3 + 2 prompt tokens, 6 completion tokens

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 import asyncpg
+import pytest
 from redis.asyncio import Redis
 
 from gateway.metering.meter import HoldAsk
@@ -11,6 +12,8 @@ from policies import keyspace as rk
 from policies.periods import period_of
 from tests.conftest import Gateway
 from tests.helpers import Api, eventually
+
+pytestmark = pytest.mark.cluster
 
 COST = 5 * 150 + 6 * 600
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi there"}]}

@@ -19,6 +19,8 @@ from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, Session, eventually
 
+pytestmark = pytest.mark.cluster
+
 PRICES = {"gpt-4o-mini": (150, 600), "gpt-4o": (2500, 10_000)}  # nano-USD per token in / out
 
 

@@ -14,6 +14,7 @@ from gateway.credentials import bearer
 from gateway.errors import AuthenticationFailed
 from gateway.infra.db import migrations_pending
 from gateway.infra.metrics import CONTENT_TYPE
+from gateway.infra.redisconn import cluster_problem
 
 
 def _json(body: dict[str, object], status: int = 200) -> web.Response:
@@ -25,8 +26,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def _check_redis(app: web.Application) -> str | None:
+    link = app[S.REDIS_LINK]
     try:
-        await asyncio.wait_for(app[S.REDIS].ping(), timeout=2)
+        async with asyncio.timeout(2):
+            if link.cluster:
+                return await cluster_problem(link)
+            await link.client.ping()
     except Exception as exc:
         return f"redis: {type(exc).__name__}"
     return None

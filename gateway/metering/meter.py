@@ -48,6 +48,10 @@ _REDIS_DOWN = (
 )
 
 
+# Error replies of a Redis (or a Redis Cluster) that cannot serve the slot right now.
+_NOT_READY = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "CLUSTERDOWN", "TRYAGAIN", "MOVED ")
+
+
 @dataclass(frozen=True, slots=True)
 class HoldAsk:
     """What a hold is asked for: the request, who bills it, its worst-case list cost."""
@@ -96,7 +100,7 @@ async def guarded(pending: Awaitable[T]) -> T:
     except _REDIS_DOWN as exc:
         raise StoreUnavailable("the gateway's store is unreachable; request not forwarded") from exc
     except ScriptError as exc:
-        if not str(exc).startswith(("LOADING", "BUSY", "MASTERDOWN", "READONLY")):
+        if not str(exc).startswith(_NOT_READY):
             raise
         raise StoreUnavailable("the gateway's store is not ready; request not forwarded") from exc
 

@@ -22,7 +22,7 @@ import hashlib
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import hiredis
@@ -218,11 +218,29 @@ class ScriptClient:
         self._protocol = None
 
 
+class ScriptConnection(Protocol):
+    """What :class:`FastScript` needs: a :class:`ScriptClient` (one node) or a
+    :class:`gateway.metering.clusterclient.ClusterScriptClient` (one per master)."""
+
+    async def call(self, *args: Any) -> Any: ...
+
+    def call_now(self, *args: Any) -> asyncio.Future[Any] | None: ...
+
+    async def reply(self, waiter: asyncio.Future[Any]) -> Any: ...
+
+    async def close(self) -> None: ...
+
+
+# Answers after which the call is simply made again through ``call`` (which loads the script,
+# or, on a cluster, follows the redirection).
+_RETRY = ("NOSCRIPT", "MOVED ", "ASK ")
+
+
 class FastScript:
-    """One Lua script called by SHA through a :class:`ScriptClient`; same call shape as
+    """One Lua script called by SHA through a :class:`ScriptConnection`; same call shape as
     redis-py's ``AsyncScript`` (``await script(keys=[...], args=[...])``)."""
 
-    def __init__(self, client: ScriptClient, source: str) -> None:
+    def __init__(self, client: ScriptConnection, source: str) -> None:
         self.client = client
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
@@ -239,7 +257,7 @@ class FastScript:
         try:
             return await self.client.reply(waiter)
         except ScriptError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
+            if not str(exc).startswith(_RETRY):
                 raise
         return await self(keys, args)
 

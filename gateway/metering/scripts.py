@@ -14,7 +14,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 import policies
-from gateway.metering.scriptclient import FastScript, ScriptClient
+from gateway.metering.scriptclient import FastScript, ScriptConnection
 
 LUA_DIR = Path(policies.__file__).resolve().parent / "lua"
 
@@ -26,7 +26,7 @@ def lua_source(name: str) -> str:
 
 
 class Scripts:
-    def __init__(self, redis: Redis, fast: ScriptClient | None = None) -> None:
+    def __init__(self, redis: Redis, fast: ScriptConnection | None = None) -> None:
         def script(name: str) -> ScriptCall:
             source = lua_source(name)
             if fast is not None:

@@ -7,6 +7,11 @@ NOTHING``), and only after the commit are its entries acknowledged and deleted, 
 between the two re-delivers the batch and inserts nothing twice. Entries a dead consumer left
 pending are claimed after ``claim_idle_ms``. ``pending()`` (the streams' length) feeds the
 ``modelbridge_usage_events_pending`` gauge.
+
+The streams are listed in the registry shards of policies/keyspace.py (and found by a scan of
+every master now and then, for a shard lost with its master). On a Redis Cluster each read names
+the streams of one slot, the reads, claims and acknowledgements of one step go out as one
+pipeline per master (redis-py's cluster pipeline), so every master's streams are drained.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from typing import Any
 import asyncpg
 import orjson
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from policies import keyspace as rk
+from policies.slots import key_slot
 
 log = logging.getLogger("modelbridge.usage")
 
@@ -91,6 +97,7 @@ class UsageWriter:
         on_pending: Callable[[int], None] | None = None,
     ) -> None:
         self.redis = redis
+        self.cluster = isinstance(redis, RedisCluster)
         self.db = db
         self.consumer = consumer
         self.batch = batch
@@ -169,36 +176,47 @@ class UsageWriter:
         self._report(await self.pending(streams))
         return len(entries)
 
+    def _read_groups(self, streams: list[str]) -> list[list[str]]:
+        """Streams one XREADGROUP may name together: all of them on a single node; on a cluster
+        those of one slot (a multi-key command must not cross slots)."""
+        if not self.cluster:
+            return [streams]
+        by_slot: dict[int, list[str]] = {}
+        for stream in streams:
+            by_slot.setdefault(key_slot(stream), []).append(stream)
+        return list(by_slot.values())
+
     async def _read(self, streams: list[str]) -> list[tuple[str, str, dict[str, str]]]:
-        try:
-            reply: Any = await self.redis.xreadgroup(
-                rk.USAGE_GROUP, self.consumer, {s: ">" for s in streams}, count=self.batch
+        groups = self._read_groups(streams)
+        pipe = self.redis.pipeline(transaction=False)  # on a cluster: one per master, at once
+        for group in groups:
+            pipe.xreadgroup(
+                rk.USAGE_GROUP, self.consumer, {s: ">" for s in group}, count=self.batch
             )
-        except redis_errors.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            await self._create_groups(streams)
-            return []
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
         entries: list[tuple[str, str, dict[str, str]]] = []
-        for stream, items in reply or ():
-            entries.extend((stream, eid, fields) for eid, fields in items)
+        for group, reply in zip(groups, replies, strict=True):
+            if isinstance(reply, Exception):
+                if "NOGROUP" not in str(reply):
+                    raise reply
+                await self._create_groups(group)
+                continue
+            for stream, items in reply or ():
+                entries.extend((stream, eid, fields) for eid, fields in items)
         return entries
 
     async def _claim(self, streams: list[str]) -> list[tuple[str, str, dict[str, str]]]:
-        claimed: list[tuple[str, str, dict[str, str]]] = []
+        """Entries another consumer read but did not acknowledge within ``claim_idle_ms`` (it
+        died), stream by stream, wherever each stream lives."""
+        pipe = self.redis.pipeline(transaction=False)
         for stream in streams:
-            try:
-                reply = await self.redis.xautoclaim(
-                    stream,
-                    rk.USAGE_GROUP,
-                    self.consumer,
-                    self.claim_idle_ms,
-                    "0-0",
-                    count=self.batch,
-                )
-            except redis_errors.ResponseError:
-                continue
-            claimed.extend((stream, eid, fields) for eid, fields in reply[1] if fields)
+            pipe.xautoclaim(
+                stream, rk.USAGE_GROUP, self.consumer, self.claim_idle_ms, "0-0", count=self.batch
+            )
+        claimed: list[tuple[str, str, dict[str, str]]] = []
+        for stream, reply in zip(streams, await pipe.execute(raise_on_error=False), strict=True):
+            if not isinstance(reply, Exception):
+                claimed.extend((stream, eid, fields) for eid, fields in reply[1] if fields)
         return claimed
 
     async def _create_groups(self, streams: list[str]) -> None:
@@ -277,13 +295,12 @@ async def serve_writer(database_url: str, redis_url: str, consumer: str) -> None
 
     from gateway.infra.db import create_pool
     from gateway.infra.metrics import Metrics
+    from gateway.infra.redisconn import open_redis
 
     metrics = Metrics()
-    redis = Redis.from_url(
-        redis_url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10
-    )
+    link = await open_redis(redis_url, script_client="redis-py")
     db = await create_pool(database_url, min_size=1, max_size=2)
-    writer = UsageWriter(redis, db, consumer, on_pending=metrics.usage_pending.set)
+    writer = UsageWriter(link.client, db, consumer, on_pending=metrics.usage_pending.set)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, writer.stop)
@@ -299,5 +316,5 @@ async def serve_writer(database_url: str, redis_url: str, consumer: str) -> None
         await writer.run()
     finally:
         watch.cancel()
-        await redis.aclose()
+        await link.close()
         await db.close()
