@@ -6,7 +6,15 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway import state as S
-from gateway.api.common import audit, json_response, money_field, read_body, text_field, usd
+from gateway.api.common import (
+    AuditEntry,
+    audit,
+    json_response,
+    money_field,
+    read_body,
+    text_field,
+    usd,
+)
 from gateway.credentials import check_admin
 from gateway.errors import InvalidRequest, NotFound
 from gateway.metering.accounts import lock_account
@@ -25,23 +33,30 @@ async def _credit(request: web.Request, account: str, team_id: str | None) -> we
     app = request.app
     async with app[S.DB].acquire() as conn, conn.transaction():
         await lock_account(conn, account)
-        entry = await conn.fetchrow(
+        credit = await conn.fetchrow(
             "INSERT INTO ledger (account, kind, amount, note, actor) VALUES ($1, 'credit', $2, $3, 'operator')"
             " RETURNING id, created_at",
             account,
             amount,
             note,
         )
-        await audit(conn, request, team_id=team_id, actor_id="operator", action="credits.add", target_type="account",
-                    target_id=account, after={"amount_usd": usd(amount), "note": note})  # fmt: skip
+        entry = AuditEntry(
+            team_id=team_id,
+            actor_id="operator",
+            action="credits.add",
+            target_type="account",
+            target_id=account,
+            after={"amount_usd": usd(amount), "note": note},
+        )
+        await audit(conn, request, entry)
         await app[S.ACCOUNTS].add_credits(account, amount)
     return json_response(
         {
-            "id": entry["id"],
+            "id": credit["id"],
             "account": account,
             "amount_usd": usd(amount),
             "note": note,
-            "created_at": entry["created_at"],
+            "created_at": credit["created_at"],
         },
         status=201,
     )
@@ -87,8 +102,16 @@ async def team_discount(request: web.Request) -> web.Response:
         if before is None:
             raise NotFound("no such team", code="team_not_found")
         await conn.execute("UPDATE teams SET discount_bps = $2 WHERE id = $1", team_id, bps)
-        await audit(conn, request, team_id=team_id, actor_id="operator", action="team.discount", target_type="team",
-                    target_id=team_id, before={"discount_bps": before}, after={"discount_bps": bps})  # fmt: skip
+        entry = AuditEntry(
+            team_id=team_id,
+            actor_id="operator",
+            action="team.discount",
+            target_type="team",
+            target_id=team_id,
+            before={"discount_bps": before},
+            after={"discount_bps": bps},
+        )
+        await audit(conn, request, entry)
         await app[S.ACCOUNTS].set_cfg(account, {"disc": str(bps)})
     return json_response({"team_id": team_id, "discount_bps": bps})
 

@@ -22,6 +22,7 @@ from yarl import URL
 
 from gateway import state as S
 from gateway.api.common import (
+    AuditEntry,
     audit,
     id_param,
     json_response,
@@ -143,9 +144,16 @@ async def update_team(request: web.Request) -> web.Response:
         )
         changed = [c for c in columns if before[c] != after[c]]
         if changed:
-            await audit(conn, request, team_id=access.team_id, actor_id=access.user.id, action="team.update",
-                        target_type="team", target_id=access.team_id, before=settings_json(before, changed),
-                        after=settings_json(after, changed))  # fmt: skip
+            entry = AuditEntry(
+                team_id=access.team_id,
+                actor_id=access.user.id,
+                action="team.update",
+                target_type="team",
+                target_id=access.team_id,
+                before=settings_json(before, changed),
+                after=settings_json(after, changed),
+            )
+            await audit(conn, request, entry)
             await app[S.ACCOUNTS].set_cfg(account, Accounts.team_cfg(after))
             if "model_restrictions" in changed:
                 await app[S.ACCOUNTS].set_blocked(account, after["model_restrictions"])
@@ -263,12 +271,22 @@ async def put_subscription(request: web.Request) -> web.Response:
         if team is None:
             raise NotFound("no such team", code="team_not_found")
         result = await change_subscription(request, conn, team, plan, seats, access.user.id)
-        await audit(conn, request, team_id=access.team_id, actor_id=access.user.id, action="subscription.change",
-                    target_type="team", target_id=access.team_id,
-                    before={"plan": team["plan"], "seats": team["seats"]},
-                    after={"plan": plan, "seats": seats, "period": result.period,
-                           "allowance_added_usd": usd(result.change.allowance_delta),
-                           "invoiced_usd": usd(result.change.invoice_amount)})  # fmt: skip
+        entry = AuditEntry(
+            team_id=access.team_id,
+            actor_id=access.user.id,
+            action="subscription.change",
+            target_type="team",
+            target_id=access.team_id,
+            before={"plan": team["plan"], "seats": team["seats"]},
+            after={
+                "plan": plan,
+                "seats": seats,
+                "period": result.period,
+                "allowance_added_usd": usd(result.change.allowance_delta),
+                "invoiced_usd": usd(result.change.invoice_amount),
+            },
+        )
+        await audit(conn, request, entry)
         team = await conn.fetchrow("SELECT * FROM teams WHERE id = $1", access.team_id)
     return json_response(await billing_json(request, team))
 
@@ -335,8 +353,15 @@ async def create_webhook(request: web.Request) -> web.Response:
             url,
             access.user.id,
         )
-        await audit(conn, request, team_id=access.team_id, actor_id=access.user.id, action="webhook.create",
-                    target_type="webhook", target_id=row["id"], after={"url": url})  # fmt: skip
+        entry = AuditEntry(
+            team_id=access.team_id,
+            actor_id=access.user.id,
+            action="webhook.create",
+            target_type="webhook",
+            target_id=row["id"],
+            after={"url": url},
+        )
+        await audit(conn, request, entry)
     return json_response({**webhook_json(row), "signing_secret": secret}, status=201)
 
 
@@ -364,8 +389,15 @@ async def delete_webhook(request: web.Request) -> web.Response:
         )
         if row is None:
             raise NotFound("no such webhook", code="webhook_not_found")
-        await audit(conn, request, team_id=access.team_id, actor_id=access.user.id, action="webhook.delete",
-                    target_type="webhook", target_id=webhook_id, before={"url": row["url"]})  # fmt: skip
+        entry = AuditEntry(
+            team_id=access.team_id,
+            actor_id=access.user.id,
+            action="webhook.delete",
+            target_type="webhook",
+            target_id=webhook_id,
+            before={"url": row["url"]},
+        )
+        await audit(conn, request, entry)
     return json_response({"id": webhook_id, "deleted": True})
 
 

@@ -149,27 +149,31 @@ def usd(nanos: int | None) -> str | None:
 
 
 # --- audit ---------------------------------------------------------------------------------------
-async def audit(
-    conn: asyncpg.Connection,
-    request: web.Request,
-    *,
-    team_id: str | None,
-    actor_id: str | None,
-    action: str,
-    target_type: str = "",
-    target_id: str = "",
-    before: object = None,
-    after: object = None,
-) -> None:
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One row of the audit log: ``actor_id`` did ``action`` to a target, in ``team_id``, with
+    what the target was before and is after (JSON values, only the fields that changed)."""
+
+    team_id: str | None
+    actor_id: str | None  # a user id, or "operator"
+    action: str
+    target_type: str = ""
+    target_id: str = ""
+    before: object = None
+    after: object = None
+
+
+async def audit(conn: asyncpg.Connection, request: web.Request, entry: AuditEntry) -> None:
+    """Record ``entry`` in the caller's transaction, with the request's id."""
     await conn.execute(
-        "INSERT INTO audit_log (team_id, actor_id, action, target_type, target_id, before, after, request_id)"
-        " VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8)",
-        team_id,
-        actor_id,
-        action,
-        target_type,
-        target_id,
-        None if before is None else orjson.dumps(before, default=_default).decode(),
-        None if after is None else orjson.dumps(after, default=_default).decode(),
+        "INSERT INTO audit_log (team_id, actor_id, action, target_type, target_id, before, after,"
+        " request_id) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8)",
+        entry.team_id,
+        entry.actor_id,
+        entry.action,
+        entry.target_type,
+        entry.target_id,
+        None if entry.before is None else orjson.dumps(entry.before, default=_default).decode(),
+        None if entry.after is None else orjson.dumps(entry.after, default=_default).decode(),
         request.get(S.REQUEST_ID, ""),
     )

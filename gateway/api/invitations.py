@@ -22,6 +22,7 @@ from aiohttp import web
 from gateway import state as S
 from gateway.api import guessing
 from gateway.api.common import (
+    AuditEntry,
     User,
     audit,
     current_user,
@@ -169,10 +170,20 @@ async def create_invitation(request: web.Request) -> web.Response:
             invitation_id, access.team_id, email, role, token_hash(token), access.user.id, now,
             now + timedelta(seconds=expires_in),
         )  # fmt: skip
-        await audit(conn, request, team_id=access.team_id, actor_id=access.user.id, action="invitation.create",
-                    target_type="invitation", target_id=invitation_id,
-                    after={"email": email, "role": role, "expires_at": row["expires_at"],
-                           "superseded": [r["id"] for r in superseded]})  # fmt: skip
+        entry = AuditEntry(
+            team_id=access.team_id,
+            actor_id=access.user.id,
+            action="invitation.create",
+            target_type="invitation",
+            target_id=invitation_id,
+            after={
+                "email": email,
+                "role": role,
+                "expires_at": row["expires_at"],
+                "superseded": [r["id"] for r in superseded],
+            },
+        )
+        await audit(conn, request, entry)
         queued = await mailer.record(conn, invitation_mail(request, row, team, access.user, token))
     email_status = await mailer.deliver(queued)
     inviter = {"inviter_email": access.user.email, "inviter_name": access.user.name}
@@ -223,9 +234,15 @@ async def revoke_invitation(request: web.Request) -> web.Response:
             now,
             access.user.id,
         )
-        await audit(conn, request, team_id=access.team_id, actor_id=access.user.id, action="invitation.revoke",
-                    target_type="invitation", target_id=invitation_id,
-                    before={"email": row["email"], "role": row["role"]})  # fmt: skip
+        entry = AuditEntry(
+            team_id=access.team_id,
+            actor_id=access.user.id,
+            action="invitation.revoke",
+            target_type="invitation",
+            target_id=invitation_id,
+            before={"email": row["email"], "role": row["role"]},
+        )
+        await audit(conn, request, entry)
     full = await request.app[S.DB].fetchrow(_INVITATIONS + " WHERE i.id = $1", invitation_id)
     return json_response(invitation_json(full, now))
 
@@ -280,9 +297,15 @@ async def _accept(request: web.Request, user: User, token: str | None) -> dict[s
             now,
             user.id,
         )
-        await audit(conn, request, team_id=team["id"], actor_id=user.id, action="invitation.accept",
-                    target_type="invitation", target_id=row["id"],
-                    after={"user_id": user.id, "role": row["role"]})  # fmt: skip
+        entry = AuditEntry(
+            team_id=team["id"],
+            actor_id=user.id,
+            action="invitation.accept",
+            target_type="invitation",
+            target_id=row["id"],
+            after={"user_id": user.id, "role": row["role"]},
+        )
+        await audit(conn, request, entry)
     return {
         "team": {"id": team["id"], "name": team["name"]},
         "user_id": user.id,
@@ -319,9 +342,15 @@ async def create_invite_link(request: web.Request) -> web.Response:
             " RETURNING *",
             link_id, access.team_id, token_hash(token), access.user.id,
         )  # fmt: skip
-        await audit(conn, request, team_id=access.team_id, actor_id=access.user.id, action="invite_link.create",
-                    target_type="invite_link", target_id=link_id,
-                    after={"replaced": [r["id"] for r in old]})  # fmt: skip
+        entry = AuditEntry(
+            team_id=access.team_id,
+            actor_id=access.user.id,
+            action="invite_link.create",
+            target_type="invite_link",
+            target_id=link_id,
+            after={"replaced": [r["id"] for r in old]},
+        )
+        await audit(conn, request, entry)
     url = f"{request.app[S.CONFIG].public_url}/join/{token}"
     return json_response(
         {"id": link_id, "url": url, "token": token, "created_at": row["created_at"]}, status=201
@@ -351,8 +380,14 @@ async def delete_invite_link(request: web.Request) -> web.Response:
             access.user.id,
         )
         if old:
-            await audit(conn, request, team_id=access.team_id, actor_id=access.user.id, action="invite_link.disable",
-                        target_type="invite_link", target_id=old[0]["id"])  # fmt: skip
+            entry = AuditEntry(
+                team_id=access.team_id,
+                actor_id=access.user.id,
+                action="invite_link.disable",
+                target_type="invite_link",
+                target_id=old[0]["id"],
+            )
+            await audit(conn, request, entry)
     return json_response({"enabled": False})
 
 
@@ -413,8 +448,14 @@ async def _join(request: web.Request, user: User, token: str | None) -> tuple[st
             user.id,
             link["id"],
         )
-        await audit(conn, request, team_id=link["team_id"], actor_id=user.id, action="join_request.create",
-                    target_type="join_request", target_id=request_id)  # fmt: skip
+        entry = AuditEntry(
+            team_id=link["team_id"],
+            actor_id=user.id,
+            action="join_request.create",
+            target_type="join_request",
+            target_id=request_id,
+        )
+        await audit(conn, request, entry)
     return request_id, True
 
 
@@ -468,10 +509,16 @@ async def _decide(request: web.Request, approve: bool) -> web.Response:
         if approve:
             await add_member(conn, request, access.team_id, row["user_id"], MEMBER,
                              actor_id=access.user.id, via="join_request")  # fmt: skip
-        await audit(conn, request, team_id=access.team_id, actor_id=access.user.id,
-                    action=f"join_request.{'approve' if approve else 'deny'}", target_type="join_request",
-                    target_id=request_id, before={"status": "pending"},
-                    after={"status": status, "user_id": row["user_id"]})  # fmt: skip
+        entry = AuditEntry(
+            team_id=access.team_id,
+            actor_id=access.user.id,
+            action=f"join_request.{'approve' if approve else 'deny'}",
+            target_type="join_request",
+            target_id=request_id,
+            before={"status": "pending"},
+            after={"status": status, "user_id": row["user_id"]},
+        )
+        await audit(conn, request, entry)
     full = await request.app[S.DB].fetchrow(_JOIN_REQUESTS + " WHERE r.id = $1", request_id)
     return json_response(join_request_json(full))
 

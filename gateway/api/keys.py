@@ -13,7 +13,15 @@ from typing import Any
 from aiohttp import web
 
 from gateway import state as S
-from gateway.api.common import User, audit, current_user, json_response, read_body, text_field
+from gateway.api.common import (
+    AuditEntry,
+    User,
+    audit,
+    current_user,
+    json_response,
+    read_body,
+    text_field,
+)
 from gateway.credentials import hash_secret, new_api_key, new_id
 from gateway.errors import Forbidden, InvalidRequest, NotFound
 from gateway.metering.accounts import lock_account
@@ -87,8 +95,15 @@ async def create_key(request: web.Request) -> web.Response:
             user.id,
             team_id,
         )
-        await audit(conn, request, team_id=team_id, actor_id=user.id, action="key.create", target_type="key",
-                    target_id=key_id, after={"name": name, "prefix": row["prefix"]})  # fmt: skip
+        entry = AuditEntry(
+            team_id=team_id,
+            actor_id=user.id,
+            action="key.create",
+            target_type="key",
+            target_id=key_id,
+            after={"name": name, "prefix": row["prefix"]},
+        )
+        await audit(conn, request, entry)
         await app[S.ACCOUNTS].add_keys(account, {key_id: user.id})
     return json_response({**key_json(row), "secret": secret}, status=201)
 
@@ -140,8 +155,15 @@ async def revoke_keys(
             row["id"],
             actor_id,
         )
-        await audit(conn, request, team_id=row["team_id"], actor_id=actor_id, action=reason, target_type="key",
-                    target_id=row["id"], before={"name": row["name"], "user_id": row["user_id"]})  # fmt: skip
+        entry = AuditEntry(
+            team_id=row["team_id"],
+            actor_id=actor_id,
+            action=reason,
+            target_type="key",
+            target_id=row["id"],
+            before={"name": row["name"], "user_id": row["user_id"]},
+        )
+        await audit(conn, request, entry)
         changes.keys.add(row["id"])
 
 

@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 
 from gateway import state as S
-from gateway.api.common import audit, json_response, read_body
+from gateway.api.common import AuditEntry, audit, json_response, read_body
 from gateway.api.keys import revoke_keys
 from gateway.api.members import check_fields, id_field, lock_team, membership
 from gateway.api.teams import team_access
@@ -53,10 +53,16 @@ async def transfer(request: web.Request) -> web.Response:
         await conn.execute(
             "UPDATE teams SET owner_id = $2 WHERE id = $1", access.team_id, target_id
         )
-        await audit(conn, request, team_id=access.team_id, actor_id=access.user.id, action="team.transfer",
-                    target_type="user", target_id=target_id,
-                    before={"owner_id": access.user.id, "new_owner_role": target["role"]},
-                    after={"owner_id": target_id, "previous_owner_role": ADMIN})  # fmt: skip
+        entry = AuditEntry(
+            team_id=access.team_id,
+            actor_id=access.user.id,
+            action="team.transfer",
+            target_type="user",
+            target_id=target_id,
+            before={"owner_id": access.user.id, "new_owner_role": target["role"]},
+            after={"owner_id": target_id, "previous_owner_role": ADMIN},
+        )
+        await audit(conn, request, entry)
     return json_response(
         {"team_id": access.team_id, "owner_id": target_id, "previous_owner_id": access.user.id}
     )
@@ -102,10 +108,20 @@ async def delete_team(request: web.Request) -> web.Response:
             team_id,
             actor,
         )
-        await audit(conn, request, team_id=team_id, actor_id=actor, action="team.delete", target_type="team",
-                    target_id=team_id, before={"name": access.team["name"]},
-                    after={"deleted_at": deleted_at, "keys_revoked": len(keys),
-                           "invitations_revoked": int(invitations.split()[-1])})  # fmt: skip
+        entry = AuditEntry(
+            team_id=team_id,
+            actor_id=actor,
+            action="team.delete",
+            target_type="team",
+            target_id=team_id,
+            before={"name": access.team["name"]},
+            after={
+                "deleted_at": deleted_at,
+                "keys_revoked": len(keys),
+                "invitations_revoked": int(invitations.split()[-1]),
+            },
+        )
+        await audit(conn, request, entry)
     await changes.apply(request.app[S.ACCOUNTS])  # after the commit
     return json_response({"id": team_id, "deleted_at": deleted_at, "keys_revoked": len(keys)})
 

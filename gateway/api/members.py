@@ -21,7 +21,7 @@ import asyncpg
 from aiohttp import web
 
 from gateway import state as S
-from gateway.api.common import audit, json_response, money_field, read_body, usd
+from gateway.api.common import AuditEntry, audit, json_response, money_field, read_body, usd
 from gateway.api.keys import revoke_keys
 from gateway.api.teams import team_access
 from gateway.errors import Conflict, Forbidden, InvalidRequest, NotFound
@@ -127,8 +127,15 @@ async def add_member(
         user_id,
         actor_id,
     )
-    await audit(conn, request, team_id=team_id, actor_id=actor_id, action="member.add", target_type="user",
-                target_id=user_id, after={"role": role, "via": via})  # fmt: skip
+    entry = AuditEntry(
+        team_id=team_id,
+        actor_id=actor_id,
+        action="member.add",
+        target_type="user",
+        target_id=user_id,
+        after={"role": role, "via": via},
+    )
+    await audit(conn, request, entry)
     return row
 
 
@@ -283,9 +290,16 @@ async def _apply(
     if before_s == after_s:
         return
     changed = [k for k in after_s if before_s[k] != after_s[k]]
-    await audit(conn, request, team_id=team["id"], actor_id=actor_id, action="member.update", target_type="user",
-                target_id=target["user_id"], before={k: before_s[k] for k in changed},
-                after={k: after_s[k] for k in changed})  # fmt: skip
+    entry = AuditEntry(
+        team_id=team["id"],
+        actor_id=actor_id,
+        action="member.update",
+        target_type="user",
+        target_id=target["user_id"],
+        before={k: before_s[k] for k in changed},
+        after={k: after_s[k] for k in changed},
+    )
+    await audit(conn, request, entry)
     user_id = target["user_id"]
     if change.touches_policy:
         accounts = request.app[S.ACCOUNTS]
@@ -352,10 +366,16 @@ async def remove_member(request: web.Request) -> web.Response:
         await revoke_keys(
             request, conn, list(keys), access.user.id, changes, "key.revoke.member_removed"
         )
-        await audit(conn, request, team_id=access.team_id, actor_id=access.user.id,
-                    action="member.leave" if leaving else "member.remove", target_type="user",
-                    target_id=user_id, before=_snapshot(target),
-                    after={"keys_revoked": len(keys)})  # fmt: skip
+        entry = AuditEntry(
+            team_id=access.team_id,
+            actor_id=access.user.id,
+            action="member.leave" if leaving else "member.remove",
+            target_type="user",
+            target_id=user_id,
+            before=_snapshot(target),
+            after={"keys_revoked": len(keys)},
+        )
+        await audit(conn, request, entry)
         changes.members.add((access.team_id, user_id))
     # Redis follows the record once it is committed (the member's cfg, mirror and keys).
     await changes.apply(request.app[S.ACCOUNTS])

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from gateway import state as S
 from gateway.api.common import (
+    AuditEntry,
     User,
     audit,
     current_user,
@@ -155,8 +156,15 @@ async def create_team(request: web.Request) -> web.Response:
             team_id,
             user.id,
         )
-        await audit(conn, request, team_id=team_id, actor_id=user.id, action="team.create", target_type="team",
-                    target_id=team_id, after={"name": name})  # fmt: skip
+        entry = AuditEntry(
+            team_id=team_id,
+            actor_id=user.id,
+            action="team.create",
+            target_type="team",
+            target_id=team_id,
+            after={"name": name},
+        )
+        await audit(conn, request, entry)
     access = TeamAccess(user, {**dict(row), "role": "owner"}, "owner")
     return json_response(await overview(request, access), status=201)
 
