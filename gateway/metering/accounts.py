@@ -13,6 +13,30 @@ data (restarted without persistence, flushed) rebuilds itself account by account
   user account also gets the team keys and mirrored team policies of every team where the user
   bills personally (scope = team id, see policies/keyspace.py)
 
+"Usage records" means the ledger's *and those still in flight*: a settle on an account that is
+not loaded (Redis lost it; streams that span the loss settle there) only appends its record to
+the account's usage stream, and the writer may not have moved it (or older ones) to PostgreSQL
+yet. The rebuild counts them, exactly once (policies/ledger.py), by this argument:
+
+1. read the stream's entries E, up to the id L of the last one (time T0);
+2. in one SQL statement (one snapshot S, T1 > T0): the ledger's sums, and which of E's request
+   ids S has; the state = S + the entries of E that S lacks;
+3. ``load.lua`` (T2) installs it only if the stream has no entry past L, else we go back to 1.
+
+A record is counted once: if S has it, from S only (E's copy is left out by request id). If S
+lacks it, it was not committed at T1; then it was in the stream at T0 (the writer deletes an
+entry only after committing it, and a record appended after T0 has an id past L and makes step
+3 retry), so it is in E and counted from there. None is missed: a record committed before T1 is
+in S; one not committed by T1 was in the stream at T0 (as just argued) or came after (retry).
+No settle moves this account's counters between T0 and T2 (the account is not loaded, and a
+forced reload marks it so first), and every management write holds the account's lock, as we do.
+
+Settles kept in a process's journal (Redis did not take them, gateway/metering/journal.py) are
+in neither the ledger nor the stream, so the rebuild leaves them out; replayed later, each is an
+ordinary settle on the rebuilt state (its hold is gone: nothing to release), unless the ledger
+already has its record (then it was applied before and is dropped) or Redis's settle marker says
+it ran (then ``settle.lua`` changes nothing).
+
 Every writer of an account's state (management API, operator credits, this loader) holds the
 account's PostgreSQL advisory lock for the length of its transaction, so a rebuild can never
 interleave with a change and lose it.
@@ -29,14 +53,19 @@ import orjson
 from redis.asyncio import Redis
 
 from gateway.config import Config
+from gateway.errors import StoreUnavailable
+from gateway.metering.ledger import ledger_totals, stream_entries
 from gateway.metering.scripts import Scripts
 from policies import keyspace as rk
+from policies import ledger
+from policies.ledger import UsageEntry
 from policies.limits import effective_enforcement, effective_member_limit
 from policies.periods import period_of
 
 log = logging.getLogger("modelbridge.accounts")
 
 NO_LIMIT = "-1"
+LOAD_ATTEMPTS = 20
 
 
 async def lock_account(conn: asyncpg.Connection, account: str) -> None:
@@ -80,22 +109,21 @@ class Accounts:
         period = period_of(now)
         ak = rk.AccountKeys(account)
         await lock_account(conn, account)
-        snapshot = await self._snapshot(conn, account, period)
-        blocked_keys = [ak.blocked(scope) for scope in snapshot["scopes"]]
-        payload = {k: snapshot[k] for k in ("state", "period", "cfg", "keys", "blocked")}
-        installed = await self.scripts.load(
-            keys=[
-                ak.state,
-                ak.period(period),
-                ak.cfg,
-                ak.keys,
-                ak.hold_expiry,
-                ak.hold_values,
-                *blocked_keys,
-            ],
-            args=[orjson.dumps(payload), rk.PERIOD_TTL_S, "force" if force else ""],
-        )
-        return bool(installed)
+        if force:  # holds wait for us (not_loaded -> load -> the lock); settles only append
+            await self.redis.hset(ak.state, "loaded", "0")
+        for _ in range(LOAD_ATTEMPTS):
+            entries, last_id = await stream_entries(self.redis, account)
+            snapshot = await self._snapshot(conn, account, period, entries)
+            blocked_keys = [ak.blocked(scope) for scope in snapshot["scopes"]]
+            payload = {k: snapshot[k] for k in ("state", "period", "cfg", "keys", "blocked")}
+            keys = [ak.state, ak.period(period), ak.cfg, ak.keys, ak.hold_expiry, ak.hold_values]
+            installed = await self.scripts.load(
+                keys=[*keys, ak.usage_stream, *blocked_keys],
+                args=[orjson.dumps(payload), rk.PERIOD_TTL_S, "force" if force else "", last_id],
+            )
+            if installed != -1:
+                return bool(installed)
+        raise StoreUnavailable(f"account {account}: usage kept arriving; not loaded")
 
     async def ensure_stream(self, account: str) -> None:
         """Register the account's usage stream and consumer group (again: after a Redis loss
@@ -111,14 +139,15 @@ class Accounts:
                 raise
 
     async def _snapshot(
-        self, conn: asyncpg.Connection, account: str, period: str
+        self, conn: asyncpg.Connection, account: str, period: str, entries: list[UsageEntry]
     ) -> dict[str, Any]:
-        credits = await conn.fetchval(
-            "SELECT coalesce((SELECT sum(amount) FROM ledger WHERE account = $1 AND kind = 'credit'), 0)"
-            " - coalesce((SELECT sum(from_credits) FROM usage_records WHERE account = $1), 0)",
-            account,
+        """The account's state: money from the ledger plus the stream's ``entries`` the ledger
+        does not have (policies/ledger.py), read in one statement; policies and keys."""
+        totals, allowances, in_ledger = await ledger_totals(
+            conn, account, [period], [e.request_id for e in entries]
         )
-        state: dict[str, str] = {"credits": _n(credits), "sub_alw": "0"}
+        ledger.add(totals, ledger.pending(entries, in_ledger))
+        state: dict[str, str] = {"credits": str(totals.credits), "sub_alw": "0"}
         cfg: dict[str, str] = {}
         keys: dict[str, str] = {}
         blocked: list[list[str]] = [[]]
@@ -135,9 +164,12 @@ class Accounts:
             for team_id, models in await self._personal_teams(conn, account[2:], cfg, keys):
                 scopes.append(team_id)
                 blocked.append(models)
+        counters = {name: str(value) for name, value in totals.period(period).items()}
+        counters["alw"] = str(allowances.get(period, state["sub_alw"]))
+        counters.update(await self._elsewhere(conn, account, period))
         return {
             "state": state,
-            "period": await self._period_snapshot(conn, account, period, state["sub_alw"]),
+            "period": counters,
             "cfg": cfg,
             "keys": keys,
             "blocked": blocked,
@@ -202,40 +234,6 @@ class Accounts:
             team_id,
         )
         keys.update({r["id"]: r["user_id"] for r in rows})
-
-    async def _period_snapshot(
-        self, conn: asyncpg.Connection, account: str, period: str, sub_alw: str
-    ) -> dict[str, str]:
-        alw = await conn.fetchval(
-            "SELECT sum(amount) FROM ledger WHERE account = $1 AND kind = 'allowance' AND period = $2",
-            account,
-            period,
-        )
-        counters: dict[str, str] = {"alw": _n(alw) if alw is not None else sub_alw}
-        total = await conn.fetchrow(
-            "SELECT count(*) AS req, coalesce(sum(charged), 0) AS spend,"
-            " coalesce(sum(from_allowance), 0) AS aspent"
-            " FROM usage_records WHERE account = $1 AND period = $2",
-            account,
-            period,
-        )
-        counters.update(req=_n(total["req"]), spend=_n(total["spend"]), aspent=_n(total["aspent"]))
-        # A request's member scope: the user in a team account; in a user account the team of
-        # a team key billed personally, else the user (policies/keyspace.py).
-        scope = "user_id" if account.startswith("t_") else "coalesce(team_id, user_id)"
-        for column, prefix in ((scope, "ms:"), ("key_id", "ks:"), ("model", "mo:")):
-            rows = await conn.fetch(
-                f"SELECT {column} AS g, sum(charged) AS s, count(*) AS n FROM usage_records"
-                f" WHERE account = $1 AND period = $2 GROUP BY {column}",
-                account,
-                period,
-            )
-            for r in rows:
-                counters[prefix + r["g"]] = _n(r["s"])
-                if prefix == "ms:":
-                    counters["mr:" + r["g"]] = _n(r["n"])
-        counters.update(await self._elsewhere(conn, account, period))
-        return counters
 
     @staticmethod
     async def _elsewhere(conn: asyncpg.Connection, account: str, period: str) -> dict[str, str]:

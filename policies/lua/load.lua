@@ -1,5 +1,8 @@
 --[[ load.lua — install an account's state rebuilt from PostgreSQL, unless it is loaded already.
 The caller holds the account's PostgreSQL advisory lock, so no management write interleaves.
+The state counts the ledger plus the usage stream's records up to ARGV[4] that the ledger did not
+have (policies/ledger.py); a record appended to the stream since then would be missing from it,
+so the script installs nothing and answers -1 (read again and retry).
 
 KEYS[1]  {acct:A}:s            state hash
 KEYS[2]  {acct:A}:p:<period>   the current period's counters
@@ -7,20 +10,28 @@ KEYS[3]  {acct:A}:cfg          policy hash
 KEYS[4]  {acct:A}:keys         active keys
 KEYS[5]  {acct:A}:hz           hold expiries (cleared)
 KEYS[6]  {acct:A}:hv           hold values (cleared)
-KEYS[7..] {acct:A}:blk:<scope> blocked-model sets, in the order of ARGV[2]'s "blocked" list
+KEYS[7]  {acct:A}:usage        usage stream
+KEYS[8..] {acct:A}:blk:<scope> blocked-model sets, in the order of ARGV[1]'s "blocked" list
 
 ARGV[1]  JSON {"state": {...}, "period": {...}, "cfg": {...}, "keys": {...},
                "blocked": [[model, ...], ...]}   (all values strings)
 ARGV[2]  period hash lifetime, seconds
 ARGV[3]  "force": reload even when loaded (operator rebuild)
+ARGV[4]  id of the last usage stream entry the state counts ("0-0": none)
 
-Returns 1 when it installed the state, 0 when the account was loaded already.
+Returns 1 when it installed the state, 0 when the account was loaded already, -1 when the stream
+has entries past ARGV[4].
 ]]
 if ARGV[3] ~= 'force' and redis.call('HGET', KEYS[1], 'loaded') == '1' then
   return 0
 end
+if #redis.call('XRANGE', KEYS[7], '(' .. ARGV[4], '+', 'COUNT', 1) > 0 then
+  return -1
+end
 local data = cjson.decode(ARGV[1])
-for i = 1, #KEYS do redis.call('DEL', KEYS[i]) end
+for i = 1, #KEYS do
+  if i ~= 7 then redis.call('DEL', KEYS[i]) end
+end
 
 local function put(key, map)
   local args = {}
@@ -36,7 +47,7 @@ redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
 put(KEYS[3], data.cfg)
 put(KEYS[4], data.keys)
 for i, models in ipairs(data.blocked or {}) do
-  if #models > 0 then redis.call('SADD', KEYS[6 + i], unpack(models)) end
+  if #models > 0 then redis.call('SADD', KEYS[7 + i], unpack(models)) end
 end
 data.state.loaded = '1'
 data.state.holds = '0'
