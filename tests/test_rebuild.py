@@ -7,7 +7,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from gateway.metering.meter import HoldAsk
+from gateway.metering.meter import HoldAsk, SettleAsk
 from policies import keyspace as rk
 from policies.periods import period_of
 from tests.conftest import Gateway
@@ -97,10 +97,18 @@ async def test_settle_is_idempotent_on_the_request_id(
     ))  # fmt: skip
     assert (hold.status, hold.amount) == ("ok", 5000)
     record: list[str | int] = ["request_id", "req_idem", "created_at", int(now * 1000)]
-    kwargs = dict(account=account, period=period, request_id="req_idem", scope=owner.user["id"], key_id=key["id"],
-                  model="gpt-4o-mini", charged=4000, record=record)  # fmt: skip
-    first = await metering.settle(**kwargs)  # type: ignore[arg-type]
-    second = await metering.settle(**kwargs)  # type: ignore[arg-type]
+    ask = SettleAsk(
+        account=account,
+        period=period,
+        request_id="req_idem",
+        scope=owner.user["id"],
+        key_id=key["id"],
+        model="gpt-4o-mini",
+        charged=4000,
+        record=record,
+    )
+    first = await metering.settle(ask)
+    second = await metering.settle(ask)
     assert (first.settled, first.from_credits) == (True, 4000)
     assert (second.settled, second.from_credits) == (False, 0)
     state = await redis.hmget(rk.AccountKeys(account).state, ["credits", "holds"])

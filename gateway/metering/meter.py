@@ -69,6 +69,24 @@ class HoldAsk:
 
 
 @dataclass(frozen=True, slots=True)
+class SettleAsk:
+    """What a settle is asked for: the request's cost, who bills it, and its usage record (field,
+    value, field, value, ... as the usage stream takes it)."""
+
+    account: str
+    period: str
+    request_id: str
+    scope: str
+    key_id: str
+    model: str
+    charged: int
+    record: list[str | int]
+    warned: bool = False  # the hold warned (soft limit exceeded): no second alert
+    at: int = 0  # unix seconds of the request, for alert events
+    tokens: int = 0  # the actual tokens, for the rate logs
+
+
+@dataclass(frozen=True, slots=True)
 class HoldResult:
     status: str  # "ok" or a refusal code
     amount: int
@@ -195,23 +213,21 @@ class Metering:
             self._keys[index] = cached
         return cached
 
-    async def settle(self, **kwargs: Any) -> SettleResult:
+    async def settle(self, ask: SettleAsk) -> SettleResult:
         """Replace the request's hold by its cost and record its usage (``settle.lua``).
-        Keywords: account, period, request_id, scope, key_id, model, charged, record, warned, at,
-        tokens (the actual tokens, for the rate logs).
         Never raises for Redis's sake: a settle Redis does not take is kept and sent again."""
-        call = self._settle_call(**kwargs)
+        call = self._settle_call(ask)
         try:
             sent = self._send(self.scripts.settle, call.keys, call.args)
         except Exception as exc:
             return self._keep(call, exc)
         return await self._settled_or_kept(call, sent)
 
-    def settle_sent(self, **kwargs: Any) -> Awaitable[SettleResult] | None:
+    def settle_sent(self, ask: SettleAsk) -> Awaitable[SettleResult] | None:
         """Like :meth:`settle`, but the script is on its way to Redis when this returns (ordered
         before any later hold), so the caller can answer its client before awaiting the result.
         None when that cannot be promised (no lean connection open): call :meth:`settle`."""
-        call = self._settle_call(**kwargs)
+        call = self._settle_call(ask)
         sent = self._send_now(self.scripts.settle, call.keys, call.args)
         if sent is None:
             return None
@@ -235,31 +251,33 @@ class Metering:
         return SettleResult(True, 0, 0, kept=True)
 
     @staticmethod
-    def _settle_call(
-        *,
-        account: str,
-        period: str,
-        request_id: str,
-        scope: str,
-        key_id: str,
-        model: str,
-        charged: int,
-        record: list[str | int],
-        warned: bool = False,
-        at: int = 0,
-        tokens: int = 0,
-    ) -> SettleCall:
-        ak = rk.AccountKeys(account)
+    def _settle_call(ask: SettleAsk) -> SettleCall:
+        ak = rk.AccountKeys(ask.account)
         keys = [
-            ak.state, ak.period(period), ak.hold_expiry, ak.hold_values,
-            ak.settled_marker(request_id), ak.usage_stream, ak.cfg, ak.alerts,
-            *ak.rate_keys(key_id, scope),
-        ]  # fmt: skip
+            ak.state,
+            ak.period(ask.period),
+            ak.hold_expiry,
+            ak.hold_values,
+            ak.settled_marker(ask.request_id),
+            ak.usage_stream,
+            ak.cfg,
+            ak.alerts,
+            *ak.rate_keys(ask.key_id, ask.scope),
+        ]
         args: list[str | int] = [
-            request_id, charged, scope, key_id, model, rk.PERIOD_TTL_S, rk.RID_TTL_S,
-            int(warned), at, tokens, *record,
-        ]  # fmt: skip
-        return SettleCall(account, request_id, keys, args)
+            ask.request_id,
+            ask.charged,
+            ask.scope,
+            ask.key_id,
+            ask.model,
+            rk.PERIOD_TTL_S,
+            rk.RID_TTL_S,
+            int(ask.warned),
+            ask.at,
+            ask.tokens,
+            *ask.record,
+        ]
+        return SettleCall(ask.account, ask.request_id, keys, args)
 
     # --- the kept settles ---------------------------------------------------------------------------
     async def replay(self) -> int:

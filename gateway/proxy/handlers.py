@@ -34,7 +34,7 @@ from gateway.errors import (
     Refused,
     UpstreamFailed,
 )
-from gateway.metering.meter import HoldAsk, HoldResult, SettleResult
+from gateway.metering.meter import HoldAsk, HoldResult, SettleAsk, SettleResult
 from gateway.proxy.keycache import KeyInfo
 from gateway.proxy.streaming import SSERelay, StreamOutcome, relay
 from gateway.upstream.upstreams import UpstreamRequest
@@ -325,31 +325,35 @@ def price(call: Call, tokens: TokenUsage) -> pricing.Charge:
     return pricing.charge(cost, call.hold.discount_bps)
 
 
-def settle_args(
+def settle_ask(
     call: Call, tokens: TokenUsage, source: str, status: int, charge: pricing.Charge
-) -> dict[str, Any]:
-    """The keywords of :meth:`Metering.settle` for this request: its cost and usage record."""
-    prompt, completion, cached = (
-        tokens.prompt_tokens,
-        tokens.completion_tokens,
-        tokens.cached_tokens,
-    )
+) -> SettleAsk:
+    """What :meth:`Metering.settle` is asked for this request: its cost and usage record."""
     assert call.hold is not None
     key = call.key
+    prompt, completion = tokens.prompt_tokens, tokens.completion_tokens
     record: list[str | int] = [
         "request_id", call.request_id, "account", key.account, "team_id", key.team_id or "",
         "user_id", key.user_id, "key_id", key.key_id, "model", call.model.name,
         "endpoint", call.endpoint.route, "period", call.period, "prompt_tokens", prompt,
-        "completion_tokens", completion, "cached_tokens", cached, "list_cost", charge.list_cost,
-        "discount", charge.discount, "charged", charge.charged, "usage_source", source,
-        "encoding", call.encoding, "tags", call.tags, "status", status,
+        "completion_tokens", completion, "cached_tokens", tokens.cached_tokens,
+        "list_cost", charge.list_cost, "discount", charge.discount, "charged", charge.charged,
+        "usage_source", source, "encoding", call.encoding, "tags", call.tags, "status", status,
         "created_at", call.hold.stamp_ms or int(call.now * 1000),
     ]  # fmt: skip
-    return dict(
-        account=key.account, period=call.period, request_id=call.request_id, scope=key.scope,
-        key_id=key.key_id, model=call.model.name, charged=charge.charged, record=record,
-        warned=call.hold.warn, at=int(call.now), tokens=prompt + completion,
-    )  # fmt: skip
+    return SettleAsk(
+        account=key.account,
+        period=call.period,
+        request_id=call.request_id,
+        scope=key.scope,
+        key_id=key.key_id,
+        model=call.model.name,
+        charged=charge.charged,
+        record=record,
+        warned=call.hold.warn,
+        at=int(call.now),
+        tokens=prompt + completion,
+    )
 
 
 def count(call: Call, tokens: TokenUsage, charge: pricing.Charge) -> None:
@@ -363,7 +367,7 @@ def count(call: Call, tokens: TokenUsage, charge: pricing.Charge) -> None:
 
 async def settle(call: Call, tokens: TokenUsage, source: str, status: int) -> pricing.Charge:
     charge = price(call, tokens)
-    await call.app[S.METERING].settle(**settle_args(call, tokens, source, status, charge))
+    await call.app[S.METERING].settle(settle_ask(call, tokens, source, status, charge))
     count(call, tokens, charge)
     return charge
 
@@ -440,7 +444,7 @@ async def settle_plain(call: Call, plain: Plain) -> None:
     script connection, so Redis has it before this process reads anything else, such as this
     client's next request. Never raises: a settle Redis does not take is kept and sent later."""
     app = call.app
-    await app[S.METERING].settle(**settle_args(call, plain.tokens, plain.source, 200, plain.charge))
+    await app[S.METERING].settle(settle_ask(call, plain.tokens, plain.source, 200, plain.charge))
     app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(plain.ttfb_s)
     count(call, plain.tokens, plain.charge)
 
@@ -533,10 +537,10 @@ async def finish_stream(call: Call, client: web.StreamResponse, outcome: StreamO
         source = "upstream" if tokens is not None else "estimated"
         tokens = tokens or estimate(call, outcome.text)
         charge = price(call, tokens)
-        kwargs = settle_args(call, tokens, source, 499 if outcome.client_gone else 200, charge)
-        pending = metering.settle_sent(**kwargs)
+        ask = settle_ask(call, tokens, source, 499 if outcome.client_gone else 200, charge)
+        pending = metering.settle_sent(ask)
         if pending is None:  # no open script connection: wait for the settle (or its keeping)
-            await metering.settle(**kwargs)
+            await metering.settle(ask)
         count(call, tokens, charge)
     if not outcome.client_gone:
         with contextlib.suppress(ConnectionError, RuntimeError):
