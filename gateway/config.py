@@ -52,6 +52,7 @@ class UpstreamConfig:
     connect_timeout_s: float = 10.0
     kind: str = "openai"  # openai | anthropic | azure: see gateway.upstream.kinds
     api_version: str = ""  # azure: the api-version query parameter
+    max_response_bytes: int = 64 * 1024 * 1024  # a bigger plain answer is a 502 upstream_error
 
     def api_key(self) -> str:
         return os.environ.get(self.api_key_env, "") if self.api_key_env else ""

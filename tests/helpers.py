@@ -139,3 +139,12 @@ class Api:
 def ts(text: str) -> float:
     """An ISO time in UTC (``2026-12-31T23:59:50``) as unix seconds."""
     return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``predicate`` until it holds; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.01)

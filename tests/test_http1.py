@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import pytest
 import trustme
 
-from gateway.upstream.http1 import Origin, OriginError, OriginTimeout
+from gateway.upstream.http1 import Origin, OriginError, OriginTimeout, OriginTooLarge
+from tests.helpers import until
 
 Answer = Callable[[asyncio.StreamWriter], Awaitable[None]]
 
@@ -82,6 +83,7 @@ def origin(url: str, **kw: float) -> Origin:
         connect_timeout=kw.get("connect_timeout", 5.0),
         read_timeout=kw.get("read_timeout", 5.0),
         keepalive_s=kw.get("keepalive_s", 60.0),
+        max_body_bytes=int(kw.get("max_body_bytes", 64 * 1024 * 1024)),
     )
 
 
@@ -147,30 +149,37 @@ async def test_an_answer_that_runs_until_close_and_connection_close(server: Scri
 
 
 async def test_a_silent_provider_times_out_but_a_slow_trickle_does_not(server: Scripted) -> None:
+    read_timeout = 1.0
+    loop = asyncio.get_running_loop()
+    client = origin(server.url(), read_timeout=read_timeout)
+
     async def silent(writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(30)
 
     async def trickle(writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
-        for byte in b"slow":
-            await asyncio.sleep(0.15)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n")
+        await writer.drain()
+        (conn,) = client._busy
+        for sent, byte in enumerate(b"slower"):
+            # each byte once the client has read the one before and waited a quarter of its timeout
+            await until(lambda sent=sent: sum(map(len, conn._chunks)) == sent)
+            await until(lambda: loop.time() - conn._last_read >= read_timeout / 4)
             writer.write(bytes([byte]))
             await writer.drain()
 
     server.answers += [trickle, silent]
-    client = origin(server.url(), read_timeout=0.4)
-    loop = asyncio.get_running_loop()
     try:
+        started = loop.time()
         slow = await client.post(client.encode("/x", b""))
+        assert loop.time() - started > read_timeout  # the whole answer took longer than that
         started = loop.time()
         with pytest.raises(OriginTimeout):
             await client.post(client.encode("/x", b""))
-        waited = loop.time() - started
+        assert loop.time() - started >= read_timeout  # never sooner
         after = await client.post(client.encode("/x", b""))
     finally:
         client.close()
-    assert slow.body == b"slow"  # 0.6 s in all, never 0.4 s without a byte
-    assert 0.4 <= waited < 3
+    assert slow.body == b"slower"
     assert after.status == 200
     assert server.connections == 2  # the timed-out connection was dropped
 
@@ -191,6 +200,94 @@ async def test_garbage_and_a_hang_up_are_origin_errors(server: Scripted) -> None
     finally:
         client.close()
     assert server.connections == 3
+
+
+async def test_interim_answers_are_skipped(server: Scripted) -> None:
+    server.answers += [
+        fixed(b"HTTP/1.1 100 Continue\r\n\r\n" + OK),
+        fixed(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\nX-Final: yes\r\n\r\ndone"
+        ),
+    ]
+    client = origin(server.url())
+    try:
+        first = await client.post(client.encode("/x", b""))
+        second = await client.post(client.encode("/x", b""))
+        third = await client.post(client.encode("/x", b""))
+    finally:
+        client.close()
+    assert (first.status, first.body) == (200, b'{"ok":true}')
+    assert (second.status, second.body) == (201, b"done")
+    assert second.headers == [(b"Content-Length", b"4"), (b"X-Final", b"yes")]
+    assert third.body == b'{"ok":true}'
+    assert server.connections == 1  # the connection stayed in step
+
+
+@pytest.mark.parametrize(
+    "status_line",
+    [
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+        b"HTTP/1.1 099 Low\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 600 High\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 999 High\r\nContent-Length: 0\r\n\r\n",
+    ],
+)
+async def test_a_protocol_switch_or_a_status_outside_100_599_is_malformed(
+    server: Scripted, status_line: bytes
+) -> None:
+    server.answers.append(fixed(status_line))
+    client = origin(server.url())
+    try:
+        with pytest.raises(OriginError, match="malformed"):
+            await client.post(client.encode("/x", b""))
+        assert (await client.post(client.encode("/x", b""))).status == 200
+    finally:
+        client.close()
+    assert server.connections == 2
+
+
+async def test_a_body_over_the_bound_fails_and_drops_the_connection(server: Scripted) -> None:
+    bound = 1000
+
+    async def announced(writer: asyncio.StreamWriter) -> None:  # the body never comes
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1001\r\n\r\n")
+
+    def chunked(sizes: list[int]) -> Answer:
+        chunks = b"".join(b"%x\r\n%s\r\n" % (n, b"c" * n) for n in sizes)
+        return fixed(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+        )
+
+    async def until_close(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"u" * 600)
+        await writer.drain()
+        writer.write(b"u" * 600)
+        writer.close()
+
+    server.answers += [
+        fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000),  # at the bound
+        announced,
+        chunked([500, 500]),  # at the bound
+        chunked([600, 401]),
+        until_close,
+        fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 999999999999999\r\n\r\n"),
+    ]
+    client = origin(server.url(), max_body_bytes=bound, read_timeout=30)
+    outcomes: list[object] = []
+    try:
+        for _ in range(7):
+            try:
+                outcomes.append(len((await client.post(client.encode("/x", b""))).body))
+            except OriginTooLarge as exc:
+                outcomes.append((exc.limit, str(exc)))
+    finally:
+        client.close()
+    too_large = (bound, "the provider's body is over 1000 bytes")
+    assert outcomes == [bound, too_large, bound, too_large, too_large, too_large, 11]
+    # at the bound: kept; each one over it: its connection dropped (four of them), then a new one
+    assert server.connections == 5
 
 
 async def test_nothing_listening_is_an_origin_error() -> None:
@@ -216,10 +313,12 @@ async def test_an_idle_connection_the_provider_closed_is_not_used(server: Script
 
 
 async def test_connections_idle_past_keepalive_are_dropped(server: Scripted) -> None:
-    client = origin(server.url(), keepalive_s=0.05)
+    client = origin(server.url(), keepalive_s=0.2)
+    loop = asyncio.get_running_loop()
     try:
         await client.post(client.encode("/x", b""))
-        await asyncio.sleep(0.1)
+        (conn,) = client._idle
+        await until(lambda: loop.time() - conn.idle_since >= 0.2)
         await client.post(client.encode("/x", b""))
     finally:
         client.close()
@@ -228,7 +327,7 @@ async def test_connections_idle_past_keepalive_are_dropped(server: Scripted) -> 
 
 async def test_concurrent_requests_get_a_connection_each(server: Scripted) -> None:
     async def slow(writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(0.1)
+        await until(lambda: len(server.requests) == 3)  # all three are in flight at once
         writer.write(OK)
 
     server.answers += [slow, slow, slow]

@@ -7,11 +7,18 @@ non-streamed chat completion needs none of that: one ``POST`` with a JSON body, 
 pooled connection and parses the answer with ``httptools`` (llhttp, as Node.js uses) as it
 arrives, chunked or not. Streams and everything else keep aiohttp's ``ClientSession``.
 
+Interim answers (``100 Continue``, ``103 Early Hints``) are skipped: the answer is the first final
+one. The body is bounded (``max_body_bytes``, the upstream's ``max_response_bytes``): past it the
+request fails and the connection is dropped, whether the ``Content-Length`` announced it or the
+bytes only showed it.
+
 Errors, all raised from one place per cause::
 
-    OriginError                     the provider's connection failed or spoke no HTTP
-     └── OriginTimeout              no connection within the connect timeout, or the provider
-                                    sent nothing for ``read_timeout`` seconds
+    OriginError                     the provider's connection failed or spoke no HTTP (a status
+     │                              outside 100-599, a ``101 Switching Protocols``)
+     ├── OriginTimeout              no connection within the connect timeout, or the provider
+     │                              sent nothing for ``read_timeout`` seconds
+     └── OriginTooLarge             the body is over ``max_body_bytes``
 
 Connections are reused last-in first-out (the warmest first), dropped after ``keepalive_s``
 idle, when the provider closes them or answers ``Connection: close``. A request is never sent
@@ -38,6 +45,17 @@ class OriginTimeout(OriginError, TimeoutError):
     """No connection in time, or no byte from the provider for ``read_timeout`` seconds."""
 
 
+class OriginTooLarge(OriginError):
+    """The provider's body is over the bound."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the provider's body is over {limit} bytes")
+        self.limit = limit
+
+
+MAX_BODY_BYTES = 64 * 1024 * 1024  # the default bound of a provider's body
+
+
 @dataclass(frozen=True, slots=True)
 class Response:
     status: int
@@ -49,9 +67,10 @@ class Response:
 class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection: at most one request in flight."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float, max_body: int) -> None:
         self.loop = loop
         self.read_timeout = read_timeout
+        self.max_body = max_body
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -67,6 +86,7 @@ class _Connection(asyncio.Protocol):
         self._head_at = 0.0
         self._last_read = 0.0
         self._status = 0
+        self._size = 0
         self._length_known = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
@@ -81,7 +101,8 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(OriginError(f"malformed HTTP response: {exc}"))
+            cause = exc.__context__  # what a callback below raised
+            self._fail(cause if isinstance(cause, OriginError) else _malformed(str(exc)))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -93,25 +114,47 @@ class _Connection(asyncio.Protocol):
         what = "closed the connection" if exc is None else f"connection lost ({exc})"
         self._fail(OriginError(f"the provider {what} before answering in full"))
 
-    # --- httptools callbacks ----------------------------------------------------------------------
+    # --- httptools callbacks (an OriginError raised here fails the request) -----------------------
+    def on_message_begin(self) -> None:
+        self._headers = []  # after an interim answer: the final one's
+        self._status = 0
+        self._length_known = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
         lowered = name.lower()
-        if lowered == b"content-length" or (
-            lowered == b"transfer-encoding" and b"chunked" in value.lower()
-        ):
+        if lowered == b"content-length":
+            self._length_known = True
+            length = value.strip()
+            if length.isdigit() and (len(length) > 18 or int(length) > self.max_body):
+                raise self._too_large()
+        elif lowered == b"transfer-encoding" and b"chunked" in value.lower():
             self._length_known = True
 
     def on_headers_complete(self) -> None:
-        self._status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise _malformed(f"status {status}")
+        if status == 101:
+            raise _malformed("101 Switching Protocols to a request that asked for no upgrade")
+        self._status = status
         self._head_at = self.loop.time()
 
     def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > self.max_body:
+            raise self._too_large()
         self._chunks.append(body)
 
     def on_message_complete(self) -> None:
+        if self._status < 200:  # 100 Continue, 103 Early Hints: the answer is still to come
+            self._status = 0
+            return
         self._length_known = True
         self._complete(keep_alive=self._parser.should_keep_alive())
+
+    def _too_large(self) -> OriginTooLarge:
+        return OriginTooLarge(self.max_body)
 
     # --- one request --------------------------------------------------------------------------------
     def request(self, data: bytes) -> asyncio.Future[Response]:
@@ -177,6 +220,7 @@ class Origin:
         read_timeout: float,
         keepalive_s: float = 60.0,
         ssl_context: ssl_module.SSLContext | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         parts = urlsplit(base_url.rstrip("/"))
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -197,6 +241,7 @@ class Origin:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.keepalive_s = keepalive_s
+        self.max_body_bytes = max_body_bytes
         self._idle: deque[_Connection] = deque()
         self._busy: set[_Connection] = set()
         self._heads: dict[str, bytes] = {}
@@ -234,11 +279,11 @@ class Origin:
                 return conn
             conn.close()
         loop = asyncio.get_running_loop()
-        read_timeout = self.read_timeout
+        read_timeout, max_body = self.read_timeout, self.max_body_bytes
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(loop, read_timeout),
+                    lambda: _Connection(loop, read_timeout, max_body),
                     self.host,
                     self.port,
                     ssl=self.ssl,
@@ -271,3 +316,7 @@ class Origin:
             conn.close()
         self._idle.clear()
         self._busy.clear()
+
+
+def _malformed(what: str) -> OriginError:
+    return OriginError(f"malformed HTTP response: {what}")

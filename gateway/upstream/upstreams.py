@@ -20,7 +20,7 @@ import aiohttp
 
 from gateway.config import Config
 from gateway.errors import UpstreamFailed, UpstreamTimeout
-from gateway.upstream.http1 import Origin, OriginError, OriginTimeout, Response
+from gateway.upstream.http1 import Origin, OriginError, OriginTimeout, OriginTooLarge, Response
 from gateway.upstream.kinds import provider_for
 from gateway.upstream.provider import Provider
 
@@ -70,6 +70,7 @@ class Upstreams:
                 dict(self._headers[name]),
                 connect_timeout=up.connect_timeout_s,
                 read_timeout=up.timeout_s,
+                max_body_bytes=up.max_response_bytes,
             )
 
     def path(self, upstream: str, route: str, upstream_model: str) -> str:
@@ -98,6 +99,11 @@ class Upstreams:
             return await self.origins[upstream].post(data)
         except OriginTimeout as exc:
             raise UpstreamTimeout(f"upstream {upstream} did not answer in time") from exc
+        except OriginTooLarge as exc:
+            log.warning("upstream %s: %s", upstream, exc)
+            raise UpstreamFailed(
+                f"upstream {upstream} answered more than {exc.limit} bytes (max_response_bytes)"
+            ) from exc
         except OriginError as exc:
             log.warning("upstream %s: %s", upstream, exc)  # the detail stays in the log
             raise UpstreamFailed(f"upstream {upstream} unreachable or broken") from exc
