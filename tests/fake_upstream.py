@@ -42,7 +42,8 @@ then any ``[[fake:{json}]]`` marker found in message contents / prompt / input (
 a gateway that forwards no custom header). GET requests never consume the queue.
 
 Every request is recorded in ``fake.requests``; requests whose client went away while in flight
-(hang, delay, stream) are counted in ``fake.cancelled``.
+(hang, delay, stream) are counted in ``fake.cancelled``; ``fake.peak_inflight`` is the most
+requests it had in flight at once.
 
 Standalone: ``python -m tests.fake_upstream --port 18080 [--no-record]``.
 """
@@ -283,6 +284,8 @@ class FakeUpstream:
         self.base_url = ""
         self.requests: list[RecordedRequest] = []
         self.cancelled = 0
+        self.inflight = 0
+        self.peak_inflight = 0
         self.default = Behaviour()
         self._queue: deque[dict[str, Any]] = deque()
         self._runner: web.AppRunner | None = None
@@ -301,6 +304,7 @@ class FakeUpstream:
         """Forget requests, cancellations and queued behaviours; restore the default."""
         self.requests.clear()
         self.cancelled = 0
+        self.peak_inflight = self.inflight
         self._queue.clear()
         self.default = Behaviour()
 
@@ -358,6 +362,8 @@ class FakeUpstream:
         auth = request.headers.get("Authorization", "")
         if self.api_key is not None and auth != f"Bearer {self.api_key}":
             return _auth_error(auth)
+        self.inflight += 1
+        self.peak_inflight = max(self.peak_inflight, self.inflight)
         try:
             return await handler(request)
         except _Reply as reply:
@@ -370,6 +376,8 @@ class FakeUpstream:
             if not request.get(_DROPPED):
                 self.cancelled += 1
             return web.Response()
+        finally:
+            self.inflight -= 1
 
     def _behaviour(self, request: web.Request, markers: list[str], *, pop: bool) -> Behaviour:
         overrides = self._queue.popleft() if pop and self._queue else {}

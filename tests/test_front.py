@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -13,10 +14,10 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway import state as S
-from gateway.proxy.front import Fronts
+from gateway.proxy.front import Front, Fronts, State
 from tests.conftest import ADMIN_TOKEN, Gateway, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api
+from tests.helpers import Api, until
 from tests.test_proxy_errors import account_state
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -32,11 +33,14 @@ class Conn:
         self.writer.write(raw)
 
     async def response(self) -> tuple[int, dict[str, str], bytes]:
+        line = await asyncio.wait_for(self.reader.readuntil(b"\r\n"), 10)
+        return await self.response_after_status_line(int(line.split(b" ")[1]))
+
+    async def response_after_status_line(self, status: int) -> tuple[int, dict[str, str], bytes]:
         head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
         lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ")[1])
         headers: dict[str, str] = {}
-        for line in lines[1:]:
+        for line in lines:
             if line:
                 name, _, value = line.partition(":")
                 headers[name.strip().lower()] = value.strip()
@@ -78,6 +82,21 @@ async def conn(gateway: Gateway) -> AsyncIterator[Conn]:
     writer.close()
     with contextlib.suppress(Exception):
         await writer.wait_closed()
+
+
+async def front_of(gateway: Gateway, conn: Conn) -> Front:
+    """The gateway's end of a client connection."""
+    sockname = conn.writer.get_extra_info("sockname")
+
+    def ours() -> list[Front]:
+        return [
+            c
+            for c in gateway.app[S.FRONTS].connections
+            if c.transport is not None and c.transport.get_extra_info("peername") == sockname
+        ]
+
+    await until(lambda: len(ours()) == 1)
+    return ours()[0]
 
 
 def counts(gateway: Gateway) -> tuple[int, int]:
@@ -330,19 +349,19 @@ HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: applica
     ],
 )  # fmt: skip
 def test_read_head(head: bytes, expected: object) -> None:
-    from gateway.proxy.front import HandOver, _read_head
+    from gateway.proxy.head import HandOver, read_head
 
     if expected is None:
         with pytest.raises(HandOver):
-            _read_head(head)
+            read_head(head)
         return
-    endpoint, headers, length = _read_head(head)
+    parsed = read_head(head)
     if expected == "completion":
-        assert (endpoint.kind, length) == ("completion", 3)
+        assert (parsed.path, parsed.length) == (b"/v1/completions", 3)
         return
-    assert endpoint.kind == "chat"
-    assert headers == expected
-    assert length == int(headers[b"content-length"])
+    assert parsed.path == b"/v1/chat/completions"
+    assert parsed.headers == expected
+    assert parsed.length == int(parsed.headers[b"content-length"])
 
 
 async def test_the_openai_sdks_calls_are_served_lean(gateway: Gateway, api: Api) -> None:
@@ -379,3 +398,113 @@ async def test_a_bug_before_the_hold_is_a_logged_500_not_a_dropped_connection(
     status, _, body = await conn.response()
     assert (status, orjson.loads(body)["error"]["type"]) == (500, "server_error")
     assert counts(gateway)[1] == handed + 1
+
+
+@pytest.mark.parametrize("upstream_status", [499, 520, 524, 529, 599, 418])
+async def test_a_provider_status_without_a_standard_phrase_is_relayed(
+    gateway: Gateway, api: Api, conn: Conn, fake: FakeUpstream, redis: Redis, upstream_status: int
+) -> None:
+    _, team, secret = await api.funded_team_key("1.00")
+    conn.send(post(secret, CHAT))
+    assert (await conn.response())[0] == 200  # the key is cached: the fast path
+    before = await account_state(redis, team["id"])
+    fake.next(status=upstream_status)
+    conn.send(post(secret, CHAT))
+    head = await asyncio.wait_for(conn.reader.readuntil(b"\r\n"), 10)
+    phrase = {418: "I'm a Teapot"}.get(upstream_status, "")
+    assert head == f"HTTP/1.1 {upstream_status} {phrase}\r\n".encode()
+    rest = await conn.response_after_status_line(upstream_status)
+    assert (rest[0], orjson.loads(rest[2])["error"]["code"]) == (upstream_status, "upstream_error")
+    assert await account_state(redis, team["id"]) == before  # the hold released, nothing charged
+    conn.send(post(secret, CHAT))  # the connection still serves
+    assert (await conn.response())[0] == 200
+
+
+def _one_broken(target: object, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``target.name`` raise once, then behave again."""
+    original = getattr(target, name)
+    calls = 0
+
+    def broken(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("an injected bug")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, broken)
+
+
+@pytest.mark.parametrize("where", ["writing the answer", "after the answer"])
+async def test_an_unexpected_error_anywhere_in_serving_closes_the_connection_logged(
+    gateway: Gateway,
+    api: Api,
+    conn: Conn,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    where: str,
+) -> None:
+    from gateway.proxy import handlers as proxy
+
+    _, _, secret = await api.funded_team_key()
+    conn.send(post(secret, CHAT))
+    assert (await conn.response())[0] == 200
+    front = await front_of(gateway, conn)
+    await until(lambda: front.task is None)  # settled and observed: nothing left of it to break
+    if where == "writing the answer":  # the answer, then the 500 for it, both fail to be written
+        monkeypatch.setattr(gateway.app[S.FRONTS], "date", _raises)
+    else:
+        _one_broken(proxy, "observe", monkeypatch)
+    conn.send(post(secret, CHAT))
+    if where == "after the answer":
+        assert (await conn.response())[0] == 200
+    assert await conn.closed()
+    errors = [r for r in caplog.records if r.name == "modelbridge.front" and r.exc_info]
+    assert errors and "closing" in errors[-1].getMessage()
+
+
+def _raises(*args: object) -> str:
+    raise RuntimeError("an injected bug")
+
+
+async def test_one_request_in_service_while_a_slow_reader_drains_pipelined_answers(
+    gateway: Gateway, api: Api, fake: FakeUpstream
+) -> None:
+    """The client pipelines, then stops reading: its first answer fills the socket buffers and
+    the front's writes pause. A request arriving then must wait for the client to read, not
+    start beside the next one; the answers leave in order."""
+    _, _, secret = await api.funded_team_key("100.00")
+    fake.set_default(content_pieces=["x" * 1_000_000])  # far more than the socket buffers hold
+
+    def ask(n: int, **behaviour: float) -> bytes:
+        marker = orjson.dumps({"prompt_tokens": n, **behaviour}).decode()
+        return post(
+            secret, {**CHAT, "messages": [{"role": "user", "content": f"[[fake:{marker}]]"}]}
+        )
+
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, not read
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", int(gateway.base.rsplit(":", 1)[1])))
+    slow = Conn(*await asyncio.open_connection(sock=sock))
+    try:
+        front = await front_of(gateway, slow)
+        assert front.transport is not None  # and its kernel buffer small too, not autotuned
+        front.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        slow.send(ask(1) + ask(2, delay_s=0.5))
+        # answer 1 is out but stuck in the buffers: the front waits for the client to read
+        await until(lambda: front._write_paused and front.task is None)
+        third = ask(3)
+        slow.send(third)  # arrives while the front waits for the client to read
+        await until(lambda: front.buffer.endswith(third) or len(fake.requests) > 1)
+        assert len(fake.requests) == 1  # nothing more goes upstream while the client does not read
+        assert (front.state, front.task) == (State.DRAINING, None)  # 2 and 3 wait in the buffer
+        answers = [await slow.response() for _ in range(3)]
+    finally:
+        slow.writer.close()
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    assert [orjson.loads(body)["usage"]["prompt_tokens"] for _, _, body in answers] == [1, 2, 3]
+    assert fake.peak_inflight == 1  # never two of the connection's requests at the provider

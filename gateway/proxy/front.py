@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
-import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -41,6 +41,7 @@ from gateway import state as S
 from gateway.errors import GatewayError
 from gateway.metering.meter import guarded
 from gateway.proxy import handlers as proxy
+from gateway.proxy.head import MAX_HEAD, PATHS, HandOver, Head, frame
 
 log = logging.getLogger("modelbridge.front")
 
@@ -49,15 +50,26 @@ ROUTES = {
     b"/v1/completions": proxy.COMPLETION,
     b"/v1/embeddings": proxy.EMBEDDING,
 }
-MAX_HEAD = 16 * 1024  # a longer head goes to aiohttp (which refuses past 8190 per line)
+assert set(ROUTES) == PATHS
 KEEPALIVE_S = 3630.0  # as aiohttp's server
-# aiohttp's business: other framing, interim answers, protocol switches, folded header lines
-_HANDED_OVER = (b"\r\ntransfer-encoding", b"\r\nexpect", b"\r\nupgrade", b"\r\n ", b"\r\n\t")
-# The request line, then "name: value" lines: token names, printable ASCII values (a C match).
-_HEAD = re.compile(rb"[^\r\n]+(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*)*")
-_READ = (b"content-length", b"authorization", b"x-api-key", b"connection", b"x-modelbridge-tags")
-_NEEDLES = tuple((name, b"\r\n" + name + b":") for name in _READ)
-_SINGLE = {b"content-length", b"authorization", b"x-api-key"}
+# The status line's reason phrase, as aiohttp writes it: none for a status without a standard one
+# (a provider's 524 or 499 is relayed as "HTTP/1.1 524 ").
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
+class State(enum.Enum):
+    """Where a connection is. One request at most is in service on a connection::
+
+    IDLE ──a whole request──> SERVING ──answered──> IDLE (and the next request, if any)
+                                 │  └─answered while the client does not read─> DRAINING
+                                 │                      └─the client reads─> IDLE
+    any ──closed, lost or handed to aiohttp──> CLOSED
+    """
+
+    IDLE = "idle"  # reading; the next whole request starts SERVING
+    SERVING = "serving"  # one request's task runs (``task``); the bytes that come are buffered
+    DRAINING = "draining"  # answered, writes paused: the next request waits for the client
+    CLOSED = "closed"
 
 
 class Fronts:
@@ -77,15 +89,18 @@ class Fronts:
             self._date = (now, formatdate(now, usegmt=True))
         return self._date[1]
 
+    def _serving(self) -> list[Front]:
+        return [c for c in self.connections if c.state is State.SERVING]
+
     async def shutdown(self, timeout: float) -> None:
         self.closing = True
         for conn in list(self.connections):
-            if conn.task is None:
+            if conn.state is not State.SERVING:
                 conn.close()
         deadline = time.monotonic() + timeout
-        while any(c.task is not None for c in self.connections) and time.monotonic() < deadline:
+        while self._serving() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        tasks = [c.task for c in self.connections if c.task is not None]
+        tasks = [c.task for c in self._serving() if c.task is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -93,10 +108,6 @@ class Fronts:
                 await task
         for conn in list(self.connections):
             conn.close()
-
-
-class HandOver(Exception):
-    """This request is aiohttp's to serve."""
 
 
 class Front(asyncio.Protocol):
@@ -107,13 +118,16 @@ class Front(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
-        self.task: asyncio.Task[None] | None = None
-        self.closed = False
+        self.state = State.IDLE
+        self.task: asyncio.Task[None] | None = None  # the request in service (SERVING)
         self._write_paused = False
         self._read_paused = False
-        self._resumed: asyncio.Future[None] | None = None
         self._idle_since = self.loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -123,55 +137,52 @@ class Front(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        if self.task is None:
+        if self.state is State.IDLE:
             self._next()
         elif len(self.buffer) > MAX_HEAD and self.transport is not None and not self._read_paused:
             self._read_paused = True  # a client racing ahead: wait for our answer
             self.transport.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self.state = State.CLOSED  # a request in service goes on (and is billed), unanswered
         self.fronts.connections.discard(self)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        if self._resumed is not None and not self._resumed.done():
-            self._resumed.set_result(None)
 
     def pause_writing(self) -> None:
         self._write_paused = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._resumed is not None and not self._resumed.done():
-            self._resumed.set_result(None)
+        if self.state is State.DRAINING:
+            self._take_next()
 
     # --- requests ---------------------------------------------------------------------------------
+    def _take_next(self) -> None:
+        """Back to IDLE: read again, and start on the next request if it is here already."""
+        self.state = State.IDLE
+        self._idle_since = self.loop.time()
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+        self._next()
+
     def _next(self) -> None:
         """Start on the next complete request in the buffer, if there is one."""
-        if self.closed or not self.buffer:
+        assert self.state is State.IDLE and self.task is None, self.state
+        if not self.buffer:
             return
         if self.fronts.closing:
             self.close()
             return
-        head_end = self.buffer.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
-        if head_end < 0:
-            if len(self.buffer) > MAX_HEAD:
-                self._hand_over()
-            return
         try:
-            endpoint, headers, length = _read_head(bytes(self.buffer[:head_end]))
-            if length > self.app[S.CONFIG].server.max_body_bytes:
-                raise HandOver  # aiohttp refuses it without reading it
-        except HandOver:
-            self._hand_over()
-            return
-        end = head_end + 4 + length
-        if len(self.buffer) < end:
-            return  # the body is still coming
-        raw = bytes(self.buffer[head_end + 4 : end])
-        started = time.perf_counter()
-        try:
-            fast = self._begin(endpoint, headers, raw)
+            framed = frame(self.buffer, self.app[S.CONFIG].server.max_body_bytes)
+            if framed is None:
+                return  # the rest is still coming
+            endpoint = ROUTES[framed.head.path]
+            raw = bytes(self.buffer[framed.body_start : framed.end])
+            started = time.perf_counter()
+            fast = self._begin(endpoint, framed.head.headers, raw)
         except HandOver:
             self._hand_over()
             return
@@ -179,8 +190,9 @@ class Front(asyncio.Protocol):
             log.exception("front: unexpected error; handing the connection to aiohttp")
             self._hand_over()
             return
-        del self.buffer[:end]
-        request = Request(endpoint, headers, raw, started)
+        del self.buffer[: framed.end]
+        request = Request(endpoint, framed.head, raw, started)
+        self.state = State.SERVING
         self.task = self.loop.create_task(self._serve(request, fast))
 
     def _begin(
@@ -212,16 +224,16 @@ class Front(asyncio.Protocol):
     async def _parsed(self, request: Request) -> proxy.Call:
         """The request checked and sized, as :func:`gateway.proxy.handlers.begin` does it."""
         app = self.app
-        secret = _bearer(request.headers)
+        headers = request.head.headers
+        secret = _bearer(headers)
         key = await app[S.KEYS].lookup(secret)
         assert secret is not None  # lookup refuses a missing key
         body = proxy.decode_json(request.raw)
-        tags = _tags(request.headers)
-        return proxy.parse(app, request.endpoint, secret, key, request.raw, body, tags)
+        return proxy.parse(app, request.endpoint, secret, key, request.raw, body, _tags(headers))
 
     async def _hold(self, call: proxy.Call, sent: Awaitable[Any] | None) -> None:
-        """Place the hold as :func:`gateway.proxy.handlers.place_hold` does (refusals raise), reading the
-        reply to the one sent ahead when there is one."""
+        """Place the hold as :func:`gateway.proxy.handlers.place_hold` does (refusals raise),
+        reading the reply to the one sent ahead when there is one."""
         if sent is not None:
             result = self.app[S.METERING].hold_result(call.key.account, await guarded(sent))
             if result.status == "ok":
@@ -232,10 +244,28 @@ class Front(asyncio.Protocol):
     async def _serve(
         self, request: Request, fast: tuple[proxy.Call, Awaitable[Any]] | None
     ) -> None:
+        """The task of one request in service: answer it, then take the next. Whatever escapes
+        the answer's own error handling is a bug: logged, and the connection closed (its state
+        is unknown), never left waiting."""
+        try:
+            await self._answer(request, fast)
+            self._answered(request.head.keep_alive)
+        except asyncio.CancelledError:  # shutdown's deadline
+            self.close()
+            raise
+        except Exception:
+            log.exception("front: unexpected error on POST %s; closing", request.endpoint.route)
+            self.close()
+            if self.task is asyncio.current_task():
+                self.task = None
+
+    async def _answer(
+        self, request: Request, fast: tuple[proxy.Call, Awaitable[Any]] | None
+    ) -> None:
         app = self.app
         app[S.METRICS].inflight.inc()
         self.fronts.served += 1
-        keep_alive = b"close" not in request.headers.get(b"connection", b"").lower()
+        keep_alive = request.head.keep_alive
         call: proxy.Call | None = fast[0] if fast is not None else None
         status = 500
         try:
@@ -265,22 +295,20 @@ class Front(asyncio.Protocol):
         finally:
             model = call.model.name if call is not None else "other"
             proxy.observe(app, request.endpoint, model, status, call, request.started)
-            self.task = None
-        await self._after(keep_alive)
 
-    async def _after(self, keep_alive: bool) -> None:
-        """Answered: close, or wait until the client reads, then take the next request."""
+    def _answered(self, keep_alive: bool) -> None:
+        """SERVING is over: close, wait until the client reads, or take the next request."""
+        assert self.state in (State.SERVING, State.CLOSED), self.state
+        self.task = None
+        if self.state is State.CLOSED:
+            return
         if not keep_alive:
             self.close()
-            return
-        if self._write_paused:
-            self._resumed = self.loop.create_future()
-            await self._resumed
-        self._idle_since = self.loop.time()
-        if self._read_paused and self.transport is not None and not self.closed:
-            self._read_paused = False
-            self.transport.resume_reading()
-        self._next()
+        elif self._write_paused:
+            self.state = State.DRAINING  # resume_writing takes the next
+            self._idle_since = self.loop.time()
+        else:
+            self._take_next()
 
     def _write_error(self, exc: GatewayError, keep_alive: bool) -> None:
         headers = {**exc.response_headers(), "Content-Type": "application/json"}
@@ -291,7 +319,7 @@ class Front(asyncio.Protocol):
     ) -> None:
         if self.transport is None or self.closed:
             return  # the client left: a plain answer is billed anyway
-        head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}"]
         head += [f"{name}: {value}" for name, value in headers.items()]
         head += [f"Content-Length: {len(body)}", f"Date: {self.fronts.date()}"]
         head.append(f"Server: {SERVER_SOFTWARE}")
@@ -308,7 +336,7 @@ class Front(asyncio.Protocol):
             self._idle_timer.cancel()
         if transport is None or self.closed:
             return
-        self.closed = True
+        self.state = State.CLOSED
         self.fronts.handed_over += 1
         handler = self.server()
         transport.set_protocol(handler)
@@ -324,53 +352,21 @@ class Front(asyncio.Protocol):
         if self.closed:
             return
         due = self._idle_since + KEEPALIVE_S
-        if self.task is None and self.loop.time() >= due:
+        if self.state is not State.SERVING and self.loop.time() >= due:
             self.close()
         else:
             self._idle_timer = self.loop.call_at(max(due, self.loop.time() + 1), self._check_idle)
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
-            self.closed = True
+            self.state = State.CLOSED
             self.transport.close()
-
-
-def _read_head(head: bytes) -> tuple[proxy.Endpoint, dict[bytes, bytes], int]:
-    """The route, the headers Front reads (lower-case names) and the body length of a request
-    Front serves; raises :class:`HandOver` for anything else. A handful of searches in C, no
-    loop over the header lines."""
-    line_end = head.find(b"\r\n")
-    parts = head[: line_end if line_end >= 0 else len(head)].split(b" ")
-    if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
-        raise HandOver
-    endpoint = ROUTES.get(parts[1])
-    if endpoint is None or _HEAD.fullmatch(head) is None:
-        raise HandOver
-    lower = head.lower()
-    for marker in _HANDED_OVER:
-        if marker in lower:
-            raise HandOver
-    headers: dict[bytes, bytes] = {}
-    for name, needle in _NEEDLES:
-        at = lower.find(needle)
-        if at < 0:
-            continue
-        start = at + len(needle)
-        end = head.find(b"\r\n", start)
-        end = end if end >= 0 else len(head)
-        if name in _SINGLE and lower.find(needle, end) >= 0:
-            raise HandOver  # twice: ambiguous
-        headers[name] = head[start:end].strip(b" \t")
-    length = headers.get(b"content-length")
-    if length is None or not length.isdigit():
-        raise HandOver
-    return endpoint, headers, int(length)
 
 
 @dataclass(frozen=True, slots=True)
 class Request:
     endpoint: proxy.Endpoint
-    headers: dict[bytes, bytes]  # lower-case names
+    head: Head
     raw: bytes
     started: float
 
