@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 from collections.abc import AsyncIterator
 
@@ -508,3 +509,81 @@ async def test_one_request_in_service_while_a_slow_reader_drains_pipelined_answe
     assert [status for status, _, _ in answers] == [200, 200, 200]
     assert [orjson.loads(body)["usage"]["prompt_tokens"] for _, _, body in answers] == [1, 2, 3]
     assert fake.peak_inflight == 1  # never two of the connection's requests at the provider
+
+
+async def test_a_provider_body_over_max_response_bytes_is_a_502_and_charges_nothing(
+    fake: FakeUpstream, database_url: str, redis_url: str, http: aiohttp.ClientSession, redis: Redis
+) -> None:
+    config = gateway_config(fake.base_url)
+    bounded = dataclasses.replace(config.upstreams["fake"], max_response_bytes=4000)
+    config = dataclasses.replace(config, upstreams={"fake": bounded})
+    gw, runner = await start_gateway(config, database_url, redis_url)
+    port = int(gw.base.rsplit(":", 1)[1])
+    lean = Conn(*await asyncio.open_connection("127.0.0.1", port))
+    handed = Conn(*await asyncio.open_connection("127.0.0.1", port))
+    try:
+        _, team, secret = await Api(http, gw.base, ADMIN_TOKEN).funded_team_key("1.00")
+        handed.send(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")  # aiohttp's from now on
+        assert (await handed.response())[0] == 200
+        lean.send(post(secret, CHAT))
+        assert (await lean.response())[0] == 200  # under the bound
+        before = await account_state(redis, team["id"])
+        served = gw.app[S.FRONTS].served
+        for conn in (lean, handed):
+            fake.next(content_pieces=["x" * 5000])
+            conn.send(post(secret, CHAT))
+            status, headers, body = await conn.response()
+            error = orjson.loads(body)["error"]
+            assert (status, error["code"]) == (502, "upstream_error")
+            assert error["message"] == (
+                "upstream fake answered more than 4000 bytes (max_response_bytes)"
+            )
+            assert headers["x-request-id"].startswith("req_")
+            assert await account_state(redis, team["id"]) == before  # released, not charged
+        assert gw.app[S.FRONTS].served == served + 1  # one lean, one on aiohttp's path
+    finally:
+        for conn in (lean, handed):
+            conn.writer.close()
+        await runner.cleanup()
+
+
+async def test_redis_down_is_503_on_the_lean_path_and_never_forwarded(
+    gateway: Gateway, api: Api, conn: Conn, fake: FakeUpstream
+) -> None:
+    from gateway.metering.scriptclient import Endpoint, ScriptClient
+    from gateway.metering.scripts import Scripts
+
+    _, _, secret = await api.funded_team_key()
+    _, _, fresh = await api.funded_team_key()  # a key this process has not looked up yet
+    conn.send(post(secret, CHAT))
+    assert (await conn.response())[0] == 200  # cached: its hold goes from data_received
+
+    async def dies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # a Redis that drops the script connection at its first command
+        writer.close()
+
+    dying = await asyncio.start_server(dies, "127.0.0.1", 0)
+    script_client = ScriptClient(
+        Endpoint("127.0.0.1", dying.sockets[0].getsockname()[1], 0, None, None)
+    )
+    broken = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.5)
+    metering = gateway.app[S.METERING]
+    saved = metering.scripts
+    metering.scripts = Scripts(broken, script_client)
+    served, handed = counts(gateway)
+    forwarded = len(fake.requests)
+    try:
+        await script_client._connection()  # open, as the gateway's own is
+        for key in (secret, secret, fresh):  # sent at once, sent after a reconnect, looked up
+            conn.send(post(key, CHAT))
+            status, _, body = await conn.response()
+            assert (status, orjson.loads(body)["error"]["code"]) == (503, "gateway_unavailable")
+    finally:
+        metering.scripts = saved
+        await script_client.close()
+        await broken.aclose()
+        dying.close()
+    assert counts(gateway) == (served + 3, handed)  # all three on the lean path
+    assert len(fake.requests) == forwarded
+    conn.send(post(secret, CHAT))
+    assert (await conn.response())[0] == 200

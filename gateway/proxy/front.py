@@ -2,13 +2,16 @@
 
 A client's connection starts on :class:`Front`. While it sends complete, well-formed
 ``POST /v1/chat/completions`` (``/completions``, ``/embeddings``) requests with a ``Content-Length``
-body and no ``stream``, Front serves them itself, with the same code as aiohttp's path
+body and no ``stream`` (framed by :mod:`gateway.proxy.head`), Front serves them itself, with the same code as aiohttp's path
 (:mod:`gateway.proxy.handlers`: parse, hold, ask, answer, settle, count) minus aiohttp's request and
 response objects, which cost more than the rest of the gateway's work at low load. For a key
 this process has cached and a sound body, the hold goes to Redis straight from
 ``data_received`` (no task, no loop iteration before it) and the upstream request is built while
 Redis works; otherwise a task looks the key up first. Errors are answered in the OpenAI
-envelope, as on aiohttp's path; an upstream failure after the hold releases it.
+envelope, as on aiohttp's path, with the provider's status whatever it is (a 524 too); an
+upstream failure after the hold releases it. One request at most is in service on a connection
+(:class:`State`); the next waits until the answer is out and the client reads. An exception
+that escapes all that is a bug: logged, and the connection closed, never left unanswered.
 
 Anything else, at a request boundary, hands the connection to aiohttp for good: the bytes read
 so far go to a fresh ``RequestHandler``, which serves them as if it had read them itself. That
