@@ -38,13 +38,10 @@ class Conn:
         return await self.response_after_status_line(int(line.split(b" ")[1]))
 
     async def response_after_status_line(self, status: int) -> tuple[int, dict[str, str], bytes]:
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
-        lines = head.decode("latin-1").split("\r\n")
         headers: dict[str, str] = {}
-        for line in lines:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
+        while line := (await asyncio.wait_for(self.reader.readuntil(b"\r\n"), 10))[:-2]:
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
         if status < 200:
             return status, headers, b""
         if "content-length" in headers:
