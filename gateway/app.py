@@ -39,7 +39,7 @@ from gateway.proxy.front import Fronts
 from gateway.proxy.keycache import KeyCache
 from gateway.proxy.tokens import TokenCounter
 from gateway.teams import billing
-from gateway.teams.alerts import WebhookGuard
+from gateway.teams.alerts import AlertWorker, WebhookGuard
 from gateway.upstream.upstreams import Upstreams
 from policies.holds import hold_ttl
 
@@ -153,6 +153,25 @@ async def _usage_writer(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait_for(task, timeout=10)
 
 
+async def _teams_background(app: web.Application) -> AsyncIterator[None]:
+    """The alert worker (webhook deliveries) and the renewal sweep."""
+    worker = AlertWorker(app[S.DB], app[S.REDIS], app[S.WEBHOOKS], now=app[S.CLOCK].now)
+    app[S.ALERTS] = worker
+    app[S.METERING].on_alert = worker.notify
+    tasks = [
+        asyncio.create_task(worker.run(), name="alert-worker"),
+        asyncio.create_task(
+            billing.renewals(app[S.DB], app[S.CONFIG], app[S.CLOCK].now), name="renewal-sweep"
+        ),
+    ]
+    yield
+    app[S.METERING].on_alert = None
+    worker.stop()
+    tasks[1].cancel()
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
+
+
 def build_app(
     config: Config, runtime: S.Runtime, clock: S.Clock | None = None, *, usage_writer: bool = True
 ) -> web.Application:
@@ -173,7 +192,7 @@ def build_app(
     app.cleanup_ctx.extend([_stores, _metering, _upstreams])
     if usage_writer:
         app.cleanup_ctx.append(_usage_writer)
-    app.cleanup_ctx.append(billing.background)
+    app.cleanup_ctx.append(_teams_background)
     app.router.add_post("/v1/chat/completions", proxy.chat_completions)
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_post("/v1/embeddings", proxy.embeddings)

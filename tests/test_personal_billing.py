@@ -211,7 +211,7 @@ async def test_member_override_is_mirrored_and_alerts_reach_the_team(
     # The member endpoint changes the team's cfg; this mirrors it into the member's account.
     async with gateway.app[S.DB].acquire() as conn, conn.transaction():
         await lock_account(conn, rk.team_account(tid))
-        await sync_member_policy(gateway.app, conn, tid, uid)
+        await sync_member_policy(gateway.app[S.ACCOUNTS], conn, tid, uid)
     warnings = [
         (await chat(http, gateway, key, req.body)).headers.get("x-modelbridge-limit-warning")
         for _ in range(2)

@@ -15,6 +15,7 @@ from gateway.api.common import (
     text_field,
     usd,
 )
+from gateway.api.members import lock_team
 from gateway.credentials import check_admin
 from gateway.errors import InvalidRequest, NotFound
 from gateway.metering.accounts import lock_account
@@ -95,12 +96,7 @@ async def team_discount(request: web.Request) -> web.Response:
     app = request.app
     account = rk.team_account(team_id)
     async with app[S.DB].acquire() as conn, conn.transaction():
-        await lock_account(conn, account)
-        before = await conn.fetchval(
-            "SELECT discount_bps FROM teams WHERE id = $1 FOR UPDATE", team_id
-        )
-        if before is None:
-            raise NotFound("no such team", code="team_not_found")
+        before = (await lock_team(conn, team_id))["discount_bps"]
         await conn.execute("UPDATE teams SET discount_bps = $2 WHERE id = $1", team_id, bps)
         entry = AuditEntry(
             team_id=team_id,

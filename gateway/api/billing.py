@@ -27,14 +27,16 @@ from gateway.api.common import (
     id_param,
     json_response,
     money_field,
+    now_utc,
     read_body,
     text_field,
     usd,
 )
+from gateway.api.members import lock_team
 from gateway.api.teams import TeamAccess, account_money, overview, team_access
 from gateway.credentials import new_id
 from gateway.errors import Conflict, InvalidRequest, NotFound
-from gateway.metering.accounts import Accounts, lock_account
+from gateway.metering.accounts import Accounts
 from gateway.teams.alerts import WebhookGuard, new_secret, shown_status
 from gateway.teams.billing import change_subscription, renew, sync_team_policies
 from policies import keyspace as rk
@@ -132,12 +134,7 @@ async def update_team(request: web.Request) -> web.Response:
     app = request.app
     account = rk.team_account(access.team_id)
     async with app[S.DB].acquire() as conn, conn.transaction():
-        await lock_account(conn, account)
-        before = await conn.fetchrow(
-            "SELECT * FROM teams WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", access.team_id
-        )
-        if before is None:
-            raise NotFound("no such team", code="team_not_found")
+        before = await lock_team(conn, access.team_id)
         sets = ", ".join(f"{column} = ${i + 2}" for i, column in enumerate(columns))
         after = await conn.fetchrow(
             f"UPDATE teams SET {sets} WHERE id = $1 RETURNING *", access.team_id, *columns.values()
@@ -158,7 +155,7 @@ async def update_team(request: web.Request) -> web.Response:
             if "model_restrictions" in changed:
                 await app[S.ACCOUNTS].set_blocked(account, after["model_restrictions"])
             if set(changed) - {"name", "spending_limit"}:
-                await sync_team_policies(request, conn, after)
+                await sync_team_policies(app[S.ACCOUNTS], conn, after)
     updated = TeamAccess(access.user, {**dict(after), "role": access.role}, access.role)
     return json_response(await overview(request, updated))
 
@@ -262,15 +259,19 @@ def subscription_fields(request: web.Request, body: dict[str, Any]) -> tuple[str
 async def put_subscription(request: web.Request) -> web.Response:
     access = await team_access(request, Action.MANAGE_BILLING)
     plan, seats = subscription_fields(request, await read_body(request))
-    account = rk.team_account(access.team_id)
     async with request.app[S.DB].acquire() as conn, conn.transaction():
-        await lock_account(conn, account)
-        team = await conn.fetchrow(
-            "SELECT * FROM teams WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", access.team_id
+        team = await lock_team(conn, access.team_id)
+        app = request.app
+        result = await change_subscription(
+            app[S.ACCOUNTS],
+            app[S.CONFIG],
+            conn,
+            team,
+            plan,
+            seats,
+            actor_id=access.user.id,
+            now=app[S.CLOCK].now(),
         )
-        if team is None:
-            raise NotFound("no such team", code="team_not_found")
-        result = await change_subscription(request, conn, team, plan, seats, access.user.id)
         entry = AuditEntry(
             team_id=access.team_id,
             actor_id=access.user.id,
@@ -333,7 +334,7 @@ async def create_webhook(request: web.Request) -> web.Response:
     access = await team_access(request, Action.MANAGE_POLICIES)
     url = await webhook_url_field(request.app[S.WEBHOOKS], await read_body(request))
     async with request.app[S.DB].acquire() as conn, conn.transaction():
-        await lock_account(conn, rk.team_account(access.team_id))
+        await lock_team(conn, access.team_id)
         active = await conn.fetchval(
             "SELECT count(*) FROM webhooks WHERE team_id = $1 AND deleted_at IS NULL",
             access.team_id,
@@ -381,11 +382,12 @@ async def delete_webhook(request: web.Request) -> web.Response:
     webhook_id = id_param(request, "webhook")
     async with request.app[S.DB].acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
-            "UPDATE webhooks SET deleted_at = now(), deleted_by = $3"
+            "UPDATE webhooks SET deleted_at = $4, deleted_by = $3"
             " WHERE id = $1 AND team_id = $2 AND deleted_at IS NULL RETURNING *",
             webhook_id,
             access.team_id,
             access.user.id,
+            now_utc(request),
         )
         if row is None:
             raise NotFound("no such webhook", code="webhook_not_found")

@@ -7,7 +7,7 @@ import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -75,6 +75,12 @@ def session_token(request: web.Request) -> str | None:
     return bearer(request) or request.cookies.get(SESSION_COOKIE)
 
 
+def now_utc(request: web.Request) -> datetime:
+    """The app's clock (``state.Clock``) as a timestamp for PostgreSQL: every time the management
+    API records or compares comes from it, never from the database's ``now()``."""
+    return datetime.fromtimestamp(request.app[S.CLOCK].now(), UTC)
+
+
 def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
@@ -85,8 +91,10 @@ async def current_user(request: web.Request) -> User:
         raise AuthenticationFailed("log in first", code="unauthenticated")
     row = await request.app[S.DB].fetchrow(
         "SELECT u.id, u.email, u.name FROM sessions s JOIN users u ON u.id = s.user_id"
-        " WHERE s.token_hash = $1 AND s.revoked_at IS NULL AND s.expires_at > now() AND u.deleted_at IS NULL",
+        " WHERE s.token_hash = $1 AND s.revoked_at IS NULL AND s.expires_at > $2"
+        " AND u.deleted_at IS NULL",
         token_hash(token),
+        now_utc(request),
     )
     if row is None:
         raise AuthenticationFailed(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -28,6 +28,7 @@ from gateway.api.common import (
     current_user,
     email_field,
     json_response,
+    now_utc,
     read_body,
     token_hash,
 )
@@ -75,10 +76,6 @@ def expires_field(body: dict[str, Any], default: int) -> int:
             f"'expires_in_s' must be an integer from 1 to {MAX_EXPIRES_S}", param="expires_in_s"
         )
     return value
-
-
-def now_utc(request: web.Request) -> datetime:
-    return datetime.fromtimestamp(request.app[S.CLOCK].now(), UTC)
 
 
 def invitation_status(row: Any, now: datetime) -> str:
@@ -148,7 +145,7 @@ async def create_invitation(request: web.Request) -> web.Response:
     now = now_utc(request)
     token = new_token()
     app = request.app
-    mailer = Mailer(app[S.CONFIG].smtp, app[S.DB])
+    mailer = Mailer(app[S.CONFIG].smtp, app[S.DB], app[S.CLOCK].now)
     async with app[S.DB].acquire() as conn, conn.transaction():
         team = await lock_team(conn, access.team_id)
         if await conn.fetchval(
@@ -332,10 +329,11 @@ async def create_invite_link(request: web.Request) -> web.Response:
     async with request.app[S.DB].acquire() as conn, conn.transaction():
         await lock_team(conn, access.team_id)
         old = await conn.fetch(
-            "UPDATE invite_links SET disabled_at = now(), disabled_by = $2"
+            "UPDATE invite_links SET disabled_at = $3, disabled_by = $2"
             " WHERE team_id = $1 AND disabled_at IS NULL RETURNING id",
             access.team_id,
             access.user.id,
+            now_utc(request),
         )
         row = await conn.fetchrow(
             "INSERT INTO invite_links (id, team_id, token_hash, created_by) VALUES ($1, $2, $3, $4)"
@@ -374,10 +372,11 @@ async def delete_invite_link(request: web.Request) -> web.Response:
     async with request.app[S.DB].acquire() as conn, conn.transaction():
         await lock_team(conn, access.team_id)
         old = await conn.fetch(
-            "UPDATE invite_links SET disabled_at = now(), disabled_by = $2"
+            "UPDATE invite_links SET disabled_at = $3, disabled_by = $2"
             " WHERE team_id = $1 AND disabled_at IS NULL RETURNING id",
             access.team_id,
             access.user.id,
+            now_utc(request),
         )
         if old:
             entry = AuditEntry(
@@ -501,10 +500,11 @@ async def _decide(request: web.Request, approve: bool) -> web.Response:
         if row["status"] != "pending":
             raise Conflict(f"this request was {row['status']} already", code="join_request_not_pending")  # fmt: skip
         await conn.execute(
-            "UPDATE join_requests SET status = $2, decided_at = now(), decided_by = $3 WHERE id = $1",
+            "UPDATE join_requests SET status = $2, decided_at = $4, decided_by = $3 WHERE id = $1",
             request_id,
             status,
             access.user.id,
+            now_utc(request),
         )
         if approve:
             await add_member(conn, request, access.team_id, row["user_id"], MEMBER,

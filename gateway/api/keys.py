@@ -19,6 +19,7 @@ from gateway.api.common import (
     audit,
     current_user,
     json_response,
+    now_utc,
     read_body,
     text_field,
 )
@@ -151,9 +152,10 @@ async def revoke_keys(
     transaction; ``changes.apply`` after its commit takes them out of every account's key set."""
     for row in rows:
         await conn.execute(
-            "UPDATE api_keys SET revoked_at = now(), revoked_by = $2 WHERE id = $1 AND revoked_at IS NULL",
+            "UPDATE api_keys SET revoked_at = $3, revoked_by = $2 WHERE id = $1 AND revoked_at IS NULL",
             row["id"],
             actor_id,
+            now_utc(request),
         )
         entry = AuditEntry(
             team_id=row["team_id"],

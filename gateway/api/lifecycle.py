@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 
 from gateway import state as S
-from gateway.api.common import AuditEntry, audit, json_response, read_body
+from gateway.api.common import AuditEntry, audit, json_response, now_utc, read_body
 from gateway.api.keys import revoke_keys
 from gateway.api.members import check_fields, id_field, lock_team, membership
 from gateway.api.teams import team_access
@@ -76,8 +76,9 @@ async def delete_team(request: web.Request) -> web.Response:
     changes = AccountChanges(teams={team_id})
     async with request.app[S.DB].acquire() as conn, conn.transaction():
         await lock_team(conn, team_id)
+        now = now_utc(request)
         deleted_at = await conn.fetchval(
-            "UPDATE teams SET deleted_at = now() WHERE id = $1 RETURNING deleted_at", team_id
+            "UPDATE teams SET deleted_at = $2 WHERE id = $1 RETURNING deleted_at", team_id, now
         )
         keys = await conn.fetch(
             "SELECT id, user_id, team_id, name FROM api_keys WHERE team_id = $1 AND revoked_at IS NULL",
@@ -91,22 +92,25 @@ async def delete_team(request: web.Request) -> web.Response:
         ):
             changes.members.add((team_id, member["user_id"]))
         invitations = await conn.execute(
-            "UPDATE invitations SET revoked_at = now(), revoked_by = $2"
+            "UPDATE invitations SET revoked_at = $3, revoked_by = $2"
             " WHERE team_id = $1 AND accepted_at IS NULL AND revoked_at IS NULL",
             team_id,
             actor,
+            now,
         )
         await conn.execute(
-            "UPDATE invite_links SET disabled_at = now(), disabled_by = $2"
+            "UPDATE invite_links SET disabled_at = $3, disabled_by = $2"
             " WHERE team_id = $1 AND disabled_at IS NULL",
             team_id,
             actor,
+            now,
         )
         await conn.execute(
-            "UPDATE join_requests SET status = 'cancelled', decided_at = now(), decided_by = $2"
+            "UPDATE join_requests SET status = 'cancelled', decided_at = $3, decided_by = $2"
             " WHERE team_id = $1 AND status = 'pending'",
             team_id,
             actor,
+            now,
         )
         entry = AuditEntry(
             team_id=team_id,

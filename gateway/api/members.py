@@ -21,7 +21,15 @@ import asyncpg
 from aiohttp import web
 
 from gateway import state as S
-from gateway.api.common import AuditEntry, audit, json_response, money_field, read_body, usd
+from gateway.api.common import (
+    AuditEntry,
+    audit,
+    json_response,
+    money_field,
+    now_utc,
+    read_body,
+    usd,
+)
 from gateway.api.keys import revoke_keys
 from gateway.api.teams import team_access
 from gateway.errors import Conflict, Forbidden, InvalidRequest, NotFound
@@ -45,7 +53,6 @@ log = logging.getLogger("modelbridge.members")
 
 routes = web.RouteTableDef()
 
-BILLING_MODES = ("team", "personal")
 UNLIMITED = "unlimited"  # monthly_limit_usd: an explicit "no limit" override
 _ID = re.compile(r"[a-z]{2,4}_[0-9a-f]{20}")
 _PATCH_FIELDS = ("role", "monthly_limit_usd", "enforcement", "billing_mode")
@@ -88,7 +95,10 @@ def path_id(request: web.Request, name: str, code: str) -> str:
 
 
 async def lock_team(conn: asyncpg.Connection, team_id: str) -> asyncpg.Record:
-    """Serialise changes of one team: its account's advisory lock, then its row."""
+    """Serialise changes of one team: its account's advisory lock, then its row, which it
+    returns (404 for a deleted team). The one team lock of the management API. ``FOR NO KEY
+    UPDATE``: the id never changes, so rows that reference the team (keys, memberships, usage)
+    are still inserted meanwhile."""
     await lock_account(conn, rk.team_account(team_id))
     row = await conn.fetchrow(
         "SELECT * FROM teams WHERE id = $1 AND deleted_at IS NULL FOR NO KEY UPDATE", team_id
@@ -121,11 +131,12 @@ async def add_member(
         role,
     )
     await conn.execute(
-        "UPDATE join_requests SET status = 'cancelled', decided_at = now(), decided_by = $3"
+        "UPDATE join_requests SET status = 'cancelled', decided_at = $4, decided_by = $3"
         " WHERE team_id = $1 AND user_id = $2 AND status = 'pending'",
         team_id,
         user_id,
         actor_id,
+        now_utc(request),
     )
     entry = AuditEntry(
         team_id=team_id,
@@ -243,7 +254,7 @@ def parse_change(body: dict[str, Any]) -> MemberChange:
     if "enforcement" in body and body["enforcement"] is not None:
         change.enforcement = choice_field(body, "enforcement", ENFORCEMENTS)
     if "billing_mode" in body:
-        change.billing_mode = choice_field(body, "billing_mode", BILLING_MODES)
+        change.billing_mode = choice_field(body, "billing_mode", billing.BILLING_MODES)
     return change
 
 
@@ -306,10 +317,17 @@ async def _apply(
         cfg = accounts.member_cfg(user_id, after["monthly_limit"], after["limit_set"], after["enforcement"])  # fmt: skip
         stale = [f for f in ("ml:" + user_id, "me:" + user_id) if f not in cfg]
         await accounts.set_cfg(rk.team_account(team["id"]), cfg, delete=stale)
-        await billing.sync_member_policy(request, conn, team["id"], user_id)
+        await billing.sync_member_policy(accounts, conn, team["id"], user_id)
     if target["billing_mode"] != after["billing_mode"]:
-        await billing.apply_billing_mode(request, conn, team_id=team["id"], user_id=user_id,
-                                         mode=after["billing_mode"], previous=target["billing_mode"])  # fmt: skip
+        await billing.apply_billing_mode(
+            request.app[S.ACCOUNTS],
+            conn,
+            team["id"],
+            user_id,
+            after["billing_mode"],
+            now=request.app[S.CLOCK].now(),
+            previous=target["billing_mode"],
+        )
 
 
 @routes.patch("/api/teams/{team}/members/{user}")
@@ -354,8 +372,9 @@ async def remove_member(request: web.Request) -> web.Response:
                 )
             raise Forbidden(f"your role ({actor['role']}) may not remove members")
         removed_at = await conn.fetchval(
-            "UPDATE memberships SET removed_at = now() WHERE id = $1 RETURNING removed_at",
+            "UPDATE memberships SET removed_at = $2 WHERE id = $1 RETURNING removed_at",
             target["id"],
+            now_utc(request),
         )
         keys = await conn.fetch(
             "SELECT id, user_id, team_id, name FROM api_keys"

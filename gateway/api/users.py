@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -25,6 +25,7 @@ from gateway.api.common import (
     current_user,
     email_field,
     json_response,
+    now_utc,
     read_body,
     session_token,
     text_field,
@@ -126,7 +127,7 @@ async def login(request: web.Request) -> web.Response:
     await guessing.succeeded(request, attempt)
     token = new_token()
     ttl = request.app[S.CONFIG].server.session_ttl_s
-    expires = datetime.now(UTC) + timedelta(seconds=ttl)
+    expires = now_utc(request) + timedelta(seconds=ttl)
     await db.execute(
         "INSERT INTO sessions (token_hash, user_id, expires_at) VALUES ($1, $2, $3)",
         token_hash(token),
@@ -151,8 +152,9 @@ async def logout(request: web.Request) -> web.Response:
     token = session_token(request)
     if token:
         await request.app[S.DB].execute(
-            "UPDATE sessions SET revoked_at = now() WHERE token_hash = $1 AND revoked_at IS NULL",
+            "UPDATE sessions SET revoked_at = $2 WHERE token_hash = $1 AND revoked_at IS NULL",
             token_hash(token),
+            now_utc(request),
         )
     response = json_response({"ok": True})
     response.del_cookie(SESSION_COOKIE, path="/")

@@ -258,17 +258,17 @@ WHERE EXISTS (SELECT 1 FROM teams WHERE id = $2 AND deleted_at IS NULL)
 ON CONFLICT DO NOTHING RETURNING id
 """
 _FAN_OUT = """
-INSERT INTO alert_deliveries (event_id, webhook_id)
-SELECT $1, id FROM webhooks WHERE team_id = $2 AND deleted_at IS NULL
+INSERT INTO alert_deliveries (event_id, webhook_id, next_attempt_at)
+SELECT $1, id, $3 FROM webhooks WHERE team_id = $2 AND deleted_at IS NULL
 """
 _CLAIM = """
 WITH due AS (
     SELECT id FROM alert_deliveries
-    WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= now()
+    WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= $3::timestamptz
     ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED
 )
 UPDATE alert_deliveries d
-SET attempts = d.attempts + 1, next_attempt_at = now() + make_interval(secs => $2)
+SET attempts = d.attempts + 1, next_attempt_at = $3::timestamptz + make_interval(secs => $2)
 FROM due, alert_events e, webhooks w
 WHERE d.id = due.id AND e.id = d.event_id AND w.id = d.webhook_id
 RETURNING d.id, d.attempts, e.id AS event_id, e.type, e.body, w.url, w.deleted_at,
@@ -283,6 +283,7 @@ class AlertWorker:
         redis: Redis,
         guard: WebhookGuard,
         *,
+        now: Callable[[], float] = time.time,
         poll_s: float = 1.0,
         sweep_s: float = 30.0,
         timeout_s: float = 10.0,
@@ -293,6 +294,7 @@ class AlertWorker:
         self.db = db
         self.redis = redis
         self.guard = guard
+        self.now = now  # the app's clock: every time the worker records or compares
         self.poll_s = poll_s
         self.sweep_s = sweep_s
         self.timeout_s = timeout_s
@@ -376,24 +378,33 @@ class AlertWorker:
                 except (KeyError, ValueError) as exc:
                     log.error("malformed alert entry on %s dropped: %s %r", stream, exc, fields)
                     continue
-                await self._record(conn, alert)
+                await self._record(conn, alert, self._now())
         await self.redis.xdel(stream, *[entry_id for entry_id, _ in entries])
         return len(entries)
 
     @staticmethod
-    async def _record(conn: asyncpg.Connection, alert: Alert) -> None:
+    async def _record(conn: asyncpg.Connection, alert: Alert, now: datetime) -> None:
         event_id = "evt_" + secrets.token_hex(12)
         inserted = await conn.fetchval(
-            _INSERT_EVENT, event_id, alert.team_id, alert.user_id,
-            policy.event_type(alert.kind, alert.threshold), alert.period, alert.threshold,
-            alert.limit, alert.body(event_id).decode(),
-        )  # fmt: skip
+            _INSERT_EVENT,
+            event_id,
+            alert.team_id,
+            alert.user_id,
+            policy.event_type(alert.kind, alert.threshold),
+            alert.period,
+            alert.threshold,
+            alert.limit,
+            alert.body(event_id).decode(),
+        )
         if inserted:
-            await conn.execute(_FAN_OUT, event_id, alert.team_id)
+            await conn.execute(_FAN_OUT, event_id, alert.team_id, now)
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.now(), UTC)
 
     # --- delivering -----------------------------------------------------------------------------
     async def deliver_due(self) -> int:
-        rows = await self.db.fetch(_CLAIM, self.batch, self.timeout_s + 5.0)
+        rows = await self.db.fetch(_CLAIM, self.batch, self.timeout_s + 5.0, self._now())
         if rows:
             await asyncio.gather(*(self._deliver(row) for row in rows))
         return len(rows)
@@ -435,19 +446,24 @@ class AlertWorker:
             return
         delay = policy.retry_delay(row["attempts"], self.base_backoff_s)
         await self.db.execute(
-            "UPDATE alert_deliveries SET next_attempt_at = now() + make_interval(secs => $2),"
-            " last_status = $3, last_error = $4 WHERE id = $1",
-            row["id"], delay, status, error,
-        )  # fmt: skip
+            "UPDATE alert_deliveries SET last_status = $3, last_error = $4,"
+            " next_attempt_at = $5::timestamptz + make_interval(secs => $2) WHERE id = $1",
+            row["id"],
+            delay,
+            status,
+            error,
+            self._now(),
+        )
 
     async def _finish(
         self, delivery_id: int, *, failed: bool = False, status: int | None = None, error: str = ""
     ) -> None:
         column = "failed_at" if failed else "delivered_at"
         await self.db.execute(
-            f"UPDATE alert_deliveries SET {column} = now(), last_status = $2, last_error = $3"
+            f"UPDATE alert_deliveries SET {column} = $4, last_status = $2, last_error = $3"
             " WHERE id = $1",
             delivery_id,
             status,
             error,
+            self._now(),
         )

@@ -19,20 +19,16 @@ spending limit, balance) never include personally billed spend — that is the p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from aiohttp import web
 
-from gateway import state as S
 from gateway.config import Config
 from gateway.errors import InvalidRequest, NotFound
-from gateway.metering.accounts import lock_account
-from gateway.teams.alerts import AlertWorker
+from gateway.metering.accounts import Accounts, lock_account
 from policies import keyspace as rk
 from policies import subscriptions as subs
 from policies.periods import period_of
@@ -43,17 +39,15 @@ BILLING_MODES = ("team", "personal")
 RENEWAL_SWEEP_S = 600.0
 
 
-def _app(source: web.Application | web.Request) -> web.Application:
-    return source.app if isinstance(source, web.Request) else source
-
-
 # --- billing mode ---------------------------------------------------------------------------------
 async def apply_billing_mode(
-    source: web.Application | web.Request,
+    accounts: Accounts,
     conn: asyncpg.Connection,
     team_id: str,
     user_id: str,
     mode: str,
+    *,
+    now: float,
     previous: str | None = None,
 ) -> None:
     """Make ``user_id``'s team keys in ``team_id`` bill ``mode`` ("team" or "personal").
@@ -67,9 +61,6 @@ async def apply_billing_mode(
     informational)."""
     if mode not in BILLING_MODES:
         raise InvalidRequest("'billing_mode' must be 'team' or 'personal'", param="billing_mode")
-    app = _app(source)
-    accounts = app[S.ACCOUNTS]
-    now = app[S.CLOCK].now()
     team_acct, user_acct = rk.team_account(team_id), rk.user_account(user_id)
     await lock_account(conn, team_acct)
     await lock_account(conn, user_acct)
@@ -115,7 +106,7 @@ async def apply_billing_mode(
 
 
 async def sync_member_policy(
-    source: web.Application | web.Request, conn: asyncpg.Connection, team_id: str, user_id: str
+    accounts: Accounts, conn: asyncpg.Connection, team_id: str, user_id: str
 ) -> None:
     """Refresh the mirrored limit and enforcement of one member if they bill personally (call
     after changing their override, inside the transaction, the team's account locked)."""
@@ -129,19 +120,12 @@ async def sync_member_policy(
         return
     account = rk.user_account(user_id)
     await lock_account(conn, account)
-    await _app(source)[S.ACCOUNTS].set_cfg(account, _mirror(source, team, member))
+    await accounts.set_cfg(account, accounts.mirror_cfg(team_id, member, team))
 
 
-def _mirror(source: web.Application | web.Request, team: Any, member: Any) -> dict[str, str]:
-    return _app(source)[S.ACCOUNTS].mirror_cfg(team["id"], member, team)
-
-
-async def sync_team_policies(
-    source: web.Application | web.Request, conn: asyncpg.Connection, team: Any
-) -> int:
+async def sync_team_policies(accounts: Accounts, conn: asyncpg.Connection, team: Any) -> int:
     """Mirror the team's (new) blocked models and default limit into the account of every member
     who bills personally. ``team`` is the teams row as changed. Returns how many."""
-    accounts = _app(source)[S.ACCOUNTS]
     members = await conn.fetch(
         "SELECT * FROM memberships WHERE team_id = $1 AND removed_at IS NULL"
         " AND billing_mode = 'personal' ORDER BY user_id",
@@ -178,21 +162,22 @@ async def period_allowance_granted(
 
 
 async def change_subscription(
-    source: web.Application | web.Request,
+    accounts: Accounts,
+    config: Config,
     conn: asyncpg.Connection,
     team: Any,
     plan: str | None,
     seats: int,
+    *,
     actor_id: str,
+    now: float,
 ) -> SubscriptionResult:
     """Move the team (its row locked, its account locked) to ``plan`` x ``seats`` (policies/
-    subscriptions.py): this period's allowance is pinned in the ledger and raised at once by what
-    the change adds; the added price is invoiced; everything else applies from the next period."""
-    app = _app(source)
-    config = app[S.CONFIG]
-    accounts = app[S.ACCOUNTS]
+    subscriptions.py) at ``now``: this period's allowance is pinned in the ledger and raised at
+    once by what the change adds; the added price is invoiced; everything else applies from the
+    next period."""
     account = rk.team_account(team["id"])
-    period = period_of(app[S.CLOCK].now())
+    period = period_of(now)
     await renew(conn, config, period, team_id=team["id"])
     old_allowance = accounts.subscription_allowance(team["plan"], team["seats"])
     granted = await period_allowance_granted(conn, account, period)
@@ -276,28 +261,12 @@ async def renew(
 
 
 # --- background work ------------------------------------------------------------------------------
-async def _renewals(app: web.Application) -> None:
+async def renewals(db: asyncpg.Pool, config: Config, now: Callable[[], float]) -> None:
+    """Record the renewal lines of the current period now and then (run as a task)."""
     while True:
         try:
-            async with app[S.DB].acquire() as conn:
-                await renew(conn, app[S.CONFIG], period_of(app[S.CLOCK].now()))
+            async with db.acquire() as conn:
+                await renew(conn, config, period_of(now()))
         except (asyncpg.PostgresError, OSError) as exc:
             log.warning("renewal sweep: %s", exc)
         await asyncio.sleep(RENEWAL_SWEEP_S)
-
-
-async def background(app: web.Application) -> AsyncIterator[None]:
-    """``app.cleanup_ctx``: the alert worker (webhook deliveries) and the renewal sweep."""
-    worker = AlertWorker(app[S.DB], app[S.REDIS], app[S.WEBHOOKS])
-    app[S.ALERTS] = worker
-    app[S.METERING].on_alert = worker.notify
-    tasks = [
-        asyncio.create_task(worker.run(), name="alert-worker"),
-        asyncio.create_task(_renewals(app), name="renewal-sweep"),
-    ]
-    yield
-    app[S.METERING].on_alert = None
-    worker.stop()
-    tasks[1].cancel()
-    with contextlib.suppress(Exception, asyncio.CancelledError):
-        await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)

@@ -15,7 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
 
@@ -46,9 +49,12 @@ class Queued:
 
 
 class Mailer:
-    def __init__(self, smtp: SmtpConfig, db: asyncpg.Pool) -> None:
+    def __init__(
+        self, smtp: SmtpConfig, db: asyncpg.Pool, now: Callable[[], float] = time.time
+    ) -> None:
         self.smtp = smtp
         self.db = db
+        self.now = now  # the app's clock
 
     async def record(self, conn: asyncpg.Connection, mail: Mail) -> Queued:
         """Insert the outbox row (call inside the transaction that made the mail necessary)."""
@@ -128,11 +134,12 @@ class Mailer:
         try:
             await self.db.execute(
                 "UPDATE outbox SET status = $2, error = $3, body = $4,"
-                " sent_at = CASE WHEN $2 = 'sent' THEN now() END WHERE id = $1",
+                " sent_at = CASE WHEN $2 = 'sent' THEN $5::timestamptz END WHERE id = $1",
                 queued.outbox_id,
                 status,
                 error,
                 body,
+                datetime.fromtimestamp(self.now(), UTC),
             )
         except (asyncpg.PostgresError, OSError) as exc:
             log.error("outbox %d: could not record status %s: %s", queued.outbox_id, status, exc)
