@@ -15,8 +15,21 @@ from gateway.errors import AuthenticationFailed
 from policies import key_format
 
 
+def secret_bytes(secret: str) -> bytes:
+    """A secret as received: header bytes that were not UTF-8 come back as they were sent."""
+    return secret.encode("utf-8", "surrogateescape")
+
+
 def hash_secret(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
+    return hashlib.sha256(secret_bytes(secret)).digest()
+
+
+def _credential(value: str | None) -> str | None:
+    """A header's credential: printable ASCII, as every secret the gateway issues; anything
+    else is no credential (a 401, never an encoding error)."""
+    if value and value.isascii() and value.isprintable():
+        return value
+    return None
 
 
 def new_api_key() -> str:
@@ -38,13 +51,13 @@ def bearer(request: web.Request) -> str | None:
     if header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-    return request.headers.get("x-api-key")
+            return _credential(value.strip())
+    return _credential(request.headers.get("x-api-key"))
 
 
 def check_admin(request: web.Request, admin_token: str) -> None:
     """The operator token, in ``Authorization: Bearer`` only (contract section 8)."""
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    token = value.strip() if scheme.lower() == "bearer" else ""
-    if not admin_token or not hmac.compare_digest(token.encode(), admin_token.encode()):
+    token = (_credential(value.strip()) or "") if scheme.lower() == "bearer" else ""
+    if not admin_token or not hmac.compare_digest(secret_bytes(token), secret_bytes(admin_token)):
         raise AuthenticationFailed("operator token required", code="invalid_admin_token")

@@ -4,7 +4,8 @@
 
     GatewayError                       status  error.type             error.code
     ├── InvalidRequest                 400     invalid_request_error  (field errors: param)
-    │   └── PayloadTooLarge            413     invalid_request_error  payload_too_large
+    │   ├── PayloadTooLarge            413     invalid_request_error  payload_too_large
+    │   └── UnsupportedEncoding        415     invalid_request_error  unsupported_content_encoding
     ├── AuthenticationFailed           401     invalid_request_error  invalid_api_key
     ├── Forbidden                      403     permission_error       (given)
     ├── NotFound                       404     invalid_request_error  (given, e.g. model_not_found)
@@ -15,7 +16,8 @@
     ├── RateLimited                    429     rate_limit_error       rate_limited
     ├── UpstreamFailed                 upstream's status / 502        upstream_error
     │   └── UpstreamTimeout            504     upstream_error         upstream_timeout
-    └── StoreUnavailable               503     gateway_unavailable    gateway_unavailable
+    ├── StoreUnavailable               503     gateway_unavailable    gateway_unavailable
+    └── ClientGone                     499     (not sent: the client left mid-request)
 
 Third-party exceptions (redis, asyncpg, aiohttp client) are translated into this tree in one place
 each, with ``raise ... from exc``: :func:`gateway.metering.meter` for Redis, :mod:`gateway.upstream.upstreams` for
@@ -76,6 +78,11 @@ class InvalidRequest(GatewayError):
 class PayloadTooLarge(InvalidRequest):
     status = 413
     code = "payload_too_large"
+
+
+class UnsupportedEncoding(InvalidRequest):
+    status = 415
+    code = "unsupported_content_encoding"
 
 
 class AuthenticationFailed(GatewayError):
@@ -142,3 +149,12 @@ class StoreUnavailable(GatewayError):
     status = 503
     type = "gateway_unavailable"
     code = "gateway_unavailable"
+
+
+class ClientGone(GatewayError):
+    """The client closed the connection before its request was read: nothing to answer (499, as
+    nginx counts it), nothing to log."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"

@@ -39,7 +39,7 @@ PROXIES = forwarded.networks(("10.0.0.0/8", "192.168.1.1", "fd00::/8"))
         # No peer (a unix socket): as it is.
         (None, ["198.51.100.1"], "-"),
     ],
-)  # fmt: skip
+)
 def test_client_address(peer: str | None, xff: list[str], client: str) -> None:
     assert forwarded.client_address(peer, xff, PROXIES) == client
 

@@ -15,8 +15,9 @@ import orjson
 from aiohttp import web
 
 from gateway import state as S
-from gateway.credentials import bearer
+from gateway.credentials import bearer, secret_bytes
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
+from gateway.infra import bodies
 from policies import forwarded
 from policies.money import MoneyError, format_usd, parse_usd
 
@@ -43,7 +44,7 @@ def _default(value: object) -> object:
 
 
 async def read_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    raw = await bodies.read_body(request, request.app[S.CONFIG].server.max_body_bytes)
     if not raw:
         return {}
     try:
@@ -82,7 +83,7 @@ def now_utc(request: web.Request) -> datetime:
 
 
 def token_hash(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+    return hashlib.sha256(secret_bytes(token)).digest()
 
 
 async def current_user(request: web.Request) -> User:

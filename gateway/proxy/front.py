@@ -15,8 +15,8 @@ that escapes all that is a bug: logged, and the connection closed, never left un
 
 Anything else, at a request boundary, hands the connection to aiohttp for good: the bytes read
 so far go to a fresh ``RequestHandler``, which serves them as if it had read them itself. That
-covers every other route, streams, ``Expect``, chunked bodies, HTTP/1.0, folded or duplicate
-framing headers, non-ASCII heads and bodies over the size cap.
+covers every other route, streams, ``Expect``, chunked or compressed bodies, HTTP/1.0, folded or
+duplicate framing headers, non-ASCII heads and bodies over the size cap.
 
 Shutdown (``app.on_shutdown``, after the listening socket is closed): idle connections are
 closed, requests in flight get ``shutdown_timeout_s`` to finish, then are cancelled (a hold
@@ -30,7 +30,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
@@ -39,9 +39,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.web_protocol import RequestHandler
 
 from gateway import state as S
 from gateway.errors import GatewayError
+from gateway.infra import bodies
 from gateway.metering.meter import guarded
 from gateway.proxy import handlers as proxy
 from gateway.proxy.head import MAX_HEAD, PATHS, HandOver, Head, frame
@@ -114,7 +116,9 @@ class Fronts:
 
 
 class Front(asyncio.Protocol):
-    def __init__(self, app: web.Application, server: web.Server, fronts: Fronts) -> None:
+    def __init__(
+        self, app: web.Application, server: Callable[[], RequestHandler], fronts: Fronts
+    ) -> None:
         self.app = app
         self.server = server
         self.fronts = fronts
@@ -398,9 +402,10 @@ class FrontSite(web.TCPSite):
         assert isinstance(runner, web.AppRunner) and runner.server is not None
         app, server = runner.app, runner.server
         fronts = app[S.FRONTS]
+        handlers = bodies.handler_factory(server)  # what a handed-over connection gets
         await web.BaseSite.start(self)
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: Front(app, server, fronts),
+            lambda: Front(app, handlers, fronts),
             self._host,
             self._port,
             backlog=self._backlog,

@@ -30,10 +30,10 @@ from gateway.errors import (
     GatewayError,
     InvalidRequest,
     NotFound,
-    PayloadTooLarge,
     Refused,
     UpstreamFailed,
 )
+from gateway.infra import bodies
 from gateway.metering.meter import HoldAsk, HoldResult, SettleAsk, SettleResult
 from gateway.proxy.keycache import KeyInfo
 from gateway.proxy.streaming import SSERelay, StreamOutcome, relay
@@ -122,12 +122,7 @@ class Plain:
 
 # --- parsing and validation -------------------------------------------------------------------
 async def read_json(request: web.Request, max_bytes: int) -> tuple[bytes, dict[str, Any]]:
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise PayloadTooLarge(f"request body larger than {max_bytes} bytes")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise PayloadTooLarge(f"request body larger than {max_bytes} bytes") from exc
+    raw = await bodies.read_body(request, max_bytes)  # decoded, capped: gateway.infra.bodies
     return raw, decode_json(raw)
 
 

@@ -3,7 +3,8 @@
 :func:`frame` takes what a client sent so far and finds the first request in it when it is of the
 one narrow form :mod:`gateway.proxy.front` serves: ``POST`` to one of :data:`PATHS`,
 ``HTTP/1.1``, header lines of token names and printable ASCII values ending in CRLF, one
-``Content-Length`` and nothing that changes the framing or asks for an interim answer. Anything
+``Content-Length`` and nothing that changes the framing, codes the body or asks for an interim
+answer. Anything
 else raises :class:`HandOver` (aiohttp reads it with llhttp and decides). A request
 :func:`frame` accepts is read the way llhttp reads it — method, path, the headers read here, the
 body and where the next request starts — which ``tests/test_head.py`` checks against
@@ -21,8 +22,16 @@ PATHS = frozenset((b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings
 MAX_HEAD = 16 * 1024  # a longer head goes to aiohttp (which refuses past 8190 per line)
 # The request line, then "name: value" lines: token names, printable ASCII values (a C match).
 _HEAD = re.compile(rb"[^\r\n]+(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*)*")
-# aiohttp's business: other framing, interim answers, protocol switches, folded header lines
-_HANDED_OVER = (b"\r\ntransfer-encoding", b"\r\nexpect", b"\r\nupgrade", b"\r\n ", b"\r\n\t")
+# aiohttp's business: other framing, interim answers, protocol switches, folded header lines,
+# coded bodies (decoded with a bound on aiohttp's path: gateway.infra.bodies)
+_HANDED_OVER = (
+    b"\r\ntransfer-encoding",
+    b"\r\nexpect",
+    b"\r\nupgrade",
+    b"\r\n ",
+    b"\r\n\t",
+    b"\r\ncontent-encoding",
+)
 _READ = (b"content-length", b"authorization", b"x-api-key", b"connection", b"x-modelbridge-tags")
 _NEEDLES = tuple((name, b"\r\n" + name + b":") for name in _READ)
 # read once or not at all: twice is ambiguous
