@@ -140,11 +140,12 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
 
 async def _usage_writer(app: web.Application) -> AsyncIterator[None]:
     metrics = app[S.METRICS]
-    writer = UsageWriter(
+    writer = UsageWriter.configured(
         app[S.REDIS],
         app[S.DB],
         f"worker-{app[S.RUNTIME].worker_id}",
-        on_pending=metrics.usage_pending.set,
+        app[S.CONFIG].metering,
+        metrics.usage_pending.set,
     )
     task = asyncio.create_task(writer.run(), name="usage-writer")
     yield

@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -43,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--workers", type=int, default=None)
-    sub.add_parser("_writer", help=argparse.SUPPRESS)
+    writer = sub.add_parser("_writer", help=argparse.SUPPRESS)
+    writer.add_argument("--config", default=None)
+    writer.add_argument("--consumer", default=None)
     worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
     worker.add_argument("--config", default=None)
     worker.add_argument("--host", required=True)
@@ -153,7 +156,8 @@ def serve(args: argparse.Namespace) -> None:
         )
         runtime = Runtime(urls.database_url, urls.redis_url, token, data_dir=str(directory))
         _banner(config, token, generated, directory)
-        writer = spawn_writer(runtime)
+        consumer = f"writer-{socket.gethostname()}-{config.server.port}"  # the same after a restart
+        writer = spawn_writer(runtime, args.config, consumer)
         try:
             if config.server.workers == 1:
                 _run(serve_app(config, runtime, reuse_port=False))
@@ -165,17 +169,21 @@ def serve(args: argparse.Namespace) -> None:
         stores.stop()
 
 
-def spawn_writer(runtime: Runtime) -> subprocess.Popen[bytes]:
+def spawn_writer(
+    runtime: Runtime, config_path: str | None, consumer: str
+) -> subprocess.Popen[bytes]:
     """The usage writer process, in a session of its own so that a terminal's Ctrl-C reaches
-    it only through us, after the workers have finished."""
+    it only through us, after the workers have finished. Its consumer name stays the same
+    across restarts, so a new writer takes over at once what a killed one had read."""
     env = {
         **os.environ,
         "MODELBRIDGE_DATABASE_URL": runtime.database_url,
         "MODELBRIDGE_REDIS_URL": runtime.redis_url,
     }
-    return subprocess.Popen(
-        [sys.executable, "-m", "gateway", "_writer"], env=env, start_new_session=True
-    )
+    cmd = [sys.executable, "-m", "gateway", "_writer", "--consumer", consumer]
+    if config_path:
+        cmd += ["--config", config_path]
+    return subprocess.Popen(cmd, env=env, start_new_session=True)
 
 
 def stop_writer(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
@@ -238,13 +246,16 @@ def worker(args: argparse.Namespace) -> None:
     _run(serve_app(config, runtime, reuse_port=True))
 
 
-def usage_writer() -> None:
+def usage_writer(args: argparse.Namespace) -> None:
     from gateway.metering.usage_writer import serve_writer
 
-    consumer = f"writer-{os.getpid()}"
+    consumer = args.consumer or f"writer-{os.getpid()}"
     _run(
         serve_writer(
-            os.environ["MODELBRIDGE_DATABASE_URL"], os.environ["MODELBRIDGE_REDIS_URL"], consumer
+            os.environ["MODELBRIDGE_DATABASE_URL"],
+            os.environ["MODELBRIDGE_REDIS_URL"],
+            consumer,
+            load_config(args.config).metering,
         )
     )
 
@@ -259,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "serve":
             serve(args)
         elif args.command == "_writer":
-            usage_writer()
+            usage_writer(args)
         else:
             worker(args)
     except ConfigError as exc:

@@ -8,8 +8,16 @@ from policies import ledger
 from policies.ledger import Totals, UsageEntry
 
 
-def entry(rid: str, charged: int, *, alw: int = 0, period: str = "2026-11", scope: str = "u1",
-          key: str = "k1", model: str = "m") -> UsageEntry:  # fmt: skip
+def entry(
+    rid: str,
+    charged: int,
+    *,
+    alw: int = 0,
+    period: str = "2026-11",
+    scope: str = "u1",
+    key: str = "k1",
+    model: str = "m",
+) -> UsageEntry:
     return UsageEntry(rid, period, scope, key, model, charged, alw, charged - alw)
 
 
@@ -26,10 +34,18 @@ def test_scope_of(account: str, user_id: str, team_id: str, scope: str) -> None:
 
 
 FIELDS = {
-    "request_id": "r1", "account": "t_T", "team_id": "T", "user_id": "U", "key_id": "k",
-    "model": "m", "period": "2026-11", "charged": "700", "from_allowance": "200",
-    "from_credits": "500", "prompt_tokens": "5",
-}  # fmt: skip
+    "request_id": "r1",
+    "account": "t_T",
+    "team_id": "T",
+    "user_id": "U",
+    "key_id": "k",
+    "model": "m",
+    "period": "2026-11",
+    "charged": "700",
+    "from_allowance": "200",
+    "from_credits": "500",
+    "prompt_tokens": "5",
+}
 
 
 @pytest.mark.parametrize(
@@ -57,9 +73,18 @@ def test_add_counts_each_request_once_in_its_period() -> None:
     got = ledger.add(base, entries)
     assert got.credits == 10_000 - 200 - 50 - 40
     assert got.periods["2026-11"] == {
-        "spend": 450, "aspent": 100, "req": 3, "ms:u1": 300, "mr:u1": 1, "ks:k1": 300,
-        "mo:m": 300, "ms:u2": 50, "mr:u2": 1, "ks:k2": 50, "mo:n": 50,
-    }  # fmt: skip
+        "spend": 450,
+        "aspent": 100,
+        "req": 3,
+        "ms:u1": 300,
+        "mr:u1": 1,
+        "ks:k1": 300,
+        "mo:m": 300,
+        "ms:u2": 50,
+        "mr:u2": 1,
+        "ks:k2": 50,
+        "mo:n": 50,
+    }
     assert got.periods["2026-10"]["spend"] == 40
 
 
@@ -69,8 +94,24 @@ def test_pending_leaves_out_what_the_ledger_has() -> None:
 
 
 def test_money_fields_keep_only_what_the_ledger_determines() -> None:
-    counters = {"spend": "5", "req": "1", "ms:u": "5", "mr:u": "1", "ks:k": "5", "mo:m": "5",
-                "aspent": "0", "alw": "100", "mx:u": "7", "al:team:80:100": "1"}  # fmt: skip
+    counters = {
+        "spend": "5",
+        "req": "1",
+        "ms:u": "5",
+        "mr:u": "1",
+        "ks:k": "5",
+        "mo:m": "5",
+        "aspent": "0",
+        "alw": "100",
+        "mx:u": "7",
+        "al:team:80:100": "1",
+    }
     assert ledger.money_fields(counters) == {
-        "spend": 5, "req": 1, "ms:u": 5, "mr:u": 1, "ks:k": 5, "mo:m": 5, "aspent": 0,
-    }  # fmt: skip
+        "spend": 5,
+        "req": 1,
+        "ms:u": 5,
+        "mr:u": 1,
+        "ks:k": 5,
+        "mo:m": 5,
+        "aspent": 0,
+    }

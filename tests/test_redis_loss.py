@@ -35,8 +35,9 @@ async def private_redis(
     server.stop()
 
 
-async def _stream(http: aiohttp.ClientSession, gw: Gateway, secret: str, started: asyncio.Event,
-                  count: list[int]) -> bytes:  # fmt: skip
+async def _stream(
+    http: aiohttp.ClientSession, gw: Gateway, secret: str, started: asyncio.Event, count: list[int]
+) -> bytes:
     async with http.post(
         gw.v1 + "/chat/completions",
         json={**BODY, "stream": True},
@@ -52,9 +53,12 @@ async def _stream(http: aiohttp.ClientSession, gw: Gateway, secret: str, started
 
 @pytest.mark.slow
 async def test_redis_restart_under_streams_bills_each_stream_once_and_rebuilds_exactly(
-    private_redis: RedisServer, fake: FakeUpstream, database_url: str,
-    http: aiohttp.ClientSession, db: asyncpg.Connection,
-) -> None:  # fmt: skip
+    private_redis: RedisServer,
+    fake: FakeUpstream,
+    database_url: str,
+    http: aiohttp.ClientSession,
+    db: asyncpg.Connection,
+) -> None:
     gw, runner = await start_gateway(gateway_config(fake.base_url), database_url, private_redis.url)
     redis = Redis.from_url(private_redis.url, decode_responses=True)
     try:
@@ -89,8 +93,9 @@ async def test_redis_restart_under_streams_bills_each_stream_once_and_rebuilds_e
         account = rk.AccountKeys(rk.team_account(team["id"]))
         await eventually(lambda: redis.xlen(account.usage_stream), lambda x: x == 0)
         assert await redis.hmget(account.state, ["credits", "holds"]) == [
-            str(1_000_000_000 - n * COST), "0",
-        ]  # fmt: skip
+            str(1_000_000_000 - n * COST),
+            "0",
+        ]
         period = await redis.hgetall(account.period(period_of(gw.clock.now())))
         assert (period["spend"], period["req"]) == (str(n * COST), str(n))
         assert period["ms:" + owner.user["id"]] == str(n * COST)

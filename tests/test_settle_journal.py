@@ -61,9 +61,14 @@ async def _stream_cut_midway(
 
 
 async def test_stream_ending_while_redis_is_unreachable_ends_properly_and_is_billed_later(
-    fake: FakeUpstream, database_url: str, redis_url: str, redis_proxy: TcpProxy,
-    http: aiohttp.ClientSession, db: asyncpg.Connection, redis: Redis,
-) -> None:  # fmt: skip
+    fake: FakeUpstream,
+    database_url: str,
+    redis_url: str,
+    redis_proxy: TcpProxy,
+    http: aiohttp.ClientSession,
+    db: asyncpg.Connection,
+    redis: Redis,
+) -> None:
     gw, runner = await _gateway(fake, database_url, redis_proxy.url_for(redis_url))
     try:
         api = Api(http, gw.base, ADMIN_TOKEN)
@@ -87,8 +92,9 @@ async def test_stream_ending_while_redis_is_unreachable_ends_properly_and_is_bil
         assert len(metering.journal) == 0
         account = rk.AccountKeys(rk.team_account(team["id"]))
         assert await redis.hmget(account.state, ["credits", "holds"]) == [
-            str(1_000_000_000 - COST), "0",
-        ]  # fmt: skip
+            str(1_000_000_000 - COST),
+            "0",
+        ]
         assert await redis.zcard(account.hold_expiry) == 0
     finally:
         await redis_proxy.restore()
@@ -96,9 +102,15 @@ async def test_stream_ending_while_redis_is_unreachable_ends_properly_and_is_bil
 
 
 async def test_kept_settle_survives_a_restart_and_is_applied_once(
-    tmp_path: Path, fake: FakeUpstream, database_url: str, redis_url: str,
-    redis_proxy: TcpProxy, http: aiohttp.ClientSession, db: asyncpg.Connection, redis: Redis,
-) -> None:  # fmt: skip
+    tmp_path: Path,
+    fake: FakeUpstream,
+    database_url: str,
+    redis_url: str,
+    redis_proxy: TcpProxy,
+    http: aiohttp.ClientSession,
+    db: asyncpg.Connection,
+    redis: Redis,
+) -> None:
     data_dir = str(tmp_path / "data")
     via_proxy = redis_proxy.url_for(redis_url)
     gw, runner = await _gateway(fake, database_url, via_proxy, data_dir)

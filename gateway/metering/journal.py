@@ -57,9 +57,12 @@ class SettleCall:
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> SettleCall:
         return cls(
-            str(raw["a"]), str(raw["r"]), [str(k) for k in raw["k"]], list(raw["v"]),
+            str(raw["a"]),
+            str(raw["r"]),
+            [str(k) for k in raw["k"]],
+            list(raw["v"]),
             float(raw.get("t", 0.0)),
-        )  # fmt: skip
+        )
 
 
 def read_entries(data: bytes) -> dict[str, SettleCall]:
@@ -198,8 +201,10 @@ class SettleJournal:
             self.dropped += 1
             log.error(
                 "settle journal full (%d): settle of %s NOT kept: %s",
-                self.max_entries, call.request_id, call.line().decode(errors="replace").strip(),
-            )  # fmt: skip
+                self.max_entries,
+                call.request_id,
+                call.line().decode(errors="replace").strip(),
+            )
             return False
         call = call if call.at else _stamped(call)
         self.entries[call.request_id] = call

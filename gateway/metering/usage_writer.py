@@ -30,6 +30,7 @@ import orjson
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 
+from gateway.config import MeteringConfig
 from policies import keyspace as rk
 from policies.slots import key_slot
 
@@ -44,44 +45,68 @@ _INT_COLUMNS = {
     "prompt_tokens", "completion_tokens", "cached_tokens", "list_cost", "discount", "charged",
     "from_allowance", "from_credits", "status",
 }  # fmt: skip
-# Insert a record and, only if it is new, add it to its day's rollup (usage_daily).
-_INSERT = (
+# A batch goes in by COPY into a temporary table (emptied at commit), then one statement inserts
+# the rows not there yet and adds only those actually inserted to their day's rollup
+# (usage_daily), grouped, in one order (concurrent batches cannot deadlock). Measured against
+# executemany of one row at a time and a multi-row INSERT from unnest(): bench/drain.py, README.
+_BATCH_TABLE = (
+    "CREATE TEMP TABLE IF NOT EXISTS usage_batch (LIKE usage_records INCLUDING DEFAULTS) "
+    "ON COMMIT DELETE ROWS"
+)
+_INSERT_BATCH = (
     f"WITH new AS (INSERT INTO usage_records ({', '.join(_COLUMNS)}) "
-    f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_COLUMNS)))}) "
+    f"SELECT {', '.join(_COLUMNS)} FROM usage_batch ORDER BY request_id "
     "ON CONFLICT (request_id) DO NOTHING RETURNING *) "
-    "INSERT INTO usage_daily AS d SELECT account, (created_at AT TIME ZONE 'UTC')::date, user_id, "
-    "key_id, model, tags, 1, prompt_tokens, completion_tokens, list_cost, discount, charged FROM new "
+    "INSERT INTO usage_daily AS d SELECT account, (created_at AT TIME ZONE 'UTC')::date AS day, "
+    "user_id, key_id, model, tags, count(*), sum(prompt_tokens), sum(completion_tokens), "
+    "sum(list_cost), sum(discount), sum(charged) FROM new GROUP BY 1, 2, 3, 4, 5, 6 "
+    "ORDER BY 1, 2, 3, 4, 5, 6 "
     "ON CONFLICT (account, day, user_id, key_id, model, tags) DO UPDATE SET "
-    "requests = d.requests + 1, prompt_tokens = d.prompt_tokens + excluded.prompt_tokens, "
+    "requests = d.requests + excluded.requests, "
+    "prompt_tokens = d.prompt_tokens + excluded.prompt_tokens, "
     "completion_tokens = d.completion_tokens + excluded.completion_tokens, "
     "list_cost = d.list_cost + excluded.list_cost, discount = d.discount + excluded.discount, "
     "charged = d.charged + excluded.charged"
 )
-# Rollup rows are locked in one order by every writer, so concurrent batches cannot deadlock.
-_ROLLUP_ORDER = (1, 20, 3, 4, 5, 18)  # account, created_at, user_id, key_id, model, tags
+_LAST_USED = (
+    "UPDATE api_keys k SET last_used_at = greatest(coalesce(k.last_used_at, u.at), u.at) "
+    "FROM unnest($1::text[], $2::timestamptz[]) AS u(id, at) WHERE k.id = u.id"
+)
 
 
-def _rollup_key(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    account, created, user_id, key_id, model, tags = (row[i] for i in _ROLLUP_ORDER)
-    return (account, created.date(), user_id, key_id, model, tags)
+def _integer(value: str) -> int:
+    return int(value or 0)
+
+
+def _team(value: str) -> str | None:
+    return value or None
+
+
+def _tags(value: str) -> list[str]:
+    return [t for t in value.split(",") if t] if value else []
+
+
+def _created(value: str) -> datetime:
+    return datetime.fromtimestamp(int(value) / 1000, UTC)
+
+
+def _text(value: str) -> str:
+    return value
+
+
+def _converter(column: str) -> Callable[[str], Any]:
+    if column in _INT_COLUMNS:
+        return _integer
+    special = {"team_id": _team, "tags": _tags, "created_at": _created}
+    return special.get(column, _text)
+
+
+_CONVERT = tuple((column, _converter(column)) for column in _COLUMNS)
 
 
 def record_row(fields: dict[str, str]) -> tuple[Any, ...]:
     """A stream entry -> the values of one usage_records row."""
-    row: list[Any] = []
-    for column in _COLUMNS:
-        value = fields.get(column, "")
-        if column in _INT_COLUMNS:
-            row.append(int(value or 0))
-        elif column == "team_id":
-            row.append(value or None)
-        elif column == "tags":
-            row.append([t for t in value.split(",") if t] if value else [])
-        elif column == "created_at":
-            row.append(datetime.fromtimestamp(int(value) / 1000, UTC))
-        else:
-            row.append(value)
-    return tuple(row)
+    return tuple(convert(fields.get(column, "")) for column, convert in _CONVERT)
 
 
 class UsageWriter:
@@ -91,11 +116,13 @@ class UsageWriter:
         db: asyncpg.Pool,
         consumer: str,
         *,
-        batch: int = 500,
+        batch: int = 2000,
         block_ms: int = 200,
         claim_idle_ms: int = 30_000,
         on_pending: Callable[[int], None] | None = None,
     ) -> None:
+        from gateway.metering.scripts import lua_source
+
         self.redis = redis
         self.cluster = isinstance(redis, RedisCluster)
         self.db = db
@@ -111,20 +138,51 @@ class UsageWriter:
         self._last_claim = 0.0
         self.scan_every_s = 30.0
         self._last_scan = 0.0
+        self.write_timeout_s = 15.0
+        self.retry_s = 0.5
+        self._ack_script = redis.register_script(lua_source("ack"))
+        # Entries read but not written (PostgreSQL failed): written first, as soon as it answers,
+        # not left pending until the idle claim. At start, what this consumer read before.
+        self._unwritten: list[tuple[str, str, dict[str, str]]] = []
+        self._own_checked = False
+        self._failing_since: float | None = None
+
+    @classmethod
+    def configured(
+        cls,
+        redis: Redis,
+        db: asyncpg.Pool,
+        consumer: str,
+        settings: MeteringConfig,
+        on_pending: Callable[[int], None] | None = None,
+    ) -> UsageWriter:
+        claim_idle_ms = int(settings.claim_idle_s * 1000)
+        batch = settings.writer_batch
+        return cls(
+            redis, db, consumer, batch=batch, claim_idle_ms=claim_idle_ms, on_pending=on_pending
+        )
 
     def stop(self) -> None:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Loop until ``stop()``; a final drain runs before returning."""
+        """Loop until ``stop()``; a final drain runs before returning. A store that fails is
+        retried every ``retry_s``, logged once when it starts failing and once when it is back."""
         while not self._stopping.is_set():
             try:
                 moved = await self.step()
-                if moved < self.batch:  # no backlog: let records gather, one batch a tick
-                    await self._idle()
-            except (redis_errors.RedisError, OSError, asyncpg.PostgresError) as exc:
-                log.warning("usage writer: %s; retrying", exc)
-                await self._idle(1.0)
+            except Exception as exc:
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
+                    log.warning("usage writer: %s; retrying every %gs", _brief(exc), self.retry_s)
+                await self._idle(self.retry_s)
+                continue
+            if self._failing_since is not None:
+                took = time.monotonic() - self._failing_since
+                log.info("usage writer: writing again after %.1fs (%d records)", took, moved)
+                self._failing_since = None
+            if moved < self.batch:  # no backlog: let records gather, one batch a tick
+                await self._idle()
         with contextlib.suppress(Exception):
             await self.drain()
 
@@ -166,15 +224,41 @@ class UsageWriter:
         if not streams:
             self._report(0)
             return 0
-        entries = await self._read(streams)
-        now = time.monotonic()
-        if now - self._last_claim >= self.claim_every_s:
-            self._last_claim = now
-            entries += await self._claim(streams)
+        if not self._own_checked:
+            self._unwritten = await self._own_pending(streams)
+            self._own_checked = True
+        if self._unwritten:
+            entries = self._unwritten
+        else:
+            entries = await self._read(streams)
+            now = time.monotonic()
+            if now - self._last_claim >= self.claim_every_s:
+                self._last_claim = now
+                entries += await self._claim(streams)
         if entries:
+            self._unwritten = entries
             await self._write(entries)
+            self._unwritten = []
         self._report(await self.pending(streams))
         return len(entries)
+
+    async def _own_pending(self, streams: list[str]) -> list[tuple[str, str, dict[str, str]]]:
+        """What this consumer read and did not acknowledge before (it was killed): the same
+        consumer name comes back at once, without waiting for the idle claim."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xreadgroup(rk.USAGE_GROUP, self.consumer, {stream: "0"}, count=self.batch)
+        entries: list[tuple[str, str, dict[str, str]]] = []
+        for reply in await pipe.execute(raise_on_error=False):
+            if isinstance(reply, Exception):
+                continue
+            for stream, items in reply or ():
+                entries.extend((stream, eid, fields) for eid, fields in items if fields)
+        if entries:
+            log.info(
+                "usage writer %s: writing %d records it read before", self.consumer, len(entries)
+            )
+        return entries
 
     def _read_groups(self, streams: list[str]) -> list[list[str]]:
         """Streams one XREADGROUP may name together: all of them on a single node; on a cluster
@@ -235,18 +319,29 @@ class UsageWriter:
         await self._ack(entries)
 
     async def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+        """Insert a batch of records (and their rollup) in one transaction: the one place the
+        writer's SQL meets ``usage_records``. A PostgreSQL that stops answering (frozen) fails
+        the batch after ``write_timeout_s``; its connection is dropped, not reused."""
         last_used: dict[str, datetime] = {}
         for row in rows:
             key_id, created = row[4], row[-1]
             if key_id not in last_used or last_used[key_id] < created:
                 last_used[key_id] = created
-        rows = sorted(rows, key=_rollup_key)
-        async with self.db.acquire() as conn, conn.transaction():
-            await conn.executemany(_INSERT, rows)
-            await conn.executemany(
-                "UPDATE api_keys SET last_used_at = greatest(coalesce(last_used_at, $2), $2) WHERE id = $1",
-                list(last_used.items()),
-            )
+        keys = sorted(last_used)
+        conn = await self.db.acquire(timeout=self.write_timeout_s)
+        try:
+            async with asyncio.timeout(self.write_timeout_s), conn.transaction():
+                await conn.execute(_BATCH_TABLE)
+                await conn.copy_records_to_table(
+                    "usage_batch", records=rows, columns=list(_COLUMNS)
+                )
+                await conn.execute(_INSERT_BATCH)
+                await conn.execute(_LAST_USED, keys, [last_used[k] for k in keys])
+        except BaseException:
+            conn.terminate()  # in an unknown state (cancelled mid-transaction, or silent)
+            raise
+        finally:
+            await self.db.release(conn)
 
     async def _write_one(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
         try:
@@ -267,11 +362,12 @@ class UsageWriter:
         by_stream: dict[str, list[str]] = {}
         for stream, eid, _ in entries:
             by_stream.setdefault(stream, []).append(eid)
-        pipe = self.redis.pipeline(transaction=False)
-        for stream, ids in by_stream.items():
-            pipe.xack(stream, rk.USAGE_GROUP, *ids)
-            pipe.xdel(stream, *ids)
-        await pipe.execute()
+        await asyncio.gather(
+            *(
+                self._ack_script(keys=[stream], args=[rk.USAGE_GROUP, " ".join(ids)])
+                for stream, ids in by_stream.items()
+            )
+        )
         self.written += len(entries)
 
     async def pending(self, streams: list[str] | None = None) -> int:
@@ -288,7 +384,13 @@ class UsageWriter:
             self.on_pending(pending)
 
 
-async def serve_writer(database_url: str, redis_url: str, consumer: str) -> None:
+def _brief(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def serve_writer(
+    database_url: str, redis_url: str, consumer: str, settings: MeteringConfig | None = None
+) -> None:
     """The writer as a process of its own (``modelbridge serve`` starts one): runs until
     SIGTERM or SIGINT, then drains what is left and exits."""
     import signal
@@ -300,7 +402,9 @@ async def serve_writer(database_url: str, redis_url: str, consumer: str) -> None
     metrics = Metrics()
     link = await open_redis(redis_url, script_client="redis-py")
     db = await create_pool(database_url, min_size=1, max_size=2)
-    writer = UsageWriter(link.client, db, consumer, on_pending=metrics.usage_pending.set)
+    writer = UsageWriter.configured(
+        link.client, db, consumer, settings or MeteringConfig(), metrics.usage_pending.set
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, writer.stop)
