@@ -13,7 +13,8 @@ key                    type    contents
 {acct:A}:p:<period>    hash    alw, aspent, spend, req, ms:<scope>, mr:<scope>, ks:<key>,
                                mo:<model> — this period's counters (expire after ~3 months);
                                mx:<scope> — the member's spend this period in the same team
-                               billed to the *other* account (billing mode switched mid-period);
+                               billed to the *other* account (billing mode switched mid-period),
+                               kx:<key> — the same for a key;
                                al:<scope|team>:<threshold>:<limit> — alert fired (dedupe flag)
 {acct:A}:cfg           hash    limit, dml, den, disc, ml:<scope>, me:<scope>, deleted; rate
                                limits: rpm, tpm (team), rpm:<scope>, tpm:<scope> (member)

@@ -105,7 +105,7 @@ def pending(entries: Iterable[UsageEntry], in_ledger: set[str]) -> list[UsageEnt
 
 def money_fields(counters: Mapping[str, str | int]) -> dict[str, int]:
     """The counters of a period hash that the ledger determines (``alw``, alert flags and the
-    ``mx:`` baselines of a billing-mode switch are not sums of this account's records)."""
+    ``mx:`` and ``kx:`` baselines of a billing-mode switch are not sums of this account's records)."""
     return {
         name: int(value)
         for name, value in counters.items()

@@ -31,6 +31,9 @@ Conversely a request is refused only when the entries of the last 60 s leave no 
 are admitted. Clocks of different gateway hosts only shift stamps forward to the fastest clock
 (the max); a request in flight between its stamp and its script is counted at its stamp.
 
+Only the scopes that have a limit keep a log, so a key, a member or a team pays nothing until it
+has one, and a limit set now counts the requests admitted from now on.
+
 Retry-After is the time until enough of the counted entries leave the window for the refused
 request to fit, in whole seconds rounded up (at least 1); a request that can never fit (RPM 0, or
 more worst-case tokens than the TPM limit) gets the whole window. The ``x-ratelimit-*`` headers

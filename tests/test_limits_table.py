@@ -74,7 +74,8 @@ class Row:
     models: tuple[str, ...] | None = None
     model: str = MODEL
     klimit: int | None = None
-    ks: int = 0  # key spend this period
+    ks: int = 0  # key spend this period, billed here
+    kx: int = 0  # key spend this period, billed to the other account
     kh: int = 0  # key holds (part of holds)
     krpm: int | None = None
     ktpm: int | None = None
@@ -111,7 +112,7 @@ class Row:
             spending_limit=self.limit, member_spend=self.ms + self.mx, member_holds=self.mh,
             member_limit=effective_member_limit(self.ml, self.ml_set, self.dml),
             enforcement=effective_enforcement(self.me, self.den),
-            now=self.now_ms // 1000, model=self.model, key=self.controls, key_spend=self.ks,
+            now=self.now_ms // 1000, model=self.model, key=self.controls, key_spend=self.ks + self.kx,
             key_holds=self.kh, now_ms=self.now_ms, last_ms=self.last_ms,
             key_window=Window(self.krpm, self.ktpm, self.log(self.klog)),
             member_window=Window(self.mrpm, self.mtpm, self.log(self.mlog)),
@@ -207,6 +208,8 @@ CONTROLS = [
     Row("key limit one over", credits=RICH, klimit=1001),
     Row("key limit one short", credits=RICH, klimit=999, expect=KL),
     Row("key limit counts its spend", credits=RICH, klimit=1500, ks=501, expect=KL),
+    Row("key limit counts spend billed elsewhere", credits=RICH, klimit=1500, kx=501, expect=KL),
+    Row("key limit: spend here and elsewhere", credits=RICH, klimit=1500, ks=250, kx=250),
     Row("key limit counts its holds", credits=RICH, klimit=1500, kh=501, holds=501, expect=KL),
     Row("other keys' holds do not count", credits=RICH, klimit=1500, holds=5000),
     Row("key limit zero", credits=RICH, klimit=0, expect=KL),

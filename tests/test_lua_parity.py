@@ -90,6 +90,7 @@ async def install(redis: Redis, ak: rk.AccountKeys, row: Row) -> None:
         _set(cfg, name, value)
     state["kh:" + KEY] = str(row.kh)
     period["ks:" + KEY] = str(row.ks)
+    period["kx:" + KEY] = str(row.kx)
     pipe = redis.pipeline(transaction=False)
     pipe.hset(ak.state, mapping=state)
     pipe.hset(ak.period(PERIOD), mapping=period)

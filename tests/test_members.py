@@ -46,7 +46,7 @@ async def test_member_list_shapes(gateway: Gateway, api: Api) -> None:
     assert listed[owner["id"]] == {
         "id": owner["id"], "user_id": owner["id"], "email": owner["email"], "name": "Tester",
         "role": "owner", "monthly_limit_usd": None, "limit_source": "team", "enforcement": "hard",
-        "enforcement_source": "team", "billing_mode": "team",
+        "enforcement_source": "team", "billing_mode": "team", "rpm": None, "tpm": None,
         "spend_this_period_usd": "0.000000000", "joined_at": listed[owner["id"]]["joined_at"],
     }  # fmt: skip
     assert [m["role"] for m in listed.values()] == ["owner", "admin", "member"]

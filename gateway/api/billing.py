@@ -2,8 +2,9 @@
 subscription, and alert webhooks.
 
 Roles (policies/permissions.py, through ``team_access``): each PATCH field needs its own action —
-name, default member limit, enforcement and model restrictions are policies (owner, admin), the
-spending limit is billing (owner). Billing is viewed by owners and admins, changed by the owner.
+name, default member limit, enforcement, model restrictions and the rate limits (``rpm_limit``,
+``tpm_limit``) are policies (owner, admin), the spending limit is billing (owner). Billing is
+viewed by owners and admins, changed by the owner.
 Webhooks are managed by owners and admins.
 
 Every change writes PostgreSQL and the audit log in one transaction that holds the team's account
@@ -22,8 +23,11 @@ from yarl import URL
 
 from gateway import state as S
 from gateway.api.common import (
+    MAX_RPM,
+    MAX_TPM,
     AuditEntry,
     audit,
+    count_field,
     id_param,
     json_response,
     money_field,
@@ -54,6 +58,8 @@ SETTINGS: dict[str, tuple[str, Action]] = {
     "default_enforcement": ("default_enforcement", Action.MANAGE_POLICIES),
     "model_restrictions": ("model_restrictions", Action.MANAGE_POLICIES),
     "spending_limit_usd": ("spending_limit", Action.MANAGE_BILLING),
+    "rpm_limit": ("rpm_limit", Action.MANAGE_POLICIES),
+    "tpm_limit": ("tpm_limit", Action.MANAGE_POLICIES),
 }
 MAX_MODEL_NAME = 100
 MAX_RESTRICTIONS = 500
@@ -108,6 +114,10 @@ def parse_settings(body: dict[str, Any]) -> dict[str, Any]:
         columns["default_enforcement"] = value
     if "model_restrictions" in body:
         columns["model_restrictions"] = model_names(body)
+    if "rpm_limit" in body:
+        columns["rpm_limit"] = count_field(body, "rpm_limit", maximum=MAX_RPM)
+    if "tpm_limit" in body:
+        columns["tpm_limit"] = count_field(body, "tpm_limit", maximum=MAX_TPM)
     return columns
 
 
@@ -154,7 +164,7 @@ async def update_team(request: web.Request) -> web.Response:
             await app[S.ACCOUNTS].set_cfg(account, Accounts.team_cfg(after))
             if "model_restrictions" in changed:
                 await app[S.ACCOUNTS].set_blocked(account, after["model_restrictions"])
-            if set(changed) - {"name", "spending_limit"}:
+            if set(changed) - {"name", "spending_limit", "rpm_limit", "tpm_limit"}:
                 await sync_team_policies(app[S.ACCOUNTS], conn, after)
     updated = TeamAccess(access.user, {**dict(after), "role": access.role}, access.role)
     return json_response(await overview(request, updated))

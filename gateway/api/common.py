@@ -146,6 +146,23 @@ def money_field(
         raise InvalidRequest(f"'{name}': {exc}", param=name) from exc
 
 
+#: the largest rate limits accepted (rpm is a PostgreSQL integer)
+MAX_RPM = 1_000_000_000
+MAX_TPM = 10**15
+
+
+def count_field(body: dict[str, Any], name: str, *, maximum: int) -> int | None:
+    """A whole number >= 0 (``null``: none), e.g. a rate limit; floats and strings are refused."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"'{name}' must be a whole number or null", param=name)
+    if value < 0 or value > maximum:
+        raise InvalidRequest(f"'{name}' must be between 0 and {maximum}", param=name)
+    return value
+
+
 def id_param(request: web.Request, name: str) -> str:
     value = request.match_info[name]
     if not re.fullmatch(r"[a-z]{2,4}_[0-9a-f]{20}", value):

@@ -22,8 +22,11 @@ from aiohttp import web
 
 from gateway import state as S
 from gateway.api.common import (
+    MAX_RPM,
+    MAX_TPM,
     AuditEntry,
     audit,
+    count_field,
     json_response,
     money_field,
     now_utc,
@@ -55,7 +58,7 @@ routes = web.RouteTableDef()
 
 UNLIMITED = "unlimited"  # monthly_limit_usd: an explicit "no limit" override
 _ID = re.compile(r"[a-z]{2,4}_[0-9a-f]{20}")
-_PATCH_FIELDS = ("role", "monthly_limit_usd", "enforcement", "billing_mode")
+_PATCH_FIELDS = ("role", "monthly_limit_usd", "enforcement", "billing_mode", "rpm", "tpm")
 
 _MEMBERS = (
     "SELECT m.*, u.email, u.name FROM memberships m JOIN users u ON u.id = m.user_id"
@@ -197,6 +200,8 @@ def member_json(row: Any, team: Any, spend: int) -> dict[str, Any]:
         "enforcement": effective_enforcement(row["enforcement"], team["default_enforcement"]),
         "enforcement_source": "member" if row["enforcement"] else "team",
         "billing_mode": row["billing_mode"],
+        "rpm": row["rpm"],
+        "tpm": row["tpm"],
         "spend_this_period_usd": usd(spend),
         "joined_at": row["joined_at"],
     }
@@ -231,10 +236,12 @@ class MemberChange:
     limit_set: bool = False
     enforcement: str | None = None
     billing_mode: str | None = None
+    rpm: int | None = None
+    tpm: int | None = None
 
     @property
     def touches_policy(self) -> bool:
-        return "monthly_limit_usd" in self.fields or "enforcement" in self.fields
+        return bool({"monthly_limit_usd", "enforcement", "rpm", "tpm"} & set(self.fields))
 
 
 def parse_change(body: dict[str, Any]) -> MemberChange:
@@ -255,6 +262,8 @@ def parse_change(body: dict[str, Any]) -> MemberChange:
         change.enforcement = choice_field(body, "enforcement", ENFORCEMENTS)
     if "billing_mode" in body:
         change.billing_mode = choice_field(body, "billing_mode", billing.BILLING_MODES)
+    change.rpm = count_field(body, "rpm", maximum=MAX_RPM)
+    change.tpm = count_field(body, "tpm", maximum=MAX_TPM)
     return change
 
 
@@ -277,6 +286,8 @@ def _snapshot(row: Any) -> dict[str, Any]:
         "limit_set": row["limit_set"],
         "enforcement": row["enforcement"],
         "billing_mode": row["billing_mode"],
+        "rpm": row["rpm"],
+        "tpm": row["tpm"],
     }
 
 
@@ -290,12 +301,14 @@ async def _apply(
         "limit_set": change.limit_set if "monthly_limit_usd" in change.fields else target["limit_set"],
         "enforcement": change.enforcement if "enforcement" in change.fields else target["enforcement"],
         "billing_mode": change.billing_mode or target["billing_mode"],
+        "rpm": change.rpm if "rpm" in change.fields else target["rpm"],
+        "tpm": change.tpm if "tpm" in change.fields else target["tpm"],
     }  # fmt: skip
     after = await conn.fetchrow(
         "UPDATE memberships SET role = $2, monthly_limit = $3, limit_set = $4, enforcement = $5,"
-        " billing_mode = $6 WHERE id = $1 RETURNING *",
+        " billing_mode = $6, rpm = $7, tpm = $8 WHERE id = $1 RETURNING *",
         target["id"], new["role"], new["monthly_limit"], new["limit_set"], new["enforcement"],
-        new["billing_mode"],
+        new["billing_mode"], new["rpm"], new["tpm"],
     )  # fmt: skip
     before_s, after_s = _snapshot(target), _snapshot(after)
     if before_s == after_s:
@@ -314,9 +327,8 @@ async def _apply(
     user_id = target["user_id"]
     if change.touches_policy:
         accounts = request.app[S.ACCOUNTS]
-        cfg = accounts.member_cfg(user_id, after["monthly_limit"], after["limit_set"], after["enforcement"])  # fmt: skip
-        stale = [f for f in ("ml:" + user_id, "me:" + user_id) if f not in cfg]
-        await accounts.set_cfg(rk.team_account(team["id"]), cfg, delete=stale)
+        cfg = accounts.member_cfg(user_id, after)
+        await accounts.set_member_cfg(rk.team_account(team["id"]), user_id, cfg)
         await billing.sync_member_policy(accounts, conn, team["id"], user_id)
     if target["billing_mode"] != after["billing_mode"]:
         await billing.apply_billing_mode(

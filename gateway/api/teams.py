@@ -115,6 +115,8 @@ async def overview(request: web.Request, access: TeamAccess) -> dict[str, Any]:
         "default_enforcement": team["default_enforcement"],
         "model_restrictions": list(team["model_restrictions"]),
         "discount_bps": team["discount_bps"],
+        "rpm_limit": team["rpm_limit"],
+        "tpm_limit": team["tpm_limit"],
         "plan": team["plan"],
         "seats": team["seats"],
         "your_role": access.role,

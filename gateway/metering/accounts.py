@@ -9,9 +9,11 @@ data (restarted without persistence, flushed) rebuilds itself account by account
 * allowance of the period = the period's allowance ledger rows, else the subscription's
 * period counters (spend, per member, key, model) = sums of the period's usage records; ``mx:``
   = a member's spend in the same team billed to the other account (billing mode switched)
-* policy (limits, enforcement, discount, blocked models) and active keys from their tables; a
-  user account also gets the team keys and mirrored team policies of every team where the user
-  bills personally (scope = team id, see policies/keyspace.py)
+* policy (limits, enforcement, discount, rate limits, blocked models) and active keys with their
+  controls (expiry, models, monthly limit, rpm, tpm: policies/limits.py:key_entry) from their
+  tables; a user account also gets the team keys and mirrored team policies of every team where
+  the user bills personally (scope = team id, see policies/keyspace.py)
+* ``kx:<key>``: a key's spend this period billed to the other account (as ``mx:`` for members)
 
 "Usage records" means the ledger's *and those still in flight*: a settle on an account that is
 not loaded (Redis lost it; streams that span the loss settle there) only appends its record to
@@ -59,7 +61,12 @@ from gateway.metering.scripts import Scripts
 from policies import keyspace as rk
 from policies import ledger
 from policies.ledger import UsageEntry
-from policies.limits import effective_enforcement, effective_member_limit
+from policies.limits import (
+    KeyControls,
+    effective_enforcement,
+    effective_member_limit,
+    key_entry,
+)
 from policies.periods import period_of
 
 log = logging.getLogger("modelbridge.accounts")
@@ -73,6 +80,10 @@ async def lock_account(conn: asyncpg.Connection, account: str) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", account)
 
 
+def _rate(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
 def _n(value: object) -> str:
     """A PostgreSQL sum as Redis wants it: ``sum(bigint)`` is numeric, which asyncpg decodes to a
     Decimal that may print as ``2.5E+10``; HINCRBY needs plain digits."""
@@ -81,6 +92,28 @@ def _n(value: object) -> str:
 
 def _limit(value: int | None) -> str:
     return NO_LIMIT if value is None else str(value)
+
+
+#: the columns of api_keys (alias k) that :func:`key_controls` reads
+KEY_CONTROLS = "k.expires_at, k.models, k.monthly_limit, k.rpm, k.tpm"
+
+
+def key_controls(row: Mapping[str, Any]) -> KeyControls:
+    """A key's controls from its api_keys row (:data:`KEY_CONTROLS`)."""
+    expires = row["expires_at"]
+    models = row["models"]
+    return KeyControls(
+        expires_at=None if expires is None else int(expires.timestamp()),
+        models=None if models is None else tuple(models),
+        monthly_limit=row["monthly_limit"],
+        rpm=row["rpm"],
+        tpm=row["tpm"],
+    )
+
+
+def key_value(scope: str, row: Mapping[str, Any]) -> str:
+    """A key's entry in the key set of the account it bills."""
+    return key_entry(scope, key_controls(row))
 
 
 class Accounts:
@@ -157,10 +190,11 @@ class Accounts:
             await self._team_snapshot(conn, team_id, state, cfg, keys, blocked)
         else:
             rows = await conn.fetch(
-                "SELECT id, user_id FROM api_keys WHERE user_id = $1 AND team_id IS NULL AND revoked_at IS NULL",
+                f"SELECT k.id, k.user_id, {KEY_CONTROLS} FROM api_keys k"
+                " WHERE k.user_id = $1 AND k.team_id IS NULL AND k.revoked_at IS NULL",
                 account[2:],
             )
-            keys.update({r["id"]: r["user_id"] for r in rows})
+            keys.update({r["id"]: key_value(r["user_id"], r) for r in rows})
             for team_id, models in await self._personal_teams(conn, account[2:], cfg, keys):
                 scopes.append(team_id)
                 blocked.append(models)
@@ -182,7 +216,8 @@ class Accounts:
         """Teams where the user bills personally: their team keys, and the team's policies
         mirrored under scope <team id> (policies/keyspace.py). Returns (team id, blocked models)."""
         teams = await conn.fetch(
-            "SELECT m.team_id, m.monthly_limit, m.limit_set, m.enforcement, t.default_member_limit,"
+            "SELECT m.team_id, m.monthly_limit, m.limit_set, m.enforcement, m.rpm, m.tpm,"
+            " t.default_member_limit,"
             " t.default_enforcement, t.model_restrictions FROM memberships m JOIN teams t ON t.id = m.team_id"
             " WHERE m.user_id = $1 AND m.removed_at IS NULL AND m.billing_mode = 'personal'"
             " AND t.deleted_at IS NULL",
@@ -194,12 +229,12 @@ class Accounts:
             found.append((t["team_id"], list(t["model_restrictions"])))
         if found:
             rows = await conn.fetch(
-                "SELECT id, team_id FROM api_keys WHERE user_id = $1 AND team_id = ANY($2::text[])"
-                " AND revoked_at IS NULL",
+                f"SELECT k.id, k.team_id, {KEY_CONTROLS} FROM api_keys k WHERE k.user_id = $1"
+                " AND k.team_id = ANY($2::text[]) AND k.revoked_at IS NULL",
                 user_id,
                 [team_id for team_id, _ in found],
             )
-            keys.update({r["id"]: r["team_id"] for r in rows})
+            keys.update({r["id"]: key_value(r["team_id"], r) for r in rows})
         return found
 
     async def _team_snapshot(
@@ -219,21 +254,19 @@ class Accounts:
         cfg.update(self.team_cfg(team))
         blocked[0] = list(team["model_restrictions"])
         members = await conn.fetch(
-            "SELECT user_id, monthly_limit, limit_set, enforcement FROM memberships"
+            "SELECT user_id, monthly_limit, limit_set, enforcement, rpm, tpm FROM memberships"
             " WHERE team_id = $1 AND removed_at IS NULL",
             team_id,
         )
         for m in members:
-            cfg.update(
-                self.member_cfg(m["user_id"], m["monthly_limit"], m["limit_set"], m["enforcement"])
-            )
+            cfg.update(self.member_cfg(m["user_id"], m))
         rows = await conn.fetch(
-            "SELECT k.id, k.user_id FROM api_keys k JOIN memberships m"
+            f"SELECT k.id, k.user_id, {KEY_CONTROLS} FROM api_keys k JOIN memberships m"
             " ON m.team_id = k.team_id AND m.user_id = k.user_id AND m.removed_at IS NULL"
             " WHERE k.team_id = $1 AND k.revoked_at IS NULL AND m.billing_mode = 'team'",
             team_id,
         )
-        keys.update({r["id"]: r["user_id"] for r in rows})
+        keys.update({r["id"]: key_value(r["user_id"], r) for r in rows})
 
     @staticmethod
     async def _elsewhere(conn: asyncpg.Connection, account: str, period: str) -> dict[str, str]:
@@ -251,7 +284,19 @@ class Accounts:
                 " GROUP BY team_id"
             )
         rows = await conn.fetch(query, account[2:], period, account)
-        return {"mx:" + r["g"]: _n(r["s"]) for r in rows if r["s"]}
+        found = {"mx:" + r["g"]: _n(r["s"]) for r in rows if r["s"]}
+        # kx: the same for each team key (a key's monthly limit counts both accounts)
+        column = "team_id" if account.startswith("t_") else "user_id"
+        keys = await conn.fetch(
+            "SELECT key_id AS g, sum(charged) AS s FROM usage_records"
+            f" WHERE {column} = $1 AND period = $2 AND account <> $3 AND team_id IS NOT NULL"
+            " GROUP BY key_id",
+            account[2:],
+            period,
+            account,
+        )
+        found.update({"kx:" + r["g"]: _n(r["s"]) for r in keys if r["s"]})
+        return found
 
     # --- pieces of state, shared by the loader and the management writes ---------------------
     def subscription_allowance(self, plan: str | None, seats: int) -> int:
@@ -260,22 +305,33 @@ class Accounts:
 
     @staticmethod
     def team_cfg(team: Mapping[str, Any]) -> dict[str, str]:
+        """The team's own cfg fields; a rate limit of none is written empty (hold.lua: none)."""
         return {
             "limit": _limit(team["spending_limit"]),
             "dml": _limit(team["default_member_limit"]),
             "den": team["default_enforcement"],
             "disc": str(team["discount_bps"]),
+            "rpm": _rate(team["rpm_limit"]),
+            "tpm": _rate(team["tpm_limit"]),
         }
 
     @staticmethod
-    def member_cfg(
-        user_id: str, limit: int | None, limit_set: bool, enforcement: str | None
-    ) -> dict[str, str]:
+    def member_fields(scope: str) -> list[str]:
+        """Every cfg field of one member scope (to drop those a member no longer has)."""
+        return ["ml:" + scope, "me:" + scope, "rpm:" + scope, "tpm:" + scope]
+
+    @staticmethod
+    def member_cfg(user_id: str, member: Mapping[str, Any]) -> dict[str, str]:
+        """A member's own cfg fields in the team account: limit and enforcement overrides, rate
+        limits; absent when not set (see :meth:`set_member_cfg`)."""
         cfg = {}
-        if limit_set:
-            cfg["ml:" + user_id] = _limit(limit)
-        if enforcement:
-            cfg["me:" + user_id] = enforcement
+        if member["limit_set"]:
+            cfg["ml:" + user_id] = _limit(member["monthly_limit"])
+        if member["enforcement"]:
+            cfg["me:" + user_id] = member["enforcement"]
+        for name in ("rpm", "tpm"):
+            if member[name] is not None:
+                cfg[f"{name}:{user_id}"] = str(member[name])
         return cfg
 
     @staticmethod
@@ -288,7 +344,11 @@ class Accounts:
             member["monthly_limit"], member["limit_set"], team["default_member_limit"]
         )
         enforcement = effective_enforcement(member["enforcement"], team["default_enforcement"])
-        return {"ml:" + team_id: _limit(limit), "me:" + team_id: enforcement}
+        cfg = {"ml:" + team_id: _limit(limit), "me:" + team_id: enforcement}
+        for name in ("rpm", "tpm"):
+            if member[name] is not None:
+                cfg[f"{name}:{team_id}"] = str(member[name])
+        return cfg
 
     # --- management writes (call inside a transaction holding lock_account) -------------------
     async def add_credits(self, account: str, amount: int) -> None:
@@ -315,6 +375,11 @@ class Accounts:
         if dels:
             pipe.hdel(ak.cfg, *dels)
         await pipe.execute()
+
+    async def set_member_cfg(self, account: str, scope: str, fields: Mapping[str, str]) -> None:
+        """Make the cfg fields of member ``scope`` exactly ``fields`` (:meth:`member_fields`)."""
+        stale = [f for f in self.member_fields(scope) if f not in fields]
+        await self.set_cfg(account, fields, delete=stale)
 
     async def set_blocked(self, account: str, models: Iterable[str], scope: str = "") -> None:
         key = rk.AccountKeys(account).blocked(scope)

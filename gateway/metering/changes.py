@@ -17,18 +17,18 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from gateway.metering.accounts import Accounts, lock_account
+from gateway.metering.accounts import KEY_CONTROLS, Accounts, key_value, lock_account
 from policies import keyspace as rk
 
 _MEMBER = """
-SELECT m.monthly_limit, m.limit_set, m.enforcement, m.billing_mode,
+SELECT m.monthly_limit, m.limit_set, m.enforcement, m.billing_mode, m.rpm, m.tpm,
        t.default_member_limit, t.default_enforcement, t.model_restrictions,
        t.deleted_at IS NOT NULL AS team_deleted
 FROM memberships m JOIN teams t ON t.id = m.team_id
 WHERE m.team_id = $1 AND m.user_id = $2 AND m.removed_at IS NULL
 """
-_KEYS = """
-SELECT k.id, k.user_id, k.team_id, k.revoked_at IS NOT NULL AS revoked, m.billing_mode,
+_KEYS = f"""
+SELECT k.id, k.user_id, k.team_id, k.revoked_at IS NOT NULL AS revoked, m.billing_mode, {KEY_CONTROLS},
        coalesce(t.deleted_at IS NOT NULL, false) AS team_deleted
 FROM api_keys k
 LEFT JOIN memberships m ON m.team_id = k.team_id AND m.user_id = k.user_id AND m.removed_at IS NULL
@@ -90,21 +90,18 @@ class AccountChanges:
 async def _member(accounts: Accounts, conn: asyncpg.Connection, team_id: str, user_id: str) -> None:
     row = await conn.fetchrow(_MEMBER, team_id, user_id)
     team_acct, user_acct = rk.team_account(team_id), rk.user_account(user_id)
-    own = ["ml:" + user_id, "me:" + user_id]
-    mirrored = ["ml:" + team_id, "me:" + team_id]
     if row is None or row["team_deleted"]:
-        await accounts.set_cfg(team_acct, {}, delete=own)
+        await accounts.set_member_cfg(team_acct, user_id, {})
         await accounts.set_blocked(user_acct, [], scope=team_id)
-        await accounts.set_cfg(user_acct, {}, delete=mirrored)
+        await accounts.set_member_cfg(user_acct, team_id, {})
         return
-    cfg = accounts.member_cfg(user_id, row["monthly_limit"], row["limit_set"], row["enforcement"])
-    await accounts.set_cfg(team_acct, cfg, delete=[f for f in own if f not in cfg])
+    await accounts.set_member_cfg(team_acct, user_id, accounts.member_cfg(user_id, row))
     if row["billing_mode"] == "personal":
         await accounts.set_blocked(user_acct, row["model_restrictions"], scope=team_id)
-        await accounts.set_cfg(user_acct, accounts.mirror_cfg(team_id, row, row))
+        await accounts.set_member_cfg(user_acct, team_id, accounts.mirror_cfg(team_id, row, row))
     else:
         await accounts.set_blocked(user_acct, [], scope=team_id)
-        await accounts.set_cfg(user_acct, {}, delete=mirrored)
+        await accounts.set_member_cfg(user_acct, team_id, {})
 
 
 async def _key(accounts: Accounts, key: asyncpg.Record) -> None:
@@ -121,6 +118,6 @@ async def _key(accounts: Accounts, key: asyncpg.Record) -> None:
         scope = team_id if personal else user_id
     for account in _key_accounts(user_id, team_id):
         if account == billing:
-            await accounts.add_keys(account, {key["id"]: scope})
+            await accounts.add_keys(account, {key["id"]: key_value(scope, key)})
         else:
             await accounts.remove_keys(account, [key["id"]])

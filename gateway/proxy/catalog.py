@@ -1,7 +1,8 @@
 """``GET /v1/models`` and ``GET /v1/models/{id}``: the configured models this key may use.
 
-One pipelined Redis round trip checks the key against its account's live key set (a revoked key
-gets 401 here too) and reads the account's blocked models.
+One pipelined Redis round trip checks the key against its account's live key set (a revoked or
+expired key gets 401 here too) and reads the account's blocked models; a key's own ``models``
+narrow the list further.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from gateway.errors import AuthenticationFailed, NotFound
 from gateway.metering.meter import guarded
 from gateway.proxy.keycache import KeyInfo
 from policies import keyspace as rk
+from policies.limits import parse_key_entry
 
 _CREATED = 1_700_000_000
 
@@ -28,16 +30,22 @@ async def _allowed(request: web.Request) -> tuple[KeyInfo, list[str]]:
     for _ in range(2):
         pipe = app[S.REDIS].pipeline(transaction=False)
         pipe.hget(ak.state, "loaded")
-        pipe.hexists(ak.keys, key.key_id)
+        pipe.hget(ak.keys, key.key_id)
         pipe.smembers(ak.blocked(key.blocked_scope))
-        loaded, active, blocked = await guarded(pipe.execute())
+        loaded, entry, blocked = await guarded(pipe.execute())
         if loaded == "1":
             break
         await guarded(app[S.ACCOUNTS].load(key.account, app[S.CLOCK].now()))
-    if not active:
+    if entry is None:
         app[S.KEYS].forget(key.key_id)
         raise AuthenticationFailed("Incorrect API key provided.")
-    return key, [m for m in app[S.CONFIG].models if m not in blocked]
+    _, controls = parse_key_entry(entry)
+    if controls.expires_at is not None and app[S.CLOCK].now() >= controls.expires_at:
+        raise AuthenticationFailed("This API key has expired.")
+    models = [m for m in app[S.CONFIG].models if m not in blocked]
+    if controls.models is not None:
+        models = [m for m in models if m in controls.models]
+    return key, models
 
 
 def _model_object(name: str) -> dict[str, Any]:

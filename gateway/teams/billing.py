@@ -28,7 +28,7 @@ import asyncpg
 
 from gateway.config import Config
 from gateway.errors import InvalidRequest, NotFound
-from gateway.metering.accounts import Accounts, lock_account
+from gateway.metering.accounts import KEY_CONTROLS, Accounts, key_value, lock_account
 from policies import keyspace as rk
 from policies import subscriptions as subs
 from policies.periods import period_of
@@ -79,29 +79,41 @@ async def apply_billing_mode(
     for account in (team_acct, user_acct):
         await accounts.load_with(conn, account, now)
         await accounts.ensure_stream(account)
-    key_ids = [
-        r["id"]
-        for r in await conn.fetch(
-            "SELECT id FROM api_keys WHERE team_id = $1 AND user_id = $2 AND revoked_at IS NULL",
-            team_id,
-            user_id,
-        )
-    ]
+    keys = await conn.fetch(
+        f"SELECT k.id, {KEY_CONTROLS} FROM api_keys k"
+        " WHERE k.team_id = $1 AND k.user_id = $2 AND k.revoked_at IS NULL",
+        team_id,
+        user_id,
+    )
+    key_ids = [r["id"] for r in keys]
     if mode == "personal":
         await accounts.remove_keys(team_acct, key_ids)
-        await accounts.add_keys(user_acct, dict.fromkeys(key_ids, team_id))
+        await accounts.add_keys(user_acct, {r["id"]: key_value(team_id, r) for r in keys})
         await accounts.set_blocked(user_acct, team["model_restrictions"], scope=team_id)
-        await accounts.set_cfg(user_acct, accounts.mirror_cfg(team_id, member, team))
+        await accounts.set_member_cfg(
+            user_acct, team_id, accounts.mirror_cfg(team_id, member, team)
+        )
     else:
         await accounts.remove_keys(user_acct, key_ids)
-        await accounts.add_keys(team_acct, dict.fromkeys(key_ids, user_id))
+        await accounts.add_keys(team_acct, {r["id"]: key_value(user_id, r) for r in keys})
         await accounts.set_blocked(user_acct, [], scope=team_id)
-        await accounts.set_cfg(user_acct, {}, delete=["ml:" + team_id, "me:" + team_id])
+        await accounts.set_member_cfg(user_acct, team_id, {})
     period = period_of(now)
     (in_team,) = await accounts.period_fields(team_acct, period, ["ms:" + user_id])
     (in_user,) = await accounts.period_fields(user_acct, period, ["ms:" + team_id])
     await accounts.set_period_fields(user_acct, period, {"mx:" + team_id: in_team})
     await accounts.set_period_fields(team_acct, period, {"mx:" + user_id: in_user})
+    # A key's monthly limit counts its spend in both accounts too (kx, as mx for the member).
+    kx = ["ks:" + k for k in key_ids]
+    if kx:
+        in_team_keys = await accounts.period_fields(team_acct, period, kx)
+        in_user_keys = await accounts.period_fields(user_acct, period, kx)
+        await accounts.set_period_fields(
+            user_acct, period, {"kx:" + k: v for k, v in zip(key_ids, in_team_keys, strict=True)}
+        )
+        await accounts.set_period_fields(
+            team_acct, period, {"kx:" + k: v for k, v in zip(key_ids, in_user_keys, strict=True)}
+        )
     log.info("billing mode of %s in %s: %s (was %s)", user_id, team_id, mode, previous)
 
 
@@ -120,7 +132,7 @@ async def sync_member_policy(
         return
     account = rk.user_account(user_id)
     await lock_account(conn, account)
-    await accounts.set_cfg(account, accounts.mirror_cfg(team_id, member, team))
+    await accounts.set_member_cfg(account, team_id, accounts.mirror_cfg(team_id, member, team))
 
 
 async def sync_team_policies(accounts: Accounts, conn: asyncpg.Connection, team: Any) -> int:
@@ -135,7 +147,9 @@ async def sync_team_policies(accounts: Accounts, conn: asyncpg.Connection, team:
         account = rk.user_account(member["user_id"])
         await lock_account(conn, account)
         await accounts.set_blocked(account, team["model_restrictions"], scope=team["id"])
-        await accounts.set_cfg(account, accounts.mirror_cfg(team["id"], member, team))
+        await accounts.set_member_cfg(
+            account, team["id"], accounts.mirror_cfg(team["id"], member, team)
+        )
     return len(members)
 
 

@@ -4,7 +4,7 @@ tests run one table through both).
 
 KEYS[1]  {acct:A}:s            state hash: loaded, credits, holds, sub_alw, mh:<scope>, kh:<key>
 KEYS[2]  {acct:A}:p:<period>   period hash: alw, aspent, spend, ms:<scope>, mx:<scope>, ks:<key>,
-                               al:* flags
+                               kx:<key>, al:* flags
 KEYS[3]  {acct:A}:cfg          policy hash: limit, dml, den, disc, rpm, tpm, ml:<scope>, me:<scope>,
                                rpm:<scope>, tpm:<scope>
 KEYS[4]  {acct:A}:keys         key id -> its entry: member scope, then its controls if any
@@ -124,6 +124,7 @@ local pfields = {'aspent', 'spend', 'ms:' .. scope, 'mx:' .. scope}
 if klimit >= 0 then
   sfields[4] = 'kh:' .. key_id
   pfields[5] = 'ks:' .. key_id
+  pfields[6] = 'kx:' .. key_id
 end
 local s = redis.call('HMGET', state, unpack(sfields))
 local credits, holds, member_holds = num(s[1], 0), num(s[2], 0), num(s[3], 0)
@@ -249,7 +250,8 @@ if member_limit >= 0 then
   end
 end
 
-if klimit >= 0 and num(p[5], 0) + num(s[4], 0) + hold > klimit then
+-- Key limit: the key's spend here (ks) + billed to the other account (kx) + its holds.
+if klimit >= 0 and num(p[5], 0) + num(p[6], 0) + num(s[4], 0) + hold > klimit then
   return refused('key_limit_reached', 0)
 end
 
