@@ -32,6 +32,7 @@ from gateway.metering.accounts import Accounts
 from gateway.metering.journal import SettleJournal
 from gateway.metering.meter import Metering
 from gateway.metering.scripts import Scripts
+from gateway.metering.sweeper import HoldSweeper
 from gateway.metering.usage_writer import UsageWriter
 from gateway.proxy import catalog, front
 from gateway.proxy import handlers as proxy
@@ -148,10 +149,14 @@ async def _usage_writer(app: web.Application) -> AsyncIterator[None]:
         metrics.usage_pending.set,
     )
     task = asyncio.create_task(writer.run(), name="usage-writer")
+    sweeper = HoldSweeper(app[S.REDIS], app[S.CONFIG].metering.sweep_every_s, app[S.CLOCK].now)
+    stop = asyncio.Event()
+    sweeping = asyncio.create_task(sweeper.run(stop), name="hold-sweeper")
     yield
+    stop.set()
     writer.stop()
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(task, timeout=10)
+        await asyncio.wait_for(asyncio.gather(task, sweeping), timeout=10)
 
 
 async def _teams_background(app: web.Application) -> AsyncIterator[None]:

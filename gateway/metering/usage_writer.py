@@ -398,27 +398,34 @@ async def serve_writer(
     from gateway.infra.db import create_pool
     from gateway.infra.metrics import Metrics
     from gateway.infra.redisconn import open_redis
+    from gateway.metering.sweeper import HoldSweeper
 
+    settings = settings or MeteringConfig()
     metrics = Metrics()
     link = await open_redis(redis_url, script_client="redis-py")
     db = await create_pool(database_url, min_size=1, max_size=2)
-    writer = UsageWriter.configured(
-        link.client, db, consumer, settings or MeteringConfig(), metrics.usage_pending.set
-    )
+    writer = UsageWriter.configured(link.client, db, consumer, settings, metrics.usage_pending.set)
+    sweeper = HoldSweeper(link.client, settings.sweep_every_s)
+    stop_sweeping = asyncio.Event()
+    sweeping = asyncio.create_task(sweeper.run(stop_sweeping))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, writer.stop)
+        loop.add_signal_handler(sig, lambda: (writer.stop(), stop_sweeping.set()))
     parent = os.getppid()
 
     async def orphaned() -> None:  # the serving process died without stopping us
         while os.getppid() == parent:
             await asyncio.sleep(1.0)
         writer.stop()
+        stop_sweeping.set()
 
     watch = asyncio.create_task(orphaned())
     try:
         await writer.run()
     finally:
+        stop_sweeping.set()
         watch.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(sweeping, 5)
         await link.close()
         await db.close()
