@@ -408,9 +408,13 @@ async def serve_writer(
     sweeper = HoldSweeper(link.client, settings.sweep_every_s)
     stop_sweeping = asyncio.Event()
     sweeping = asyncio.create_task(sweeper.run(stop_sweeping))
+    def stop() -> None:
+        writer.stop()
+        stop_sweeping.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: (writer.stop(), stop_sweeping.set()))
+        loop.add_signal_handler(sig, stop)
     parent = os.getppid()
 
     async def orphaned() -> None:  # the serving process died without stopping us
