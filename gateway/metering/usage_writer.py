@@ -408,6 +408,7 @@ async def serve_writer(
     sweeper = HoldSweeper(link.client, settings.sweep_every_s)
     stop_sweeping = asyncio.Event()
     sweeping = asyncio.create_task(sweeper.run(stop_sweeping))
+
     def stop() -> None:
         writer.stop()
         stop_sweeping.set()
