@@ -60,13 +60,23 @@ async def test_controls_are_set_at_creation_shown_and_changed(
 ) -> None:
     owner, team, _ = await api.funded_team_key()
     expires = int(time.time()) + 86400
-    key = await make_key(api, owner, team["id"], expires_at=iso(expires + 0.75),
-                         models=["gpt-4o-mini", "gpt-4o", "gpt-4o-mini"],
-                         monthly_limit_usd="20", rpm=60, tpm=40000)  # fmt: skip
+    key = await make_key(
+        api,
+        owner,
+        team["id"],
+        expires_at=iso(expires + 0.75),
+        models=["gpt-4o-mini", "gpt-4o", "gpt-4o-mini"],
+        monthly_limit_usd="20",
+        rpm=60,
+        tpm=40000,
+    )
     assert key["expires_at"] == datetime.fromtimestamp(expires, UTC).isoformat()
     assert (key["models"], key["monthly_limit_usd"], key["rpm"], key["tpm"]) == (
-        ["gpt-4o-mini", "gpt-4o"], "20.000000000", 60, 40000,
-    )  # fmt: skip
+        ["gpt-4o-mini", "gpt-4o"],
+        "20.000000000",
+        60,
+        40000,
+    )
     row = await listed(api, owner, team["id"], key["id"])
     assert row["spend_this_period_usd"] == "0.000000000"
     assert row["rate_usage"] == {"requests": 0, "tokens": 0, "window_s": 60}
@@ -92,18 +102,36 @@ async def test_controls_are_set_at_creation_shown_and_changed(
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("expires_at", "PAST"), ("expires_at", "NOW"), ("expires_at", "tomorrow"), ("expires_at", 5),
-     ("models", ["gpt-4o-mini", "gpt-5-imaginary"]), ("models", "gpt-4o-mini"), ("models", [3]),
-     ("rpm", -1), ("rpm", 1.5), ("rpm", "60"), ("rpm", True), ("tpm", -5), ("tpm", 2.0),
-     ("monthly_limit_usd", "0.0000000001"), ("monthly_limit_usd", "-1"),
-     ("monthly_limit_usd", "abc"), ("nmae", "typo")],
-)  # fmt: skip
+    [
+        ("expires_at", "PAST"),
+        ("expires_at", "NOW"),
+        ("expires_at", "tomorrow"),
+        ("expires_at", 5),
+        ("models", ["gpt-4o-mini", "gpt-5-imaginary"]),
+        ("models", "gpt-4o-mini"),
+        ("models", [3]),
+        ("rpm", -1),
+        ("rpm", 1.5),
+        ("rpm", "60"),
+        ("rpm", True),
+        ("tpm", -5),
+        ("tpm", 2.0),
+        ("monthly_limit_usd", "0.0000000001"),
+        ("monthly_limit_usd", "-1"),
+        ("monthly_limit_usd", "abc"),
+        ("nmae", "typo"),
+    ],
+)
 async def test_bad_controls_are_refused_naming_the_field_and_change_nothing(
     gateway: Gateway, api: Api, db: asyncpg.Connection, field: str, value: Any
 ) -> None:
     owner, team, _ = await api.funded_team_key()
     now = gateway.clock.now()
-    value = {"PAST": iso(now - 1), "NOW": iso(now)}.get(value, value) if isinstance(value, str) else value  # fmt: skip
+    value = (
+        {"PAST": iso(now - 1), "NOW": iso(now)}.get(value, value)
+        if isinstance(value, str)
+        else value
+    )
     count = "SELECT count(*) FROM api_keys WHERE team_id = $1"
     before = await db.fetchval(count, team["id"])
     body = await make_key(api, owner, team["id"], expect=400, **{field: value})
@@ -136,7 +164,9 @@ async def test_expiry_takes_effect_on_the_next_request(
     reply = await chat(http, gateway, key["secret"], BODY)
     assert (reply.status, reply.code) == (401, "invalid_api_key")
     assert reply.body["error"]["message"] == "This API key has expired."
-    async with http.get(gateway.v1 + "/models", headers={"Authorization": f"Bearer {key['secret']}"}) as r:  # fmt: skip
+    async with http.get(
+        gateway.v1 + "/models", headers={"Authorization": f"Bearer {key['secret']}"}
+    ) as r:
         assert r.status == 401
     # the owner extends it: valid again at once
     await patch_key(api, owner, key["id"], expires_at=iso(now + 3600))
@@ -152,7 +182,11 @@ async def test_a_key_only_reaches_its_models(
     owner, team, _ = await api.funded_team_key()
     key = await make_key(api, owner, team["id"], models=["gpt-4o"])
     reply = await chat(http, gateway, key["secret"], BODY)
-    assert (reply.status, reply.code, reply.body["error"]["param"]) == (403, "model_not_allowed", "model")  # fmt: skip
+    assert (reply.status, reply.code, reply.body["error"]["param"]) == (
+        403,
+        "model_not_allowed",
+        "model",
+    )
     assert (await chat(http, gateway, key["secret"], {**BODY, "model": "gpt-4o"})).status == 200
     assert await models(http, gateway, key["secret"]) == ["gpt-4o"]
     # the team's restrictions still apply on top
@@ -200,9 +234,10 @@ async def test_rpm_per_key_with_openai_headers_on_both_paths(
     assert "x-ratelimit-limit-tokens" not in plain.headers
     gateway.clock.fixed = now + 20
     async with http.post(
-        gateway.v1 + "/chat/completions", json={**BODY, "stream": True},
+        gateway.v1 + "/chat/completions",
+        json={**BODY, "stream": True},
         headers={"Authorization": f"Bearer {key['secret']}"},
-    ) as resp:  # fmt: skip  # aiohttp's path
+    ) as resp:  # aiohttp's path
         await resp.read()
         assert resp.status == 200
         assert resp.headers["x-ratelimit-remaining-requests"] == "1"
@@ -244,7 +279,11 @@ async def test_tpm_counts_the_worst_case_then_the_actual_tokens(
     # a request larger than the limit can never fit
     await patch_key(api, owner, key["id"], tpm=worst - 1)
     reply = await chat(http, gateway, key["secret"], req.body)
-    assert (reply.status, reply.code, reply.headers["Retry-After"]) == (429, "rate_limit_exceeded", "60")  # fmt: skip
+    assert (reply.status, reply.code, reply.headers["Retry-After"]) == (
+        429,
+        "rate_limit_exceeded",
+        "60",
+    )
 
 
 async def test_member_and_team_rate_limits(
@@ -347,7 +386,9 @@ async def test_controls_follow_a_key_into_personal_billing(
     tid = team["id"]
     member = await add_member(api, owner, tid)
     await api.credit_user(member.user["id"], "1.00")
-    key = await make_key(api, member, tid, monthly_limit_usd=usd(3 * req.cost), models=["gpt-4o-mini"])  # fmt: skip
+    key = await make_key(
+        api, member, tid, monthly_limit_usd=usd(3 * req.cost), models=["gpt-4o-mini"]
+    )
     gateway.clock.fixed = gateway.clock.now()
     for _ in range(2):
         assert (await chat(http, gateway, key["secret"], req.body)).status == 200
@@ -355,7 +396,9 @@ async def test_controls_follow_a_key_into_personal_billing(
     # the key's spend billed to the team still counts against its limit
     assert (await chat(http, gateway, key["secret"], req.body)).status == 200
     assert (await chat(http, gateway, key["secret"], req.body)).code == "key_limit_reached"
-    assert (await chat(http, gateway, key["secret"], {**req.body, "model": "gpt-4o"})).code == "model_not_allowed"  # fmt: skip
+    assert (
+        await chat(http, gateway, key["secret"], {**req.body, "model": "gpt-4o"})
+    ).code == "model_not_allowed"
     assert (await listed(api, member, tid, key["id"]))["spend_this_period_usd"] == usd(3 * req.cost)
     # a member rate limit reaches the personally billed keys too
     await patch_key(api, member, key["id"], monthly_limit_usd=None)

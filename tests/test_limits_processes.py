@@ -54,9 +54,12 @@ async def post(
 
 async def make_key(api: Api, session: Any, team_id: str, **controls: Any) -> dict[str, Any]:
     _, body = await api.call(
-        "POST", "/api/keys", session=session, json={"name": "k", "team": team_id, **controls},
+        "POST",
+        "/api/keys",
+        session=session,
+        json={"name": "k", "team": team_id, **controls},
         expect=201,
-    )  # fmt: skip
+    )
     return dict(body)
 
 
@@ -73,8 +76,11 @@ async def test_rpm_50_admits_exactly_50_of_300_sent_at_once_to_two_processes(
     api = Api(http, two_gateways[0].base, ADMIN_TOKEN)
     owner, team, _ = await api.funded_team_key()
     key = await make_key(api, owner, team["id"], rpm=50)
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 5}  # fmt: skip
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+    }
     fake.set_default(delay_s=0.05)
     replies = await asyncio.gather(
         *(post(burst, proc, key["secret"], body) for proc in both(two_gateways, 300))
@@ -148,8 +154,11 @@ async def test_tpm_never_passes_the_limit_over_any_60_s_window(
         def body(prompt: int) -> dict[str, Any]:
             marker = f'[[fake:{{"prompt_tokens": {prompt}, "completion_tokens": {done}}}]]'
             content = f"{text} {marker}"
-            return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}],
-                    "max_tokens": cap}  # fmt: skip
+            return {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": content}],
+                "max_tokens": cap,
+            }
 
         prompt = 0
         for _ in range(5):  # the count depends on the number in the marker: its fixed point
@@ -185,8 +194,10 @@ async def test_tpm_never_passes_the_limit_over_any_60_s_window(
     for i, (start, _) in enumerate(stamps):
         inside = sum(t for at, t in stamps[i:] if at < start + 60_000)
         worst_window = max(worst_window, inside)
-    print(f"tpm {tpm}: {admitted} admitted, {sum(refused.values())} refused, busiest 60 s window"
-          f" {worst_window} tokens, {sum(t for _, t in stamps)} tokens over the run")  # fmt: skip
+    print(
+        f"tpm {tpm}: {admitted} admitted, {sum(refused.values())} refused, busiest 60 s window"
+        f" {worst_window} tokens, {sum(t for _, t in stamps)} tokens over the run"
+    )
     assert worst_window <= tpm
     # the window slid: over the whole run more than one window's worth went through
     assert sum(t for _, t in stamps) > tpm
@@ -200,8 +211,11 @@ async def test_expiry_refuses_the_next_request_on_every_process(
     a, b = two_gateways
     api = Api(http, a.base, ADMIN_TOKEN)
     owner, team, _ = await api.funded_team_key()
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 5}  # fmt: skip
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+    }
     expires = int(time.time()) + 3
     key = await make_key(
         api, owner, team["id"], expires_at=datetime.fromtimestamp(expires, UTC).isoformat()

@@ -337,8 +337,14 @@ BINDING: list[tuple[str, dict[str, object], str]] = [
     ("team rpm", {"trpm": 2}, R),
     ("team tpm", {"ttpm": 120}, R),
 ]
-_RETRY = {"key rpm": 30, "key tpm": 40, "member rpm": 15, "member tpm": 50, "team rpm": 10,
-          "team tpm": 55}  # fmt: skip
+_RETRY = {
+    "key rpm": 30,
+    "key tpm": 40,
+    "member rpm": 15,
+    "member tpm": 50,
+    "team rpm": 10,
+    "team tpm": 55,
+}
 PAIRS = [
     Row(
         f"{a} + {b}",
@@ -384,19 +390,32 @@ def test_rate_headers_name_the_tightest_limit() -> None:
 
 @pytest.mark.parametrize(
     ("ms", "text"),
-    [(0, "0ms"), (17, "17ms"), (999, "999ms"), (1000, "1s"), (1500, "1.5s"), (59_999, "59.999s"),
-     (60_000, "1m0s"), (61_250, "1m1.25s")],
-)  # fmt: skip
+    [
+        (0, "0ms"),
+        (17, "17ms"),
+        (999, "999ms"),
+        (1000, "1s"),
+        (1500, "1.5s"),
+        (59_999, "59.999s"),
+        (60_000, "1m0s"),
+        (61_250, "1m1.25s"),
+    ],
+)
 def test_reset_durations_as_openai_writes_them(ms: int, text: str) -> None:
     assert format_reset(ms) == text
 
 
 @pytest.mark.parametrize(
     "controls",
-    [NO_CONTROLS, KeyControls(expires_at=NOW), KeyControls(models=()),
-     KeyControls(models=("a", "b-c")), KeyControls(1, ("x",), 2, 3, 4),
-     KeyControls(monthly_limit=0, rpm=0, tpm=0)],
-)  # fmt: skip
+    [
+        NO_CONTROLS,
+        KeyControls(expires_at=NOW),
+        KeyControls(models=()),
+        KeyControls(models=("a", "b-c")),
+        KeyControls(1, ("x",), 2, 3, 4),
+        KeyControls(monthly_limit=0, rpm=0, tpm=0),
+    ],
+)
 def test_key_entries_round_trip(controls: KeyControls) -> None:
     entry = key_entry("usr_1", controls)
     assert parse_key_entry(entry) == ("usr_1", controls)

@@ -85,8 +85,12 @@ async def install(redis: Redis, ak: rk.AccountKeys, row: Row) -> None:
     if row.ml_set:
         cfg["ml:" + SCOPE] = "-1" if row.ml is None else str(row.ml)
     _set(cfg, "me:" + SCOPE, row.me)
-    for name, value in (("rpm", row.trpm), ("tpm", row.ttpm), ("rpm:" + SCOPE, row.mrpm),
-                        ("tpm:" + SCOPE, row.mtpm)):  # fmt: skip
+    for name, value in (
+        ("rpm", row.trpm),
+        ("tpm", row.ttpm),
+        ("rpm:" + SCOPE, row.mrpm),
+        ("tpm:" + SCOPE, row.mtpm),
+    ):
         _set(cfg, name, value)
     state["kh:" + KEY] = str(row.kh)
     period["ks:" + KEY] = str(row.ks)
@@ -113,8 +117,19 @@ async def install(redis: Redis, ak: rk.AccountKeys, row: Row) -> None:
 
 async def run_hold(scripts: Scripts, ak: rk.AccountKeys, worst: int, row: Row | None = None) -> Any:
     now_ms, tokens = (row.now_ms, row.tokens) if row else (NOW * 1000, 0)
-    args = [now_ms // 1000, "req_parity", KEY, SCOPE, row.model if row else MODEL, worst, 60, 3600,
-            now_ms, tokens, WINDOW_MS]  # fmt: skip
+    args = [
+        now_ms // 1000,
+        "req_parity",
+        KEY,
+        SCOPE,
+        row.model if row else MODEL,
+        worst,
+        60,
+        3600,
+        now_ms,
+        tokens,
+        WINDOW_MS,
+    ]
     return await scripts.hold(keys=hold_keys(ak), args=args)
 
 
@@ -163,8 +178,11 @@ async def _check_logs(redis: Redis, ak: rk.AccountKeys, row: Row, *, logged: boo
         if limits == (None, None):
             assert len(got) == len(entries)
             continue
-        want = [(f"req_old{i}|{t}", at) for i, (at, t) in enumerate(row.log(entries))
-                if at > stamp - WINDOW_MS]  # fmt: skip
+        want = [
+            (f"req_old{i}|{t}", at)
+            for i, (at, t) in enumerate(row.log(entries))
+            if at > stamp - WINDOW_MS
+        ]
         if logged:
             want.append((f"req_parity|{row.tokens}", stamp))
         assert [(m, int(s)) for m, s in got] == want
@@ -190,7 +208,20 @@ async def _settle(
         await redis.hset(ak.hold_values, request_id, f"{hold}|{SCOPE}")
         await redis.hincrby(ak.state, "holds", hold)
         await redis.hincrby(ak.state, "mh:" + SCOPE, hold)
-    args = [request_id, charged, SCOPE, KEY, MODEL, 3600, 60, int(warned), NOW, 0, "request_id", request_id]  # fmt: skip
+    args = [
+        request_id,
+        charged,
+        SCOPE,
+        KEY,
+        MODEL,
+        3600,
+        60,
+        int(warned),
+        NOW,
+        0,
+        "request_id",
+        request_id,
+    ]
     return await Scripts(redis).settle(keys=settle_keys(ak, request_id), args=args)
 
 
@@ -364,9 +395,20 @@ async def test_an_expired_hold_gives_its_key_holds_back(redis: Redis) -> None:
     later = Row("later", credits=RICH, klimit=1500, now_ms=row.now_ms + 61_000)
     raw = await Scripts(redis).hold(
         keys=hold_keys(ak),
-        args=[later.now_ms // 1000, "req_parity2", KEY, SCOPE, MODEL, 1000, 60, 3600,
-              later.now_ms, 100, WINDOW_MS],
-    )  # fmt: skip
+        args=[
+            later.now_ms // 1000,
+            "req_parity2",
+            KEY,
+            SCOPE,
+            MODEL,
+            1000,
+            60,
+            3600,
+            later.now_ms,
+            100,
+            WINDOW_MS,
+        ],
+    )
     assert raw[0] == "ok"  # the first hold expired (60 s) and gave its 1000 back
     assert await redis.hget(ak.state, "kh:" + KEY) == "1000"
 
