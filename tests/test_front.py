@@ -584,3 +584,35 @@ async def test_redis_down_is_503_on_the_lean_path_and_never_forwarded(
     assert len(fake.requests) == forwarded
     conn.send(post(secret, CHAT))
     assert (await conn.response())[0] == 200
+
+
+async def test_edge_heads_on_a_real_socket_are_read_as_llhttp_reads_them(
+    gateway: Gateway, api: Api, conn: Conn
+) -> None:
+    """A few of tests/test_head.py's cases end to end: what the front serves it serves as llhttp
+    reads it, the rest aiohttp answers (never a wait for bytes that will not come)."""
+    _, _, secret = await api.funded_team_key()
+    served, handed = counts(gateway)
+    conn.send(post(secret, CHAT, Connection="closed"))  # no "close" option: kept alive
+    assert (await conn.response())[0] == 200
+    conn.send(post(secret, CHAT, Authorization=f"Bearer {secret}  "))  # OWS is not the value
+    assert (await conn.response())[0] == 200
+    conn.send(post(secret, CHAT, Connection="keep-alive, close"))
+    status, headers, _ = await conn.response()
+    assert (status, headers["connection"]) == (200, "close")
+    assert await conn.closed()
+    assert counts(gateway) == (served + 3, handed)
+
+    port = int(gateway.base.rsplit(":", 1)[1])
+    for raw, expected in (
+        (post(secret, CHAT).replace(b"\r\n", b"\n"), 400),  # bare LF line ends: refused
+        (post(secret, CHAT, Connection="close", connection="keep-alive"), 200),
+    ):
+        other = Conn(*await asyncio.open_connection("127.0.0.1", port))
+        try:
+            other.send(raw)
+            assert (await other.response())[0] == expected  # aiohttp's answer
+            assert await other.closed()  # either way, as llhttp reads it
+        finally:
+            other.writer.close()
+    assert counts(gateway) == (served + 3, handed + 2)
