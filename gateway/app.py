@@ -209,4 +209,18 @@ def build_app(
     app.router.add_get("/metrics", health.metrics)
     api_routes.setup(app)
     dashboard.setup(app)
+    app[S.METRICS].preset(proxied_routes(app), [*config.models, "other"])
     return app
+
+
+def proxied_routes(app: web.Application) -> list[str]:
+    """The proxy API's POST routes (the ``endpoint`` label of the request metrics)."""
+    return sorted(
+        {
+            route.resource.canonical
+            for route in app.router.routes()
+            if route.method == "POST"
+            and route.resource
+            and route.resource.canonical.startswith("/v1/")
+        }
+    )

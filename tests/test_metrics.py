@@ -8,12 +8,15 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import pytest
 
 from gateway.config import MetricsConfig
+from gateway.infra.metrics import REJECTION_REASONS
 from gateway.infra.stores import Stores, StoreURLs
 from tests.conftest import ADMIN_TOKEN, Gateway, _with_database, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, eventually
+from tests.processes import GatewayProcess, write_config
 from tests.test_processes import metric
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi there"}]}
@@ -65,6 +68,7 @@ async def test_contract_metrics_move(
     )
     assert delta("modelbridge_requests_total", endpoint=route, model="other", status="404") == 1
     assert delta("modelbridge_limit_rejections_total", reason="insufficient_quota") == 1
+    assert delta("modelbridge_limit_rejections_total", reason="model_not_found") == 1
     assert delta("modelbridge_tokens_total", model="gpt-4o-mini", kind="prompt") == 5
     assert delta("modelbridge_tokens_total", model="gpt-4o-mini", kind="completion") == 6
     assert round(delta("modelbridge_spend_usd_total", model="gpt-4o-mini") * 1e9) == 4350
@@ -139,3 +143,50 @@ async def test_store_up_follows_each_store(
         stores.stop()
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+FAMILIES = {
+    "modelbridge_requests_total": "counter",
+    "modelbridge_tokens_total": "counter",
+    "modelbridge_spend_usd_total": "counter",
+    "modelbridge_limit_rejections_total": "counter",
+    "modelbridge_request_duration_seconds": "histogram",
+    "modelbridge_upstream_ttfb_seconds": "histogram",
+    "modelbridge_gateway_overhead_seconds": "histogram",
+    "modelbridge_inflight_requests": "gauge",
+    "modelbridge_usage_events_pending": "gauge",
+}
+
+
+@pytest.mark.slow
+async def test_every_family_is_there_from_the_start_over_two_workers(
+    tmp_path: Path,
+    fake: FakeUpstream,
+    database_url: str,
+    redis_url: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A fresh ``serve --workers 2``, before any request: every contract family, its known
+    label values at 0 (each refusal reason, each model and token kind)."""
+    gw = GatewayProcess(
+        write_config(tmp_path, fake.base_url),
+        database_url,
+        redis_url,
+        workers=2,
+        log=tmp_path / "gw.log",
+    )
+    try:
+        await gw.ready(http)
+        text = await scrape(http, gw.base)
+    finally:
+        await gw.stop()
+    for name, kind in FAMILIES.items():
+        assert f"# TYPE {name} {kind}" in text, name
+        sample = name + ("_count" if kind == "histogram" else "")
+        assert any(line.startswith(sample) for line in text.splitlines()), name
+    for reason in REJECTION_REASONS:
+        assert f'modelbridge_limit_rejections_total{{reason="{reason}"}} 0.0' in text, reason
+    for kind in ("prompt", "completion"):
+        assert f'modelbridge_tokens_total{{kind="{kind}",model="gpt-4o-mini"}} 0.0' in text
+    assert 'modelbridge_spend_usd_total{model="gpt-4o-mini"} 0.0' in text
+    assert "modelbridge_inflight_requests 0.0" in text

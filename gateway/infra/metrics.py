@@ -26,6 +26,20 @@ from prometheus_client import (
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+# The refusals modelbridge_limit_rejections_total counts (contract sections 4 and 10: money and
+# model access); every one is shown from the start, at 0.
+REJECTION_REASONS = (
+    "model_not_found",
+    "model_not_allowed",
+    "insufficient_quota",
+    "team_spending_limit_reached",
+    "member_limit_reached",
+    "key_limit_reached",
+    "rate_limit_exceeded",
+)
+TOKEN_KINDS = ("prompt", "completion")
+STORES = ("redis", "postgresql")
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1)
 
@@ -113,6 +127,27 @@ class Metrics:
                 self._children.clear()
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def preset(self, endpoints: list[str], models: list[str]) -> None:
+        """Every family with its known label values at 0, so that a fresh gateway's /metrics
+        (and a dashboard or alert reading it) shows 0, not "no data": with several processes a
+        family with no sample is not shown at all. Per-team families start at their first team."""
+        for reason in REJECTION_REASONS:
+            self.child(self.rejections, reason)
+        for store in STORES:
+            self.child(self.store_up, store)
+        for endpoint in endpoints:
+            self.child(self.overhead, endpoint)
+            for model in models:
+                self.child(self.duration, endpoint, model)
+                if not self.team_labels:
+                    self.child(self.requests, endpoint, model, "200")
+        for model in models:
+            self.child(self.ttfb, model)
+            if not self.team_labels:
+                self.child(self.spend, model)
+                for kind in TOKEN_KINDS:
+                    self.child(self.tokens, model, kind)
 
     def team_label(self, team_id: str | None) -> tuple[str, ...]:
         """The extra ``team`` label value when per-team labels are on ("" for personal keys)."""

@@ -287,6 +287,7 @@ class Front(asyncio.Protocol):
                     raise
             except GatewayError as exc:
                 status = exc.status
+                proxy.count_refusal(app, exc)
                 if call is not None:
                     proxy.annotate(exc, call)
                 self._write_error(exc, keep_alive)

@@ -383,6 +383,14 @@ def base_headers(call: Call) -> dict[str, str]:
     return headers
 
 
+def count_refusal(app: web.Application, exc: GatewayError) -> None:
+    """Count a refusal decided before the hold (the hold's own are counted in place_hold): an
+    unknown model is a refusal of model access (contract section 7)."""
+    if exc.code == "model_not_found":
+        metrics = app[S.METRICS]
+        metrics.child(metrics.rejections, exc.code).inc()
+
+
 def annotate(exc: GatewayError, call: Call) -> None:
     """An error answered after the request was parsed: its id, and the rate-limit figures of
     its hold (a refusal carries its own)."""
@@ -567,6 +575,7 @@ async def proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         return response
     except GatewayError as exc:
         status = exc.status
+        count_refusal(app, exc)
         if call is not None:
             annotate(exc, call)
         raise
