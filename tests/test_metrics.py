@@ -176,7 +176,7 @@ async def test_every_family_is_there_from_the_start_over_two_workers(
         log=tmp_path / "gw.log",
     )
     try:
-        await gw.ready(http)
+        await gw.ready(http, timeout=120)  # two workers and a writer start at once
         text = await scrape(http, gw.base)
     finally:
         await gw.stop()
