@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import logging
 import os
 import secrets
@@ -44,6 +45,19 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--workers", type=int, default=None)
+    check = sub.add_parser(
+        "reconcile",
+        help="check that Redis, the usage ledger, the daily rollup and the balances agree",
+        description="Compare every billing account's money: Redis counters vs the PostgreSQL "
+        "usage ledger vs the daily rollup vs the balances, to the nano-dollar. Prints JSON; "
+        "exit 0 when all agree, 1 when anything differs.",
+    )
+    check.add_argument("--config", default=None, help="config file (default: ./config.yaml)")
+    check.add_argument(
+        "--repair",
+        action="store_true",
+        help="rebuild the accounts that differ, check them again; exit on that second check",
+    )
     writer = sub.add_parser("_writer", help=argparse.SUPPRESS)
     writer.add_argument("--config", default=None)
     writer.add_argument("--consumer", default=None)
@@ -145,6 +159,11 @@ def serve(args: argparse.Namespace) -> None:
     )
     urls = stores.start()
     try:
+        _write_stores_file(
+            directory,
+            None if os.environ.get("MODELBRIDGE_DATABASE_URL") else urls.database_url,
+            None if os.environ.get("MODELBRIDGE_REDIS_URL") else urls.redis_url,
+        )
         embedded = not os.environ.get("MODELBRIDGE_DATABASE_URL")
         token, generated = admin_token(embedded, directory)
         if not token:
@@ -166,6 +185,7 @@ def serve(args: argparse.Namespace) -> None:
         finally:
             stop_writer(writer)  # after the workers: it drains what their last streams settled
     finally:
+        (directory / STORES_FILE).unlink(missing_ok=True)
         stores.stop()
 
 
@@ -246,6 +266,43 @@ def worker(args: argparse.Namespace) -> None:
     _run(serve_app(config, runtime, reuse_port=True))
 
 
+STORES_FILE = "stores.json"  # the embedded stores' URLs while `serve` runs (for `reconcile`)
+
+
+def _write_stores_file(directory: Path, database_url: str | None, redis_url: str | None) -> None:
+    urls = {k: v for k, v in (("database_url", database_url), ("redis_url", redis_url)) if v}
+    if urls:
+        path = directory / STORES_FILE
+        path.write_text(json.dumps(urls) + "\n")
+        path.chmod(0o600)
+
+
+def reconcile_command(args: argparse.Namespace) -> int:
+    """``modelbridge reconcile``: the stores from the environment, else those of the gateway
+    running on the data dir, else the embedded stores started for the check."""
+    from gateway.infra.stores import Stores
+    from gateway.metering.reconcile import run_check
+
+    config = load_config(args.config)
+    database_url = os.environ.get("MODELBRIDGE_DATABASE_URL") or None
+    redis_url = os.environ.get("MODELBRIDGE_REDIS_URL") or None
+    directory = data_dir()
+    running = directory / STORES_FILE
+    if (database_url is None or redis_url is None) and running.exists():
+        found = json.loads(running.read_text())
+        database_url = database_url or found.get("database_url")
+        redis_url = redis_url or found.get("redis_url")
+    stores = Stores(directory, database_url, redis_url)
+    urls = stores.start()
+    try:
+        result = asyncio.run(run_check(urls.database_url, urls.redis_url, config, args.repair))
+    finally:
+        stores.stop()
+    print(json.dumps(result, indent=2))
+    final = result.get("after_repair", result)
+    return 0 if final["ok"] else 1
+
+
 def usage_writer(args: argparse.Namespace) -> None:
     from gateway.metering.usage_writer import serve_writer
 
@@ -271,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
             serve(args)
         elif args.command == "_writer":
             usage_writer(args)
+        elif args.command == "reconcile":
+            raise SystemExit(reconcile_command(args))
         else:
             worker(args)
     except ConfigError as exc:

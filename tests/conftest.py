@@ -237,6 +237,48 @@ def _fresh_fake_and_clock(request: pytest.FixtureRequest) -> Iterator[None]:
         clock.fixed, clock.offset = None, 0.0
 
 
+# Every test of these modules moves money through the session gateway; each ends with a clean
+# reconcile (contract section 11) of the accounts it created: Redis, the ledger (plus the records
+# still in flight) and the daily rollup agree to the nano-dollar.
+RECONCILED_MODULES = {
+    "test_proxy",
+    "test_proxy_errors",
+    "test_billing",
+    "test_limits",
+    "test_personal_billing",
+    "test_concurrency",
+    "test_concurrency_limits",
+    "test_team_isolation",
+    "test_periods",
+    "test_key_controls",
+    "test_members",
+    "test_usage_reports",
+    "test_alerts",
+    "test_sweeper",
+}
+_ACCOUNTS = "SELECT 't_' || id FROM teams UNION ALL SELECT 'u_' || id FROM users"
+
+
+@pytest.fixture(autouse=True)
+async def _reconciled(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    if module not in RECONCILED_MODULES or "gateway" not in request.fixturenames:
+        yield
+        return
+    from gateway import state as S
+    from gateway.metering.reconcile import Reconciler
+
+    app = request.getfixturevalue("gateway").app
+    before = {r[0] for r in await app[S.DB].fetch(_ACCOUNTS)}
+    yield
+    if request.node.get_closest_marker("unreconciled"):
+        return
+    created = sorted({r[0] for r in await app[S.DB].fetch(_ACCOUNTS)} - before)
+    reconciler = Reconciler(app[S.DB], app[S.REDIS], app[S.ACCOUNTS])
+    _, differences = await reconciler.check(created, app[S.CLOCK].now())
+    assert not differences, [d.as_json() for d in differences]
+
+
 @pytest.fixture(scope="session")
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:

@@ -1,9 +1,11 @@
 """The operator API (``/admin``, ``Authorization: Bearer <MODELBRIDGE_ADMIN_TOKEN>``): credits,
-discounts, the list of teams."""
+discounts, the list of teams, the reconcile (contract section 11)."""
 
 from __future__ import annotations
 
+import asyncpg
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from gateway import state as S
 from gateway.api.common import (
@@ -17,8 +19,9 @@ from gateway.api.common import (
 )
 from gateway.api.members import lock_team
 from gateway.credentials import check_admin
-from gateway.errors import InvalidRequest, NotFound
+from gateway.errors import InvalidRequest, NotFound, StoreUnavailable
 from gateway.metering.accounts import lock_account
+from gateway.metering.reconcile import Reconciler, reconcile
 from policies import keyspace as rk
 
 routes = web.RouteTableDef()
@@ -121,3 +124,18 @@ async def list_teams(request: web.Request) -> web.Response:
         " FROM teams t ORDER BY t.created_at"
     )
     return json_response({"data": [dict(r) for r in rows]})
+
+
+@routes.get("/admin/reconcile")
+async def reconcile_accounts(request: web.Request) -> web.Response:
+    """Contract section 11: every account (or each ``?account=t_...`` named) compared, Redis
+    against the ledger against the daily rollup; 200 whether or not they agree."""
+    check_admin(request, request.app[S.RUNTIME].admin_token)
+    app = request.app
+    named = request.query.getall("account", [])
+    reconciler = Reconciler(app[S.DB], app[S.REDIS], app[S.ACCOUNTS])
+    try:
+        result = await reconcile(reconciler, app[S.CLOCK].now(), accounts=named or None)
+    except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StoreUnavailable("a store is unreachable: nothing compared") from exc
+    return json_response(result)
