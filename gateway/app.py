@@ -93,7 +93,13 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
     app[S.DB] = await create_pool(runtime.database_url)
     async with app[S.DB].acquire() as conn:
         await migrate(conn)
-    link = await open_redis(runtime.redis_url, script_client=app[S.CONFIG].redis.script_client)
+    redis = app[S.CONFIG].redis
+    link = await open_redis(
+        runtime.redis_url,
+        script_client=redis.script_client,
+        wait_replicas=redis.wait_replicas,
+        wait_timeout_ms=redis.wait_timeout_ms,
+    )
     app[S.REDIS_LINK] = link
     app[S.REDIS] = link.client
     yield

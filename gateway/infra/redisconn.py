@@ -85,7 +85,12 @@ async def is_cluster(url: str) -> bool:
     return int(info.get("cluster_enabled", 0)) == 1
 
 
-async def open_redis(url: str, *, script_client: str = "lean") -> RedisLink:
+async def open_redis(
+    url: str, *, script_client: str = "lean", wait_replicas: int = 0, wait_timeout_ms: int = 100
+) -> RedisLink:
+    """The management client and the hot path's script connection; with ``wait_replicas`` every
+    write of the script connection is confirmed by that many replicas (``WAIT``)."""
+    waits = {"wait_replicas": wait_replicas, "wait_timeout_ms": wait_timeout_ms}
     cluster = await is_cluster(url)
     endpoint = Endpoint.from_url(url)
     lean = script_client == "lean" and endpoint is not None
@@ -94,12 +99,12 @@ async def open_redis(url: str, *, script_client: str = "lean") -> RedisLink:
             Redis, RedisCluster.from_url(url, require_full_coverage=False, **_CLIENT_OPTIONS)
         )
         scripts: ScriptConnection | None = (
-            ClusterScriptClient(endpoint) if lean and endpoint is not None else None
+            ClusterScriptClient(endpoint, **waits) if lean and endpoint is not None else None
         )
         log.info("Redis Cluster at %s", where(url))
     else:
         client = Redis.from_url(url, **_CLIENT_OPTIONS)
-        scripts = ScriptClient(endpoint) if lean and endpoint is not None else None
+        scripts = ScriptClient(endpoint, **waits) if lean and endpoint is not None else None
     return RedisLink(client, cluster, url, scripts)
 
 
@@ -112,7 +117,7 @@ async def cluster_problem(link: RedisLink) -> str | None:
             "CLUSTER INFO",
             target_nodes=RedisCluster.RANDOM,
         )
-    except (redis_errors.RedisError, IndexError, OSError):
+    except (redis_errors.RedisError, redis_errors.RedisClusterException, IndexError, OSError):
         async with Redis.from_url(link.url, socket_connect_timeout=2, socket_timeout=2) as seed:
             info = await seed.execute_command("CLUSTER INFO")
     if isinstance(info, bytes):

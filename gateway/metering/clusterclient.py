@@ -79,15 +79,24 @@ class ClusterScriptClient:
     """Same calls as :class:`ScriptClient` (``call``, ``call_now``, ``reply``, ``close``)."""
 
     def __init__(
-        self, seed: Endpoint, *, timeout_s: float = 5.0, refresh_every_s: float = 0.05
+        self,
+        seed: Endpoint,
+        *,
+        timeout_s: float = 5.0,
+        refresh_every_s: float = 0.05,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
     ) -> None:
         self.seed = seed
         self.timeout_s = timeout_s
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self.refresh_every_s = refresh_every_s
         self.refreshes = 0
         self._owner: list[Address | None] = [None] * SLOTS
         self._known: list[Address] = [(seed.host, seed.port)]
         self._nodes: dict[Address, ScriptClient] = {}
+        self._probes: dict[Address, ScriptClient] = {}
         self._slots: dict[Any, int] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed_at = -1e9
@@ -109,7 +118,24 @@ class ClusterScriptClient:
         if client is None:
             seed = self.seed
             endpoint = Endpoint(address[0], address[1], 0, seed.username, seed.password)
-            client = self._nodes[address] = ScriptClient(endpoint, timeout_s=self.timeout_s)
+            client = self._nodes[address] = ScriptClient(
+                endpoint,
+                timeout_s=self.timeout_s,
+                wait_replicas=self.wait_replicas,
+                wait_timeout_ms=self.wait_timeout_ms,
+            )
+        return client
+
+    def _probe(self, address: Address) -> ScriptClient:
+        """A connection to ask ``address`` for the slot map: the script connection, unless that
+        one waits for replicas (WAIT is refused by a replica, which may well be asked)."""
+        if self.wait_replicas == 0:
+            return self.node(address)
+        client = self._probes.get(address)
+        if client is None:
+            seed = self.seed
+            endpoint = Endpoint(address[0], address[1], 0, seed.username, seed.password)
+            client = self._probes[address] = ScriptClient(endpoint, timeout_s=self.timeout_s)
         return client
 
     async def refresh(self) -> None:
@@ -135,7 +161,7 @@ class ClusterScriptClient:
         errors: list[str] = []
         for address in list(self._known):
             try:
-                reply = await self.node(address).call("CLUSTER", "SLOTS")
+                reply = await self._probe(address).call("CLUSTER", "SLOTS")
             except (OSError, ScriptError) as exc:
                 errors.append(f"{address[0]}:{address[1]}: {exc}")
                 continue
@@ -143,8 +169,9 @@ class ClusterScriptClient:
             self._owner = owners
             seed = (self.seed.host, self.seed.port)
             self._known = [address, *sorted((nodes | {seed}) - {address})]  # who answered first
-            for gone in set(self._nodes) - nodes - {seed}:
-                await self._nodes.pop(gone).close()
+            for pool in (self._nodes, self._probes):
+                for gone in set(pool) - nodes - {seed}:
+                    await pool.pop(gone).close()
             return
         raise ConnectionError("no Redis Cluster node answered: " + "; ".join(errors))
 
@@ -238,9 +265,10 @@ class ClusterScriptClient:
             self._refreshing.cancel()
             with contextlib.suppress(BaseException):
                 await self._refreshing
-        for client in self._nodes.values():
+        for client in [*self._nodes.values(), *self._probes.values()]:
             await client.close()
         self._nodes.clear()
+        self._probes.clear()
 
 
 def _quiet(task: asyncio.Task[None]) -> None:

@@ -149,18 +149,98 @@ class _Protocol(asyncio.Protocol):
             self.transport.close()
 
 
+class ReplicaTimeout(ConnectionError):
+    """No replica confirmed a write within ``redis.wait_timeout_ms``: it may be lost in a
+    failover, so it counts as not done (a hold is refused with 503, a settle is kept and sent
+    again: the settle marker makes that safe)."""
+
+
+class _WaitingProtocol(_Protocol):
+    """``redis.wait_replicas``: every write on this connection is followed by ``WAIT n t``, and
+    the replies before a WAIT are handed out only when it answers that ``n`` replicas have them
+    (one WAIT per write, so a burst of calls shares one)."""
+
+    def __init__(self, timeout_s: float, replicas: int, wait_ms: int) -> None:
+        super().__init__(timeout_s)
+        self.replicas = replicas
+        wait: tuple[Any, ...] = ("WAIT", replicas, wait_ms)
+        self.wait_command = hiredis.pack_command(wait)
+        self.is_wait: deque[bool] = deque()  # beside `waiters`: True for our WAITs
+        self.held: list[tuple[asyncio.Future[Any], Any]] = []
+
+    def send(self, packed: bytes) -> asyncio.Future[Any]:
+        if not self.closed:
+            self.is_wait.append(False)  # before the write below appends its WAIT
+        return super().send(packed)
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.waiters.append(self._loop.create_future())
+            self.sent_at.append(self._loop.time())
+            self.is_wait.append(True)
+            self.transport.write(data + self.wait_command)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            waiter = self.waiters.popleft()
+            self.sent_at.popleft()
+            if self.is_wait.popleft():
+                self._confirmed(reply)
+            elif isinstance(reply, hiredis.ReplyError):
+                if not waiter.done():  # refused: nothing was written, nothing to wait for
+                    waiter.set_result(reply)
+            else:
+                self.held.append((waiter, reply))
+
+    def _confirmed(self, acks: Any) -> None:
+        held, self.held = self.held, []
+        ok = isinstance(acks, int) and acks >= self.replicas
+        for waiter, reply in held:
+            if waiter.done():
+                continue
+            if ok:
+                waiter.set_result(reply)
+            else:
+                waiter.set_exception(
+                    ReplicaTimeout(f"{acks} of {self.replicas} Redis replicas confirmed a write")
+                )
+
+    def _fail_all(self, exc: Exception) -> None:
+        held, self.held = self.held, []
+        self.is_wait.clear()
+        for waiter, _ in held:
+            if not waiter.done():
+                waiter.set_exception(exc)
+        super()._fail_all(exc)
+
+
 class ScriptClient:
-    def __init__(self, endpoint: Endpoint, *, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        timeout_s: float = 5.0,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
+    ) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self._protocol: _Protocol | None = None
         self._opening: asyncio.Task[_Protocol] | None = None
+
+    def _new_protocol(self) -> _Protocol:
+        if self.wait_replicas > 0:
+            return _WaitingProtocol(self.timeout_s, self.wait_replicas, self.wait_timeout_ms)
+        return _Protocol(self.timeout_s)
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         ep = self.endpoint
         _, protocol = await asyncio.wait_for(
-            loop.create_connection(lambda: _Protocol(self.timeout_s), ep.host, ep.port),
+            loop.create_connection(self._new_protocol, ep.host, ep.port),
             timeout=self.timeout_s,
         )
         setup: list[tuple[Any, ...]] = []
