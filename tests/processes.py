@@ -45,7 +45,14 @@ def write_config(directory: Path, upstream_url: str, **server: object) -> Path:
 
 class GatewayProcess:
     def __init__(
-        self, config: Path, database_url: str, redis_url: str, *, workers: int = 1, log: Path
+        self,
+        config: Path,
+        database_url: str,
+        redis_url: str,
+        *,
+        workers: int = 1,
+        log: Path,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -56,6 +63,7 @@ class GatewayProcess:
             "MODELBRIDGE_ADMIN_TOKEN": ADMIN_TOKEN,
             "MB_TEST_UPSTREAM_KEY": UPSTREAM_KEY,
             "MODELBRIDGE_DATA_DIR": str(config.parent / f"data-{self.port}"),
+            **(env or {}),
         }
         cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(self.port),
                "--workers", str(workers)]  # fmt: skip

@@ -118,7 +118,8 @@ class LocalCluster:
         args = [self.server, "--bind", HOST, "--port", str(port), "--dir", str(directory)]
         args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
         args += ["--cluster-node-timeout", str(NODE_TIMEOUT_MS)]
-        args += ["--cluster-replica-validity-factor", "0", "--save", "", "--appendonly", "no"]
+        args += ["--cluster-replica-validity-factor", "0", "--cluster-require-full-coverage", "no"]
+        args += ["--save", "", "--appendonly", "no"]
         args += ["--daemonize", "no", "--logfile", str(directory / "redis.log")]
         if self.password:
             args += ["--requirepass", self.password, "--masterauth", self.password]
