@@ -38,9 +38,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import load, procs, report
+from bench import cluster, load, procs, report
 from bench.session import Plan, Session
-from bench.stack import FakeUpstream, Gateway
+from bench.stack import FakeUpstream, Gateway, RedisSetup
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TESTS = ("latency", "saturation", "stream")
@@ -75,6 +75,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="gateway worker counts to measure, comma separated (e.g. 1,2)",
     )
     p.add_argument("--tests", default=",".join(TESTS), help="subset of " + ",".join(TESTS))
+    p.add_argument(
+        "--redis",
+        default="single,cluster",
+        help="Redis setups, comma separated: " + ", ".join(cluster.SETUPS) + " (a cluster is "
+        "3 masters + 3 replicas on loopback; cluster-redis-py sends the hot path's scripts "
+        "through redis-py's RedisCluster, cluster-wait sets redis.wait_replicas: 1)",
+    )
+    p.add_argument("--cluster-workers", type=int, default=2, help="gateway processes on a cluster")
     p.add_argument("--lat-conns", type=int, default=4)
     p.add_argument("--lat-think-ms", type=float, default=50.0)
     p.add_argument("--sat-conns", type=int, default=32)
@@ -106,6 +114,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a.repeats = a.repeats or (1 if a.quick else 3)
     a.workers = [int(w) for w in str(a.workers).split(",") if w.strip()]
     a.tests = tuple(t for t in a.tests.split(",") if t)
+    a.redis = tuple(r for r in a.redis.split(",") if r)
+    if set(a.redis) - set(cluster.SETUPS) or not a.redis:
+        p.error(f"--redis: choose from {', '.join(cluster.SETUPS)}")
     unknown = set(a.tests) - set(TESTS)
     if unknown or not a.tests:
         p.error(f"unknown tests {sorted(unknown)}; choose from {', '.join(TESTS)}")
@@ -149,9 +160,14 @@ def meta(a: argparse.Namespace, plan: Plan) -> dict[str, Any]:
 
 
 def bench_gateway(
-    plan: Plan, fake: FakeUpstream, workers: int, body: Path, project: Path | None
+    plan: Plan,
+    fake: FakeUpstream,
+    workers: int,
+    body: Path,
+    project: Path | None,
+    redis: RedisSetup | None = None,
 ) -> dict[str, Any]:
-    gw = Gateway(workers, fake.url, project)
+    gw = Gateway(workers, fake.url, project, redis)
     log(f"starting modelbridge serve --workers {workers} on :{gw.port} (data {gw.data_dir})")
     stopped: dict[str, Any] = {}
     try:
@@ -204,11 +220,23 @@ def main(argv: list[str] | None = None) -> int:
         fake = FakeUpstream(Path(tmp))
         fake.start()
         log(f"fake upstream on {fake.url} (pid {fake.pid})")
+        clustered = [name for name in a.redis if name != "single"]
+        redis_cluster = cluster.start_cluster(Path(tmp)) if clustered else None
         try:
-            for workers in a.workers:
-                result["sessions"].append(bench_gateway(plan, fake, workers, body, a.project))
+            if "single" in a.redis:
+                for workers in a.workers:
+                    result["sessions"].append(bench_gateway(plan, fake, workers, body, a.project))
+            for name in clustered:
+                assert redis_cluster is not None
+                redis_cluster.flush()  # the previous gateway's streams went to its own database
+                setup = cluster.setup(name, redis_cluster)
+                result["sessions"].append(
+                    bench_gateway(plan, fake, a.cluster_workers, body, a.project, setup)
+                )
         finally:
             fake.stop()
+            if redis_cluster is not None:
+                redis_cluster.stop()
     result["meta"]["finished"] = dt.datetime.now().isoformat(timespec="seconds")
     json_path, md_path, md = write(result, a.out)
     print("\n" + md)

@@ -108,7 +108,7 @@ class Session:
         began = time.monotonic()
         zero_since = None
         while True:
-            m = self.gateway.infra.metrics()
+            m = self.gateway.metrics()
             pending, now = _pending(m), time.monotonic()
             self.pending_seen.append(pending)
             zero_since = (zero_since or now) if pending == 0 else None
@@ -139,7 +139,7 @@ class Session:
 
     def measure(self, t: load.Target, test: str) -> dict[str, Any]:
         is_gw = t is self.target
-        m0 = self.gateway.infra.metrics() if is_gw else None
+        m0 = self.gateway.metrics() if is_gw else None
         a = procs.Snapshot.take()
         result = self._load(t, test)
         b = procs.Snapshot.take()

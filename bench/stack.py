@@ -24,6 +24,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +115,27 @@ class FakeUpstream:
         _stop(self.proc, 10)
 
 
-def _gateway_config(port: int, workers: int, upstream_url: str) -> str:
-    return f"""\
+@dataclass(frozen=True)
+class RedisSetup:
+    """Which Redis a gateway under test uses: its embedded single node (``url`` empty), or a
+    Redis Cluster (``bench.cluster``), with the hot path's script client and WAIT setting."""
+
+    name: str = "single"
+    url: str = ""
+    script_client: str = "lean"
+    wait_replicas: int = 0
+    pids: tuple[int, ...] = ()  # the cluster's redis-server processes, for the CPU accounts
+
+    def config(self) -> str:
+        return (
+            f"redis: {{script_client: {self.script_client}, wait_replicas: {self.wait_replicas}}}\n"
+        )
+
+
+def _gateway_config(port: int, workers: int, upstream_url: str, redis: RedisSetup) -> str:
+    return (
+        redis.config()
+        + f"""\
 server: {{host: 127.0.0.1, port: {port}, workers: {workers}, shutdown_timeout_s: 5}}
 upstreams:
   fake: {{base_url: "{upstream_url}/v1", api_key_env: {UPSTREAM_KEY_ENV}, timeout_s: 30}}
@@ -130,30 +150,40 @@ models:
 plans:
   starter: {{seat_price: 10.00, included_usage_per_seat: 2.00}}
 """
+    )
 
 
 class Gateway:
     """One ``modelbridge serve`` with its own temp dir; ``start()`` then ``provision()``."""
 
-    def __init__(self, workers: int, upstream_url: str, project: Path | None = None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        upstream_url: str,
+        project: Path | None = None,
+        redis: RedisSetup | None = None,
+    ) -> None:
         self.workers = workers
+        self.redis = redis or RedisSetup()
         self.project = project  # another checkout's gateway/ and policies/, run on this venv
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix=f"mb-bench-w{workers}-"))
         self.data_dir = self.dir / "data"
         self.config_path = self.dir / "config.yaml"
-        self.config_path.write_text(_gateway_config(self.port, workers, upstream_url))
+        self.config_path.write_text(_gateway_config(self.port, workers, upstream_url, self.redis))
         self.log_path = self.dir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.external_db = os.environ.get("MODELBRIDGE_BENCH_DATABASE_URL", "")
-        self.external_redis = os.environ.get("MODELBRIDGE_BENCH_REDIS_URL", "")
+        self.external_redis = self.redis.url or os.environ.get("MODELBRIDGE_BENCH_REDIS_URL", "")
         self.key = ""
         self.key_id = ""
 
     @property
     def label(self) -> str:
-        return f"gateway-w{self.workers}"
+        if self.redis.name == "single":
+            return f"gateway-w{self.workers}"
+        return f"{self.redis.name}-w{self.workers}"
 
     def _env(self) -> dict[str, str]:
         # nothing from the caller's MODELBRIDGE_* may reconfigure the gateway under test
@@ -250,6 +280,8 @@ class Gateway:
         if writer is not None:
             roots["writer"] = [writer]
         roots |= {name: [pid] for name, pid in self.store_pids().items()}
+        if self.redis.pids:
+            roots["redis"] = list(self.redis.pids)
         return procs.Groups(roots)
 
     def database_url(self) -> str:

@@ -77,7 +77,7 @@ class GatewayProcess:
     def v1(self) -> str:
         return self.base + "/v1"
 
-    async def ready(self, http: aiohttp.ClientSession, timeout: float = 30.0) -> None:
+    async def ready(self, http: aiohttp.ClientSession, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
