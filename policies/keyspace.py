@@ -31,6 +31,8 @@ key                    type    contents
 {acct:A}:rw:k:<key>    zset    a key's rate log: "<request id>|<tokens>" scored by stamp (ms)
 {acct:A}:rw:m:<scope>  zset    a member's rate log (policies/ratelimits.py)
 {acct:A}:rw:t          zset    the team's rate log
+{acct:A}:rj:<period>   hash    "<key>|<code>" -> requests of that key refused with that code this
+                               period (shown with the key; not rebuilt after a Redis loss)
 mb:usage:streams:{rN}  set     names of the usage streams of the accounts whose slot is N
                                modulo 16 (for the writer): 16 registry shards
 mb:keys:invalidate     pubsub  key ids whose cached auth entries must be dropped
@@ -149,6 +151,9 @@ class AccountKeys:
     @property
     def alerts(self) -> str:
         return f"{self.tag}:alerts"
+
+    def refusals(self, period: str) -> str:
+        return f"{self.tag}:rj:{period}"
 
     @property
     def rate_sums(self) -> str:

@@ -210,6 +210,7 @@ async def test_key_limit_is_hard_and_counts_this_period(
     assert reply.headers["Retry-After"] == str(seconds_to_period_end(now))
     row = await listed(api, owner, team["id"], key["id"])
     assert row["spend_this_period_usd"] == usd(3 * req.cost)
+    assert row["refused_this_period"] == {"key_limit_reached": 1}
     # another key of the same member is not limited by it
     other = await make_key(api, owner, team["id"])
     assert (await chat(http, gateway, other["secret"], req.body)).status == 200
@@ -253,6 +254,8 @@ async def test_rpm_per_key_with_openai_headers_on_both_paths(
     assert (await chat(http, gateway, key["secret"], BODY)).status == 200
     reply = await chat(http, gateway, key["secret"], BODY)
     assert (reply.status, reply.headers["Retry-After"]) == (429, "20")
+    refused = (await listed(api, owner, team["id"], key["id"]))["refused_this_period"]
+    assert refused == {"rate_limit_exceeded": 2}
     text = await (await http.get(gateway.base + "/metrics")).text()
     assert metric(text, "modelbridge_limit_rejections_total", reason="rate_limit_exceeded") >= 2
 

@@ -329,8 +329,9 @@ async def list_keys(request: web.Request) -> web.Response:
 
 async def _listing(request: web.Request, rows: list[Any]) -> list[dict[str, Any]]:
     """Keys as listed: their fields, this period's spend (the live counters of the account each
-    bills, plus what it billed to the other account before a billing-mode switch) and, for a key
-    with a rate limit, what its log holds of the last 60 s."""
+    bills, plus what it billed to the other account before a billing-mode switch), its requests
+    refused this period by error code and, for a key with a rate limit, what its log holds of
+    the last 60 s."""
     app = request.app
     now = app[S.CLOCK].now()
     period = period_of(now)
@@ -354,14 +355,19 @@ async def _listing(request: web.Request, rows: list[Any]) -> list[dict[str, Any]
         pipe.hmget(ak.period(period), ["ks:" + row["id"], "kx:" + row["id"]])
         pipe.hget(ak.rate_sums, "last")
         pipe.zrange(ak.key_rate_log(row["id"]), 0, -1, withscores=True)
+        pipe.hgetall(ak.refusals(period))
     replies = await pipe.execute()
     out = []
     for i, (_, row) in enumerate(placed):
-        (ks, kx), last, logged = replies[3 * i : 3 * i + 3]
+        (ks, kx), last, logged, refused = replies[4 * i : 4 * i + 4]
         item = key_json(row)
         if "user_email" in row:
             item["user_email"] = row["user_email"]
         item["spend_this_period_usd"] = usd(int(ks or 0) + int(kx or 0))
+        mine = {
+            f.split("|", 1)[1]: int(n) for f, n in refused.items() if f.startswith(row["id"] + "|")
+        }
+        item["refused_this_period"] = dict(sorted(mine.items()))
         item["rate_usage"] = None
         if row["rpm"] is not None or row["tpm"] is not None:
             # the account's clock never goes back (policies/ratelimits.py): count from its stamp

@@ -343,6 +343,18 @@ class Metering:
         keys = [ak.state, ak.hold_expiry, ak.hold_values, *ak.rate_keys(key_id, scope)]
         return int(await guarded(self.scripts.release(keys=keys, args=[request_id])))
 
+    async def count_refusal(self, account: str, period: str, key_id: str, code: str) -> None:
+        """One more request of ``key_id`` refused with ``code`` this period (shown with the key;
+        informational: never fails the refusal, not rebuilt after a Redis loss)."""
+        key = rk.AccountKeys(account).refusals(period)
+        try:
+            pipe = self.accounts.redis.pipeline(transaction=False)
+            pipe.hincrby(key, f"{key_id}|{code}", 1)
+            pipe.expire(key, rk.PERIOD_TTL_S)
+            await pipe.execute()
+        except Exception as exc:  # Redis away: the refusal itself still stands
+            log.debug("refusal of %s not counted: %r", key_id, exc)
+
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):

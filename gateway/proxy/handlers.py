@@ -286,6 +286,9 @@ async def place_hold(call: Call) -> HoldResult:
     if result.status == "key_expired":
         raise AuthenticationFailed(_MESSAGES["key_expired"])
     app[S.METRICS].child(app[S.METRICS].rejections, result.status).inc()
+    await app[S.METERING].count_refusal(
+        call.key.account, call.period, call.key.key_id, result.status
+    )
     if result.status == "model_not_allowed":
         raise Forbidden(_MESSAGES[result.status], code=result.status, param="model")
     retry = seconds_to_period_end(call.now) if result.status in _PERIOD_LIMIT_CODES else None
