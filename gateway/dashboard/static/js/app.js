@@ -167,15 +167,31 @@ function mount(found, result, keepFocus) {
     return;
   }
   if (!state.shell) {
-    state.shell = { sidebar: h('aside', { class: 'sidebar' }), main: h('main', { id: 'main', tabindex: '-1' }) };
-    root.replaceChildren(h('div', { class: 'shell' }, h('div', { class: 'sidebar-col' }, state.shell.sidebar), state.shell.main));
+    state.shell = { sidebar: h('aside', { class: 'sidebar', id: 'sidebar' }), main: h('main', { id: 'main', tabindex: '-1' }) };
+    const toggle = h('button', { type: 'button', class: 'btn small menu-toggle', 'aria-expanded': 'false', 'aria-controls': 'sidebar' }, 'Menu');
+    const shell = h('div', { class: 'shell' },
+      h('header', { class: 'topbar' },
+        h('a', { class: 'brand', href: '/' }, h('img', { src: '/static/icon.svg', alt: '' }), 'ModelBridge'), toggle),
+      h('div', { class: 'sidebar-col' }, state.shell.sidebar), state.shell.main);
+    // Narrow screens: the sidebar is a menu behind this button (CSS shows it at <= 900 px).
+    toggle.addEventListener('click', () => menu(!shell.classList.contains('menu-open')));
+    state.shell.menu = (open) => {
+      shell.classList.toggle('menu-open', open);
+      toggle.setAttribute('aria-expanded', String(open));
+    };
+    root.replaceChildren(shell);
   }
+  menu(false);
   renderSidebar(found);
   swap(state.shell.main, result.body);
   if (!keepFocus) {
     window.scrollTo(0, 0);
     focusHeading(state.shell.main);
   }
+}
+
+function menu(open) {
+  if (state.shell && state.shell.menu) state.shell.menu(open);
 }
 
 function focusHeading(container) {

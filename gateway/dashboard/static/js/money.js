@@ -20,23 +20,39 @@ function group(digits) {
 }
 
 /**
- * "$1,234.50", "$0.0044", "<$0.0001": at least `min` and at most `max` decimals, rounded half
- * up on the nano-dollars. Null shows as an em dash (or `empty`).
+ * "$1,234.50", "$0.0044", "$0.000004": at least `min` and at most `max` decimals, rounded half
+ * up on the nano-dollars; an amount too small for `max` decimals gets as many more as it takes
+ * to show its first digit (up to all 9), never a "<$0.0001". Null shows as an em dash (or
+ * `empty`). The exact figure is :func:`exact` (for a tooltip).
  */
 export function usd(value, { min = 2, max = 4, empty = '—' } = {}) {
   const nanos = toNanos(value);
   if (nanos === null) return empty;
   const negative = nanos < 0n;
   const abs = negative ? -nanos : nanos;
-  const unit = 10n ** BigInt(9 - max);
-  const rounded = (abs + unit / 2n) / unit;
   const sign = negative ? '-' : '';
-  if (rounded === 0n && abs > 0n) return `${sign}<$0.${'0'.repeat(max - 1)}1`;
+  let unit = 10n ** BigInt(9 - max);
+  let rounded = (abs + unit / 2n) / unit;
+  while (rounded === 0n && abs > 0n && max < 9) {
+    max += 1;
+    unit = 10n ** BigInt(9 - max);
+    rounded = (abs + unit / 2n) / unit;
+  }
   const scale = 10n ** BigInt(max);
   let frac = (rounded % scale).toString().padStart(max, '0');
   while (frac.length > min && frac.endsWith('0')) frac = frac.slice(0, -1);
   const whole = group((rounded / scale).toString());
   return `${sign}$${whole}${frac ? `.${frac}` : ''}`;
+}
+
+/** Every digit: "$0.000004350" (a tooltip for a rounded amount). */
+export function exact(value) {
+  const nanos = toNanos(value);
+  if (nanos === null) return '';
+  const negative = nanos < 0n;
+  const abs = negative ? -nanos : nanos;
+  const frac = (abs % NANOS).toString().padStart(9, '0');
+  return `${negative ? '-' : ''}$${group((abs / NANOS).toString())}.${frac}`;
 }
 
 /** Exact plain decimal for an input field: "12.500000000" -> "12.5", null -> "". */

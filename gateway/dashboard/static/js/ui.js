@@ -3,6 +3,12 @@
 
 import { ApiError } from './api.js';
 import { h, uid } from './dom.js';
+import { exact, usd } from './money.js';
+
+/** An amount as text, its every digit on hover (a small amount is never hidden as "<$0.0001"). */
+export function money(value, opts = {}) {
+  return h('span', { class: 'money', title: exact(value) || undefined }, usd(value, opts));
+}
 
 // --- messages ------------------------------------------------------------------------------------
 /** The API's error.message as a sentence: "wrong email or password" -> "Wrong email or password." */

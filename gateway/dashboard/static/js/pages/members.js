@@ -5,7 +5,7 @@ import { api, enc, optional } from '../api.js';
 import { h, swap } from '../dom.js';
 import { parseAmount, percent, plain, usd } from '../money.js';
 import {
-  button, card, confirm, empty, field, fieldError, form, meter, modal, notice, pageHead,
+  button, card, confirm, empty, field, fieldError, form, meter, modal, money, notice, pageHead,
   plural, radios, roleBadge, submit, table, toast, when,
 } from '../ui.js';
 
@@ -37,7 +37,7 @@ function spendCell(m) {
   const limit = m.monthly_limit_usd;
   const spent = m.spend_this_period_usd;
   return h('div', { class: 'spend' },
-    h('span', { title: spent }, usd(spent)),
+    money(spent),
     limit === null || limit === undefined ? null : meter(percent(spent, limit), `Spend of ${m.name}'s limit`));
 }
 

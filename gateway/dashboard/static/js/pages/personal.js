@@ -3,7 +3,7 @@
 
 import { api, enc, optional, qs } from '../api.js';
 import { h } from '../dom.js';
-import { usd } from '../money.js';
+import { exact, usd } from '../money.js';
 import { card, empty, errorMessage, pageHead, roleBadge, stat, table, toast, utcToday } from '../ui.js';
 import { keysCard } from './keys.js';
 
@@ -52,8 +52,8 @@ export async function render(ctx) {
       pageHead(me.name, me.email),
       h('div', { class: 'stack' },
         h('div', { class: 'stats' },
-          stat('Personal balance', usd(me.balance_usd), { key: 'personal-balance', title: me.balance_usd, hint: 'Prepaid credits on your own account' }),
-          stat('Spent this month', usd(total.charged_usd ?? '0'), { key: 'personal-spend', hint: `${total.requests || 0} requests billed to you` })),
+          stat('Personal balance', usd(me.balance_usd), { key: 'personal-balance', title: exact(me.balance_usd), hint: 'Prepaid credits on your own account' }),
+          stat('Spent this month', usd(total.charged_usd ?? '0'), { key: 'personal-spend', title: exact(total.charged_usd ?? '0'), hint: `${total.requests || 0} requests billed to you` })),
         card('Billing mode', 'A team’s policies (model access, your limit) apply either way; only who pays changes.', billingModes(ctx), { flush: true }),
         keys),
     ],

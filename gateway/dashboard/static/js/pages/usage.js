@@ -4,8 +4,9 @@
 import { api, enc, qs } from '../api.js';
 import { spendChart } from '../chart.js';
 import { h, swap, uid } from '../dom.js';
-import { usd } from '../money.js';
-import { card, field, form, pageHead, stat, submit, table, utcToday } from '../ui.js';
+import { exact, usd } from '../money.js';
+import { card, field, form, money, pageHead, stat, submit, table, utcToday } from '../ui.js';
+import { keyLimitsCard } from './keys.js';
 
 const GROUPS = {
   member: { label: 'Member', column: 'Member' },
@@ -61,9 +62,9 @@ function breakdown(groupBy, report, people) {
     { label: 'Requests', num: true, cell: (r) => num.format(r.requests), total: num.format(total.requests || 0) },
     { label: 'Prompt tokens', num: true, cell: (r) => num.format(r.prompt_tokens), total: num.format(total.prompt_tokens || 0) },
     { label: 'Completion tokens', num: true, cell: (r) => num.format(r.completion_tokens), total: num.format(total.completion_tokens || 0) },
-    discount ? { label: 'List cost', num: true, cell: (r) => usd(r.list_cost_usd), total: usd(total.list_cost_usd) } : null,
-    discount ? { label: 'Discount', num: true, cell: (r) => usd(r.discount_usd), total: usd(total.discount_usd) } : null,
-    { label: 'Charged', num: true, cell: (r) => h('span', { title: r.charged_usd }, usd(r.charged_usd)), total: usd(total.charged_usd) },
+    discount ? { label: 'List cost', num: true, cell: (r) => money(r.list_cost_usd), total: money(total.list_cost_usd) } : null,
+    discount ? { label: 'Discount', num: true, cell: (r) => money(r.discount_usd), total: money(total.discount_usd) } : null,
+    { label: 'Charged', num: true, cell: (r) => money(r.charged_usd), total: money(total.charged_usd) },
   ].filter(Boolean);
   return table(columns, rows, {
     caption: `Usage by ${GROUPS[groupBy].label.toLowerCase()}`,
@@ -78,10 +79,10 @@ function summary(report) {
   const t = report.total || {};
   const tokens = Number(t.prompt_tokens || 0) + Number(t.completion_tokens || 0);
   return h('div', { class: 'stats' },
-    stat('Charged', usd(t.charged_usd ?? '0'), { key: 'charged', title: t.charged_usd }),
+    stat('Charged', usd(t.charged_usd ?? '0'), { key: 'charged', title: exact(t.charged_usd ?? '0') }),
     stat('Requests', num.format(t.requests || 0), { key: 'requests' }),
     stat('Tokens', num.format(tokens), { key: 'tokens', hint: `${num.format(t.prompt_tokens || 0)} prompt · ${num.format(t.completion_tokens || 0)} completion` }),
-    t.discount_usd && !/^0\.0+$/.test(t.discount_usd) ? stat('Discount', usd(t.discount_usd), { key: 'discount' }) : null);
+    t.discount_usd && !/^0\.0+$/.test(t.discount_usd) ? stat('Discount', usd(t.discount_usd), { key: 'discount', title: exact(t.discount_usd) }) : null);
 }
 
 function groupPicker(groups, current, onChange) {
@@ -94,7 +95,8 @@ function groupPicker(groups, current, onChange) {
 
 /**
  * The whole report view. opts: endpoint (the usage URL), groups (allowed breakdowns), ctx,
- * title, sub, and basePath (the page path that keeps the range in its query string).
+ * title, sub, basePath (the page path that keeps the range in its query string), and keys
+ * (the /api/keys URL whose keys with limits get a card of their own).
  */
 export async function usageView(ctx, opts) {
   const q = ctx.query;
@@ -131,6 +133,7 @@ export async function usageView(ctx, opts) {
   swap(slots.picker, groupPicker(opts.groups, state.group, pick));
   remember();
   await loadAll();
+  const limits = opts.keys ? await keyLimitsCard(opts.keys) : null;
 
   const rangeForm = form({ class: 'inline-form', 'aria-label': 'Date range' }, [
     field('from', 'From', { type: 'date', value: state.from, required: true, max: today }),
@@ -156,6 +159,7 @@ export async function usageView(ctx, opts) {
       h('div', { class: 'stack' },
         card(null, null, h('div', { class: 'stack' }, rangeForm, presetButtons)),
         slots.summary,
+        limits,
         card('Spend per day', 'UTC days; the charged amount after any discount.', slots.chart),
         card('Breakdown', null, slots.table, { flush: true, actions: slots.picker })),
     ],
@@ -167,6 +171,7 @@ export async function render(ctx) {
     endpoint: `/api/teams/${enc(ctx.teamId)}/usage`,
     basePath: `/teams/${enc(ctx.teamId)}/usage`,
     groups: ['member', 'model', 'key', 'tag'],
+    keys: `/api/keys${qs({ team: ctx.teamId })}`,
     members: api.get(`/api/teams/${enc(ctx.teamId)}/members`).then((b) => b.data || [], () => []),
     title: 'Usage',
     sub: `Everything billed to ${ctx.team.name}. Members billed personally appear in their own reports.`,
