@@ -77,7 +77,8 @@ class LedgerView:
 
 
 def held(hold_values: Mapping[str, str]) -> dict[str, int]:
-    """``holds`` and ``mh:<scope>`` as the hold hash lists them (``<amount>|<scope>[|...]``)."""
+    """``holds``, ``mh:<scope>`` and ``kh:<key>`` as the hold hash lists them (``<amount>|<scope>``
+    or ``<amount>|<scope>|<flags>|<tokens>|<key>``, flag ``h``: counted in ``kh:<key>``)."""
     sums: dict[str, int] = {"holds": 0}
     for value in hold_values.values():
         parts = value.split("|")
@@ -85,6 +86,9 @@ def held(hold_values: Mapping[str, str]) -> dict[str, int]:
         sums["holds"] += amount
         scope = "mh:" + (parts[1] if len(parts) > 1 else "")
         sums[scope] = sums.get(scope, 0) + amount
+        if len(parts) >= 5 and "h" in parts[2]:
+            key = "kh:" + parts[4]
+            sums[key] = sums.get(key, 0) + amount
     return sums
 
 
@@ -98,7 +102,9 @@ def compare(account: str, redis: RedisView, ledger: LedgerView) -> list[Differen
     if redis.loaded:
         check("credits", _int(redis.state.get("credits")), ledger.totals.credits)
         listed = held(redis.hold_values)
-        counted = {k: int(v) for k, v in redis.state.items() if k == "holds" or k[:3] == "mh:"}
+        counted = {
+            k: int(v) for k, v in redis.state.items() if k == "holds" or k[:3] in ("mh:", "kh:")
+        }
         for name in sorted(set(listed) | set(counted)):
             check(name, counted.get(name, 0), listed.get(name, 0))
         for period in sorted(redis.periods):

@@ -71,7 +71,7 @@ CASES = [
     (
         "a hold of another scope",
         lambda r, g: r.hold_values.__setitem__("req_b", "5|v|h|9|k"),
-        [("holds", 30, 35), ("mh:v", 0, 5)],
+        [("holds", 30, 35), ("kh:k", 0, 5), ("mh:v", 0, 5)],
     ),
     (
         "rollup",
@@ -111,6 +111,7 @@ def test_held_sums_every_hold_format() -> None:
         "holds": 16,
         "mh:u": 15,
         "mh:v": 1,
+        "kh:k": 5,
     }
 
 
