@@ -32,6 +32,9 @@ test: lint
 test-cluster: install
 	$(VENV)/bin/pytest --redis-cluster -m cluster
 
+chaos: install
+	MODELBRIDGE_CHAOS=1 $(VENV)/bin/pytest tests/test_chaos.py -p no:randomly -s -q
+
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)
 

@@ -146,6 +146,16 @@ class RedisServer:
         self.kill()
         self.start()
 
+    def wipe_restart(self) -> None:
+        """Killed, its files removed, started again empty: a Redis without persistence."""
+        import shutil
+
+        self.kill()
+        for path in self.directory.iterdir():
+            if path.name != "redis.log":
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.start()
+
     def freeze(self) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGSTOP)
