@@ -34,7 +34,7 @@ from gateway.metering.meter import Metering
 from gateway.metering.scripts import Scripts
 from gateway.metering.sweeper import HoldSweeper
 from gateway.metering.usage_writer import UsageWriter
-from gateway.proxy import catalog, front
+from gateway.proxy import catalog, front, surfaces
 from gateway.proxy import handlers as proxy
 from gateway.proxy.front import Fronts
 from gateway.proxy.keycache import KeyCache
@@ -208,6 +208,10 @@ def build_app(
     app.router.add_post("/v1/chat/completions", proxy.chat_completions)
     app.router.add_post("/v1/completions", proxy.completions)
     app.router.add_post("/v1/embeddings", proxy.embeddings)
+    app.router.add_post("/v1/messages", surfaces.messages)
+    app.router.add_post("/v1/messages/count_tokens", surfaces.count_tokens)
+    app.router.add_post("/v1/responses", surfaces.responses)
+    app.router.add_get("/v1/responses", surfaces.responses_websocket)
     app.router.add_get("/v1/models", catalog.list_models)
     app.router.add_get("/v1/models/{model}", catalog.get_model)
     app.router.add_get("/healthz", health.healthz)

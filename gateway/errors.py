@@ -135,6 +135,7 @@ class RateLimited(GatewayError):
 
 
 class UpstreamFailed(GatewayError):
+    upstream_body = b""  # the provider's own error answer, when there is one
     status = 502
     type = "upstream_error"
     code = "upstream_error"

@@ -35,12 +35,21 @@ from gateway.errors import (
 )
 from gateway.infra import bodies
 from gateway.metering.meter import HoldAsk, HoldResult, SettleAsk, SettleResult
+from gateway.proxy.exchange import (
+    PASSTHROUGH,
+    Exchange,
+    count_texts,
+    exchange_for,
+    forwarded_headers,
+    malformed,
+)
 from gateway.proxy.keycache import KeyInfo
 from gateway.proxy.streaming import SSERelay, StreamOutcome, relay
 from gateway.upstream.upstreams import UpstreamRequest
 from policies import pricing, ratelimits
 from policies.money import format_usd
 from policies.periods import period_of, seconds_to_period_end
+from policies.translate import responses_api
 from policies.translate import usage as usage_mod
 from policies.translate.usage import TokenUsage
 
@@ -51,14 +60,6 @@ TAGS_HEADER = "x-modelbridge-tags"
 _MAX_TAGS = 20
 _MAX_TAG_LEN = 100
 _PERIOD_LIMIT_CODES = {"team_spending_limit_reached", "member_limit_reached", "key_limit_reached"}
-_STREAM_BROKEN = {
-    "error": {
-        "message": "The upstream connection failed mid-stream.",
-        "type": "upstream_error",
-        "param": None,
-        "code": "upstream_error",
-    }
-}
 _MESSAGES = {
     "invalid_api_key": "Incorrect API key provided.",
     "model_not_allowed": "This model is not available to your team.",
@@ -82,6 +83,8 @@ class Endpoint:
 CHAT = Endpoint("/v1/chat/completions", "/chat/completions", "chat")
 COMPLETION = Endpoint("/v1/completions", "/completions", "completion")
 EMBEDDING = Endpoint("/v1/embeddings", "/embeddings", "embedding")
+MESSAGES = Endpoint("/v1/messages", "/messages", "messages")  # served by gateway.proxy.surfaces
+RESPONSES = Endpoint("/v1/responses", "/responses", "responses")
 
 
 @dataclass(slots=True)
@@ -106,6 +109,8 @@ class Call:
     hold: HoldResult | None = None
     upstream_s: float = 0.0
     request: web.Request | None = None  # on aiohttp's path (not on gateway.proxy.front's)
+    exchange: Exchange = PASSTHROUGH["chat"]  # client surface x upstream protocol
+    translated: dict[str, Any] | None = None  # the upstream body, when translated
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +167,13 @@ def validate(endpoint: Endpoint, body: dict[str, Any]) -> None:
     elif endpoint.kind == "completion":
         if not isinstance(body.get("prompt"), str | list):
             raise InvalidRequest("'prompt' must be a string or an array.", param="prompt")
+    elif endpoint.kind == "messages":
+        max_tokens = body.get("max_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            msg = "max_tokens: an integer of at least 1 is required"
+            raise InvalidRequest(msg, param="max_tokens")
+        if not isinstance(body.get("messages"), list):
+            raise InvalidRequest("messages: Field required", param="messages")
     elif not isinstance(body.get("input"), str | list) or not body.get("input"):
         raise InvalidRequest("'input' must be a non-empty string or array.", param="input")
 
@@ -190,6 +202,8 @@ def count_prompt(
         return tokens.count_chat_prompt(body, model.encoding), encoding
     if endpoint.kind == "completion":
         return tokens.count_completion_prompt(body, model.encoding), encoding
+    if endpoint.kind in ("messages", "responses"):
+        return count_texts(tokens, endpoint.kind, model.encoding, body), encoding
     return tokens.count_embedding_input(body, model.encoding), encoding
 
 
@@ -223,29 +237,34 @@ def parse(
     if model is None:
         raise NotFound(f"The model '{name}' does not exist.", code="model_not_found", param="model")
     validate(endpoint, body)
+    exchange = exchange_for(endpoint.kind, app[S.UPSTREAMS].providers[model.upstream].protocol)
     tags = parse_tags(tags_header)
     prompt_tokens, encoding = count_prompt(app, endpoint, model, body)
     now = app[S.CLOCK].now()
-    return Call(
+    call = Call(
         app=app, endpoint=endpoint, secret=secret, key=key, model=model, body=body, raw=raw,
         request_id=app[S.REQUEST_IDS].new(), now=now, period=period_of(now),
         prompt_tokens=prompt_tokens, encoding=encoding, tags=tags,
-        stream=body.get("stream") is True and endpoint.kind != "embedding",
+        stream=body.get("stream") is True and endpoint.kind != "embedding", exchange=exchange,
     )  # fmt: skip
+    exchange.prepare(call)
+    return call
 
 
 def prepare_upstream(call: Call) -> None:
     """Build a plain call's upstream request (run while the hold is in flight)."""
     if not call.stream:
-        upstreams = call.app[S.UPSTREAMS]
-        model = call.model
-        path = upstreams.path(model.upstream, call.endpoint.upstream_path, model.upstream_model)
-        call.wire = upstreams.encode(model.upstream, path, upstream_body(call, False))
+        upstreams, model, exchange = call.app[S.UPSTREAMS], call.model, call.exchange
+        path = upstreams.path(model.upstream, exchange.route, model.upstream_model)
+        body = upstream_body(call, False) if exchange.native else exchange.body(call, False)
+        call.wire = upstreams.encode(model.upstream, path, body, forwarded_headers(call))
 
 
 def output_cap(call: Call) -> int:
     if call.endpoint.kind == "embedding":
         return 0
+    if call.endpoint.kind == "responses":
+        return responses_api.output_cap(call.body, call.model.max_output_tokens)
     return pricing.requested_output_cap(call.body, call.model.max_output_tokens)
 
 
@@ -404,10 +423,12 @@ def annotate(exc: GatewayError, call: Call) -> None:
 
 
 def upstream_error(status: int, raw: bytes) -> UpstreamFailed:
+    error = UpstreamFailed(f"upstream error (HTTP {status})", status=status)
     with contextlib.suppress(Exception):
         message = orjson.loads(raw)["error"]["message"]
-        return UpstreamFailed(f"upstream error: {message}", status=status)
-    return UpstreamFailed(f"upstream error (HTTP {status})", status=status)
+        error = UpstreamFailed(f"upstream error: {message}", status=status)
+    error.upstream_body = raw  # Anthropic's clients get it unmodified
+    return error
 
 
 async def forward(call: Call) -> web.StreamResponse:
@@ -433,10 +454,14 @@ async def ask_upstream(call: Call) -> Plain:
         app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(response.ttfb_s)
         raise upstream_error(response.status, response.body)
     raw = response.body
-    tokens = usage_mod.from_chat(_usage_of(raw))
+    if call.exchange.native:
+        tokens, texts = usage_mod.from_chat(_usage_of(raw)), None
+    else:
+        answer = call.exchange.answer(call, raw)
+        raw, tokens, texts = answer.body, answer.tokens, answer.texts
     source = "upstream"
     if tokens is None:
-        tokens, source = estimate(call, _texts_of(raw)), "estimated"
+        tokens, source = estimate(call, _texts_of(raw) if texts is None else texts), "estimated"
     charge = price(call, tokens)
     headers = base_headers(call)
     headers["x-modelbridge-cost-usd"] = format_usd(charge.charged)
@@ -456,11 +481,13 @@ async def settle_plain(call: Call, plain: Plain) -> None:
 
 
 def _usage_of(raw: bytes) -> dict[str, Any] | None:
-    with contextlib.suppress(orjson.JSONDecodeError):
+    try:
         payload = orjson.loads(raw)
-        if isinstance(payload, dict):
-            usage = payload.get("usage")
-            return usage if isinstance(usage, dict) else None
+    except orjson.JSONDecodeError as exc:  # a 200 that is not JSON: 502, nothing charged
+        raise malformed("not JSON") from exc
+    if isinstance(payload, dict):
+        usage = payload.get("usage")
+        return usage if isinstance(usage, dict) else None
     return None
 
 
@@ -475,9 +502,10 @@ def _texts_of(raw: bytes) -> list[str]:
 
 async def forward_stream(call: Call) -> web.StreamResponse:
     app = call.app
-    upstreams, model = app[S.UPSTREAMS], call.model
-    path = upstreams.path(model.upstream, call.endpoint.upstream_path, model.upstream_model)
-    req = UpstreamRequest(model.upstream, path, upstream_body(call, True), True)
+    upstreams, model, exchange = app[S.UPSTREAMS], call.model, call.exchange
+    path = upstreams.path(model.upstream, exchange.route, model.upstream_model)
+    body = upstream_body(call, True) if exchange.native else exchange.body(call, True)
+    req = UpstreamRequest(model.upstream, path, body, True, forwarded_headers(call))
     started = time.perf_counter()
     response = await app[S.UPSTREAMS].send(req)
     app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(
@@ -506,7 +534,7 @@ async def _relay_stream(
     client.headers["Cache-Control"] = "no-cache"
     assert call.request is not None  # streams are served by aiohttp
     await client.prepare(call.request)
-    sse = SSERelay(strip_usage_chunk=not wants_usage)
+    sse = SSERelay(not wants_usage) if call.exchange.native else call.exchange.relay(call)
     try:
         outcome = await relay(response, client, sse)
     except asyncio.CancelledError:
@@ -526,7 +554,7 @@ async def finish_stream(call: Call, client: web.StreamResponse, outcome: StreamO
     Nothing here raises once the 200 has started: a settle Redis does not take is kept by the
     metering (and applied when Redis answers); a release that fails leaves the hold to expire."""
     metering = call.app[S.METERING]
-    tokens = None if outcome.client_gone else usage_mod.from_chat(outcome.usage)
+    tokens = None if outcome.client_gone else outcome.tokens or usage_mod.from_chat(outcome.usage)
     pending: Awaitable[SettleResult] | None = None
     if tokens is None and outcome.upstream_failed and not outcome.text:
         try:
@@ -552,7 +580,7 @@ async def finish_stream(call: Call, client: web.StreamResponse, outcome: StreamO
         with contextlib.suppress(ConnectionError, RuntimeError):
             if outcome.upstream_failed:
                 # SDKs raise on an event carrying "error"; never end a broken stream as if whole.
-                await client.write(b"data: " + orjson.dumps(_STREAM_BROKEN) + b"\n\n")
+                await client.write(outcome.broken)
             await client.write_eof()
     if pending is not None:
         await pending

@@ -17,7 +17,12 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from policies.translate.usage import TokenUsage
+
 _DONE = b"[DONE]"
+BROKEN_MESSAGE = "The upstream connection failed mid-stream."
+_BROKEN_ERROR = {"message": BROKEN_MESSAGE, "type": "upstream_error", "code": "upstream_error"}
+CHAT_BROKEN = b"data: " + orjson.dumps({"error": {**_BROKEN_ERROR, "param": None}}) + b"\n\n"
 
 
 @dataclass
@@ -29,6 +34,8 @@ class StreamOutcome:
     upstream_failed: bool = False
     events: int = 0
     first_event_at: float | None = None
+    tokens: TokenUsage | None = None  # a translating relay's reading of the usage
+    broken: bytes = CHAT_BROKEN  # what the client gets when the provider fails mid-stream
 
 
 def _collect_text(payload: dict[str, Any], text: list[str]) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import ssl as ssl_module
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -254,9 +255,13 @@ class Origin:
             self._heads[path] = head
         return head
 
-    def encode(self, path: str, body: bytes) -> bytes:
-        """The whole request on the wire (built ahead, e.g. while the hold is in flight)."""
-        return b"%sContent-Length: %d\r\n\r\n%s" % (self.head(path), len(body), body)
+    def encode(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
+        """The whole request on the wire (built ahead, e.g. while the hold is in flight);
+        ``headers`` replace or add to the fixed ones for this request only."""
+        head = self.head(path)
+        if headers:
+            head = _with_headers(head, headers)
+        return b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
 
     async def post(self, data: bytes) -> Response:
         """Send a request made by :meth:`encode`; the whole answer, whatever its status."""
@@ -320,3 +325,12 @@ class Origin:
 
 def _malformed(what: str) -> OriginError:
     return OriginError(f"malformed HTTP response: {what}")
+
+
+def _with_headers(head: bytes, headers: Mapping[str, str]) -> bytes:
+    """``head`` with the lines of ``headers`` in place of its lines of the same names."""
+    names = {name.lower().encode("latin-1") for name in headers}
+    lines = head.split(b"\r\n")[:-1]
+    kept = [lines[0], *(ln for ln in lines[1:] if ln.split(b":", 1)[0].lower() not in names)]
+    kept += [f"{name}: {value}".encode("latin-1") for name, value in headers.items()]
+    return b"\r\n".join(kept) + b"\r\n"

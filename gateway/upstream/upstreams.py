@@ -89,9 +89,12 @@ class Upstreams:
             await session.close()
         self.sessions.clear()
 
-    def encode(self, upstream: str, path: str, body: bytes) -> bytes:
-        """A plain call's request as :meth:`call` sends it (built ahead of the hold's reply)."""
-        return self.origins[upstream].encode(path, body)
+    def encode(
+        self, upstream: str, path: str, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> bytes:
+        """A plain call's request as :meth:`call` sends it (built ahead of the hold's reply);
+        ``headers``: the client's that travel upstream (see ``Provider.forward``)."""
+        return self.origins[upstream].encode(path, body, headers)
 
     async def call(self, upstream: str, data: bytes) -> Response:
         """Send a request made by :meth:`encode`; the provider's whole answer, any status."""

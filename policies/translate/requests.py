@@ -389,3 +389,35 @@ def _openai_tool_choice(choice: Any, out: dict[str, Any]) -> None:
         raise TranslationError("tool_choice: unknown type")
     if choice.get("disable_parallel_tool_use") is True and "tools" in out:
         out["parallel_tool_calls"] = False
+
+
+def message_prompt_texts(body: Mapping[str, Any]) -> list[str]:
+    """The texts a Messages request puts before the model (for the hold's tiktoken count):
+    ``system``, every text block, tool results, tool inputs and tool definitions. Lenient: what
+    it does not know it skips."""
+    texts: list[str] = []
+    system = body.get("system")
+    texts.extend(_loose_texts(system))
+    for message in body.get("messages") or []:
+        if isinstance(message, Mapping):
+            texts.extend(_loose_texts(message.get("content")))
+    for tool in body.get("tools") or []:
+        if isinstance(tool, Mapping):
+            texts.append(orjson.dumps(tool).decode())
+    return texts
+
+
+def _loose_texts(content: Any) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    out: list[str] = []
+    for block in content if isinstance(content, list) else []:
+        if not isinstance(block, Mapping):
+            continue
+        if isinstance(block.get("text"), str):
+            out.append(block["text"])
+        elif block.get("type") == "tool_use":
+            out.append(orjson.dumps(block.get("input")).decode())
+        elif block.get("type") == "tool_result":
+            out.extend(_loose_texts(block.get("content")))
+    return out

@@ -1,0 +1,99 @@
+"""The client surfaces of contract section 9 besides Chat Completions: Anthropic's Messages API
+(``POST /v1/messages``, ``POST /v1/messages/count_tokens``) and OpenAI's Responses API
+(``POST /v1/responses``; ``GET /v1/responses`` asking for a WebSocket gets 426 at once).
+
+Each generating surface goes the one way of :func:`gateway.proxy.handlers.proxy` — key check,
+hold, upstream call, settle, one usage record — with the exchange that suits the model's upstream
+(:mod:`gateway.proxy.exchange`). Messages errors are in Anthropic's envelope, with the status and
+``x-modelbridge-error-code`` of the gateway's error; an Anthropic upstream's own error answer goes
+back unmodified (clients match on its wording).
+"""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from gateway import state as S
+from gateway.credentials import bearer
+from gateway.errors import GatewayError, NotFound, UpstreamFailed
+from gateway.proxy import handlers
+from gateway.proxy.exchange import count_texts
+from gateway.upstream.provider import ANTHROPIC
+from gateway.upstream.upstreams import UpstreamRequest
+from policies.translate import errors as envelopes
+
+
+class UpgradeRequired(GatewayError):
+    status = 426
+    type = "invalid_request_error"
+    code = "websocket_not_supported"
+
+
+def anthropic_error(exc: GatewayError) -> web.Response:
+    """A gateway error in Anthropic's envelope; a provider's own Anthropic error as it came."""
+    raw = exc.upstream_body if isinstance(exc, UpstreamFailed) else b""
+    try:
+        parsed = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and parsed.get("type") == "error":
+        data = raw  # unmodified
+    elif parsed is not None:
+        data = orjson.dumps(envelopes.to_anthropic(exc.status, parsed))
+    else:
+        data = orjson.dumps(envelopes.anthropic_error(exc.status, exc.message))
+    headers = exc.response_headers()
+    return web.Response(
+        body=data, status=exc.status, content_type="application/json", headers=headers
+    )
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    try:
+        return await handlers.proxy(request, handlers.MESSAGES)
+    except GatewayError as exc:
+        return anthropic_error(exc)
+
+
+async def count_tokens(request: web.Request) -> web.StreamResponse:
+    """``{"input_tokens": N}``: the Anthropic upstream's count, else tiktoken's. Not charged."""
+    app = request.app
+    try:
+        secret = bearer(request)
+        await app[S.KEYS].lookup(secret)
+        _, body = await handlers.read_json(request, app[S.CONFIG].server.max_body_bytes)
+        name = body.get("model")
+        model = app[S.CONFIG].models.get(name) if isinstance(name, str) else None
+        if model is None:
+            raise NotFound(f"The model '{name}' does not exist.", code="model_not_found")
+        upstreams = app[S.UPSTREAMS]
+        provider = upstreams.providers[model.upstream]
+        if provider.protocol != ANTHROPIC:
+            tokens = app[S.TOKENS]
+            count = count_texts(tokens, "messages", model.encoding, body)
+            return web.json_response({"input_tokens": count})
+        path = upstreams.path(model.upstream, "/messages/count_tokens", model.upstream_model)
+        data = orjson.dumps({**body, "model": model.upstream_model})
+        ask = UpstreamRequest(model.upstream, path, data, False, provider.forward(request.headers))
+        response = await upstreams.send(ask)
+        try:
+            answer = await response.read()
+        finally:
+            response.release()
+        if response.status >= 400:
+            raise handlers.upstream_error(response.status, answer)
+        return web.Response(body=answer, content_type="application/json")
+    except GatewayError as exc:
+        return anthropic_error(exc)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    return await handlers.proxy(request, handlers.RESPONSES)
+
+
+async def responses_websocket(request: web.Request) -> web.StreamResponse:
+    """Codex CLI tries a WebSocket first: refuse at once so that it falls back to HTTP."""
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        raise UpgradeRequired("WebSocket is not supported here: use HTTP POST /v1/responses.")
+    raise web.HTTPMethodNotAllowed("GET", ["POST"])
