@@ -109,3 +109,40 @@ def test_config_cache_write_price_and_kinds() -> None:
     assert config.models["c"].prices.cache_write == 3750
     assert config.upstreams["a"].kind == "anthropic"
     assert set(KINDS) == set(UPSTREAM_KINDS)  # a kind is a module + a line in each
+
+
+def test_a_request_carries_the_clients_forwarded_headers_in_place_of_the_fixed_ones() -> None:
+    from gateway.upstream.http1 import Origin
+
+    fixed = {"anthropic-version": "2023-06-01", "x-api-key": "k"}
+    origin = Origin("http://h:1/v1", fixed, connect_timeout=1, read_timeout=1)
+    plain = origin.encode("/messages", b"{}")
+    assert b"anthropic-version: 2023-06-01\r\n" in plain
+    extra = {"Anthropic-Version": "2026-10-21", "anthropic-beta": "b1"}
+    wire = origin.encode("/messages", b"{}", extra)
+    head, _, body = wire.partition(b"\r\n\r\n")
+    assert body == b"{}" and head.startswith(b"POST /v1/messages HTTP/1.1\r\n")
+    lines = head.split(b"\r\n")
+    assert b"anthropic-version: 2023-06-01" not in lines
+    assert b"Anthropic-Version: 2026-10-21" in lines and b"anthropic-beta: b1" in lines
+    assert b"x-api-key: k" in lines and b"Content-Length: 2" in lines
+    assert origin.encode("/messages", b"{}") == plain  # the fixed head is untouched
+
+
+def test_provider_paths_and_headers() -> None:
+    from gateway.config import UpstreamConfig
+    from gateway.upstream.kinds import provider_for
+
+    azure = provider_for(UpstreamConfig("az", "http://r/openai", kind="azure", api_version="v 1"))
+    assert (
+        azure.path("/chat/completions", "dep/1")
+        == "/deployments/dep%2F1/chat/completions?api-version=v%201"
+    )
+    assert azure.path("/responses", "dep") == "/responses?api-version=v%201"
+    anthropic = provider_for(UpstreamConfig("a", "http://r/v1", kind="anthropic"))
+    assert anthropic.path("/messages", "m") == "/messages"
+    assert anthropic.headers()["anthropic-version"] == "2023-06-01"
+    assert anthropic.forward({"anthropic-beta": "x", "authorization": "Bearer mb_secret"}) == {
+        "anthropic-beta": "x"
+    }
+    assert provider_for(UpstreamConfig("o", "http://r/v1")).forward({"anthropic-beta": "x"}) == {}
