@@ -8,8 +8,10 @@ Metric objects live on a :class:`Metrics` instance held in the app, never in mod
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +66,37 @@ def _use_multiprocess_values() -> None:
     values.ValueClass = values.MultiProcessValue(process_identifier=lambda: pid[0])
 
 
+_PER_PROCESS: dict[int, int] = {}  # Metrics instances made so far, per process id
+
+
 class Metrics:
     def __init__(self, team_labels: bool = False) -> None:
         _use_multiprocess_values()
+        # The first instance of a process writes the process's files; another one (several
+        # gateways in one test process) writes files of its own, so that neither overwrites the
+        # other's samples of the same labels.
+        pid = os.getpid()
+        self._instance = _PER_PROCESS.get(pid, 0)
+        _PER_PROCESS[pid] = self._instance + 1
+        self._values: Any = None
+        if self._instance:
+            name = f"{pid}-{self._instance}"
+            self._values = values.MultiProcessValue(process_identifier=lambda: name)
+        with self._own_files():
+            self._make(team_labels)
+
+    @contextlib.contextmanager
+    def _own_files(self) -> Iterator[None]:
+        if self._values is None:
+            yield
+            return
+        saved, values.ValueClass = values.ValueClass, self._values
+        try:
+            yield
+        finally:
+            values.ValueClass = saved
+
+    def _make(self, team_labels: bool) -> None:
         self.team_labels = team_labels
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         team = ("team",) if team_labels else ()
@@ -125,7 +155,8 @@ class Metrics:
         if found is None:
             if len(self._children) > 10_000:  # per-team labels: bound the cache, not the metric
                 self._children.clear()
-            found = self._children[key] = metric.labels(*labels)
+            with self._own_files():
+                found = self._children[key] = metric.labels(*labels)
         return found
 
     def preset(self, endpoints: list[str], models: list[str]) -> None:
