@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from gateway import state as S
 from gateway.proxy.front import Front, Fronts, State
+from gateway.proxy.tokens import TokenCounter
 from tests.conftest import ADMIN_TOKEN, Gateway, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, until
@@ -538,6 +539,19 @@ async def test_a_provider_body_over_max_response_bytes_is_a_502_and_charges_noth
             assert headers["x-request-id"].startswith("req_")
             assert await account_state(redis, team["id"]) == before  # released, not charged
         assert gw.app[S.FRONTS].served == served + 1  # one lean, one on aiohttp's path
+        # a stream past the bound ends as a stream the provider cut: the error event, no [DONE]
+        fake.next(content_pieces=["x" * 1000] * 6)
+        handed.send(post(secret, {**CHAT, "stream": True}))
+        status, headers, body = await handed.response()
+        assert (status, headers["content-type"]) == (200, "text/event-stream")
+        assert b'"code":"upstream_error"' in body and b"[DONE]" not in body
+        assert body.count(b"x" * 1000) == 2  # the events within the first 4000 bytes
+        state = await account_state(redis, team["id"])
+        counter = TokenCounter()  # billed as a cut stream: tiktoken on what was relayed
+        prompt = counter.count_chat_prompt(CHAT, "o200k_base")
+        completion = counter.count_text("x" * 2000, "o200k_base")
+        assert state["holds"] == "0"
+        assert int(before["credits"]) - int(state["credits"]) == prompt * 150 + completion * 600
     finally:
         for conn in (lean, handed):
             conn.writer.close()

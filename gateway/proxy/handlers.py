@@ -44,7 +44,7 @@ from gateway.proxy.exchange import (
     malformed,
 )
 from gateway.proxy.keycache import KeyInfo
-from gateway.proxy.streaming import SSERelay, StreamOutcome, relay
+from gateway.proxy.streaming import SSERelay, StreamOutcome, error_body, relay
 from gateway.upstream.upstreams import UpstreamRequest
 from policies import pricing, ratelimits
 from policies.money import format_usd
@@ -513,16 +513,14 @@ async def forward_stream(call: Call) -> web.StreamResponse:
     )
     try:
         if response.status >= 400:
-            raise upstream_error(response.status, await _error_body(response))
+            raise upstream_error(response.status, await error_body(response, _max_bytes(call)))
         return await _relay_stream(call, response, started)
     finally:
         response.release()
 
 
-async def _error_body(response: aiohttp.ClientResponse) -> bytes:
-    with contextlib.suppress(Exception):
-        return await response.read()
-    return b""
+def _max_bytes(call: Call) -> int:
+    return call.app[S.CONFIG].upstreams[call.model.upstream].max_response_bytes
 
 
 async def _relay_stream(
@@ -536,7 +534,7 @@ async def _relay_stream(
     await client.prepare(call.request)
     sse = SSERelay(not wants_usage) if call.exchange.native else call.exchange.relay(call)
     try:
-        outcome = await relay(response, client, sse)
+        outcome = await relay(response, client, sse, _max_bytes(call))
     except asyncio.CancelledError:
         # Shutdown cancelled the stream: bill what was streamed, then let the cancel go on.
         response.close()

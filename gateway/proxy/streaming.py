@@ -9,6 +9,7 @@ when the client did not (``stream_options.include_usage``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,14 +117,21 @@ def _data_of(event: bytes) -> bytes | None:
 
 
 async def relay(
-    upstream: aiohttp.ClientResponse, client: web.StreamResponse, relay: SSERelay
+    upstream: aiohttp.ClientResponse, client: web.StreamResponse, relay: SSERelay, max_bytes: int
 ) -> StreamOutcome:
-    """Copy the stream until it ends, the client leaves or the provider fails."""
+    """Copy the stream until it ends, the client leaves or the provider fails (a stream past
+    ``max_bytes``, the upstream's ``max_response_bytes``, is a failure)."""
     outcome = relay.outcome
+    size = 0
     try:
         async for chunk in upstream.content.iter_any():
-            data = relay.feed(chunk)
+            room, size = max_bytes - size, size + len(chunk)
+            over = size > max_bytes  # relay what is within the bound, then fail
+            data = relay.feed(chunk[:room] if over else chunk)
             if data and not await _write(client, data, outcome):
+                break
+            if over:
+                outcome.upstream_failed = True
                 break
         else:
             rest = relay.flush()
@@ -134,6 +142,17 @@ async def relay(
     if outcome.client_gone or outcome.upstream_failed:
         upstream.close()
     return outcome
+
+
+async def error_body(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    """A provider's error body, or nothing past ``max_bytes`` (then its status alone tells)."""
+    body = bytearray()
+    with contextlib.suppress(Exception):
+        async for chunk in response.content.iter_any():
+            body += chunk
+            if len(body) > max_bytes:
+                return b""
+    return bytes(body)
 
 
 async def _write(client: web.StreamResponse, data: bytes, outcome: StreamOutcome) -> bool:
