@@ -95,9 +95,12 @@ async def open_redis(
     endpoint = Endpoint.from_url(url)
     lean = script_client == "lean" and endpoint is not None
     if cluster:
-        client = cast(
-            Redis, RedisCluster.from_url(url, require_full_coverage=False, **_CLIENT_OPTIONS)
-        )
+        cluster_client = RedisCluster.from_url(url, require_full_coverage=False, **_CLIENT_OPTIONS)
+        try:  # learn the nodes now (pub/sub needs them); /readyz tells why when it cannot
+            await cluster_client.initialize()
+        except (redis_errors.RedisError, redis_errors.RedisClusterException, IndexError) as exc:
+            log.warning("Redis Cluster at %s: cannot read its slot map yet: %r", where(url), exc)
+        client = cast(Redis, cluster_client)
         scripts: ScriptConnection | None = (
             ClusterScriptClient(endpoint, **waits) if lean and endpoint is not None else None
         )
