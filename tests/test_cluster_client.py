@@ -106,9 +106,12 @@ async def test_a_stale_slot_map_is_corrected_by_moved(redis_cluster: LocalCluste
 
 @pytest.mark.cluster_only
 @pytest.mark.cluster
-async def test_a_slot_being_migrated_is_followed_with_ask(redis_cluster: LocalCluster) -> None:
-    client = _client(redis_cluster)
-    key = "{acct:t_asked}:n"
+@pytest.mark.parametrize("wait_replicas", [0, 1])
+async def test_a_slot_being_migrated_is_followed_with_ask(
+    redis_cluster: LocalCluster, wait_replicas: int
+) -> None:
+    client = _client(redis_cluster, wait_replicas=wait_replicas)
+    key = f"{{acct:t_asked{wait_replicas}}}:n"  # ASKING and the call go out together
     slot = key_slot(key)
     source = redis_cluster.slot_owner(slot)
     target = next(p for p in redis_cluster.master_ports() if p != source)

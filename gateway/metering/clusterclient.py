@@ -192,7 +192,7 @@ class ClusterScriptClient:
             try:
                 if asking is not None:
                     asking = None
-                    return await self._asking(self.node(address), args)
+                    return await self.node(address).call_asking(*args)
                 return await self.node(address).call(*args)
             except ScriptError as exc:
                 moved = redirect(str(exc))
@@ -210,16 +210,6 @@ class ClusterScriptClient:
                 self.stale()  # the master is gone: find who serves its slots now
                 raise
         raise ConnectionError(f"slot {slot}: more than {MAX_REDIRECTS} redirections")
-
-    @staticmethod
-    async def _asking(node: ScriptClient, args: tuple[Any, ...]) -> Any:
-        await node.call("PING")  # the connection is open: ASKING and the call go out together
-        asking = node.call_now("ASKING")
-        sent = node.call_now(*args)
-        if asking is None or sent is None:
-            raise ConnectionError("Redis connection lost")
-        await asking
-        return await node.reply(sent)
 
     async def _everywhere(self, args: tuple[Any, ...]) -> Any:
         """A call naming no key (``SCRIPT LOAD``, ``PING``): to every master, first reply."""

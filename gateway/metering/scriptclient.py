@@ -121,6 +121,25 @@ class _Protocol(asyncio.Protocol):
             loop.call_soon(self._end_burst)
         return waiter
 
+    def send_joined(self, commands: list[bytes]) -> list[asyncio.Future[Any]]:
+        """Write several commands in one write, nothing between them (``ASKING`` and the call
+        it is for)."""
+        loop = self._loop
+        waiters = [loop.create_future() for _ in commands]
+        if self.closed:
+            for waiter in waiters:
+                waiter.set_exception(ConnectionError("Redis connection closed"))
+            return waiters
+        self.waiters.extend(waiters)
+        self.sent_at.extend(loop.time() for _ in commands)
+        if self._watch is None:
+            self._watch = loop.call_later(self.timeout_s, self._check)
+        if self._burst:
+            self.pending.append(b"".join(commands))
+        else:
+            self._write(b"".join(commands))
+        return waiters
+
     def _end_burst(self) -> None:
         self._burst = False
         pending, self.pending = self.pending, []
@@ -172,6 +191,11 @@ class _WaitingProtocol(_Protocol):
         if not self.closed:
             self.is_wait.append(False)  # before the write below appends its WAIT
         return super().send(packed)
+
+    def send_joined(self, commands: list[bytes]) -> list[asyncio.Future[Any]]:
+        if not self.closed:
+            self.is_wait.extend(False for _ in commands)
+        return super().send_joined(commands)
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -274,6 +298,15 @@ class ScriptClient:
     async def call(self, *args: Any) -> Any:
         protocol = await self._connection()
         return self._checked(await protocol.send(hiredis.pack_command(args)))
+
+    async def call_asking(self, *args: Any) -> Any:
+        """``ASKING`` and the command in one write (a Redis Cluster slot being migrated)."""
+        protocol = await self._connection()
+        asking, sent = protocol.send_joined(
+            [hiredis.pack_command(("ASKING",)), hiredis.pack_command(args)]
+        )
+        self._checked(await asking)
+        return self._checked(await sent)
 
     def call_now(self, *args: Any) -> asyncio.Future[Any] | None:
         """Send a command right now on the open connection (None when none is open): the caller
