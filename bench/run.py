@@ -108,6 +108,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="benchmark the gateway of another checkout (put first on PYTHONPATH, run with "
         "this venv), e.g. to compare a change with the base",
     )
+    p.add_argument(
+        "--key-limits",
+        action="store_true",
+        help="the bench key has rpm and tpm set (never reached): the hold keeps rate logs",
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     a = p.parse_args(argv)
     a.duration = a.duration or (3 if a.quick else 10)
@@ -166,8 +171,10 @@ def bench_gateway(
     body: Path,
     project: Path | None,
     redis: RedisSetup | None = None,
+    key_limits: bool = False,
 ) -> dict[str, Any]:
-    gw = Gateway(workers, fake.url, project, redis)
+    controls = {"rpm": 10**9, "tpm": 10**15} if key_limits else None
+    gw = Gateway(workers, fake.url, project, redis, controls)
     log(f"starting modelbridge serve --workers {workers} on :{gw.port} (data {gw.data_dir})")
     stopped: dict[str, Any] = {}
     try:
@@ -225,13 +232,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if "single" in a.redis:
                 for workers in a.workers:
-                    result["sessions"].append(bench_gateway(plan, fake, workers, body, a.project))
+                    result["sessions"].append(
+                        bench_gateway(plan, fake, workers, body, a.project, key_limits=a.key_limits)
+                    )
             for name in clustered:
                 assert redis_cluster is not None
                 redis_cluster.flush()  # the previous gateway's streams went to its own database
                 setup = cluster.setup(name, redis_cluster)
                 result["sessions"].append(
-                    bench_gateway(plan, fake, a.cluster_workers, body, a.project, setup)
+                    bench_gateway(
+                        plan, fake, a.cluster_workers, body, a.project, setup, a.key_limits
+                    )
                 )
         finally:
             fake.stop()

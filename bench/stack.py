@@ -162,8 +162,10 @@ class Gateway:
         upstream_url: str,
         project: Path | None = None,
         redis: RedisSetup | None = None,
+        key_controls: dict[str, Any] | None = None,
     ) -> None:
         self.workers = workers
+        self.key_controls = key_controls or {}  # e.g. rpm and tpm on the bench key
         self.redis = redis or RedisSetup()
         self.project = project  # another checkout's gateway/ and policies/, run on this venv
         self.port = free_port()
@@ -237,7 +239,8 @@ class Gateway:
         team = self._post("team", "/api/teams", {"name": "bench"}, token)
         credits = {"amount_usd": "1000000.00", "note": "bench"}
         self._post("credits", f"/admin/teams/{team['id']}/credits", credits, ADMIN_TOKEN)
-        key = self._post("key", "/api/keys", {"name": "bench", "team": team["id"]}, token)
+        body = {"name": "bench", "team": team["id"], **self.key_controls}
+        key = self._post("key", "/api/keys", body, token)
         self.key, self.key_id = key["secret"], key["id"]
 
     # --- the processes whose CPU is accounted -----------------------------------------------

@@ -161,7 +161,9 @@ async def update_team(request: web.Request) -> web.Response:
                 after=settings_json(after, changed),
             )
             await audit(conn, request, entry)
-            await app[S.ACCOUNTS].set_cfg(account, Accounts.team_cfg(after))
+            cfg = Accounts.team_cfg(after)
+            stale = [f for f in Accounts.TEAM_RATE_FIELDS if f not in cfg]
+            await app[S.ACCOUNTS].set_cfg(account, cfg, delete=stale)
             if "model_restrictions" in changed:
                 await app[S.ACCOUNTS].set_blocked(account, after["model_restrictions"])
             if set(changed) - {"name", "spending_limit", "rpm_limit", "tpm_limit"}:

@@ -80,10 +80,6 @@ async def lock_account(conn: asyncpg.Connection, account: str) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", account)
 
 
-def _rate(value: int | None) -> str:
-    return "" if value is None else str(value)
-
-
 def _n(value: object) -> str:
     """A PostgreSQL sum as Redis wants it: ``sum(bigint)`` is numeric, which asyncpg decodes to a
     Decimal that may print as ``2.5E+10``; HINCRBY needs plain digits."""
@@ -303,17 +299,23 @@ class Accounts:
         spec = self.config.plans.get(plan or "")
         return 0 if spec is None else spec.included_usage_per_seat * seats
 
+    #: the team's cfg fields present only when set (drop them when unset: :meth:`team_cfg`)
+    TEAM_RATE_FIELDS = ("rpm", "tpm")
+
     @staticmethod
     def team_cfg(team: Mapping[str, Any]) -> dict[str, str]:
-        """The team's own cfg fields; a rate limit of none is written empty (hold.lua: none)."""
-        return {
+        """The team's own cfg fields; a rate limit only when set (absent: the hold's common path
+        never looks further)."""
+        cfg = {
             "limit": _limit(team["spending_limit"]),
             "dml": _limit(team["default_member_limit"]),
             "den": team["default_enforcement"],
             "disc": str(team["discount_bps"]),
-            "rpm": _rate(team["rpm_limit"]),
-            "tpm": _rate(team["tpm_limit"]),
         }
+        for field, column in (("rpm", "rpm_limit"), ("tpm", "tpm_limit")):
+            if team[column] is not None:
+                cfg[field] = str(team[column])
+        return cfg
 
     @staticmethod
     def member_fields(scope: str) -> list[str]:

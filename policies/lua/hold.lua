@@ -93,13 +93,16 @@ local function refuse(code) return {code, 0, 0, 0, 0} end
 -- The key and its controls: "<scope>" or "<scope>|<expires>|<limit>|<rpm>|<tpm>|<models>".
 local entry = redis.call('HGET', keys, key_id)
 if not entry then return refuse('invalid_api_key') end
-local _, kexp, klimit, krpm, ktpm, kmodels = string.match(entry,
-  '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
-klimit = num(klimit, -1)
-if kexp and kexp ~= '' and now >= tonumber(kexp) then return refuse('key_expired') end
-if kmodels and kmodels ~= '' and not string.find(kmodels, ',' .. model .. ',', 1, true) then
-  return refuse('model_not_allowed')
+local kscope, kexp, klimit, krpm, ktpm, kmodels
+if string.find(entry, '|', 1, true) then
+  kscope, kexp, klimit, krpm, ktpm, kmodels = string.match(entry,
+    '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  if kexp ~= '' and now >= tonumber(kexp) then return refuse('key_expired') end
+  if kmodels ~= '' and not string.find(kmodels, ',' .. model .. ',', 1, true) then
+    return refuse('model_not_allowed')
+  end
 end
+klimit = num(klimit, -1)
 if redis.call('SISMEMBER', blocked, model) == 1 then return refuse('model_not_allowed') end
 
 -- This period's allowance is fixed on the period's first request from the subscription.
@@ -136,11 +139,12 @@ local aspent, spend, member_spend = num(p[1], 0), num(p[2], 0), num(p[3], 0) + n
 local tokens, window, rt = tonumber(ARGV[10]), tonumber(ARGV[11]), KEYS[9]
 local t = tonumber(ARGV[9])
 local wins = {}
-local limits = {num(krpm, nil), num(ktpm, nil), num(c[9], nil), num(c[10], nil), num(c[7], nil),
-  num(c[8], nil)}
-local limited = false
-for i = 1, 6 do if limits[i] ~= nil then limited = true end end
+-- The common path (no rate limit anywhere) stops at this one test.
+local limited = (krpm ~= nil and krpm ~= '') or (ktpm ~= nil and ktpm ~= '') or c[7] or c[8]
+  or c[9] or c[10]
 if limited then
+  local limits = {num(krpm, nil), num(ktpm, nil), num(c[9], nil), num(c[10], nil),
+    num(c[7], nil), num(c[8], nil)}
   wins = {
     {key = KEYS[10], field = 'k:' .. key_id, flag = 'k', rpm = limits[1], tpm = limits[2]},
     {key = KEYS[11], field = 'm:' .. scope, flag = 'm', rpm = limits[3], tpm = limits[4]},
