@@ -34,7 +34,8 @@ no response at all]; headers [{}: extra response headers]; tool_calls [(): funct
 ``{"name", "arguments"}`` (arguments a dict or JSON text) answered after the content, finish_reason
 ``tool_calls``; each counts one completion token]; malformed [False: a plain answer is cut JSON
 (status 200), a stream's second event is not JSON]; fail_response [False: a Responses stream ends
-with ``response.failed``, a plain one has status ``failed``].
+with ``response.failed``, a plain one has status ``failed``]; no_done [False: a chat stream ends
+cleanly but without ``data: [DONE]``, as a provider that cut it].
 
 Each POST request takes the next ``fake.next(**kw)`` queued overrides (else none) on top of
 ``fake.default`` (``fake.set_default(**kw)``), then the JSON of its ``x-fake-behaviour`` header,
@@ -114,6 +115,7 @@ class Behaviour:
     tool_calls: Sequence[Mapping[str, Any]] = ()
     malformed: bool = False
     fail_response: bool = False
+    no_done: bool = False
 
 
 MALFORMED_BODY = b'{"id": "chatcmpl-cut", "object": "chat.completion", "choices": [{"ind'
@@ -573,7 +575,7 @@ async def _stream(
         await resp.write(event + b"\n\n" if typed else b"data: " + event + b"\n\n")
     if beh.drop_after is not None:
         return _drop(request, resp)
-    if not typed:
+    if not typed and not beh.no_done:
         await resp.write(b"data: [DONE]\n\n")
     return resp
 

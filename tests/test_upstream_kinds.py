@@ -146,3 +146,25 @@ def test_provider_paths_and_headers() -> None:
         "anthropic-beta": "x"
     }
     assert provider_for(UpstreamConfig("o", "http://r/v1")).forward({"anthropic-beta": "x"}) == {}
+
+
+async def test_a_chat_stream_ended_without_done_is_not_a_clean_end(
+    providers: Providers, api: Api, db: asyncpg.Connection
+) -> None:
+    _, team, secret = await api.funded_team_key("1.00")
+    providers.openai.next(no_done=True, omit_usage=True)
+    stream = await oai(providers, secret).chat.completions.create(
+        model="gpt-4o-mini", messages=MSG, stream=True
+    )
+    seen = []
+    with pytest.raises(openai.APIError, match="mid-stream"):
+        async for chunk in stream:
+            seen.append(chunk)
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in seen) == "Hello from the fake upstream."
+    )
+    row = await eventually(
+        lambda: db.fetchrow("SELECT * FROM usage_records WHERE team_id = $1", team["id"]),
+        lambda r: r is not None,
+    )
+    assert row["usage_source"] == "estimated"

@@ -79,6 +79,10 @@ class SSERelay:
         return b"".join(out)
 
     def flush(self) -> bytes:
+        """The stream ended cleanly; without ``[DONE]`` the provider cut it: that is a failure
+        (the client gets an error event, never a clean end)."""
+        if not self.outcome.done:
+            self.outcome.upstream_failed = True
         rest, self._buffer = self._buffer, b""
         return rest
 
