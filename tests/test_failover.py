@@ -56,7 +56,8 @@ BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
 REQUESTS = 200
 TEAMS_PER_MASTER = 4
 K = 12  # each team's hard limit, in requests
-HOLD_LIFETIME_S = 5 + 1  # the upstream timeout of write_config + MODELBRIDGE_METERING_HOLD_MARGIN_S
+UPSTREAM_TIMEOUT_S = 10
+HOLD_LIFETIME_S = UPSTREAM_TIMEOUT_S + 1  # + MODELBRIDGE_METERING_HOLD_MARGIN_S
 
 
 @dataclass
@@ -93,6 +94,7 @@ async def gateways(
     env = {
         "MODELBRIDGE_REDIS_WAIT_REPLICAS": str(request.param),
         "MODELBRIDGE_METERING_HOLD_MARGIN_S": "1",
+        "MODELBRIDGE_UPSTREAMS_FAKE_TIMEOUT_S": str(UPSTREAM_TIMEOUT_S),
     }
     config = write_config(tmp_path, fake.base_url)
     procs = [
@@ -232,7 +234,9 @@ async def test_a_master_killed_under_load(
         by_team.setdefault(teams[i % len(teams)].id, []).append(result)
     ok_ids = {rid: team for team, rs in by_team.items() for s, _, rid in rs if s == 200}
     refusals = {(s, code) for rs in by_team.values() for s, code, _ in rs if s != 200}
-    assert refusals <= {(503, "gateway_unavailable"), (429, "team_spending_limit_reached")}
+    # (a 504: the fake, in this process, answered too late on a loaded machine; released, unbilled)
+    allowed = {(503, "gateway_unavailable"), (429, "team_spending_limit_reached")}
+    assert refusals <= allowed | {(504, "upstream_timeout")}
     victims = {t.id for t in teams if t.master == victim}
 
     accounts = [t.account for t in teams]
