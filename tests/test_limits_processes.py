@@ -87,9 +87,8 @@ async def test_rpm_50_admits_exactly_50_of_300_sent_at_once_to_two_processes(
     )
     outcomes = Counter((status, code) for status, code, _ in replies)
     assert outcomes == {(200, None): 50, (429, "rate_limit_exceeded"): 250}
-    # each process admitted some: the limit is one, not one per process
-    admitted = Counter(i % 2 for i, (status, _, _) in enumerate(replies) if status == 200)
-    assert admitted[0] > 0 and admitted[1] > 0
+    # the limit is one, not one per process (per process, up to 100 of the 300 would pass); which
+    # process admits how many depends on scheduling, so it is not asserted
     remaining = sorted(int(h["x-ratelimit-remaining-requests"]) for s, _, h in replies if s == 200)
     assert remaining == list(range(50))  # each admission saw every earlier one
     assert all(1 <= int(h["Retry-After"]) <= 60 for s, _, h in replies if s == 429)
