@@ -10,7 +10,6 @@ cached entry (memory hygiene, and the account a key bills can change with the bi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import time
@@ -117,8 +116,8 @@ class KeyCache:
     async def stop(self) -> None:
         if self._listener is not None:
             self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
+            # bounded: redis-py's pub/sub listen() can swallow the cancel, and a stop must end
+            await asyncio.wait({self._listener}, timeout=2.0)
 
     async def _listen(self) -> None:
         while True:
