@@ -101,6 +101,7 @@ class Behaviour:
     stream_error: str | None = None
     malformed: bool = False
     headers: Mapping[str, str] = field(default_factory=dict)
+    padding: int = 0  # count_tokens: a "padding" field of this many bytes in the answer
 
 
 def error_response(
@@ -420,9 +421,10 @@ class FakeAnthropic:
         tokens = input_tokens(body, markers)
         beh = self._behaviour(request, markers, pop=False)
         await self._prelude(request, beh, False)
-        return web.Response(
-            body=orjson.dumps({"input_tokens": tokens}), content_type="application/json"
-        )
+        answer: dict[str, Any] = {"input_tokens": tokens}
+        if beh.padding:
+            answer["padding"] = "x" * beh.padding
+        return web.Response(body=orjson.dumps(answer), content_type="application/json")
 
     async def _not_found(self, request: web.Request) -> web.StreamResponse:
         return error_response(404, "Not Found")

@@ -4,6 +4,7 @@ an Anthropic upstream through the ``openai`` SDK: exact nano-dollars, one usage 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import aiohttp
@@ -12,7 +13,13 @@ import asyncpg
 import openai
 import pytest
 
-from tests.conftest import ANTHROPIC_KEY, Providers
+from tests.conftest import (
+    ADMIN_TOKEN,
+    ANTHROPIC_KEY,
+    Providers,
+    providers_config,
+    start_gateway,
+)
 from tests.helpers import Api, eventually
 
 MSG: Any = [{"role": "user", "content": "hi there"}]  # 3 + 2 = 5 input tokens in the fakes
@@ -203,6 +210,53 @@ async def test_count_tokens(providers: Providers, api: Api) -> None:
     assert local.input_tokens > 0  # tiktoken's
     with pytest.raises(anthropic.AuthenticationError):
         await claude(providers, "mb_wrong").messages.count_tokens(model="claude", messages=MSG)
+
+
+async def test_count_tokens_reads_at_most_max_response_bytes(
+    database_url: str, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    """The provider's count is read like any answer: past ``max_response_bytes`` a 502, in
+    Anthropic's envelope, and an error body past it is not read (its status alone tells)."""
+    from tests.fake_anthropic import FakeAnthropic
+
+    fake = FakeAnthropic(api_key=ANTHROPIC_KEY)
+    url = await fake.start()
+    config = providers_config(url, url, url)
+    bounded = dataclasses.replace(config.upstreams["ant"], max_response_bytes=4000)
+    config = dataclasses.replace(config, upstreams={**config.upstreams, "ant": bounded})
+    gw, runner = await start_gateway(config, database_url, redis_url)
+    try:
+        _, _, secret = await Api(http, gw.base, ADMIN_TOKEN).funded_team_key("1.00")
+
+        async def count() -> tuple[int, dict[str, Any]]:
+            async with http.post(
+                gw.base + "/v1/messages/count_tokens",
+                json={"model": "claude", "messages": MSG},
+                headers={"x-api-key": secret, "anthropic-version": "2023-06-01"},
+            ) as r:
+                return r.status, await r.json()
+
+        fake.set_default(padding=3000)  # within the bound
+        status, body = await count()
+        assert (status, body["input_tokens"]) == (200, 5)
+        fake.set_default(padding=5000)
+        assert await count() == (
+            502,
+            {
+                "type": "error",
+                "error": {
+                    "type": "api_error",
+                    "message": "upstream ant answered more than 4000 bytes (max_response_bytes)",
+                },
+            },
+        )
+        fake.set_default(status=400, error_body="x" * 5000)
+        status, body = await count()
+        assert (status, body["type"]) == (400, "error")
+        assert "x" * 100 not in body["error"]["message"]
+    finally:
+        await runner.cleanup()
+        await fake.stop()
 
 
 # --- Messages on an OpenAI upstream (translated) -----------------------------------------------

@@ -11,14 +11,16 @@ back unmodified (clients match on its wording).
 
 from __future__ import annotations
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 from gateway import state as S
 from gateway.credentials import bearer
-from gateway.errors import GatewayError, NotFound, UpstreamFailed
+from gateway.errors import GatewayError, NotFound, UpstreamFailed, UpstreamTimeout
 from gateway.proxy import handlers
 from gateway.proxy.exchange import count_texts
+from gateway.proxy.streaming import error_body
 from gateway.upstream.provider import ANTHROPIC
 from gateway.upstream.upstreams import UpstreamRequest
 from policies.translate import errors as envelopes
@@ -76,16 +78,36 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
         path = upstreams.path(model.upstream, "/messages/count_tokens", model.upstream_model)
         data = orjson.dumps({**body, "model": model.upstream_model})
         ask = UpstreamRequest(model.upstream, path, data, False, provider.forward(request.headers))
+        limit = app[S.CONFIG].upstreams[model.upstream].max_response_bytes
         response = await upstreams.send(ask)
         try:
-            answer = await response.read()
+            if response.status >= 400:
+                raise handlers.upstream_error(response.status, await error_body(response, limit))
+            answer = await _bounded(response, model.upstream, limit)
         finally:
             response.release()
-        if response.status >= 400:
-            raise handlers.upstream_error(response.status, answer)
         return web.Response(body=answer, content_type="application/json")
     except GatewayError as exc:
         return anthropic_error(exc)
+
+
+async def _bounded(response: aiohttp.ClientResponse, upstream: str, limit: int) -> bytes:
+    """The provider's whole answer, at most ``limit`` bytes (its ``max_response_bytes``): past
+    it a 502 ``upstream_error``, as on the other paths."""
+    body = bytearray()
+    try:
+        async for chunk in response.content.iter_any():
+            body += chunk
+            if len(body) > limit:
+                response.close()
+                raise UpstreamFailed(
+                    f"upstream {upstream} answered more than {limit} bytes (max_response_bytes)"
+                )
+    except TimeoutError as exc:
+        raise UpstreamTimeout(f"upstream {upstream} did not answer in time") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamFailed(f"upstream {upstream} broke off its answer") from exc
+    return bytes(body)
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
