@@ -21,6 +21,13 @@ import yaml
 from policies import forwarded
 from policies.money import MoneyError, parse_usd, price_per_token
 from policies.pricing import Prices
+from policies.routing import (
+    DEFAULT_COOLDOWN_AFTER,
+    DEFAULT_COOLDOWN_S,
+    DEFAULT_RETRIES,
+    Deployment,
+    find_cycle,
+)
 
 ENV_PREFIX = "MODELBRIDGE_"
 
@@ -61,11 +68,17 @@ class UpstreamConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    upstream: str
+    upstream: str  # the first deployment's (the only one in the single form)
     upstream_model: str
     prices: Prices
     max_output_tokens: int
     encoding: str = "cl100k_base"
+    # Routing (contract section 9): where the model is served, and what follows a failure.
+    deployments: tuple[Deployment, ...] = ()
+    retries: int = DEFAULT_RETRIES
+    fallbacks: tuple[str, ...] = ()
+    cooldown_after: int = DEFAULT_COOLDOWN_AFTER
+    cooldown_s: float = DEFAULT_COOLDOWN_S
 
 
 @dataclass(frozen=True)
@@ -193,6 +206,7 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         name: _model(name, _with_env(v, f"models_{name}", None, {}, env, _MODEL_KEYS), upstreams)
         for name, v in _mapping(raw.get("models"), "models").items()
     }
+    _check_fallbacks(models)
     plans = {name: _plan(name, v) for name, v in _mapping(raw.get("plans"), "plans").items()}
     for up in upstreams.values():
         _check_kind(up)
@@ -297,8 +311,10 @@ def _build(cls: type, values: dict[str, Any], where: str, renames: dict[str, str
 
 _MODEL_KEYS = frozenset({
     "upstream", "upstream_model", "input_per_mtok", "output_per_mtok", "cached_input_per_mtok",
-    "cache_write_per_mtok", "max_output_tokens", "encoding",
+    "cache_write_per_mtok", "max_output_tokens", "encoding", "deployments", "retries",
+    "fallbacks", "cooldown_after", "cooldown_s",
 })  # fmt: skip
+_DEPLOYMENT_KEYS = frozenset({"upstream", "upstream_model", "weight"})
 
 
 def _model(name: str, raw: dict[str, Any], upstreams: Mapping[str, UpstreamConfig]) -> ModelConfig:
@@ -306,9 +322,7 @@ def _model(name: str, raw: dict[str, Any], upstreams: Mapping[str, UpstreamConfi
     unknown = sorted(set(raw) - _MODEL_KEYS)
     if unknown:
         raise ConfigError(f"unknown keys in {where}: {', '.join(unknown)}")
-    upstream = str(raw.get("upstream", ""))
-    if upstream not in upstreams:
-        raise ConfigError(f"{where}.upstream: no upstream named {upstream!r}")
+    deployments = _deployments(name, raw, upstreams)
     try:
         cached = raw.get("cached_input_per_mtok")
         writes = raw.get("cache_write_per_mtok")
@@ -323,14 +337,81 @@ def _model(name: str, raw: dict[str, Any], upstreams: Mapping[str, UpstreamConfi
     max_out = _coerce(raw.get("max_output_tokens", 4096), 0, f"{where}.max_output_tokens")
     if max_out < 0:
         raise ConfigError(f"{where}.max_output_tokens must not be negative")
+    retries = _coerce(raw.get("retries", DEFAULT_RETRIES), 0, f"{where}.retries")
+    after = _coerce(raw.get("cooldown_after", DEFAULT_COOLDOWN_AFTER), 0, f"{where}.cooldown_after")
+    cooldown_s = _coerce(raw.get("cooldown_s", DEFAULT_COOLDOWN_S), 0.0, f"{where}.cooldown_s")
+    if retries < 0:
+        raise ConfigError(f"{where}.retries must not be negative")
+    if after < 1:
+        raise ConfigError(f"{where}.cooldown_after must be at least 1")
+    if cooldown_s < 0:
+        raise ConfigError(f"{where}.cooldown_s must not be negative")
+    fallbacks = raw.get("fallbacks") or []
+    if not isinstance(fallbacks, list | tuple | str):
+        raise ConfigError(f"{where}.fallbacks must be a list of model names")
     return ModelConfig(
         name=name,
-        upstream=upstream,
-        upstream_model=str(raw.get("upstream_model") or name),
+        upstream=deployments[0].upstream,
+        upstream_model=deployments[0].upstream_model,
         prices=prices,
         max_output_tokens=max_out,
         encoding=str(raw.get("encoding") or "cl100k_base"),
+        deployments=deployments,
+        retries=retries,
+        fallbacks=_coerce(fallbacks, (), f"{where}.fallbacks"),
+        cooldown_after=after,
+        cooldown_s=cooldown_s,
     )
+
+
+def _deployments(
+    name: str, raw: dict[str, Any], upstreams: Mapping[str, UpstreamConfig]
+) -> tuple[Deployment, ...]:
+    """A model's deployments: the ``deployments`` list, or its ``upstream`` + ``upstream_model``
+    as the one deployment."""
+    where = f"models.{name}"
+    listed = raw.get("deployments")
+    if listed is None:
+        items: list[Any] = [
+            {"upstream": raw.get("upstream", ""), "upstream_model": raw.get("upstream_model")}
+        ]
+        places = [where]
+    else:
+        if "upstream" in raw or "upstream_model" in raw:
+            raise ConfigError(f"{where}: give either deployments or upstream, not both")
+        if not isinstance(listed, list) or not listed:
+            raise ConfigError(f"{where}.deployments must be a non-empty list")
+        items = listed
+        places = [f"{where}.deployments[{i}]" for i in range(len(listed))]
+    out: list[Deployment] = []
+    for item, place in zip(items, places, strict=True):
+        if not isinstance(item, dict):
+            raise ConfigError(f"{place} must be a mapping of upstream, upstream_model, weight")
+        unknown = sorted(set(item) - _DEPLOYMENT_KEYS)
+        if unknown and listed is not None:
+            raise ConfigError(f"unknown keys in {place}: {', '.join(unknown)}")
+        upstream = str(item.get("upstream") or "")
+        if upstream not in upstreams:
+            raise ConfigError(f"{place}.upstream: no upstream named {upstream!r}")
+        weight = _coerce(item.get("weight", 1), 0.0, f"{place}.weight")
+        if not weight > 0 or weight == float("inf"):
+            raise ConfigError(f"{place}.weight must be a number above 0")
+        model = str(item.get("upstream_model") or name)
+        deployment = Deployment(upstream, model, weight)
+        if deployment.label in {d.label for d in out}:
+            raise ConfigError(f"{place}: {deployment.label} is listed twice")
+        out.append(deployment)
+    return tuple(out)
+
+
+def _check_fallbacks(models: Mapping[str, ModelConfig]) -> None:
+    for model in models.values():
+        for fallback in model.fallbacks:
+            if fallback not in models:
+                raise ConfigError(f"models.{model.name}.fallbacks: no model named {fallback!r}")
+    cycle = find_cycle({m.name: m.fallbacks for m in models.values()})
+    if cycle:
+        raise ConfigError(f"models: fallback cycle {' -> '.join(cycle)}")
 
 
 # The kinds of upstream; each has its module in gateway.upstream (registered in its ``kinds``).
