@@ -90,10 +90,14 @@ def add(totals: Totals, entries: Iterable[UsageEntry]) -> Totals:
         totals.credits -= e.from_credits
         counters = totals.period(e.period)
         for name, amount in (
-            ("spend", e.charged), ("aspent", e.from_allowance), ("req", 1),
-            ("ms:" + e.scope, e.charged), ("mr:" + e.scope, 1),
-            ("ks:" + e.key_id, e.charged), ("mo:" + e.model, e.charged),
-        ):  # fmt: skip
+            ("spend", e.charged),
+            ("aspent", e.from_allowance),
+            ("req", 1),
+            ("ms:" + e.scope, e.charged),
+            ("mr:" + e.scope, 1),
+            ("ks:" + e.key_id, e.charged),
+            ("mo:" + e.model, e.charged),
+        ):
             counters[name] = counters.get(name, 0) + amount
     return totals
 
@@ -105,7 +109,8 @@ def pending(entries: Iterable[UsageEntry], in_ledger: set[str]) -> list[UsageEnt
 
 def money_fields(counters: Mapping[str, str | int]) -> dict[str, int]:
     """The counters of a period hash that the ledger determines (``alw``, alert flags and the
-    ``mx:`` and ``kx:`` baselines of a billing-mode switch are not sums of this account's records)."""
+    ``mx:`` and ``kx:`` baselines of a billing-mode switch are not sums of this account's
+    records)."""
     return {
         name: int(value)
         for name, value in counters.items()

@@ -150,9 +150,15 @@ class Row:
 def columns(group_by: GroupBy) -> tuple[str, ...]:
     label = ("label",) if group_by in LABELLED else ()
     return (
-        "group", *label, "requests", "prompt_tokens", "completion_tokens",
-        "list_cost_usd", "discount_usd", "charged_usd",
-    )  # fmt: skip
+        "group",
+        *label,
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "list_cost_usd",
+        "discount_usd",
+        "charged_usd",
+    )
 
 
 def row_json(row: Row, group_by: GroupBy) -> dict[str, object]:
@@ -197,11 +203,16 @@ def csv_row(row: Row, group_by: GroupBy) -> str:
     label = (csv_text(row.label),) if group_by in LABELLED else ()
     return csv_line(
         (
-            csv_text(row.group), *label, str(row.requests), str(row.prompt_tokens),
-            str(row.completion_tokens), format_usd(row.list_cost), format_usd(row.discount),
+            csv_text(row.group),
+            *label,
+            str(row.requests),
+            str(row.prompt_tokens),
+            str(row.completion_tokens),
+            format_usd(row.list_cost),
+            format_usd(row.discount),
             format_usd(row.charged),
         )
-    )  # fmt: skip
+    )
 
 
 def csv_filename(subject: str, rng: DayRange, group_by: GroupBy) -> str:

@@ -98,9 +98,12 @@ async def patch_member(
     api: Api, session: Session, team_id: str, user_id: str, expect: int = 200, **fields: Any
 ) -> Any:
     _, body = await api.call(
-        "PATCH", f"/api/teams/{team_id}/members/{user_id}", session=session, json=fields,
+        "PATCH",
+        f"/api/teams/{team_id}/members/{user_id}",
+        session=session,
+        json=fields,
         expect=expect,
-    )  # fmt: skip
+    )
     return body
 
 
@@ -113,9 +116,12 @@ async def subscribe(
     api: Api, session: Session, team_id: str, plan: str | None, seats: int, expect: int = 200
 ) -> Any:
     _, body = await api.call(
-        "PUT", f"/api/teams/{team_id}/subscription", session=session,
-        json={"plan": plan, "seats": seats}, expect=expect,
-    )  # fmt: skip
+        "PUT",
+        f"/api/teams/{team_id}/subscription",
+        session=session,
+        json={"plan": plan, "seats": seats},
+        expect=expect,
+    )
     return body
 
 

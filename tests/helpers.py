@@ -56,9 +56,16 @@ class Api:
         self.admin_token = admin_token
 
     async def call(
-        self, method: str, path: str, *, session: Session | None = None, json: Any = None,
-        admin: bool = False, expect: int | None = None, headers: dict[str, str] | None = None,
-    ) -> tuple[int, Any]:  # fmt: skip
+        self,
+        method: str,
+        path: str,
+        *,
+        session: Session | None = None,
+        json: Any = None,
+        admin: bool = False,
+        expect: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
         hdrs = dict(headers or {})
         if session is not None:
             hdrs.update(session.headers)

@@ -33,9 +33,12 @@ async def add_member(
     )
     if role != "member":
         await api.call(
-            "PATCH", f"/api/teams/{team_id}/members/{user.user['id']}", session=owner,
-            json={"role": role}, expect=200,
-        )  # fmt: skip
+            "PATCH",
+            f"/api/teams/{team_id}/members/{user.user['id']}",
+            session=owner,
+            json={"role": role},
+            expect=200,
+        )
     return user
 
 
@@ -52,15 +55,19 @@ async def invite(
     api: Api, session: Session, team_id: str, email: str, role: str = "member", **extra: Any
 ) -> dict[str, Any]:
     _, body = await api.call(
-        "POST", f"/api/teams/{team_id}/invitations", session=session,
-        json={"email": email, "role": role, **extra}, expect=201,
-    )  # fmt: skip
+        "POST",
+        f"/api/teams/{team_id}/invitations",
+        session=session,
+        json={"email": email, "role": role, **extra},
+        expect=201,
+    )
     return dict(body)
 
 
 async def outbox_token(db: asyncpg.Connection, invitation_id: str) -> str:
     body = await db.fetchval(
-        "SELECT body FROM outbox WHERE kind = 'invitation' AND ref_id = $1 ORDER BY id DESC LIMIT 1",
+        "SELECT body FROM outbox WHERE kind = 'invitation' AND ref_id = $1"
+        " ORDER BY id DESC LIMIT 1",
         invitation_id,
     )
     match = INVITE_LINK.search(body or "")

@@ -77,12 +77,24 @@ async def test_a_member_removal_rolled_back_at_commit_leaves_redis_as_it_was(
     await api.credit_user(uid, "1.00")
     key = await api.key(member, tid)
     members = f"/api/teams/{tid}/members/{uid}"
-    await api.call("PATCH", f"/api/teams/{tid}", session=owner, expect=200,
-                   json={"model_restrictions": ["gpt-4o"]})  # fmt: skip
-    await api.call("PATCH", members, session=owner, expect=200,
-                   json={"monthly_limit_usd": "0.5", "enforcement": "soft"})  # fmt: skip
+    await api.call(
+        "PATCH",
+        f"/api/teams/{tid}",
+        session=owner,
+        expect=200,
+        json={"model_restrictions": ["gpt-4o"]},
+    )
+    await api.call(
+        "PATCH",
+        members,
+        session=owner,
+        expect=200,
+        json={"monthly_limit_usd": "0.5", "enforcement": "soft"},
+    )
     if billing_mode == "personal":
-        await api.call("PATCH", members, session=member, json={"billing_mode": "personal"}, expect=200)  # fmt: skip
+        await api.call(
+            "PATCH", members, session=member, json={"billing_mode": "personal"}, expect=200
+        )
     before = await live_state(redis, tid, uid)
     assert before["team cfg"]["ml:" + uid] == "500000000"
     billed = before["user keys"] if billing_mode == "personal" else before["team keys"]
@@ -93,7 +105,9 @@ async def test_a_member_removal_rolled_back_at_commit_leaves_redis_as_it_was(
     async with refused_at_commit(db, "memberships", when):
         await remove(api, owner, tid, uid, expect=500)
     assert await live_state(redis, tid, uid) == before
-    row = await db.fetchrow("SELECT removed_at FROM memberships WHERE team_id = $1 AND user_id = $2", tid, uid)  # fmt: skip
+    row = await db.fetchrow(
+        "SELECT removed_at FROM memberships WHERE team_id = $1 AND user_id = $2", tid, uid
+    )
     assert row["removed_at"] is None
     assert await db.fetchval("SELECT revoked_at FROM api_keys WHERE id = $1", key["id"]) is None
     assert await chat_works(gateway, key["secret"])  # the record says active, and so does Redis

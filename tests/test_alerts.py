@@ -99,9 +99,13 @@ async def test_webhooks_are_managed_by_owners_and_admins(
 
 
 async def test_team_limit_thresholds_are_signed_and_sent_once_per_period(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream,
-    receiver: Receiver, db: asyncpg.Connection,
-) -> None:  # fmt: skip
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    receiver: Receiver,
+    db: asyncpg.Connection,
+) -> None:
     req = exact(gateway, fake)
     owner, team, secret = await api.funded_team_key("1.00")
     tid = team["id"]
@@ -123,10 +127,15 @@ async def test_team_limit_thresholds_are_signed_and_sent_once_per_period(
         period,
     )
     assert first["data"] == {
-        "limit": "team", "user_id": None, "threshold": "80", "threshold_percent": 80,
-        "limit_usd": usd(5 * req.cost), "spend_usd": usd(4 * req.cost), "enforcement": "hard",
+        "limit": "team",
+        "user_id": None,
+        "threshold": "80",
+        "threshold_percent": 80,
+        "limit_usd": usd(5 * req.cost),
+        "spend_usd": usd(4 * req.cost),
+        "enforcement": "hard",
         "trigger": "spend",
-    }  # fmt: skip
+    }
     assert (second["data"]["threshold_percent"], second["data"]["spend_usd"]) == (
         100,
         usd(5 * req.cost),
@@ -142,9 +151,12 @@ async def test_team_limit_thresholds_are_signed_and_sent_once_per_period(
 
 
 async def test_member_alerts_soft_exceeded_and_refusal(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream,
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
     receiver: Receiver,
-) -> None:  # fmt: skip
+) -> None:
     req = exact(gateway, fake)
     owner, team, _ = await api.funded_team_key("1.00")
     tid = team["id"]
@@ -166,9 +178,12 @@ async def test_member_alerts_soft_exceeded_and_refusal(
     ]
     # A hard limit refuses a big hold long before the settled spend reaches it: "100 % reached".
     await api.call(
-        "PATCH", f"/api/teams/{tid}/members/{hard.user['id']}", session=owner,
-        json={"enforcement": "hard"}, expect=200,
-    )  # fmt: skip
+        "PATCH",
+        f"/api/teams/{tid}/members/{hard.user['id']}",
+        session=owner,
+        json={"enforcement": "hard"},
+        expect=200,
+    )
     hard_key = (await api.key(hard, tid))["secret"]
     reply = await chat(http, gateway, hard_key, {**req.body, "max_tokens": 1000})
     assert reply.code == "member_limit_reached"
@@ -183,9 +198,13 @@ async def test_member_alerts_soft_exceeded_and_refusal(
 
 
 async def test_failed_deliveries_are_retried_with_exponential_backoff(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream,
-    receiver: Receiver, db: asyncpg.Connection,
-) -> None:  # fmt: skip
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    receiver: Receiver,
+    db: asyncpg.Connection,
+) -> None:
     worker = gateway.app[S.ALERTS]
     saved = (worker.base_backoff_s, worker.poll_s)
     worker.base_backoff_s, worker.poll_s = 0.3, 0.02
@@ -221,10 +240,16 @@ async def test_alerts_left_behind_by_a_crash_are_collected_once(
     hook = await webhook(api, owner, tid, receiver.url)
     stream = rk.AccountKeys(rk.team_account(tid)).alerts
     entry = {
-        "kind": "team", "scope": owner.user["id"], "threshold": "80", "limit": "1000000000",
-        "spend": "800000000", "enforcement": "hard", "trigger": "spend", "period": "2031-01",
+        "kind": "team",
+        "scope": owner.user["id"],
+        "threshold": "80",
+        "limit": "1000000000",
+        "spend": "800000000",
+        "enforcement": "hard",
+        "trigger": "spend",
+        "period": "2031-01",
         "at": "1924992000",
-    }  # fmt: skip
+    }
     # Queued by a settle whose process died before the worker heard of it: the sweep finds it.
     await redis.xadd(stream, entry)
     worker = gateway.app[S.ALERTS]
@@ -253,9 +278,12 @@ async def test_alerts_left_behind_by_a_crash_are_collected_once(
 
 
 async def test_deleted_webhooks_receive_nothing(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream,
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
     receiver: Receiver,
-) -> None:  # fmt: skip
+) -> None:
     other = await Receiver().start()
     try:
         req = exact(gateway, fake)
@@ -306,10 +334,16 @@ async def queue_alert(gateway: Gateway, redis: Redis, team_id: str, user_id: str
     """An 80 % team alert queued as a settle queues it, collected and sent at once."""
     account = rk.team_account(team_id)
     entry = {
-        "kind": "team", "scope": user_id, "threshold": "80", "limit": "1000000000",
-        "spend": "800000000", "enforcement": "hard", "trigger": "spend", "period": "2031-02",
+        "kind": "team",
+        "scope": user_id,
+        "threshold": "80",
+        "limit": "1000000000",
+        "spend": "800000000",
+        "enforcement": "hard",
+        "trigger": "spend",
+        "period": "2031-02",
         "at": "1924992000",
-    }  # fmt: skip
+    }
     await redis.xadd(rk.AccountKeys(account).alerts, entry)
     worker = gateway.app[S.ALERTS]
     await worker.collect([account])
@@ -344,16 +378,30 @@ async def test_webhook_urls_must_reach_public_addresses(
         "gone.partner.test": [],
     }
     refused = [
-        "http://127.0.0.1:9/hook", "http://127.1.2.3/", "http://[::1]:8080/",
-        "http://[::ffff:127.0.0.1]/", "http://[::ffff:169.254.169.254]/latest/meta-data",
-        "http://169.254.169.254/latest/meta-data/", "http://10.1.2.3/", "http://172.20.0.1/",
-        "http://192.168.0.1/", "http://100.64.0.1/", "http://0.0.0.0:8080/", "http://[::]/",
-        "http://[fe80::1]/", "http://[fd00:ec2::254]/", "http://224.0.0.1/",
-        "http://168.63.129.16/", "http://localhost:8080/", "http://2130706433/",
-        "https://split.partner.test/", "https://internal.partner.test/",
-        "https://imds.partner.test/", "https://gone.partner.test/",
+        "http://127.0.0.1:9/hook",
+        "http://127.1.2.3/",
+        "http://[::1]:8080/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://[::ffff:169.254.169.254]/latest/meta-data",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.1.2.3/",
+        "http://172.20.0.1/",
+        "http://192.168.0.1/",
+        "http://100.64.0.1/",
+        "http://0.0.0.0:8080/",
+        "http://[::]/",
+        "http://[fe80::1]/",
+        "http://[fd00:ec2::254]/",
+        "http://224.0.0.1/",
+        "http://168.63.129.16/",
+        "http://localhost:8080/",
+        "http://2130706433/",
+        "https://split.partner.test/",
+        "https://internal.partner.test/",
+        "https://imds.partner.test/",
+        "https://gone.partner.test/",
         "https://no-such-host.invalid/",
-    ]  # fmt: skip
+    ]
     for url in refused:
         status, body = await api.call("POST", path, session=owner, json={"url": url})
         assert (status, body["error"]["code"], body["error"]["param"]) == (
@@ -369,9 +417,13 @@ async def test_webhook_urls_must_reach_public_addresses(
 
 
 async def test_delivery_checks_the_address_again_and_connects_to_what_it_checked(
-    gateway: Gateway, api: Api, strict: ScriptedDns, receiver: Receiver, redis: Redis,
+    gateway: Gateway,
+    api: Api,
+    strict: ScriptedDns,
+    receiver: Receiver,
+    redis: Redis,
     db: asyncpg.Connection,
-) -> None:  # fmt: skip
+) -> None:
     """DNS rebinding: the host resolved to a public address when the webhook was set, and to
     loopback (where the receiver listens) when the alert is sent; a URL stored before the check
     existed is refused too. The receiver hears nothing."""

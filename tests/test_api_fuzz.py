@@ -39,8 +39,12 @@ json_values = st.recursive(
     ),
     max_leaves=8,
 )
-money_like = st.sampled_from(["1", "0", "-1", "1e400", "0.0000000001", "12.5", " 3 ", "unlimited", "NaN"])  # fmt: skip
-emails = st.sampled_from(["a@b.co", "A@B.CO", "x@y", "@example.com", "a b@c.de", "ü@ü.de", "a@b.c\n"])  # fmt: skip
+money_like = st.sampled_from(
+    ["1", "0", "-1", "1e400", "0.0000000001", "12.5", " 3 ", "unlimited", "NaN"]
+)
+emails = st.sampled_from(
+    ["a@b.co", "A@B.CO", "x@y", "@example.com", "a b@c.de", "ü@ü.de", "a@b.c\n"]
+)
 
 
 def body_of(fields: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]:
@@ -49,25 +53,37 @@ def body_of(fields: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]
     plausible = st.fixed_dictionaries(
         {}, optional={name: values | json_values for name, values in fields.items()}
     )
-    with_extra = st.tuples(plausible, st.dictionaries(st.text(max_size=8), json_values, max_size=2))  # fmt: skip
+    with_extra = st.tuples(plausible, st.dictionaries(st.text(max_size=8), json_values, max_size=2))
     return json_values | plausible | with_extra.map(lambda t: {**t[1], **t[0]})
 
 
 raw_bodies = st.binary(max_size=40)
 
 
-async def send(api: Api, method: str, path: str, session: Session | None, payload: Any, raw: bool) -> tuple[int, Any]:  # fmt: skip
+async def send(
+    api: Api, method: str, path: str, session: Session | None, payload: Any, raw: bool
+) -> tuple[int, Any]:
     headers = {"Content-Type": "application/json", **(session.headers if session else {})}
     kwargs: dict[str, Any] = {"data": payload} if raw else {"json": payload}
     async with api.http.request(method, api.base + path, headers=headers, **kwargs) as resp:
-        body = await resp.json(content_type=None) if resp.content_type == "application/json" else await resp.text()  # fmt: skip
+        body = (
+            await resp.json(content_type=None)
+            if resp.content_type == "application/json"
+            else await resp.text()
+        )
         return resp.status, body
 
 
 async def check(
-    api: Api, method: str, path: str, session: Session | None, payload: Any, raw: bool,
-    state: Callable[[], Awaitable[Any]], ok: int,
-) -> None:  # fmt: skip
+    api: Api,
+    method: str,
+    path: str,
+    session: Session | None,
+    payload: Any,
+    raw: bool,
+    state: Callable[[], Awaitable[Any]],
+    ok: int,
+) -> None:
     before = await state()
     status, body = await send(api, method, path, session, payload, raw)
     assert status < 500, (payload, status, body)
@@ -83,8 +99,12 @@ def payloads(fields: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[tup
 
 
 @FUZZ
-@given(case=payloads({"email": emails, "password": st.text(max_size=12), "name": st.text(max_size=12)}))  # fmt: skip
-async def test_signup(gateway: Gateway, api: Api, db: asyncpg.Connection, case: tuple[Any, bool]) -> None:  # fmt: skip
+@given(
+    case=payloads({"email": emails, "password": st.text(max_size=12), "name": st.text(max_size=12)})
+)
+async def test_signup(
+    gateway: Gateway, api: Api, db: asyncpg.Connection, case: tuple[Any, bool]
+) -> None:
     async def state() -> Any:
         return await db.fetchval("SELECT count(*) FROM users")
 
@@ -105,7 +125,9 @@ async def test_create_team(
     gateway: Gateway, api: Api, db: asyncpg.Connection, team: dict[str, Any], case: tuple[Any, bool]
 ) -> None:
     async def state() -> Any:
-        return await db.fetchval("SELECT count(*) FROM teams WHERE owner_id = $1", team["owner"].user["id"])  # fmt: skip
+        return await db.fetchval(
+            "SELECT count(*) FROM teams WHERE owner_id = $1", team["owner"].user["id"]
+        )
 
     await check(api, "POST", "/api/teams", team["owner"], case[0], case[1], state, 201)
 
@@ -122,9 +144,13 @@ async def test_create_team(
     )
 )
 async def test_patch_member(
-    gateway: Gateway, api: Api, db: asyncpg.Connection, redis: Redis, team: dict[str, Any],
+    gateway: Gateway,
+    api: Api,
+    db: asyncpg.Connection,
+    redis: Redis,
+    team: dict[str, Any],
     case: tuple[Any, bool],
-) -> None:  # fmt: skip
+) -> None:
     async def state() -> Any:
         rows = await db.fetch(
             "SELECT * FROM memberships WHERE team_id = $1 ORDER BY id", team["id"]
@@ -151,7 +177,9 @@ async def test_create_invitation(
     gateway: Gateway, api: Api, db: asyncpg.Connection, team: dict[str, Any], case: tuple[Any, bool]
 ) -> None:
     async def state() -> Any:
-        invitations = await db.fetch("SELECT * FROM invitations WHERE team_id = $1 ORDER BY id", team["id"])  # fmt: skip
+        invitations = await db.fetch(
+            "SELECT * FROM invitations WHERE team_id = $1 ORDER BY id", team["id"]
+        )
         return [dict(r) for r in invitations], await db.fetchval("SELECT count(*) FROM outbox")
 
     path = f"/api/teams/{team['id']}/invitations"
@@ -167,7 +195,9 @@ async def test_transfer(
         rows = await db.fetch(
             "SELECT * FROM memberships WHERE team_id = $1 ORDER BY id", team["id"]
         )
-        return [dict(r) for r in rows], await db.fetchval("SELECT owner_id FROM teams WHERE id = $1", team["id"])  # fmt: skip
+        return [dict(r) for r in rows], await db.fetchval(
+            "SELECT owner_id FROM teams WHERE id = $1", team["id"]
+        )
 
     path = f"/api/teams/{team['id']}/transfer"
     await check(api, "POST", path, team["owner"], case[0], case[1], state, 200)

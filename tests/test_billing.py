@@ -50,9 +50,12 @@ def lines(view: dict[str, Any]) -> list[tuple[str, str, str, int, str]]:
 
 
 async def test_subscription_gives_allowance_drawn_before_credits(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream,
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
     db: asyncpg.Connection,
-) -> None:  # fmt: skip
+) -> None:
     owner = await api.signup()
     team = await api.team(owner)
     tid = team["id"]
@@ -95,9 +98,13 @@ async def test_subscription_gives_allowance_drawn_before_credits(
 
 
 async def test_seats_raise_now_lower_next_period_and_renew(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream,
-    redis: Redis, db: asyncpg.Connection,
-) -> None:  # fmt: skip
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    redis: Redis,
+    db: asyncpg.Connection,
+) -> None:
     gateway.clock.fixed = ts("2031-06-15T12:00:00")
     owner, team, secret = await api.funded_team_key("0.50")
     tid = team["id"]
@@ -194,9 +201,14 @@ async def test_billing_is_for_owners_and_admins_and_changes_for_owners(
     await patch_team(api, member, tid, 403, model_restrictions=["gpt-4o"])
     await patch_team(api, outsider, tid, 404, name="x")
     body = await patch_team(
-        api, admin, tid, name="Renamed", default_member_limit_usd="2.5",
-        default_enforcement="soft", model_restrictions=["gpt-4o"],
-    )  # fmt: skip
+        api,
+        admin,
+        tid,
+        name="Renamed",
+        default_member_limit_usd="2.5",
+        default_enforcement="soft",
+        model_restrictions=["gpt-4o"],
+    )
     assert (body["name"], body["default_member_limit_usd"], body["default_enforcement"]) == (
         "Renamed",
         "2.500000000",
@@ -275,25 +287,34 @@ async def test_team_settings_reach_redis_and_the_audit_log(
     tid = team["id"]
     ak = rk.AccountKeys(rk.team_account(tid))
     body = await patch_team(
-        api, owner, tid, spending_limit_usd="12.5", default_member_limit_usd=3,
-        default_enforcement="soft", model_restrictions=["gpt-4o", "future-model", "gpt-4o"],
-    )  # fmt: skip
+        api,
+        owner,
+        tid,
+        spending_limit_usd="12.5",
+        default_member_limit_usd=3,
+        default_enforcement="soft",
+        model_restrictions=["gpt-4o", "future-model", "gpt-4o"],
+    )
     assert body["spending_limit_usd"] == "12.500000000"
     assert body["model_restrictions"] == ["gpt-4o", "future-model"]
     cfg = await redis.hgetall(ak.cfg)
     assert (cfg["limit"], cfg["dml"], cfg["den"]) == (str(12_500_000_000), str(3 * USD), "soft")
     assert await redis.smembers(ak.blocked("")) == {"gpt-4o", "future-model"}
     body = await patch_team(
-        api, owner, tid, spending_limit_usd=None, default_member_limit_usd=None,
+        api,
+        owner,
+        tid,
+        spending_limit_usd=None,
+        default_member_limit_usd=None,
         model_restrictions=None,
-    )  # fmt: skip
+    )
     assert body["spending_limit_usd"] is None and body["model_restrictions"] == []
     cfg = await redis.hgetall(ak.cfg)
     assert (cfg["limit"], cfg["dml"]) == ("-1", "-1")
     assert await redis.smembers(ak.blocked("")) == set()
     rows = await db.fetch(
-        "SELECT actor_id, before, after FROM audit_log WHERE team_id = $1 AND action = 'team.update'"
-        " ORDER BY id",
+        "SELECT actor_id, before, after FROM audit_log"
+        " WHERE team_id = $1 AND action = 'team.update' ORDER BY id",
         tid,
     )
     import orjson
@@ -302,12 +323,20 @@ async def test_team_settings_reach_redis_and_the_audit_log(
         (orjson.loads(r["before"]), orjson.loads(r["after"]), r["actor_id"]) for r in rows
     )
     assert first == (
-        {"spending_limit_usd": None, "default_member_limit_usd": None,
-         "default_enforcement": "hard", "model_restrictions": []},
-        {"spending_limit_usd": "12.500000000", "default_member_limit_usd": "3.000000000",
-         "default_enforcement": "soft", "model_restrictions": ["gpt-4o", "future-model"]},
+        {
+            "spending_limit_usd": None,
+            "default_member_limit_usd": None,
+            "default_enforcement": "hard",
+            "model_restrictions": [],
+        },
+        {
+            "spending_limit_usd": "12.500000000",
+            "default_member_limit_usd": "3.000000000",
+            "default_enforcement": "soft",
+            "model_restrictions": ["gpt-4o", "future-model"],
+        },
         owner.user["id"],
-    )  # fmt: skip
+    )
     assert second[1] == {
         "spending_limit_usd": None,
         "default_member_limit_usd": None,
@@ -328,15 +357,22 @@ async def test_team_settings_reach_redis_and_the_audit_log(
     [(0, 4350), (1000, 3915), (3333, 2900), (9999, 0), (10_000, 0)],
 )
 async def test_discount_floor_rounded_on_every_request(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, db: asyncpg.Connection,
-    bps: int, charged: int,
-) -> None:  # fmt: skip
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    db: asyncpg.Connection,
+    bps: int,
+    charged: int,
+) -> None:
     # "hi there": the fake reports 5 prompt and 6 completion tokens: 4350 nano-USD list.
     owner, team, secret = await api.funded_team_key("1.00")
     await api.call(
-        "PUT", f"/admin/teams/{team['id']}/discount", admin=True, json={"discount_bps": bps},
+        "PUT",
+        f"/admin/teams/{team['id']}/discount",
+        admin=True,
+        json={"discount_bps": bps},
         expect=200,
-    )  # fmt: skip
+    )
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi there"}]}
     for _ in range(2):
         reply = await chat(http, gateway, secret, body)
@@ -361,9 +397,12 @@ async def test_discount_shrinks_the_hold(
     reply = await chat(http, gateway, secret, req.body)
     assert (reply.status, reply.code) == (429, "insufficient_quota")
     await api.call(
-        "PUT", f"/admin/teams/{team['id']}/discount", admin=True, json={"discount_bps": 5000},
+        "PUT",
+        f"/admin/teams/{team['id']}/discount",
+        admin=True,
+        json={"discount_bps": 5000},
         expect=200,
-    )  # fmt: skip
+    )
     reply = await chat(http, gateway, secret, req.body)
     assert reply.status == 200
     assert reply.headers["x-modelbridge-cost-usd"] == usd(held)

@@ -59,7 +59,12 @@ async def mail(
     inbox = Inbox()
     controller = Controller(inbox, hostname="127.0.0.1", port=free_port())
     controller.start()
-    smtp = SmtpConfig(host="127.0.0.1", port=controller.port, from_addr="ModelBridge <noreply@mb.test>", timeout_s=5)  # fmt: skip
+    smtp = SmtpConfig(
+        host="127.0.0.1",
+        port=controller.port,
+        from_addr="ModelBridge <noreply@mb.test>",
+        timeout_s=5,
+    )
     config = dataclasses.replace(gateway_config(fake.base_url), smtp=smtp)
     gw, runner = await start_gateway(config, database_url, redis_url)
     yield MailGateway(gw, Api(http, gw.base, ADMIN_TOKEN), inbox)
@@ -229,10 +234,17 @@ async def _join(api: Api, owner: Session, team_id: str, role: str) -> Session:
     user = await api.signup(name=f"{role.title()} Person")
     _, link = await api.call("POST", f"/api/teams/{team_id}/invite-link", session=owner, expect=201)
     _, req = await api.call("POST", f"/api/join/{link['token']}", session=user, expect=201)
-    await api.call("POST", f"/api/teams/{team_id}/join-requests/{req['id']}/approve", session=owner, expect=200)  # fmt: skip
+    await api.call(
+        "POST", f"/api/teams/{team_id}/join-requests/{req['id']}/approve", session=owner, expect=200
+    )
     if role != "member":
-        await api.call("PATCH", f"/api/teams/{team_id}/members/{user.user['id']}", session=owner,
-                       json={"role": role}, expect=200)  # fmt: skip
+        await api.call(
+            "PATCH",
+            f"/api/teams/{team_id}/members/{user.user['id']}",
+            session=owner,
+            json={"role": role},
+            expect=200,
+        )
     return user
 
 
@@ -297,7 +309,7 @@ async def test_controls_follow_the_role_matrix(
     await tab.close()
 
 
-# --- smaller browser checks -------------------------------------------------------------------------
+# --- smaller browser checks -----------------------------------------------------------------------
 @pytest.mark.browser
 async def test_money_is_formatted_without_floats(browser: Browser, gateway: Gateway) -> None:
     tab = await open_tab(browser, gateway.base)
@@ -322,7 +334,8 @@ async def test_money_is_formatted_without_floats(browser: Browser, gateway: Gate
     assert got == cases
     plain = await tab.page.evaluate(
         "async () => { const m = await import('/static/js/money.js');"
-        " return [m.plain('12.500000000'), m.plain(null), m.parseAmount('$1,000.25'), String(m.sum(['0.1', '0.2']))]; }"
+        " return [m.plain('12.500000000'), m.plain(null), m.parseAmount('$1,000.25'),"
+        " String(m.sum(['0.1', '0.2']))]; }"
     )
     assert plain == ["12.50", "", "1000.25", "300000000"]
     await tab.close()
@@ -446,20 +459,36 @@ async def test_csrf_double_submit(gateway: Gateway, api: Api) -> None:
         ) as resp:
             assert resp.status == 201
         async with browser_like.post(
-            base + "/api/teams", json={"name": "x"},
+            base + "/api/teams",
+            json={"name": "x"},
             headers={"x-csrf-token": token, "Origin": "https://evil.example"},
-        ) as resp:  # fmt: skip
+        ) as resp:
             assert resp.status == 403
         async with browser_like.get(base + "/api/me") as resp:
             assert resp.status == 200  # reads need no token
     # Scripts with a bearer token are not affected; a cross-site login is refused.
     await api.call("POST", "/api/teams", session=session, json={"name": "y"}, expect=201)
-    await api.call("POST", "/api/auth/login", json={"email": session.user["email"], "password": PASSWORD},
-                   headers={"Origin": "https://evil.example"}, expect=403)  # fmt: skip
-    await api.call("POST", "/api/auth/login", json={"email": session.user["email"], "password": PASSWORD},
-                   headers={"Sec-Fetch-Site": "cross-site"}, expect=403)  # fmt: skip
-    await api.call("POST", "/api/auth/login", json={"email": session.user["email"], "password": PASSWORD},
-                   headers={"Origin": base}, expect=200)  # fmt: skip
+    await api.call(
+        "POST",
+        "/api/auth/login",
+        json={"email": session.user["email"], "password": PASSWORD},
+        headers={"Origin": "https://evil.example"},
+        expect=403,
+    )
+    await api.call(
+        "POST",
+        "/api/auth/login",
+        json={"email": session.user["email"], "password": PASSWORD},
+        headers={"Sec-Fetch-Site": "cross-site"},
+        expect=403,
+    )
+    await api.call(
+        "POST",
+        "/api/auth/login",
+        json={"email": session.user["email"], "password": PASSWORD},
+        headers={"Origin": base},
+        expect=200,
+    )
 
 
 async def test_models_and_plans_for_the_dashboard(gateway: Gateway, api: Api) -> None:

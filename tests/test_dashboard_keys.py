@@ -21,7 +21,8 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
 # datetime-local value for a time `days` from now, in the browser's own zone
 LOCAL = """(days) => { const d = new Date(Date.now() + days * 86400e3);
   const p = (n) => String(n).padStart(2, '0');
-  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}T${p(d.getHours())}:${p(d.getMinutes())}`; }"""
+  const date = `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}`;
+  return `${date}T${p(d.getHours())}:${p(d.getMinutes())}`; }"""
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,8 @@ async def logged_in(browser: Browser, gateway: Gateway, session: Session) -> Tab
 WIDE = """() => [...document.querySelectorAll('body *')]
   .filter((el) => el.getBoundingClientRect().right > window.innerWidth + 0.5)
   .filter((el) => !el.closest('.table-wrap') || el.classList.contains('table-wrap'))
-  .slice(0, 8).map((el) => `${el.tagName}.${el.className} ${Math.round(el.getBoundingClientRect().right)}`)"""
+  .slice(0, 8)
+  .map((el) => `${el.tagName}.${el.className} ${Math.round(el.getBoundingClientRect().right)}`)"""
 
 
 async def no_sideways_scroll(page: Page) -> None:
@@ -100,7 +102,8 @@ async def test_a_scoped_limited_expiring_key_and_its_429_on_the_usage_page(
         await sdk.chat.completions.create(**CHAT)  # type: ignore[call-overload]
     assert refused.value.code == "rate_limit_exceeded"
     with pytest.raises(openai.PermissionDeniedError):
-        await sdk.chat.completions.create(**{**CHAT, "model": "gpt-4o"})  # type: ignore[call-overload]
+        gpt4o = {**CHAT, "model": "gpt-4o"}
+        await sdk.chat.completions.create(**gpt4o)  # type: ignore[call-overload]
 
     # The usage page shows the key's refusal, its rate now and the real (tiny) amounts.
     await page.get_by_role("link", name="Usage").click()

@@ -34,9 +34,18 @@ from tests.people import (
 )
 
 INVITATION_FIELDS = {
-    "id", "team_id", "email", "role", "status", "invited_by", "created_at", "expires_at",
-    "accepted_at", "revoked_at", "email_status",
-}  # fmt: skip
+    "id",
+    "team_id",
+    "email",
+    "role",
+    "status",
+    "invited_by",
+    "created_at",
+    "expires_at",
+    "accepted_at",
+    "revoked_at",
+    "email_status",
+}
 
 
 class Inbox:
@@ -83,7 +92,12 @@ async def mail(
     inbox = Inbox()
     controller = Controller(inbox, hostname="127.0.0.1", port=free_port())
     controller.start()
-    smtp = SmtpConfig(host="127.0.0.1", port=controller.port, from_addr="ModelBridge <noreply@mb.test>", timeout_s=5)  # fmt: skip
+    smtp = SmtpConfig(
+        host="127.0.0.1",
+        port=controller.port,
+        from_addr="ModelBridge <noreply@mb.test>",
+        timeout_s=5,
+    )
     gw, runner = await _gateway_with_smtp(fake, database_url, redis_url, smtp)
     yield MailGateway(gw, Api(http, gw.base, "test-admin-token"), inbox)
     await runner.cleanup()
@@ -94,7 +108,7 @@ async def accept(api: Api, session: Session | None, token: str) -> tuple[int, An
     return await api.call("POST", f"/api/invitations/{token}/accept", session=session)
 
 
-# --- invitations by mail ----------------------------------------------------------------------------
+# --- invitations by mail --------------------------------------------------------------------------
 async def test_invitation_by_mail_end_to_end(
     mail: MailGateway, db: asyncpg.Connection, redis: Redis
 ) -> None:
@@ -105,12 +119,24 @@ async def test_invitation_by_mail_end_to_end(
     invitee = await api.signup(address.lower(), name="Ivan")
     shouted = address.upper()
     _, body = await api.call(
-        "POST", f"/api/teams/{team['id']}/invitations", session=owner,
-        json={"email": shouted, "role": "admin"}, expect=201,
-    )  # fmt: skip
+        "POST",
+        f"/api/teams/{team['id']}/invitations",
+        session=owner,
+        json={"email": shouted, "role": "admin"},
+        expect=201,
+    )
     assert set(body) == INVITATION_FIELDS
-    assert (body["email"], body["role"], body["status"], body["email_status"]) == (shouted, "admin", "pending", "sent")  # fmt: skip
-    assert body["invited_by"] == {"id": owner.user["id"], "email": owner.user["email"], "name": "Olive Owner"}  # fmt: skip
+    assert (body["email"], body["role"], body["status"], body["email_status"]) == (
+        shouted,
+        "admin",
+        "pending",
+        "sent",
+    )
+    assert body["invited_by"] == {
+        "id": owner.user["id"],
+        "email": owner.user["email"],
+        "name": "Olive Owner",
+    }
     created = datetime.fromisoformat(body["created_at"])
     assert datetime.fromisoformat(body["expires_at"]) - created == timedelta(days=7)
 
@@ -129,22 +155,41 @@ async def test_invitation_by_mail_end_to_end(
 
     _, shown = await api.call("GET", f"/api/invitations/{token}", expect=200)  # no login
     assert shown == {
-        "id": body["id"], "team": {"id": team["id"], "name": "Rocket Lab"}, "role": "admin",
-        "email": shouted, "invited_by": {"name": "Olive Owner", "email": owner.user["email"]},
-        "expires_at": body["expires_at"], "status": "pending",
-    }  # fmt: skip
+        "id": body["id"],
+        "team": {"id": team["id"], "name": "Rocket Lab"},
+        "role": "admin",
+        "email": shouted,
+        "invited_by": {"name": "Olive Owner", "email": owner.user["email"]},
+        "expires_at": body["expires_at"],
+        "status": "pending",
+    }
     assert (await accept(api, None, token))[0] == 401
     stranger = await api.signup()
     status, err = await accept(api, stranger, token)
     assert (status, err["error"]["code"]) == (403, "invitation_email_mismatch")
-    _, joined = await api.call("POST", f"/api/invitations/{token}/accept", session=invitee, expect=200)  # fmt: skip
-    assert (joined["team"], joined["role"], joined["user_id"]) == ({"id": team["id"], "name": "Rocket Lab"}, "admin", invitee.user["id"])  # fmt: skip
+    _, joined = await api.call(
+        "POST", f"/api/invitations/{token}/accept", session=invitee, expect=200
+    )
+    assert (joined["team"], joined["role"], joined["user_id"]) == (
+        {"id": team["id"], "name": "Rocket Lab"},
+        "admin",
+        invitee.user["id"],
+    )
     assert (await api.overview(invitee, team["id"]))["your_role"] == "admin"
     assert (await api.overview(owner, team["id"]))["member_count"] == 2
     for session in (invitee, stranger, None):
-        status, err = await accept(api, session, token) if session else await api.call("GET", f"/api/invitations/{token}")  # fmt: skip
+        status, err = (
+            await accept(api, session, token)
+            if session
+            else await api.call("GET", f"/api/invitations/{token}")
+        )
         assert (status, err["error"]["code"]) == (410, "invitation_not_valid")
-    actions = [r["action"] for r in await db.fetch("SELECT action FROM audit_log WHERE team_id = $1 ORDER BY id", team["id"])]  # fmt: skip
+    actions = [
+        r["action"]
+        for r in await db.fetch(
+            "SELECT action FROM audit_log WHERE team_id = $1 ORDER BY id", team["id"]
+        )
+    ]
     assert actions == ["team.create", "invitation.create", "member.add", "invitation.accept"]
     await clear_guess_limits(redis)
 
@@ -160,9 +205,16 @@ async def test_accepting_needs_a_valid_pending_invitation(
     user = await api.signup(email)
     inv = await invite(api, owner, team["id"], email)
     token = await outbox_token(db, inv["id"])
-    _, link = await api.call("POST", f"/api/teams/{team['id']}/invite-link", session=owner, expect=201)  # fmt: skip
+    _, link = await api.call(
+        "POST", f"/api/teams/{team['id']}/invite-link", session=owner, expect=201
+    )
     _, req = await api.call("POST", f"/api/join/{link['token']}", session=user, expect=201)
-    await api.call("POST", f"/api/teams/{team['id']}/join-requests/{req['id']}/approve", session=owner, expect=200)  # fmt: skip
+    await api.call(
+        "POST",
+        f"/api/teams/{team['id']}/join-requests/{req['id']}/approve",
+        session=owner,
+        expect=200,
+    )
     status, err = await accept(api, user, token)
     assert (status, err["error"]["code"]) == (409, "already_member")
     await api.call("GET", f"/api/invitations/{token}", expect=200)
@@ -183,7 +235,9 @@ async def test_no_smtp_logs_the_mail_and_keeps_it_in_the_outbox(
     inv = await invite(api, owner, team["id"], email)
     assert inv["email_status"] == "logged"
     token = await outbox_token(db, inv["id"])
-    row = await db.fetchrow("SELECT status, to_addr, sent_at FROM outbox WHERE ref_id = $1", inv["id"])  # fmt: skip
+    row = await db.fetchrow(
+        "SELECT status, to_addr, sent_at FROM outbox WHERE ref_id = $1", inv["id"]
+    )
     assert (row["status"], row["to_addr"], row["sent_at"]) == ("logged", email, None)
     assert any(f"/invite/{token}" in r.getMessage() for r in caplog.records)
     user = await api.signup(email)
@@ -191,9 +245,12 @@ async def test_no_smtp_logs_the_mail_and_keeps_it_in_the_outbox(
 
 
 async def test_smtp_down_or_slow_never_fails_the_request(
-    fake: FakeUpstream, database_url: str, redis_url: str, http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    database_url: str,
+    redis_url: str,
+    http: aiohttp.ClientSession,
     db: asyncpg.Connection,
-) -> None:  # fmt: skip
+) -> None:
     slow = Inbox(delay_s=3.0)
     controller = Controller(slow, hostname="127.0.0.1", port=free_port())
     controller.start()
@@ -211,12 +268,14 @@ async def test_smtp_down_or_slow_never_fails_the_request(
                 inv = await invite(api, owner, team["id"], email)
                 assert time.monotonic() - started < 2.5, name
                 assert inv["email_status"] == "failed"
-                row = await db.fetchrow("SELECT status, error FROM outbox WHERE ref_id = $1", inv["id"])  # fmt: skip
+                row = await db.fetchrow(
+                    "SELECT status, error FROM outbox WHERE ref_id = $1", inv["id"]
+                )
                 assert row["status"] == "failed" and error in row["error"], (name, row["error"])
                 # The body is kept, so the link can still be passed on by hand.
                 token = await outbox_token(db, inv["id"])
                 user = await api.signup(email)
-                await api.call("POST", f"/api/invitations/{token}/accept", session=user, expect=200)  # fmt: skip
+                await api.call("POST", f"/api/invitations/{token}/accept", session=user, expect=200)
             finally:
                 await runner.cleanup()
     finally:
@@ -228,7 +287,9 @@ async def test_expiry(gateway: Gateway, api: Api, db: asyncpg.Connection) -> Non
     team = await api.team(owner)
     email = unique_email()
     inv = await invite(api, owner, team["id"], email, expires_in_s=60)
-    assert datetime.fromisoformat(inv["expires_at"]) - datetime.fromisoformat(inv["created_at"]) == timedelta(seconds=60)  # fmt: skip
+    assert datetime.fromisoformat(inv["expires_at"]) - datetime.fromisoformat(
+        inv["created_at"]
+    ) == timedelta(seconds=60)
     token = await outbox_token(db, inv["id"])
     user = await api.signup(email)
     gateway.clock.fixed = time.time() + 61
@@ -236,9 +297,13 @@ async def test_expiry(gateway: Gateway, api: Api, db: asyncpg.Connection) -> Non
     assert (status, err["error"]["code"]) == (410, "invitation_not_valid")
     status, err = await accept(api, user, token)
     assert (status, err["error"]["code"]) == (410, "invitation_not_valid")
-    _, pending = await api.call("GET", f"/api/teams/{team['id']}/invitations", session=owner, expect=200)  # fmt: skip
+    _, pending = await api.call(
+        "GET", f"/api/teams/{team['id']}/invitations", session=owner, expect=200
+    )
     assert pending == {"data": []}
-    _, every = await api.call("GET", f"/api/teams/{team['id']}/invitations?status=all", session=owner, expect=200)  # fmt: skip
+    _, every = await api.call(
+        "GET", f"/api/teams/{team['id']}/invitations?status=all", session=owner, expect=200
+    )
     assert [(i["id"], i["status"]) for i in every["data"]] == [(inv["id"], "expired")]
 
 
@@ -253,11 +318,17 @@ async def test_list_and_revoke(gateway: Gateway, api: Api, db: asyncpg.Connectio
     assert [i["id"] for i in listed["data"]] == [second["id"], first["id"]]
     assert all(set(i) == INVITATION_FIELDS and i["status"] == "pending" for i in listed["data"])
     await api.call("GET", f"/api/teams/{tid}/invitations", session=member, expect=403)
-    await api.call("DELETE", f"/api/teams/{tid}/invitations/{first['id']}", session=member, expect=403)  # fmt: skip
+    await api.call(
+        "DELETE", f"/api/teams/{tid}/invitations/{first['id']}", session=member, expect=403
+    )
     token = await outbox_token(db, first["id"])
-    _, revoked = await api.call("DELETE", f"/api/teams/{tid}/invitations/{first['id']}", session=owner, expect=200)  # fmt: skip
+    _, revoked = await api.call(
+        "DELETE", f"/api/teams/{tid}/invitations/{first['id']}", session=owner, expect=200
+    )
     assert (revoked["id"], revoked["status"]) == (first["id"], "revoked") and revoked["revoked_at"]
-    status, err = await api.call("DELETE", f"/api/teams/{tid}/invitations/{first['id']}", session=owner)  # fmt: skip
+    status, err = await api.call(
+        "DELETE", f"/api/teams/{tid}/invitations/{first['id']}", session=owner
+    )
     assert (status, err["error"]["code"]) == (409, "invitation_not_pending")
     status, err = await api.call("GET", f"/api/invitations/{token}")
     assert (status, err["error"]["code"]) == (410, "invitation_not_valid")
@@ -280,9 +351,11 @@ async def test_reinviting(gateway: Gateway, api: Api, db: asyncpg.Connection) ->
     team = await api.team(owner)
     member = await add_member(api, owner, team["id"])
     status, err = await api.call(
-        "POST", f"/api/teams/{team['id']}/invitations", session=owner,
+        "POST",
+        f"/api/teams/{team['id']}/invitations",
+        session=owner,
         json={"email": member.user["email"].upper(), "role": "member"},
-    )  # fmt: skip
+    )
     assert (status, err["error"]["code"], err["error"]["param"]) == (409, "already_member", "email")
     # A second invitation to the same address replaces the first (a resend).
     email = unique_email()
@@ -336,7 +409,9 @@ async def test_expires_in_bounds_are_accepted(gateway: Gateway, api: Api) -> Non
     team = await api.team(owner)
     for seconds in (1, 2592000):
         inv = await invite(api, owner, team["id"], unique_email(), expires_in_s=seconds)
-        assert datetime.fromisoformat(inv["expires_at"]) - datetime.fromisoformat(inv["created_at"]) == timedelta(seconds=seconds)  # fmt: skip
+        assert datetime.fromisoformat(inv["expires_at"]) - datetime.fromisoformat(
+            inv["created_at"]
+        ) == timedelta(seconds=seconds)
 
 
 async def test_guessing_invitation_tokens_is_rate_limited(
@@ -363,7 +438,7 @@ async def test_guessing_invitation_tokens_is_rate_limited(
     await api.call("POST", f"/api/invitations/{token}/accept", session=user, expect=200)
 
 
-# --- the invite link and join requests --------------------------------------------------------------
+# --- the invite link and join requests ------------------------------------------------------------
 async def test_invite_link_and_join_requests(
     gateway: Gateway, api: Api, db: asyncpg.Connection
 ) -> None:
@@ -383,20 +458,29 @@ async def test_invite_link_and_join_requests(
     assert (await api.overview(owner, tid))["pending_join_requests"] == 2
     _, pending = await api.call("GET", f"/api/teams/{tid}/join-requests", session=admin, expect=200)
     assert [(r["id"], r["email"], r["name"]) for r in pending["data"]] == [
-        (req1["id"], first.user["email"], "First"), (req2["id"], second.user["email"], "Second"),
-    ]  # fmt: skip
-    _, approved = await api.call("POST", f"/api/teams/{tid}/join-requests/{req1['id']}/approve", session=admin, expect=200)  # fmt: skip
+        (req1["id"], first.user["email"], "First"),
+        (req2["id"], second.user["email"], "Second"),
+    ]
+    _, approved = await api.call(
+        "POST", f"/api/teams/{tid}/join-requests/{req1['id']}/approve", session=admin, expect=200
+    )
     assert (approved["status"], approved["decided_by"]) == ("approved", admin.user["id"])
-    _, denied = await api.call("POST", f"/api/teams/{tid}/join-requests/{req2['id']}/deny", session=owner, expect=200)  # fmt: skip
+    _, denied = await api.call(
+        "POST", f"/api/teams/{tid}/join-requests/{req2['id']}/deny", session=owner, expect=200
+    )
     assert denied["status"] == "denied"
     for rid in (req1["id"], req2["id"]):
-        status, err = await api.call("POST", f"/api/teams/{tid}/join-requests/{rid}/approve", session=owner)  # fmt: skip
+        status, err = await api.call(
+            "POST", f"/api/teams/{tid}/join-requests/{rid}/approve", session=owner
+        )
         assert (status, err["error"]["code"]) == (409, "join_request_not_pending")
     assert (await api.overview(first, tid))["your_role"] == "member"
     await api.call("GET", f"/api/teams/{tid}", session=second, expect=404)
     status, err = await api.call("POST", f"/api/join/{link['token']}", session=first)
     assert (status, err["error"]["code"]) == (409, "already_member")
-    _, every = await api.call("GET", f"/api/teams/{tid}/join-requests?status=all", session=owner, expect=200)  # fmt: skip
+    _, every = await api.call(
+        "GET", f"/api/teams/{tid}/join-requests?status=all", session=owner, expect=200
+    )
     assert [r["status"] for r in every["data"]] == [
         "approved",
         "approved",
@@ -418,23 +502,37 @@ async def test_invite_link_and_join_requests(
     assert (await api.call("POST", f"/api/join/{link2['token']}"))[0] == 401  # login needed
     actions = await db.fetch(
         "SELECT action FROM audit_log WHERE team_id = $1 AND (action LIKE 'join_request.%'"
-        " OR action LIKE 'invite_link.%') ORDER BY id", tid,
-    )  # fmt: skip
+        " OR action LIKE 'invite_link.%') ORDER BY id",
+        tid,
+    )
     assert [a["action"] for a in actions][-7:] == [
-        "invite_link.create", "join_request.create", "join_request.create",
-        "join_request.approve", "join_request.deny", "invite_link.create", "invite_link.disable",
-    ]  # fmt: skip
+        "invite_link.create",
+        "join_request.create",
+        "join_request.create",
+        "join_request.approve",
+        "join_request.deny",
+        "invite_link.create",
+        "invite_link.disable",
+    ]
 
 
 async def test_join_request_list_validation(gateway: Gateway, api: Api) -> None:
     owner = await api.signup()
     team = await api.team(owner)
     for query, param in (("?status=open", "status"),):
-        status, err = await api.call("GET", f"/api/teams/{team['id']}/join-requests{query}", session=owner)  # fmt: skip
+        status, err = await api.call(
+            "GET", f"/api/teams/{team['id']}/join-requests{query}", session=owner
+        )
         assert (status, err["error"]["param"]) == (400, param)
-    status, err = await api.call("GET", f"/api/teams/{team['id']}/invitations?status=x", session=owner)  # fmt: skip
+    status, err = await api.call(
+        "GET", f"/api/teams/{team['id']}/invitations?status=x", session=owner
+    )
     assert (status, err["error"]["param"]) == (400, "status")
-    status, err = await api.call("POST", f"/api/teams/{team['id']}/join-requests/jrq_00000000000000000000/approve", session=owner)  # fmt: skip
+    status, err = await api.call(
+        "POST",
+        f"/api/teams/{team['id']}/join-requests/jrq_00000000000000000000/approve",
+        session=owner,
+    )
     assert (status, err["error"]["code"]) == (404, "join_request_not_found")
 
 
@@ -444,7 +542,9 @@ async def test_guessing_join_links_is_rate_limited(
     await clear_guess_limits(redis)
     owner = await api.signup()
     team = await api.team(owner)
-    _, link = await api.call("POST", f"/api/teams/{team['id']}/invite-link", session=owner, expect=201)  # fmt: skip
+    _, link = await api.call(
+        "POST", f"/api/teams/{team['id']}/invite-link", session=owner, expect=201
+    )
     user = await api.signup()
     for i in range(10):
         status, err = await api.call("POST", f"/api/join/guess{i:02d}" + "z" * 38, session=user)

@@ -111,9 +111,10 @@ async def test_soft_member_limit_warns_on_every_request_past_it(
     assert warnings == [None, None, "member_limit_exceeded", "member_limit_exceeded"]
     # Streams carry the header too.
     async with http.post(
-        gateway.v1 + "/chat/completions", json={**req.body, "stream": True},
+        gateway.v1 + "/chat/completions",
+        json={**req.body, "stream": True},
         headers={"Authorization": f"Bearer {key}"},
-    ) as resp:  # fmt: skip
+    ) as resp:
         assert resp.headers["x-modelbridge-limit-warning"] == "member_limit_exceeded"
         await resp.read()
     # Enforcement per member overrides the team default.
@@ -183,9 +184,16 @@ async def test_expired_holds_free_their_funds(
     # A gateway that crashed after placing this hold never settles or releases it.
     held = await metering.hold(
         HoldAsk(
-        account=account, period=period_of(start), now=start, request_id="req_crashed",
-        key_id=key_id, scope=owner.user["id"], model="gpt-4o-mini", worst_list_cost=req.cost,
-    ))  # fmt: skip
+            account=account,
+            period=period_of(start),
+            now=start,
+            request_id="req_crashed",
+            key_id=key_id,
+            scope=owner.user["id"],
+            model="gpt-4o-mini",
+            worst_list_cost=req.cost,
+        )
+    )
     assert (held.status, held.amount) == ("ok", req.cost)
     assert (await chat(http, gateway, secret, req.body)).code == "insufficient_quota"
     gateway.clock.fixed = start + metering.hold_ttl_s - 1
@@ -198,9 +206,13 @@ async def test_expired_holds_free_their_funds(
 
 
 async def test_model_restrictions(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream,
-    database_url: str, redis_url: str,
-) -> None:  # fmt: skip
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    database_url: str,
+    redis_url: str,
+) -> None:
     owner, team, secret = await api.funded_team_key()
     tid = team["id"]
     member = await add_member(api, owner, tid)
@@ -229,8 +241,10 @@ async def test_model_restrictions(
     )
     try:
         assert await models(http, later, key) == [
-            "gpt-4o-mini", "text-embedding-3-small", "gpt-4.1-mini",
-        ]  # fmt: skip
+            "gpt-4o-mini",
+            "text-embedding-3-small",
+            "gpt-4.1-mini",
+        ]
         assert (await chat(http, later, key, {**body, "model": "gpt-4.1-mini"})).status == 200
         reply = await chat(http, later, key, {**body, "model": "gpt-5-preview"})
         assert reply.code == "model_not_allowed"
@@ -242,9 +256,12 @@ async def test_model_restrictions(
 
 
 async def test_refused_requests_charge_nothing(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream,
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
     db: asyncpg.Connection,
-) -> None:  # fmt: skip
+) -> None:
     req = exact(gateway, fake)
     owner, team, secret = await api.funded_team_key("1.00")
     await patch_team(api, owner, team["id"], spending_limit_usd=usd(req.cost))

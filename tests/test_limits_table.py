@@ -107,17 +107,29 @@ class Row:
 
     def state(self) -> HoldState:
         return HoldState(
-            key_active=self.key_active, model_blocked=self.blocked, allowance=self.alw,
-            allowance_spent=self.aspent, credits=self.credits, holds=self.holds, spend=self.spend,
-            spending_limit=self.limit, member_spend=self.ms + self.mx, member_holds=self.mh,
+            key_active=self.key_active,
+            model_blocked=self.blocked,
+            allowance=self.alw,
+            allowance_spent=self.aspent,
+            credits=self.credits,
+            holds=self.holds,
+            spend=self.spend,
+            spending_limit=self.limit,
+            member_spend=self.ms + self.mx,
+            member_holds=self.mh,
             member_limit=effective_member_limit(self.ml, self.ml_set, self.dml),
             enforcement=effective_enforcement(self.me, self.den),
-            now=self.now_ms // 1000, model=self.model, key=self.controls, key_spend=self.ks + self.kx,
-            key_holds=self.kh, now_ms=self.now_ms, last_ms=self.last_ms,
+            now=self.now_ms // 1000,
+            model=self.model,
+            key=self.controls,
+            key_spend=self.ks + self.kx,
+            key_holds=self.kh,
+            now_ms=self.now_ms,
+            last_ms=self.last_ms,
             key_window=Window(self.krpm, self.ktpm, self.log(self.klog)),
             member_window=Window(self.mrpm, self.mtpm, self.log(self.mlog)),
             team_window=Window(self.trpm, self.ttpm, self.log(self.tlog)),
-        )  # fmt: skip
+        )
 
 
 Q = "insufficient_quota"
@@ -424,9 +436,14 @@ def test_key_entries_round_trip(controls: KeyControls) -> None:
 
 @pytest.mark.parametrize(
     ("override", "override_set", "default", "limit"),
-    [(None, False, None, None), (None, False, 7, 7), (None, True, 7, None), (3, True, 7, 3),
-     (0, True, None, 0)],
-)  # fmt: skip
+    [
+        (None, False, None, None),
+        (None, False, 7, 7),
+        (None, True, 7, None),
+        (3, True, 7, 3),
+        (0, True, None, 0),
+    ],
+)
 def test_which_member_limit_applies(
     override: int | None, override_set: bool, default: int | None, limit: int | None
 ) -> None:
@@ -435,8 +452,14 @@ def test_which_member_limit_applies(
 
 @pytest.mark.parametrize(
     ("override", "default", "enforcement"),
-    [(None, None, HARD), (None, SOFT, SOFT), (HARD, SOFT, HARD), (SOFT, HARD, SOFT), ("", SOFT, SOFT)],
-)  # fmt: skip
+    [
+        (None, None, HARD),
+        (None, SOFT, SOFT),
+        (HARD, SOFT, HARD),
+        (SOFT, HARD, SOFT),
+        ("", SOFT, SOFT),
+    ],
+)
 def test_which_enforcement_applies(
     override: str | None, default: str | None, enforcement: str
 ) -> None:
@@ -523,9 +546,16 @@ def test_threshold_crossings(
 
 @pytest.mark.parametrize(
     ("limit", "pct", "amount"),
-    [(1000, 80, 800), (9, 80, 8), (1, 80, 1), (0, 80, 0), (101, 80, 81), (12_345, 100, 12_345),
-     (2**53 - 1, 80, -(-(2**53 - 1) * 80 // 100))],
-)  # fmt: skip
+    [
+        (1000, 80, 800),
+        (9, 80, 8),
+        (1, 80, 1),
+        (0, 80, 0),
+        (101, 80, 81),
+        (12_345, 100, 12_345),
+        (2**53 - 1, 80, -(-(2**53 - 1) * 80 // 100)),
+    ],
+)
 def test_threshold_amount_is_the_ceiling(limit: int, pct: int, amount: int) -> None:
     assert alerts.threshold_amount(limit, pct) == amount
 
@@ -561,9 +591,15 @@ SUBSCRIPTION_CHANGES = [
     ids=[c[0] for c in SUBSCRIPTION_CHANGES],
 )
 def test_subscription_changes(
-    name: str, alw: int, invoiced: int, new_alw: int, new_cost: int, delta: int, line: int,
+    name: str,
+    alw: int,
+    invoiced: int,
+    new_alw: int,
+    new_cost: int,
+    delta: int,
+    line: int,
     after: int,
-) -> None:  # fmt: skip
+) -> None:
     change = subscriptions.change(alw, invoiced, new_alw, new_cost)
     assert (change.allowance_delta, change.invoice_amount, change.period_allowance) == (
         delta,
@@ -574,9 +610,14 @@ def test_subscription_changes(
 
 @pytest.mark.parametrize(
     ("old_plan", "new_plan", "seats", "amount", "price", "line_seats"),
-    [(None, "pro", 3, 60, 20, 3), ("pro", "pro", 5, 40, 20, 2), ("pro", "pro", 12, 30, 20, 2),
-     ("starter", "pro", 5, 50, 20, 5), ("pro", "pro", 2, 0, 0, 2)],
-)  # fmt: skip
+    [
+        (None, "pro", 3, 60, 20, 3),
+        ("pro", "pro", 5, 40, 20, 2),
+        ("pro", "pro", 12, 30, 20, 2),
+        ("starter", "pro", 5, 50, 20, 5),
+        ("pro", "pro", 2, 0, 0, 2),
+    ],
+)
 def test_invoice_line_seats(
     old_plan: str | None, new_plan: str, seats: int, amount: int, price: int, line_seats: int
 ) -> None:
@@ -589,10 +630,15 @@ def _ts(text: str) -> float:
 
 @pytest.mark.parametrize(
     ("when", "period", "retry_after"),
-    [("2026-12-31T23:59:50", "2026-12", 10), ("2026-12-31T23:59:59.500", "2026-12", 1),
-     ("2027-01-01T00:00:00", "2027-01", 31 * 86400), ("2028-02-28T00:00:00", "2028-02", 2 * 86400),
-     ("2027-02-28T23:00:00", "2027-02", 3600), ("2026-11-30T23:59:59.001", "2026-11", 1)],
-)  # fmt: skip
+    [
+        ("2026-12-31T23:59:50", "2026-12", 10),
+        ("2026-12-31T23:59:59.500", "2026-12", 1),
+        ("2027-01-01T00:00:00", "2027-01", 31 * 86400),
+        ("2028-02-28T00:00:00", "2028-02", 2 * 86400),
+        ("2027-02-28T23:00:00", "2027-02", 3600),
+        ("2026-11-30T23:59:59.001", "2026-11", 1),
+    ],
+)
 def test_periods_and_retry_after(when: str, period: str, retry_after: int) -> None:
     now = _ts(when)
     assert (period_of(now), seconds_to_period_end(now)) == (period, retry_after)

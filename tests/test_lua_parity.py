@@ -1,8 +1,8 @@
 """The Lua scripts take the same decisions as the pure functions, on real Redis.
 
 Each row of the tables in ``test_limits_table`` is written into a fresh account's keys directly,
-then ``hold.lua`` / ``settle.lua`` run through ``gateway.metering.scripts.Scripts`` and their answer is
-compared with ``policies.limits.decide``, ``policies.holds.split_debit``,
+then ``hold.lua`` / ``settle.lua`` run through ``gateway.metering.scripts.Scripts`` and their answer
+is compared with ``policies.limits.decide``, ``policies.holds.split_debit``,
 ``policies.pricing.apply_discount`` and ``policies.alerts.crossings``.
 """
 
@@ -44,17 +44,30 @@ def fresh() -> rk.AccountKeys:
 
 def hold_keys(ak: rk.AccountKeys) -> list[str]:
     return [
-        ak.state, ak.period(PERIOD), ak.cfg, ak.keys, ak.blocked(""), ak.hold_expiry,
-        ak.hold_values, ak.alerts, *ak.rate_keys(KEY, SCOPE),
-    ]  # fmt: skip
+        ak.state,
+        ak.period(PERIOD),
+        ak.cfg,
+        ak.keys,
+        ak.blocked(""),
+        ak.hold_expiry,
+        ak.hold_values,
+        ak.alerts,
+        *ak.rate_keys(KEY, SCOPE),
+    ]
 
 
 def settle_keys(ak: rk.AccountKeys, request_id: str) -> list[str]:
     return [
-        ak.state, ak.period(PERIOD), ak.hold_expiry, ak.hold_values,
-        ak.settled_marker(request_id), ak.usage_stream, ak.cfg, ak.alerts,
+        ak.state,
+        ak.period(PERIOD),
+        ak.hold_expiry,
+        ak.hold_values,
+        ak.settled_marker(request_id),
+        ak.usage_stream,
+        ak.cfg,
+        ak.alerts,
         *ak.rate_keys(KEY, SCOPE),
-    ]  # fmt: skip
+    ]
 
 
 def logs(ak: rk.AccountKeys, row: Row) -> list[tuple[str, str, Entries]]:
@@ -247,13 +260,24 @@ async def _thresholds(redis: Redis, ak: rk.AccountKeys) -> list[tuple[str, str]]
 
 @pytest.mark.parametrize(("before", "after", "limit", "soft", "warned", "crossed"), CROSSINGS)
 async def test_settle_member_thresholds_like_policies(
-    redis: Redis, before: int, after: int, limit: int | None, soft: bool, warned: bool,
+    redis: Redis,
+    before: int,
+    after: int,
+    limit: int | None,
+    soft: bool,
+    warned: bool,
     crossed: tuple[str, ...],
-) -> None:  # fmt: skip
+) -> None:
     ak = fresh()
     # Half the spend billed here, half elsewhere (a billing-mode switch): both count.
-    row = Row("member", credits=RICH, ms=before - before // 2, mx=before // 2, dml=limit,
-              den=SOFT if soft else "hard")  # fmt: skip
+    row = Row(
+        "member",
+        credits=RICH,
+        ms=before - before // 2,
+        mx=before // 2,
+        dml=limit,
+        den=SOFT if soft else "hard",
+    )
     await install(redis, ak, row)
     reply = await _settle(redis, ak, after - before, warned=warned)
     expected = alerts.crossings(before, after, limit, soft=soft, warned=warned)
@@ -268,9 +292,14 @@ async def test_settle_member_thresholds_like_policies(
 
 @pytest.mark.parametrize(("before", "after", "limit", "soft", "warned", "crossed"), CROSSINGS)
 async def test_settle_team_thresholds_like_policies(
-    redis: Redis, before: int, after: int, limit: int | None, soft: bool, warned: bool,
+    redis: Redis,
+    before: int,
+    after: int,
+    limit: int | None,
+    soft: bool,
+    warned: bool,
     crossed: tuple[str, ...],
-) -> None:  # fmt: skip
+) -> None:
     ak = fresh()
     await install(redis, ak, Row("team", credits=RICH, spend=before, limit=limit))
     await _settle(redis, ak, after - before, warned=warned)
@@ -304,7 +333,8 @@ GUESS_RULES = [
 async def _guess(redis: Redis, mode: str, keys: list[str], rule: guessing.Rule) -> list[int]:
     waits = ",".join(map(str, rule.schedule()))
     args = [mode, rule.free, rule.window_s, rule.on_success, waits]
-    return [int(x) for x in await redis.eval(lua_source("guess"), len(keys), *keys, *args)]  # type: ignore[misc]
+    replies = await redis.eval(lua_source("guess"), len(keys), *keys, *args)  # type: ignore[misc]
+    return [int(x) for x in replies]
 
 
 @pytest.mark.parametrize("rule", GUESS_RULES)

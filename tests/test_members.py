@@ -28,9 +28,12 @@ async def patch(
     api: Api, session: Session, team_id: str, user_id: str, expect: int, **fields: Any
 ) -> Any:
     _, body = await api.call(
-        "PATCH", f"/api/teams/{team_id}/members/{user_id}", session=session, json=fields,
+        "PATCH",
+        f"/api/teams/{team_id}/members/{user_id}",
+        session=session,
+        json=fields,
         expect=expect,
-    )  # fmt: skip
+    )
     return body
 
 
@@ -38,17 +41,27 @@ async def cfg(redis: Redis, team_id: str) -> dict[str, str]:
     return dict(await redis.hgetall(rk.AccountKeys(rk.team_account(team_id)).cfg))
 
 
-# --- the list ---------------------------------------------------------------------------------------
+# --- the list -------------------------------------------------------------------------------------
 async def test_member_list_shapes(gateway: Gateway, api: Api) -> None:
     team, people = await team_with_roles(api)
     listed = await members(api, people["member"], team["id"])
     owner = people["owner"].user
     assert listed[owner["id"]] == {
-        "id": owner["id"], "user_id": owner["id"], "email": owner["email"], "name": "Tester",
-        "role": "owner", "monthly_limit_usd": None, "limit_source": "team", "enforcement": "hard",
-        "enforcement_source": "team", "billing_mode": "team", "rpm": None, "tpm": None,
-        "spend_this_period_usd": "0.000000000", "joined_at": listed[owner["id"]]["joined_at"],
-    }  # fmt: skip
+        "id": owner["id"],
+        "user_id": owner["id"],
+        "email": owner["email"],
+        "name": "Tester",
+        "role": "owner",
+        "monthly_limit_usd": None,
+        "limit_source": "team",
+        "enforcement": "hard",
+        "enforcement_source": "team",
+        "billing_mode": "team",
+        "rpm": None,
+        "tpm": None,
+        "spend_this_period_usd": "0.000000000",
+        "joined_at": listed[owner["id"]]["joined_at"],
+    }
     assert [m["role"] for m in listed.values()] == ["owner", "admin", "member"]
 
 
@@ -56,13 +69,14 @@ async def test_member_spend_this_period(gateway: Gateway, api: Api) -> None:
     team, people = await team_with_roles(api)
     await api.credit_team(team["id"], "1.00")
     key = await api.key(people["member"], team["id"])
-    await client(gateway, key["secret"]).chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    sdk = client(gateway, key["secret"])
+    await sdk.chat.completions.create(**CHAT)  # type: ignore[call-overload]
     listed = await members(api, people["owner"], team["id"])
     assert listed[people["member"].user["id"]]["spend_this_period_usd"] == "0.000004350"
     assert listed[people["admin"].user["id"]]["spend_this_period_usd"] == "0.000000000"
 
 
-# --- per-member policy ------------------------------------------------------------------------------
+# --- per-member policy ----------------------------------------------------------------------------
 async def test_limit_override_reaches_postgres_redis_and_the_hold(
     gateway: Gateway, api: Api, db: asyncpg.Connection, redis: Redis
 ) -> None:
@@ -77,8 +91,10 @@ async def test_limit_override_reaches_postgres_redis_and_the_hold(
     assert (body["monthly_limit_usd"], body["limit_source"]) == ("0.000005000", "member")
     row = await db.fetchrow(
         "SELECT monthly_limit, limit_set FROM memberships WHERE team_id = $1 AND user_id = $2"
-        " AND removed_at IS NULL", tid, uid,
-    )  # fmt: skip
+        " AND removed_at IS NULL",
+        tid,
+        uid,
+    )
     assert (row["monthly_limit"], row["limit_set"]) == (5_000, True)
     assert (await cfg(redis, tid))["ml:" + uid] == "5000"
     with pytest.raises(openai.RateLimitError) as err:
@@ -91,8 +107,14 @@ async def test_limit_override_reaches_postgres_redis_and_the_hold(
     raw = await sdk.chat.completions.with_raw_response.create(**CHAT)  # type: ignore[call-overload]
     assert raw.headers["x-modelbridge-limit-warning"] == "member_limit_exceeded"
 
-    body = await patch(api, people["owner"], tid, uid, 200, monthly_limit_usd=None, enforcement=None)  # fmt: skip
-    assert (body["monthly_limit_usd"], body["limit_source"], body["enforcement"]) == (None, "team", "hard")  # fmt: skip
+    body = await patch(
+        api, people["owner"], tid, uid, 200, monthly_limit_usd=None, enforcement=None
+    )
+    assert (body["monthly_limit_usd"], body["limit_source"], body["enforcement"]) == (
+        None,
+        "team",
+        "hard",
+    )
     current = await cfg(redis, tid)
     assert "ml:" + uid not in current and "me:" + uid not in current
     raw = await sdk.chat.completions.with_raw_response.create(**CHAT)  # type: ignore[call-overload]
@@ -103,8 +125,10 @@ async def test_limit_override_reaches_postgres_redis_and_the_hold(
     assert (await cfg(redis, tid))["ml:" + uid] == "-1"
     actions = await db.fetch(
         "SELECT action, before, after FROM audit_log WHERE team_id = $1 AND target_id = $2"
-        " AND action = 'member.update' ORDER BY id", tid, uid,
-    )  # fmt: skip
+        " AND action = 'member.update' ORDER BY id",
+        tid,
+        uid,
+    )
     assert len(actions) == 4
 
 
@@ -137,7 +161,10 @@ async def test_patch_validation(
     )
     assert status == 400 and body["error"]["param"] == param, body
     assert body["error"]["type"] == "invalid_request_error"
-    assert await db.fetch("SELECT * FROM memberships WHERE team_id = $1 ORDER BY id", team["id"]) == before  # fmt: skip
+    assert (
+        await db.fetch("SELECT * FROM memberships WHERE team_id = $1 ORDER BY id", team["id"])
+        == before
+    )
 
 
 async def test_admins_cannot_change_the_owner_and_members_nobody(
@@ -154,7 +181,9 @@ async def test_admins_cannot_change_the_owner_and_members_nobody(
             await patch(api, people["member"], tid, target, 403, **fields)
     await patch(api, people["member"], tid, member_id, 403, monthly_limit_usd=None)
     # The owner sets their own limit; billing mode is each member's own choice.
-    assert (await patch(api, people["owner"], tid, owner_id, 200, monthly_limit_usd="3"))["monthly_limit_usd"] == "3.000000000"  # fmt: skip
+    assert (await patch(api, people["owner"], tid, owner_id, 200, monthly_limit_usd="3"))[
+        "monthly_limit_usd"
+    ] == "3.000000000"
     await patch(api, people["owner"], tid, member_id, 403, billing_mode="personal")
     await patch(api, people["admin"], tid, member_id, 403, billing_mode="team")
 
@@ -164,8 +193,12 @@ async def test_role_changes(gateway: Gateway, api: Api, db: asyncpg.Connection) 
     tid = team["id"]
     admin_id, member_id = people["admin"].user["id"], people["member"].user["id"]
     assert (await patch(api, people["admin"], tid, member_id, 200, role="admin"))["role"] == "admin"
-    assert (await patch(api, people["admin"], tid, member_id, 200, role="member"))["role"] == "member"  # fmt: skip
-    assert (await patch(api, people["owner"], tid, admin_id, 200, role="member"))["role"] == "member"  # fmt: skip
+    assert (await patch(api, people["admin"], tid, member_id, 200, role="member"))[
+        "role"
+    ] == "member"
+    assert (await patch(api, people["owner"], tid, admin_id, 200, role="member"))[
+        "role"
+    ] == "member"
     # Now a member: may no longer manage anyone.
     await patch(api, people["admin"], tid, member_id, 403, role="admin")
     roles = await db.fetch(
@@ -174,9 +207,13 @@ async def test_role_changes(gateway: Gateway, api: Api, db: asyncpg.Connection) 
     assert sorted(r["role"] for r in roles) == ["member", "member", "owner"]
     audit = await db.fetch(
         "SELECT before, after FROM audit_log WHERE team_id = $1 AND action = 'member.update'"
-        " ORDER BY id", tid,
-    )  # fmt: skip
-    assert [(a["before"], a["after"]) for a in audit][-1] == ('{"role": "admin"}', '{"role": "member"}')  # fmt: skip
+        " ORDER BY id",
+        tid,
+    )
+    assert [(a["before"], a["after"]) for a in audit][-1] == (
+        '{"role": "admin"}',
+        '{"role": "member"}',
+    )
 
 
 async def test_billing_mode_is_stored_for_the_member_themselves(
@@ -186,10 +223,15 @@ async def test_billing_mode_is_stored_for_the_member_themselves(
     uid = people["member"].user["id"]
     body = await patch(api, people["member"], team["id"], uid, 200, billing_mode="personal")
     assert body["billing_mode"] == "personal"
-    assert await db.fetchval(
-        "SELECT billing_mode FROM memberships WHERE team_id = $1 AND user_id = $2 AND removed_at IS NULL",
-        team["id"], uid,
-    ) == "personal"  # fmt: skip
+    assert (
+        await db.fetchval(
+            "SELECT billing_mode FROM memberships"
+            " WHERE team_id = $1 AND user_id = $2 AND removed_at IS NULL",
+            team["id"],
+            uid,
+        )
+        == "personal"
+    )
     body = await patch(api, people["member"], team["id"], uid, 200, billing_mode="team")
     assert body["billing_mode"] == "team"
 
@@ -200,14 +242,19 @@ async def test_unknown_member_is_404(gateway: Gateway, api: Api) -> None:
     stranger = await api.signup()
     for user_id in (stranger.user["id"], "usr_00000000000000000000", "nope", "..%2f"):
         status, body = await api.call(
-            "PATCH", f"/api/teams/{team['id']}/members/{user_id}", session=owner, json={"role": "admin"}
-        )  # fmt: skip
+            "PATCH",
+            f"/api/teams/{team['id']}/members/{user_id}",
+            session=owner,
+            json={"role": "admin"},
+        )
         assert (status, body["error"]["code"]) == (404, "member_not_found")
-        status, _ = await api.call("DELETE", f"/api/teams/{team['id']}/members/{user_id}", session=owner)  # fmt: skip
+        status, _ = await api.call(
+            "DELETE", f"/api/teams/{team['id']}/members/{user_id}", session=owner
+        )
         assert status == 404
 
 
-# --- transfer ----------------------------------------------------------------------------------------
+# --- transfer -------------------------------------------------------------------------------------
 async def test_transfer_ownership(gateway: Gateway, api: Api, db: asyncpg.Connection) -> None:
     team, people = await team_with_roles(api)
     tid = team["id"]
@@ -224,10 +271,19 @@ async def test_transfer_ownership(gateway: Gateway, api: Api, db: asyncpg.Connec
     ):
         status, body = await api.call("POST", path, session=owner, json=bad)
         assert (status, body["error"]["param"]) == (400, "user_id"), body
-    _, body = await api.call("POST", path, session=owner, json={"user_id": member.user["id"]}, expect=200)  # fmt: skip
-    assert body == {"team_id": tid, "owner_id": member.user["id"], "previous_owner_id": owner.user["id"]}  # fmt: skip
+    _, body = await api.call(
+        "POST", path, session=owner, json={"user_id": member.user["id"]}, expect=200
+    )
+    assert body == {
+        "team_id": tid,
+        "owner_id": member.user["id"],
+        "previous_owner_id": owner.user["id"],
+    }
     listed = await members(api, owner, tid)
-    assert (listed[owner.user["id"]]["role"], listed[member.user["id"]]["role"]) == ("admin", "owner")  # fmt: skip
+    assert (listed[owner.user["id"]]["role"], listed[member.user["id"]]["role"]) == (
+        "admin",
+        "owner",
+    )
     assert await db.fetchval("SELECT owner_id FROM teams WHERE id = $1", tid) == member.user["id"]
     assert (await api.overview(owner, tid))["your_role"] == "admin"
     # The old owner is an admin now: may leave, may not transfer back.
@@ -241,7 +297,7 @@ async def test_transfer_ownership(gateway: Gateway, api: Api, db: asyncpg.Connec
     )
 
 
-# --- removal ----------------------------------------------------------------------------------------
+# --- removal --------------------------------------------------------------------------------------
 async def test_removed_member_key_is_refused_at_the_next_request(
     gateway: Gateway, api: Api, db: asyncpg.Connection, redis: Redis
 ) -> None:
@@ -256,29 +312,40 @@ async def test_removed_member_key_is_refused_at_the_next_request(
     raw = await sdk.chat.completions.with_raw_response.create(**CHAT)  # type: ignore[call-overload]
     request_id = raw.headers["x-request-id"]
 
-    _, body = await api.call("DELETE", f"/api/teams/{tid}/members/{uid}", session=people["admin"], expect=200)  # fmt: skip
+    _, body = await api.call(
+        "DELETE", f"/api/teams/{tid}/members/{uid}", session=people["admin"], expect=200
+    )
     assert (body["user_id"], body["keys_revoked"]) == (uid, 2)
     for key in keys:
+        sdk = client(gateway, key["secret"])
         with pytest.raises(openai.AuthenticationError) as err:
-            await client(gateway, key["secret"]).chat.completions.create(**CHAT)  # type: ignore[call-overload]
+            await sdk.chat.completions.create(**CHAT)  # type: ignore[call-overload]
         assert err.value.code == "invalid_api_key"
     assert await redis.hlen(rk.AccountKeys(rk.team_account(tid)).keys) == 0
     current = await cfg(redis, tid)
     assert "ml:" + uid not in current and "me:" + uid not in current
     revoked = await db.fetch("SELECT revoked_at, revoked_by FROM api_keys WHERE team_id = $1", tid)
-    assert all(r["revoked_at"] is not None and r["revoked_by"] == people["admin"].user["id"] for r in revoked)  # fmt: skip
+    assert all(
+        r["revoked_at"] is not None and r["revoked_by"] == people["admin"].user["id"]
+        for r in revoked
+    )
     # The personal key is untouched; past usage stays attributed to the member.
     assert (
         await db.fetchval("SELECT revoked_at FROM api_keys WHERE id = $1", personal["id"]) is None
     )
     row = await eventually(
-        lambda: db.fetchrow("SELECT user_id, team_id FROM usage_records WHERE request_id = $1", request_id),
+        lambda: db.fetchrow(
+            "SELECT user_id, team_id FROM usage_records WHERE request_id = $1", request_id
+        ),
         lambda r: r is not None,
-    )  # fmt: skip
+    )
     assert (row["user_id"], row["team_id"]) == (uid, tid)
     # Dashboard access ends: 404 everywhere in the team.
-    for method, path in (("GET", f"/api/teams/{tid}"), ("GET", f"/api/teams/{tid}/members"),
-                         ("GET", f"/api/keys?team={tid}")):  # fmt: skip
+    for method, path in (
+        ("GET", f"/api/teams/{tid}"),
+        ("GET", f"/api/teams/{tid}/members"),
+        ("GET", f"/api/keys?team={tid}"),
+    ):
         status, body = await api.call(method, path, session=member)
         assert (status, body["error"]["code"]) == (404, "team_not_found")
     status, _ = await api.call("POST", "/api/keys", session=member, json={"name": "x", "team": tid})
@@ -287,8 +354,9 @@ async def test_removed_member_key_is_refused_at_the_next_request(
     assert me["teams"] == []
     audit = await db.fetch(
         "SELECT action FROM audit_log WHERE team_id = $1 AND action LIKE 'key.revoke%' OR"
-        " (team_id = $1 AND action = 'member.remove')", tid,
-    )  # fmt: skip
+        " (team_id = $1 AND action = 'member.remove')",
+        tid,
+    )
     assert sorted(a["action"] for a in audit) == ["key.revoke.member_removed"] * 2 + [
         "member.remove"
     ]
@@ -322,10 +390,19 @@ async def test_rejoining_after_removal(gateway: Gateway, api: Api, db: asyncpg.C
     team = await api.team(owner)
     member = await add_member(api, owner, team["id"], "admin")
     key = await api.key(member, team["id"])
-    await api.call("DELETE", f"/api/teams/{team['id']}/members/{member.user['id']}", session=owner, expect=200)  # fmt: skip
-    _, link = await api.call("POST", f"/api/teams/{team['id']}/invite-link", session=owner, expect=201)  # fmt: skip
+    await api.call(
+        "DELETE", f"/api/teams/{team['id']}/members/{member.user['id']}", session=owner, expect=200
+    )
+    _, link = await api.call(
+        "POST", f"/api/teams/{team['id']}/invite-link", session=owner, expect=201
+    )
     _, req = await api.call("POST", f"/api/join/{link['token']}", session=member, expect=201)
-    await api.call("POST", f"/api/teams/{team['id']}/join-requests/{req['id']}/approve", session=owner, expect=200)  # fmt: skip
+    await api.call(
+        "POST",
+        f"/api/teams/{team['id']}/join-requests/{req['id']}/approve",
+        session=owner,
+        expect=200,
+    )
     listed = await members(api, owner, team["id"])
     assert listed[member.user["id"]]["role"] == "member"  # a fresh membership, not the old one
     assert await db.fetchval("SELECT revoked_at FROM api_keys WHERE id = $1", key["id"]) is not None
@@ -356,7 +433,9 @@ async def test_removing_a_personally_billed_member(
         lambda m: m[uid]["spend_this_period_usd"] != "0.000000000",
     )
     assert listed[uid]["spend_this_period_usd"] == "0.000004350"
-    _, body = await api.call("DELETE", f"/api/teams/{tid}/members/{uid}", session=people["owner"], expect=200)  # fmt: skip
+    _, body = await api.call(
+        "DELETE", f"/api/teams/{tid}/members/{uid}", session=people["owner"], expect=200
+    )
     assert body["keys_revoked"] == 1
     with pytest.raises(openai.AuthenticationError):
         await sdk.chat.completions.create(**CHAT)  # type: ignore[call-overload]
@@ -365,7 +444,7 @@ async def test_removing_a_personally_billed_member(
     assert await redis.hlen(rk.AccountKeys(rk.user_account(uid)).keys) == 0
 
 
-# --- team deletion ----------------------------------------------------------------------------------
+# --- team deletion --------------------------------------------------------------------------------
 async def test_delete_team_is_a_soft_delete(
     gateway: Gateway, api: Api, db: asyncpg.Connection, redis: Redis
 ) -> None:
@@ -373,21 +452,25 @@ async def test_delete_team_is_a_soft_delete(
     tid = team["id"]
     await api.credit_team(tid, "1.00")
     keys = [await api.key(people[r], tid) for r in ("owner", "admin", "member")]
-    raw = await client(gateway, keys[2]["secret"]).chat.completions.with_raw_response.create(**CHAT)  # type: ignore[call-overload]  # fmt: skip
+    sdk = client(gateway, keys[2]["secret"])
+    raw = await sdk.chat.completions.with_raw_response.create(**CHAT)  # type: ignore[call-overload]
     request_id = raw.headers["x-request-id"]
     await eventually(
         lambda: db.fetchval("SELECT count(*) FROM usage_records WHERE request_id = $1", request_id),
         lambda n: n == 1,
     )
-    _, link = await api.call("POST", f"/api/teams/{tid}/invite-link", session=people["owner"], expect=201)  # fmt: skip
+    _, link = await api.call(
+        "POST", f"/api/teams/{tid}/invite-link", session=people["owner"], expect=201
+    )
     await api.call("DELETE", f"/api/teams/{tid}", session=people["admin"], expect=403)
     await api.call("DELETE", f"/api/teams/{tid}", session=people["member"], expect=403)
     _, body = await api.call("DELETE", f"/api/teams/{tid}", session=people["owner"], expect=200)
     assert (body["id"], body["keys_revoked"]) == (tid, 3) and body["deleted_at"]
 
     for key in keys:
+        sdk = client(gateway, key["secret"])
         with pytest.raises(openai.AuthenticationError):
-            await client(gateway, key["secret"]).chat.completions.create(**CHAT)  # type: ignore[call-overload]
+            await sdk.chat.completions.create(**CHAT)  # type: ignore[call-overload]
     assert await redis.hlen(rk.AccountKeys(rk.team_account(tid)).keys) == 0
     assert (
         await db.fetchval(
@@ -406,12 +489,15 @@ async def test_delete_team_is_a_soft_delete(
     assert listed_team["deleted_at"] is not None
     # History stays: usage and the audit trail.
     assert await db.fetchval("SELECT count(*) FROM usage_records WHERE team_id = $1", tid) == 1
-    actions = [r["action"] for r in await db.fetch("SELECT action FROM audit_log WHERE team_id = $1 ORDER BY id", tid)]  # fmt: skip
+    actions = [
+        r["action"]
+        for r in await db.fetch("SELECT action FROM audit_log WHERE team_id = $1 ORDER BY id", tid)
+    ]
     assert actions[0] == "team.create" and actions[-1] == "team.delete"
     assert actions.count("key.revoke.team_deleted") == 3
 
 
-# --- the audit log ----------------------------------------------------------------------------------
+# --- the audit log --------------------------------------------------------------------------------
 async def test_audit_log_newest_first_and_paged(gateway: Gateway, api: Api) -> None:
     team, people = await team_with_roles(api)
     tid = team["id"]
@@ -422,14 +508,27 @@ async def test_audit_log_newest_first_and_paged(gateway: Gateway, api: Api) -> N
     entries = body["data"]
     assert [e["id"] for e in entries] == sorted((e["id"] for e in entries), reverse=True)
     assert entries[0]["action"] == "member.update"
-    assert entries[0]["actor"] == {"id": owner.user["id"], "email": owner.user["email"], "name": "Tester"}  # fmt: skip
+    assert entries[0]["actor"] == {
+        "id": owner.user["id"],
+        "email": owner.user["email"],
+        "name": "Tester",
+    }
     assert entries[0]["target"] == {"type": "user", "id": member_id}
     assert (entries[0]["before"], entries[0]["after"]) == (
         {"monthly_limit_usd": None, "limit_set": False},
         {"monthly_limit_usd": "2.500000000", "limit_set": True},
     )
     assert entries[-1]["action"] == "team.create" and body["has_more"] is False
-    assert set(entries[0]) == {"id", "actor", "action", "target", "before", "after", "created_at", "request_id"}  # fmt: skip
+    assert set(entries[0]) == {
+        "id",
+        "actor",
+        "action",
+        "target",
+        "before",
+        "after",
+        "created_at",
+        "request_id",
+    }
     # Pages of two, following next_before_id, give the same entries.
     paged: list[dict[str, Any]] = []
     query = "?limit=2"
@@ -453,7 +552,7 @@ async def test_audit_log_newest_first_and_paged(gateway: Gateway, api: Api) -> N
         assert (status, err["error"]["param"]) == (400, bad.split("=")[0]), bad
 
 
-# --- the role matrix, row by row, over HTTP ---------------------------------------------------------
+# --- the role matrix, row by row, over HTTP -------------------------------------------------------
 async def _route_missing(status: int, body: Any) -> bool:
     return status == 405 or (status == 404 and "Unknown route" in body["error"]["message"])
 
@@ -487,9 +586,15 @@ async def test_matrix_any_members_keys(gateway: Gateway, api: Api) -> None:
         assert all("last_used_at" in k for k in body["data"])
         emails = {k["name"]: k["user_email"] for k in body["data"]}
         assert all(emails[name] == people[name].user["email"] for name in emails)
-    await api.call("DELETE", f"/api/keys/{mine['owner']['id']}", session=people["member"], expect=403)  # fmt: skip
-    await api.call("DELETE", f"/api/keys/{mine['member']['id']}", session=people["admin"], expect=200)  # fmt: skip
-    await api.call("DELETE", f"/api/keys/{mine['admin']['id']}", session=people["owner"], expect=200)  # fmt: skip
+    await api.call(
+        "DELETE", f"/api/keys/{mine['owner']['id']}", session=people["member"], expect=403
+    )
+    await api.call(
+        "DELETE", f"/api/keys/{mine['member']['id']}", session=people["admin"], expect=200
+    )
+    await api.call(
+        "DELETE", f"/api/keys/{mine['admin']['id']}", session=people["owner"], expect=200
+    )
 
 
 async def test_matrix_manage_members(gateway: Gateway, api: Api) -> None:
@@ -498,25 +603,41 @@ async def test_matrix_manage_members(gateway: Gateway, api: Api) -> None:
     for role, session in people.items():
         ok = role != "member"
         status, _ = await api.call(
-            "POST", f"/api/teams/{tid}/invitations", session=session,
+            "POST",
+            f"/api/teams/{tid}/invitations",
+            session=session,
             json={"email": f"{role}-invitee-{tid}@example.com", "role": "member"},
-        )  # fmt: skip
+        )
         assert status == (201 if ok else 403), role
-        for method, path in (("GET", "invitations"), ("POST", "invite-link"),
-                             ("GET", "invite-link"), ("DELETE", "invite-link"),
-                             ("GET", "join-requests")):  # fmt: skip
+        for method, path in (
+            ("GET", "invitations"),
+            ("POST", "invite-link"),
+            ("GET", "invite-link"),
+            ("DELETE", "invite-link"),
+            ("GET", "join-requests"),
+        ):
             status, _ = await api.call(method, f"/api/teams/{tid}/{path}", session=session)
             assert (status < 300) is ok and (ok or status == 403), (role, method, path, status)
         target = await add_member(api, people["owner"], tid)
         target_id = target.user["id"]
         await patch(api, session, tid, target_id, 200 if ok else 403, role="admin")
         requester = await api.signup()
-        _, link = await api.call("POST", f"/api/teams/{tid}/invite-link", session=people["owner"], expect=201)  # fmt: skip
+        _, link = await api.call(
+            "POST", f"/api/teams/{tid}/invite-link", session=people["owner"], expect=201
+        )
         _, req = await api.call("POST", f"/api/join/{link['token']}", session=requester, expect=201)
-        await api.call("POST", f"/api/teams/{tid}/join-requests/{req['id']}/approve", session=session,
-                       expect=200 if ok else 403)  # fmt: skip
-        await api.call("DELETE", f"/api/teams/{tid}/members/{target_id}", session=session,
-                       expect=200 if ok else 403)  # fmt: skip
+        await api.call(
+            "POST",
+            f"/api/teams/{tid}/join-requests/{req['id']}/approve",
+            session=session,
+            expect=200 if ok else 403,
+        )
+        await api.call(
+            "DELETE",
+            f"/api/teams/{tid}/members/{target_id}",
+            session=session,
+            expect=200 if ok else 403,
+        )
 
 
 async def test_matrix_member_policies(gateway: Gateway, api: Api) -> None:
@@ -525,7 +646,11 @@ async def test_matrix_member_policies(gateway: Gateway, api: Api) -> None:
     target = await add_member(api, people["owner"], tid)
     for role, session in people.items():
         ok = role != "member"
-        for fields in ({"monthly_limit_usd": "1.5"}, {"enforcement": "soft"}, {"monthly_limit_usd": None}):  # fmt: skip
+        for fields in (
+            {"monthly_limit_usd": "1.5"},
+            {"enforcement": "soft"},
+            {"monthly_limit_usd": None},
+        ):
             await patch(api, session, tid, target.user["id"], 200 if ok else 403, **fields)
         status, body = await api.call(
             "PATCH", f"/api/teams/{tid}", session=session, json={"default_member_limit_usd": "5"}
@@ -560,10 +685,20 @@ async def test_matrix_transfer_and_delete(gateway: Gateway, api: Api) -> None:
     tid = team["id"]
     for role in ("member", "admin"):
         session = people[role]
-        await api.call("POST", f"/api/teams/{tid}/transfer", session=session,
-                       json={"user_id": people["member"].user["id"]}, expect=403)  # fmt: skip
+        await api.call(
+            "POST",
+            f"/api/teams/{tid}/transfer",
+            session=session,
+            json={"user_id": people["member"].user["id"]},
+            expect=403,
+        )
         await api.call("DELETE", f"/api/teams/{tid}", session=session, expect=403)
-    await api.call("POST", f"/api/teams/{tid}/transfer", session=people["owner"],
-                   json={"user_id": people["admin"].user["id"]}, expect=200)  # fmt: skip
+    await api.call(
+        "POST",
+        f"/api/teams/{tid}/transfer",
+        session=people["owner"],
+        json={"user_id": people["admin"].user["id"]},
+        expect=200,
+    )
     await api.call("DELETE", f"/api/teams/{tid}", session=people["owner"], expect=403)  # admin now
     await api.call("DELETE", f"/api/teams/{tid}", session=people["admin"], expect=200)

@@ -37,9 +37,13 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 async def test_limits_reset_at_new_year_with_exact_retry_after(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream,
-    redis: Redis, db: asyncpg.Connection,
-) -> None:  # fmt: skip
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    redis: Redis,
+    db: asyncpg.Connection,
+) -> None:
     gateway.clock.fixed = ts("2030-12-31T23:59:50")
     req = exact(gateway, fake)
     owner, team, secret = await api.funded_team_key("1.00")
@@ -47,9 +51,12 @@ async def test_limits_reset_at_new_year_with_exact_retry_after(
     member = await add_member(api, owner, tid)
     member_key = (await api.key(member, tid))["secret"]
     await patch_team(
-        api, owner, tid, spending_limit_usd=usd(3 * req.cost),
+        api,
+        owner,
+        tid,
+        spending_limit_usd=usd(3 * req.cost),
         default_member_limit_usd=usd(req.cost),
-    )  # fmt: skip
+    )
     assert (await chat(http, gateway, member_key, req.body)).status == 200
     reply = await chat(http, gateway, member_key, req.body)
     assert (reply.status, reply.code, reply.headers["Retry-After"]) == (
@@ -126,17 +133,23 @@ async def test_allowance_renews_credits_carry_over(
 
 
 async def test_alerts_rearm_every_period(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream,
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
     receiver: Receiver,
-) -> None:  # fmt: skip
+) -> None:
     gateway.clock.fixed = ts("2033-05-31T23:59:00")
     req = exact(gateway, fake)
     owner, team, secret = await api.funded_team_key("1.00")
     tid = team["id"]
     await api.call(
-        "POST", f"/api/teams/{tid}/webhooks", session=owner, json={"url": receiver.url},
+        "POST",
+        f"/api/teams/{tid}/webhooks",
+        session=owner,
+        json={"url": receiver.url},
         expect=201,
-    )  # fmt: skip
+    )
     await patch_team(api, owner, tid, spending_limit_usd=usd(req.cost * 10 // 9))
     assert (await chat(http, gateway, secret, req.body)).status == 200
     assert (await chat(http, gateway, secret, req.body)).status == 429

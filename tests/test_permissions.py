@@ -29,17 +29,17 @@ Y, N = True, False
 
 #                                       owner admin member
 CONTRACT: dict[Action, tuple[bool, bool, bool]] = {
-    Action.VIEW_TEAM:                   (Y,    Y,    Y),
-    Action.MANAGE_OWN_KEYS:             (Y,    Y,    Y),
-    Action.MANAGE_ALL_KEYS:             (Y,    Y,    N),
-    Action.MANAGE_MEMBERS:              (Y,    Y,    N),
-    Action.MANAGE_POLICIES:             (Y,    Y,    N),
-    Action.VIEW_BILLING:                (Y,    Y,    N),
-    Action.VIEW_AUDIT:                  (Y,    Y,    N),
-    Action.MANAGE_BILLING:              (Y,    N,    N),
-    Action.TRANSFER_OWNERSHIP:          (Y,    N,    N),
-    Action.DELETE_TEAM:                 (Y,    N,    N),
-}  # fmt: skip
+    Action.VIEW_TEAM: (Y, Y, Y),
+    Action.MANAGE_OWN_KEYS: (Y, Y, Y),
+    Action.MANAGE_ALL_KEYS: (Y, Y, N),
+    Action.MANAGE_MEMBERS: (Y, Y, N),
+    Action.MANAGE_POLICIES: (Y, Y, N),
+    Action.VIEW_BILLING: (Y, Y, N),
+    Action.VIEW_AUDIT: (Y, Y, N),
+    Action.MANAGE_BILLING: (Y, N, N),
+    Action.TRANSFER_OWNERSHIP: (Y, N, N),
+    Action.DELETE_TEAM: (Y, N, N),
+}
 
 CELLS = [(action, role, CONTRACT[action][i]) for action in Action for i, role in enumerate(ROLES)]
 
@@ -91,18 +91,18 @@ def test_may_set_role_spot_checks(actor: str, current: str, new: str, expected: 
 
 #            actor   target  self   -> allowed
 REMOVE = [
-    (OWNER,  OWNER,  Y, N),  # the owner cannot leave without transferring
-    (OWNER,  ADMIN,  N, Y),
-    (OWNER,  MEMBER, N, Y),
-    (ADMIN,  OWNER,  N, N),
-    (ADMIN,  ADMIN,  N, Y),
-    (ADMIN,  ADMIN,  Y, Y),
-    (ADMIN,  MEMBER, N, Y),
-    (MEMBER, OWNER,  N, N),
-    (MEMBER, ADMIN,  N, N),
+    (OWNER, OWNER, Y, N),  # the owner cannot leave without transferring
+    (OWNER, ADMIN, N, Y),
+    (OWNER, MEMBER, N, Y),
+    (ADMIN, OWNER, N, N),
+    (ADMIN, ADMIN, N, Y),
+    (ADMIN, ADMIN, Y, Y),
+    (ADMIN, MEMBER, N, Y),
+    (MEMBER, OWNER, N, N),
+    (MEMBER, ADMIN, N, N),
     (MEMBER, MEMBER, N, N),
     (MEMBER, MEMBER, Y, Y),
-]  # fmt: skip
+]
 
 
 def test_remove_table_covers_every_possible_case() -> None:
@@ -122,10 +122,10 @@ def test_may_remove(actor: str, target: str, self_removal: bool, expected: bool)
 
 #                 actor:  owner admin member   (target role)
 MANAGE_MEMBER = {
-    OWNER:               (Y,    N,    N),
-    ADMIN:               (Y,    Y,    N),
-    MEMBER:              (Y,    Y,    N),
-}  # fmt: skip
+    OWNER: (Y, N, N),
+    ADMIN: (Y, Y, N),
+    MEMBER: (Y, Y, N),
+}
 
 
 @pytest.mark.parametrize(("actor", "target"), list(itertools.product(ROLES, ROLES)))

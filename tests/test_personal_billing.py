@@ -63,9 +63,12 @@ async def forget(redis: Redis, account: str) -> None:
 
 
 async def test_personal_keys_bill_the_personal_balance(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream,
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
     db: asyncpg.Connection,
-) -> None:  # fmt: skip
+) -> None:
     req = exact(gateway, fake)
     user = await api.signup()
     key = (await api.key(user))["secret"]
@@ -83,9 +86,13 @@ async def test_personal_keys_bill_the_personal_balance(
 
 
 async def test_billing_mode_personal_keeps_team_policies(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream,
-    redis: Redis, db: asyncpg.Connection,
-) -> None:  # fmt: skip
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    redis: Redis,
+    db: asyncpg.Connection,
+) -> None:
     req = exact(gateway, fake)
     owner, team, _ = await api.funded_team_key("1.00")
     tid = team["id"]
@@ -142,9 +149,13 @@ async def test_billing_mode_personal_keeps_team_policies(
 
 
 async def test_personal_mode_state_is_rebuilt_from_postgresql(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream,
-    redis: Redis, db: asyncpg.Connection,
-) -> None:  # fmt: skip
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    redis: Redis,
+    db: asyncpg.Connection,
+) -> None:
     req = exact(gateway, fake)
     owner, team, owner_key = await api.funded_team_key("1.00")
     tid = team["id"]
@@ -154,9 +165,13 @@ async def test_personal_mode_state_is_rebuilt_from_postgresql(
     team_key = await api.key(member, tid)
     own_key = await api.key(member)
     await patch_team(
-        api, owner, tid, default_member_limit_usd=usd(10 * req.cost),
-        default_enforcement="soft", model_restrictions=["gpt-4o", "text-embedding-3-small"],
-    )  # fmt: skip
+        api,
+        owner,
+        tid,
+        default_member_limit_usd=usd(10 * req.cost),
+        default_enforcement="soft",
+        model_restrictions=["gpt-4o", "text-embedding-3-small"],
+    )
     assert (await chat(http, gateway, team_key["secret"], req.body)).status == 200
     await patch_member(api, member, tid, uid, billing_mode="personal")
     for secret in (team_key["secret"], team_key["secret"], own_key["secret"]):
@@ -171,9 +186,13 @@ async def test_personal_mode_state_is_rebuilt_from_postgresql(
         counters = await redis.hgetall(ak.period(period))
         counters = {k: v for k, v in counters.items() if not k.startswith("al:")}
         return (
-            state, counters, await redis.hgetall(ak.cfg), await redis.hgetall(ak.keys),
-            await redis.smembers(ak.blocked(tid)), await redis.smembers(ak.blocked("")),
-        )  # fmt: skip
+            state,
+            counters,
+            await redis.hgetall(ak.cfg),
+            await redis.hgetall(ak.keys),
+            await redis.smembers(ak.blocked(tid)),
+            await redis.smembers(ak.blocked("")),
+        )
 
     before = await snapshot()
     state, counters, cfg, keys, blocked, own_blocked = before
@@ -192,16 +211,22 @@ async def test_personal_mode_state_is_rebuilt_from_postgresql(
 
 
 async def test_member_override_is_mirrored_and_alerts_reach_the_team(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream,
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
     receiver: Receiver,
-) -> None:  # fmt: skip
+) -> None:
     req = exact(gateway, fake)
     owner, team, _ = await api.funded_team_key("1.00")
     tid = team["id"]
     await api.call(
-        "POST", f"/api/teams/{tid}/webhooks", session=owner, json={"url": receiver.url},
+        "POST",
+        f"/api/teams/{tid}/webhooks",
+        session=owner,
+        json={"url": receiver.url},
         expect=201,
-    )  # fmt: skip
+    )
     member = await add_member(api, owner, tid)
     uid = member.user["id"]
     await api.credit_user(uid, "0.50")

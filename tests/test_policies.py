@@ -22,10 +22,16 @@ from tests.helpers import ts
 @pytest.mark.parametrize(
     ("value", "nanos"),
     [
-        ("12.5", 12_500_000_000), ("0.000000001", 1), (10, 10_000_000_000), (0.1, 100_000_000),
-        ("1e-9", 1), (" 3 ", 3_000_000_000), ("0", 0), (1000000.00, 1_000_000_000_000_000),
+        ("12.5", 12_500_000_000),
+        ("0.000000001", 1),
+        (10, 10_000_000_000),
+        (0.1, 100_000_000),
+        ("1e-9", 1),
+        (" 3 ", 3_000_000_000),
+        ("0", 0),
+        (1000000.00, 1_000_000_000_000_000),
     ],
-)  # fmt: skip
+)
 def test_parse_usd(value: object, nanos: int) -> None:
     assert parse_usd(value) == nanos
 
@@ -76,11 +82,13 @@ MINI = Prices(input=150, output=600, cached_input=75)
 @pytest.mark.parametrize(
     ("prompt", "completion", "cached", "cost"),
     [
-        (5, 6, 0, 4_350), (1000, 0, 0, 150_000), (1000, 10, 400, 600 * 150 + 400 * 75 + 6_000),
+        (5, 6, 0, 4_350),
+        (1000, 0, 0, 150_000),
+        (1000, 10, 400, 600 * 150 + 400 * 75 + 6_000),
         (10, 0, 50, 10 * 75),  # cached never exceeds the prompt
         (0, 0, 0, 0),
     ],
-)  # fmt: skip
+)
 def test_list_cost(prompt: int, completion: int, cached: int, cost: int) -> None:
     assert list_cost(MINI, prompt, completion, cached) == cost
 
@@ -91,9 +99,18 @@ def test_cached_tokens_without_cached_price_pay_full_input() -> None:
 
 @pytest.mark.parametrize(
     ("amount", "bps", "charged"),
-    [(4_350, 0, 4_350), (4_350, 1000, 3_915), (4_351, 1000, 3_915), (9_999, 1, 9_998), (1, 5000, 0),
-     (10_000, 10_000, 0), (123_456_789, 2_500, 92_592_591), (5, -3, 5), (5, 20_000, 0)],
-)  # fmt: skip
+    [
+        (4_350, 0, 4_350),
+        (4_350, 1000, 3_915),
+        (4_351, 1000, 3_915),
+        (9_999, 1, 9_998),
+        (1, 5000, 0),
+        (10_000, 10_000, 0),
+        (123_456_789, 2_500, 92_592_591),
+        (5, -3, 5),
+        (5, 20_000, 0),
+    ],
+)
 def test_discount_rounds_down(amount: int, bps: int, charged: int) -> None:
     assert apply_discount(amount, bps) == charged
     assert discounted_hold(amount, bps) == charged
@@ -109,9 +126,16 @@ def test_discounted_hold_matches_exact_formula(amount: int, bps: int) -> None:
 
 @pytest.mark.parametrize(
     ("body", "cap"),
-    [({}, 1000), ({"max_tokens": 50}, 50), ({"max_completion_tokens": 20, "max_tokens": 50}, 20),
-     ({"max_tokens": 10, "n": 3}, 30), ({"max_tokens": True}, 1000), ({"max_tokens": -1}, 1000), ({"n": 2}, 2000)],
-)  # fmt: skip
+    [
+        ({}, 1000),
+        ({"max_tokens": 50}, 50),
+        ({"max_completion_tokens": 20, "max_tokens": 50}, 20),
+        ({"max_tokens": 10, "n": 3}, 30),
+        ({"max_tokens": True}, 1000),
+        ({"max_tokens": -1}, 1000),
+        ({"n": 2}, 2000),
+    ],
+)
 def test_requested_output_cap(body: dict[str, object], cap: int) -> None:
     assert requested_output_cap(body, 1000) == cap
 
@@ -122,9 +146,15 @@ def test_worst_case() -> None:
 
 @pytest.mark.parametrize(
     ("charged", "allowance", "spent", "from_allowance", "from_credits"),
-    [(100, 1000, 0, 100, 0), (100, 1000, 950, 50, 50), (100, 1000, 1000, 0, 100), (100, 0, 0, 0, 100),
-     (100, 1000, 1200, 0, 100), (0, 10, 0, 0, 0)],
-)  # fmt: skip
+    [
+        (100, 1000, 0, 100, 0),
+        (100, 1000, 950, 50, 50),
+        (100, 1000, 1000, 0, 100),
+        (100, 0, 0, 0, 100),
+        (100, 1000, 1200, 0, 100),
+        (0, 10, 0, 0, 0),
+    ],
+)
 def test_split_debit(
     charged: int, allowance: int, spent: int, from_allowance: int, from_credits: int
 ) -> None:

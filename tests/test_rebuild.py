@@ -85,16 +85,30 @@ async def test_settle_is_idempotent_on_the_request_id(
     period = period_of(now)
     hold = await metering.hold(
         HoldAsk(
-        account=account, period=period, now=now, request_id="req_idem", key_id="nokey", scope=owner.user["id"],
-        model="gpt-4o-mini", worst_list_cost=5000,
-    ))  # fmt: skip
+            account=account,
+            period=period,
+            now=now,
+            request_id="req_idem",
+            key_id="nokey",
+            scope=owner.user["id"],
+            model="gpt-4o-mini",
+            worst_list_cost=5000,
+        )
+    )
     assert hold.status == "invalid_api_key"  # unknown key ids never hold
     key = await api.key(owner, team["id"])
     hold = await metering.hold(
         HoldAsk(
-        account=account, period=period, now=now, request_id="req_idem", key_id=key["id"], scope=owner.user["id"],
-        model="gpt-4o-mini", worst_list_cost=5000,
-    ))  # fmt: skip
+            account=account,
+            period=period,
+            now=now,
+            request_id="req_idem",
+            key_id=key["id"],
+            scope=owner.user["id"],
+            model="gpt-4o-mini",
+            worst_list_cost=5000,
+        )
+    )
     assert (hold.status, hold.amount) == ("ok", 5000)
     record: list[str | int] = ["request_id", "req_idem", "created_at", int(now * 1000)]
     ask = SettleAsk(

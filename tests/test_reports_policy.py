@@ -69,9 +69,15 @@ def test_day_range_bounds_are_utc_midnights_and_the_end_is_exclusive() -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(None, GroupBy.MODEL), ("member", GroupBy.MEMBER), ("key", GroupBy.KEY),
-     ("model", GroupBy.MODEL), ("day", GroupBy.DAY), ("tag", GroupBy.TAG)],
-)  # fmt: skip
+    [
+        (None, GroupBy.MODEL),
+        ("member", GroupBy.MEMBER),
+        ("key", GroupBy.KEY),
+        ("model", GroupBy.MODEL),
+        ("day", GroupBy.DAY),
+        ("tag", GroupBy.TAG),
+    ],
+)
 def test_parse_group_by(value: str | None, expected: GroupBy) -> None:
     assert reports.parse_group_by(value) is expected
 
@@ -110,21 +116,32 @@ def test_parse_format_errors(value: str) -> None:
 )
 def test_columns(group_by: GroupBy, columns: tuple[str, ...]) -> None:
     assert reports.columns(group_by) == (
-        *columns, "requests", "prompt_tokens", "completion_tokens", "list_cost_usd",
-        "discount_usd", "charged_usd",
-    )  # fmt: skip
+        *columns,
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "list_cost_usd",
+        "discount_usd",
+        "charged_usd",
+    )
 
 
 ROW = Row("u_1", "a@example.com", 3, 10, 20, 1_500_000_000, 7, 1_499_999_993)
 
 
 def test_row_json() -> None:
-    money = {"list_cost_usd": "1.500000000", "discount_usd": "0.000000007",
-             "charged_usd": "1.499999993"}  # fmt: skip
+    money = {
+        "list_cost_usd": "1.500000000",
+        "discount_usd": "0.000000007",
+        "charged_usd": "1.499999993",
+    }
     counts = {"requests": 3, "prompt_tokens": 10, "completion_tokens": 20}
     assert reports.row_json(ROW, GroupBy.MEMBER) == {
-        "group": "u_1", "label": "a@example.com", **counts, **money,
-    }  # fmt: skip
+        "group": "u_1",
+        "label": "a@example.com",
+        **counts,
+        **money,
+    }
     assert reports.row_json(ROW, GroupBy.MODEL) == {"group": "u_1", **counts, **money}
     assert list(reports.row_json(ROW, GroupBy.KEY)) == list(reports.columns(GroupBy.KEY))
 
@@ -188,7 +205,7 @@ def test_csv_lines() -> None:
         ("me", "usage-me-2026-03-01-2026-03-31-tag.csv"),
         ('a"b/c', "usage-a_b_c-2026-03-01-2026-03-31-tag.csv"),
     ],
-)  # fmt: skip
+)
 def test_csv_filename(subject: str, name: str) -> None:
     rng = DayRange(date(2026, 3, 1), date(2026, 3, 31))
     assert reports.csv_filename(subject, rng, GroupBy.TAG) == name

@@ -1,4 +1,5 @@
-"""Key slots: the pure CRC16 function against Redis Cluster's own rule, and against a real cluster."""
+"""Key slots: the pure CRC16 function against Redis Cluster's own rule, and against a real
+cluster."""
 
 from __future__ import annotations
 
@@ -41,8 +42,18 @@ def test_crc16_and_hash_tag() -> None:
 def test_every_key_of_an_account_is_on_the_account_slot() -> None:
     ak = rk.AccountKeys("t_0123abcd")
     slot = rk.account_slot("t_0123abcd")
-    keys = [ak.state, ak.period("2026-01"), ak.cfg, ak.keys, ak.blocked("u1"), ak.hold_expiry,
-            ak.hold_values, ak.settled_marker("r1"), ak.usage_stream, ak.alerts]  # fmt: skip
+    keys = [
+        ak.state,
+        ak.period("2026-01"),
+        ak.cfg,
+        ak.keys,
+        ak.blocked("u1"),
+        ak.hold_expiry,
+        ak.hold_values,
+        ak.settled_marker("r1"),
+        ak.usage_stream,
+        ak.alerts,
+    ]
     assert {key_slot(k) for k in keys} == {slot}
     assert 0 <= slot < SLOTS
 

@@ -45,17 +45,28 @@ async def team_b(api: Api, db: asyncpg.Connection) -> tuple[dict[str, Any], dict
     team = await api.team(owner, name="Team B")
     member = await add_member(api, owner, team["id"])
     await api.call(
-        "PATCH", f"/api/teams/{team['id']}/members/{member.user['id']}", session=owner,
-        json={"monthly_limit_usd": "4"}, expect=200,
-    )  # fmt: skip
+        "PATCH",
+        f"/api/teams/{team['id']}/members/{member.user['id']}",
+        session=owner,
+        json={"monthly_limit_usd": "4"},
+        expect=200,
+    )
     key = await api.key(member, team["id"])
     inv = await invite(api, owner, team["id"], unique_email())
-    _, link = await api.call("POST", f"/api/teams/{team['id']}/invite-link", session=owner, expect=201)  # fmt: skip
-    _, req = await api.call("POST", f"/api/join/{link['token']}", session=await api.signup(), expect=201)  # fmt: skip
+    _, link = await api.call(
+        "POST", f"/api/teams/{team['id']}/invite-link", session=owner, expect=201
+    )
+    _, req = await api.call(
+        "POST", f"/api/join/{link['token']}", session=await api.signup(), expect=201
+    )
     ids = {
-        "team": team["id"], "owner": owner.user["id"], "member": member.user["id"],
-        "key": key["id"], "invitation": inv["id"], "request": req["id"],
-    }  # fmt: skip
+        "team": team["id"],
+        "owner": owner.user["id"],
+        "member": member.user["id"],
+        "key": key["id"],
+        "invitation": inv["id"],
+        "request": req["id"],
+    }
     return ids, {"owner": owner, "member": member}
 
 
@@ -99,9 +110,16 @@ def attempts(b: dict[str, str], own_team: str, me: str) -> list[tuple[str, str, 
 
 def guessed_ids() -> list[str]:
     return [
-        f"team_{secrets.token_hex(10)}", f"usr_{secrets.token_hex(10)}", "team_" + "0" * 20,
-        "x", "' OR 1=1 --", "%2e%2e", "TEAM_" + "A" * 20, "team_" + "g" * 20, "1",
-    ]  # fmt: skip
+        f"team_{secrets.token_hex(10)}",
+        f"usr_{secrets.token_hex(10)}",
+        "team_" + "0" * 20,
+        "x",
+        "' OR 1=1 --",
+        "%2e%2e",
+        "TEAM_" + "A" * 20,
+        "team_" + "g" * 20,
+        "1",
+    ]
 
 
 @pytest.mark.parametrize("attacker_kind", ["owner_of_other_team", "no_team"])
@@ -110,7 +128,11 @@ async def test_nothing_of_another_team_is_visible_or_changeable(
 ) -> None:
     b, _ = await team_b(api, db)
     attacker = await api.signup()
-    own = await api.team(attacker) if attacker_kind == "owner_of_other_team" else {"id": "team_" + "1" * 20}  # fmt: skip
+    own = (
+        await api.team(attacker)
+        if attacker_kind == "owner_of_other_team"
+        else {"id": "team_" + "1" * 20}
+    )
     before = await snapshot(db, redis, b["team"])
     for method, path, payload in attempts(b, own["id"], attacker.user["id"]):
         status, body = await api.call(method, path, session=attacker, json=payload)
@@ -119,7 +141,9 @@ async def test_nothing_of_another_team_is_visible_or_changeable(
         assert status == 404, (method, path, status, body)
         assert body["error"]["type"] == "invalid_request_error"
     # Creating a key on B, or accepting B's join request through the key API, is refused too.
-    status, _ = await api.call("POST", "/api/keys", session=attacker, json={"name": "k", "team": b["team"]})  # fmt: skip
+    status, _ = await api.call(
+        "POST", "/api/keys", session=attacker, json={"name": "k", "team": b["team"]}
+    )
     assert status == 404
     assert await snapshot(db, redis, b["team"]) == before
 
@@ -129,15 +153,18 @@ async def test_guessed_ids_are_404(gateway: Gateway, api: Api, db: asyncpg.Conne
     own = await api.team(attacker)
     for guess in guessed_ids():
         for method, path in (
-            ("GET", f"/api/teams/{guess}"), ("GET", f"/api/teams/{guess}/members"),
-            ("DELETE", f"/api/teams/{guess}"), ("GET", f"/api/teams/{guess}/audit"),
-            ("POST", f"/api/teams/{guess}/invite-link"), ("GET", f"/api/keys?team={guess}"),
+            ("GET", f"/api/teams/{guess}"),
+            ("GET", f"/api/teams/{guess}/members"),
+            ("DELETE", f"/api/teams/{guess}"),
+            ("GET", f"/api/teams/{guess}/audit"),
+            ("POST", f"/api/teams/{guess}/invite-link"),
+            ("GET", f"/api/keys?team={guess}"),
             ("PATCH", f"/api/teams/{own['id']}/members/{guess}"),
             ("DELETE", f"/api/teams/{own['id']}/members/{guess}"),
             ("DELETE", f"/api/teams/{own['id']}/invitations/{guess}"),
             ("POST", f"/api/teams/{own['id']}/join-requests/{guess}/approve"),
             ("DELETE", f"/api/keys/{guess}"),
-        ):  # fmt: skip
+        ):
             status, body = await api.call(method, path, session=attacker, json={"role": "admin"})
             assert status == 404, (method, path, status, body)
 

@@ -1116,7 +1116,8 @@ def test_sse_encoders() -> None:
 def test_sse_decoder_any_split(cuts: list[int]) -> None:
     wire = (
         b': comment\n\nevent: message_start\ndata: {"a":1}\n\n'
-        b'data: {"b":2}\r\n\r\nevent: ping\ndata: {}\n\ndata: line1\ndata: line2\n\ndata: [DONE]\n\n'
+        b'data: {"b":2}\r\n\r\nevent: ping\ndata: {}\n\n'
+        b"data: line1\ndata: line2\n\ndata: [DONE]\n\n"
     )
     decoder = SseDecoder()
     events: list[SseEvent] = []

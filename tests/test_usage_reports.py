@@ -54,9 +54,16 @@ def row(
 
 
 async def chat(
-    http: aiohttp.ClientSession, gateway: Gateway, fake: FakeUpstream, secret: str, when: str,
-    model: str, prompt: int, completion: int, tags: str | None = None,
-) -> None:  # fmt: skip
+    http: aiohttp.ClientSession,
+    gateway: Gateway,
+    fake: FakeUpstream,
+    secret: str,
+    when: str,
+    model: str,
+    prompt: int,
+    completion: int,
+    tags: str | None = None,
+) -> None:
     gateway.clock.fixed = at(when)
     fake.next(prompt_tokens=prompt, completion_tokens=completion)
     headers = {"Authorization": f"Bearer {secret}"}
@@ -75,12 +82,20 @@ async def written(db: asyncpg.Connection, account: str, count: int) -> None:
     )
 
 
-async def add_member(db: asyncpg.Connection, team_id: str, user_id: str, role: str = "member",
-                     billing_mode: str = "team") -> None:  # fmt: skip
+async def add_member(
+    db: asyncpg.Connection,
+    team_id: str,
+    user_id: str,
+    role: str = "member",
+    billing_mode: str = "team",
+) -> None:
     await db.execute(
         "INSERT INTO memberships (team_id, user_id, role, billing_mode) VALUES ($1, $2, $3, $4)",
-        team_id, user_id, role, billing_mode,
-    )  # fmt: skip
+        team_id,
+        user_id,
+        role,
+        billing_mode,
+    )
 
 
 async def report(api: Api, session: Session, path: str, expect: int = 200) -> Any:
@@ -89,9 +104,12 @@ async def report(api: Api, session: Session, path: str, expect: int = 200) -> An
 
 
 async def test_every_grouping_has_exact_rows(
-    gateway: Gateway, api: Api, fake: FakeUpstream, db: asyncpg.Connection,
+    gateway: Gateway,
+    api: Api,
+    fake: FakeUpstream,
+    db: asyncpg.Connection,
     http: aiohttp.ClientSession,
-) -> None:  # fmt: skip
+) -> None:
     owner, team, secret_a = await api.funded_team_key("10.00")
     tid = team["id"]
     member = await api.signup(name="Mia")
@@ -100,8 +118,9 @@ async def test_every_grouping_has_exact_rows(
     key_a = keys["data"][0]
     key_b = await api.key(member, tid, name="beta")
     bps = 333
-    await api.call("PUT", f"/admin/teams/{tid}/discount", admin=True, json={"discount_bps": bps},
-                   expect=200)  # fmt: skip
+    await api.call(
+        "PUT", f"/admin/teams/{tid}/discount", admin=True, json={"discount_bps": bps}, expect=200
+    )
     r1, r2 = ("gpt-4o-mini", 10, 20), ("gpt-4o", 100, 5)
     r3, r4 = ("gpt-4o-mini", 7, 3), ("gpt-4o-mini", 1001, 999)
     plan = [
@@ -125,8 +144,11 @@ async def test_every_grouping_has_exact_rows(
     body = await report(api, owner, base)  # group_by defaults to model
     assert body == {
         "data": [row("gpt-4o-mini", [r1, r3, r4], bps), row("gpt-4o", [r2], bps)],
-        "total": total, "from": "2026-03-01", "to": "2026-03-31", "group_by": "model",
-    }  # fmt: skip
+        "total": total,
+        "from": "2026-03-01",
+        "to": "2026-03-31",
+        "group_by": "model",
+    }
     body = await report(api, owner, base + "&group_by=member")
     assert body["data"] == [
         row(member.user["id"], [r2, r4], bps, label=member.user["email"]),
@@ -152,18 +174,29 @@ async def test_every_grouping_has_exact_rows(
 
 
 async def test_sums_equal_the_debits_to_the_nano_dollar(
-    gateway: Gateway, api: Api, fake: FakeUpstream, db: asyncpg.Connection,
+    gateway: Gateway,
+    api: Api,
+    fake: FakeUpstream,
+    db: asyncpg.Connection,
     http: aiohttp.ClientSession,
-) -> None:  # fmt: skip
+) -> None:
     owner, team, secret = await api.funded_team_key("5.00")
     tid = team["id"]
     bps = 777  # every request rounds down on its own: the sums must add the rounded amounts
-    await api.call("PUT", f"/admin/teams/{tid}/discount", admin=True, json={"discount_bps": bps},
-                   expect=200)  # fmt: skip
+    await api.call(
+        "PUT", f"/admin/teams/{tid}/discount", admin=True, json={"discount_bps": bps}, expect=200
+    )
     now = datetime.now(UTC).replace(microsecond=0).isoformat()[:19]
     mini, big = "gpt-4o-mini", "gpt-4o"
-    reqs = [(mini, 5, 6), (big, 17, 1), (mini, 123, 77), (big, 1000, 999), (mini, 1, 1),
-            (big, 42, 300), (mini, 9, 0)]  # fmt: skip
+    reqs = [
+        (mini, 5, 6),
+        (big, 17, 1),
+        (mini, 123, 77),
+        (big, 1000, 999),
+        (mini, 1, 1),
+        (big, 42, 300),
+        (mini, 9, 0),
+    ]
     for i, (model, p, c) in enumerate(reqs):
         await chat(http, gateway, fake, secret, now, model, p, c, tags=f"n={i % 3}")
     await written(db, f"t_{tid}", len(reqs))
@@ -185,13 +218,21 @@ async def test_sums_equal_the_debits_to_the_nano_dollar(
 
 
 async def test_day_boundaries_are_inclusive_utc_days(
-    gateway: Gateway, api: Api, fake: FakeUpstream, db: asyncpg.Connection,
+    gateway: Gateway,
+    api: Api,
+    fake: FakeUpstream,
+    db: asyncpg.Connection,
     http: aiohttp.ClientSession,
-) -> None:  # fmt: skip
+) -> None:
     owner, team, secret = await api.funded_team_key()
     tid = team["id"]
-    times = ["2026-04-09T23:59:59.500", "2026-04-10T00:00:00", "2026-04-20T23:59:59",
-             "2026-04-20T23:59:59.500", "2026-04-21T00:00:00"]  # fmt: skip
+    times = [
+        "2026-04-09T23:59:59.500",
+        "2026-04-10T00:00:00",
+        "2026-04-20T23:59:59",
+        "2026-04-20T23:59:59.500",
+        "2026-04-21T00:00:00",
+    ]
     for n, when in enumerate(times, start=1):
         await chat(http, gateway, fake, secret, when, "gpt-4o-mini", n, 0)
     await written(db, f"t_{tid}", len(times))
@@ -217,17 +258,29 @@ async def test_day_boundaries_are_inclusive_utc_days(
 
 
 async def test_csv_is_byte_exact_and_streamed(
-    gateway: Gateway, api: Api, fake: FakeUpstream, db: asyncpg.Connection,
+    gateway: Gateway,
+    api: Api,
+    fake: FakeUpstream,
+    db: asyncpg.Connection,
     http: aiohttp.ClientSession,
-) -> None:  # fmt: skip
+) -> None:
     owner = await api.signup()
     team = await api.team(owner)
     tid = team["id"]
     await api.credit_team(tid, "1.00")
     comma = await api.key(owner, tid, name='ci, "bot"')
     formula = await api.key(owner, tid, name='=HYPERLINK("x")')
-    await chat(http, gateway, fake, comma["secret"], "2026-05-05T10:00:00", "gpt-4o-mini", 10, 20,
-               tags="env=prod")  # fmt: skip
+    await chat(
+        http,
+        gateway,
+        fake,
+        comma["secret"],
+        "2026-05-05T10:00:00",
+        "gpt-4o-mini",
+        10,
+        20,
+        tags="env=prod",
+    )
     await chat(http, gateway, fake, formula["secret"], "2026-05-06T10:00:00", "gpt-4o-mini", 1, 1)
     await written(db, f"t_{tid}", 2)
     query = "from=2026-05-01&to=2026-05-31&group_by=key&format=csv"
@@ -260,8 +313,10 @@ async def test_csv_is_byte_exact_and_streamed(
         b",1,1,1,0.000000750,0.000000000,0.000000750\r\n"
         b"total,2,11,21,0.000014250,0.000000000,0.000014250\r\n"
     )
-    async with http.get(url.replace("2026-05-01", "2026-06-01").replace("2026-05-31", "2026-06-30"),
-                        headers=owner.headers) as resp:  # fmt: skip
+    async with http.get(
+        url.replace("2026-05-01", "2026-06-01").replace("2026-05-31", "2026-06-30"),
+        headers=owner.headers,
+    ) as resp:
         assert (
             await resp.read()
             == (
@@ -304,9 +359,12 @@ async def test_longest_range_is_400_days(api: Api) -> None:
 
 
 async def test_members_read_team_usage_and_outsiders_get_404(
-    gateway: Gateway, api: Api, fake: FakeUpstream, db: asyncpg.Connection,
+    gateway: Gateway,
+    api: Api,
+    fake: FakeUpstream,
+    db: asyncpg.Connection,
     http: aiohttp.ClientSession,
-) -> None:  # fmt: skip
+) -> None:
     owner, team, secret = await api.funded_team_key()
     tid = team["id"]
     member, admin, outsider = await api.signup(), await api.signup(), await api.signup()
@@ -326,15 +384,19 @@ async def test_members_read_team_usage_and_outsiders_get_404(
     await api.call("GET", "/api/me/usage", expect=401)
     await db.execute(
         "UPDATE memberships SET removed_at = now() WHERE team_id = $1 AND user_id = $2",
-        tid, member.user["id"],
-    )  # fmt: skip
+        tid,
+        member.user["id"],
+    )
     await report(api, member, path, expect=404)
 
 
 async def test_personal_usage_is_what_the_personal_balance_paid(
-    gateway: Gateway, api: Api, fake: FakeUpstream, db: asyncpg.Connection,
+    gateway: Gateway,
+    api: Api,
+    fake: FakeUpstream,
+    db: asyncpg.Connection,
     http: aiohttp.ClientSession,
-) -> None:  # fmt: skip
+) -> None:
     user = await api.signup(name="Pat")
     uid = user.user["id"]
     personal = await api.key(user, name="mine")
@@ -347,8 +409,11 @@ async def test_personal_usage_is_what_the_personal_balance_paid(
     via_team = await api.key(user, team_billed["id"], name="team-billed")
     via_self = await api.key(user, self_billed["id"], name="self-billed")
     p1, p2, p3 = ("gpt-4o-mini", 11, 12), ("gpt-4o", 13, 14), ("gpt-4o-mini", 15, 16)
-    for secret, (model, p, c) in ((personal["secret"], p1), (via_team["secret"], p2),
-                                  (via_self["secret"], p3)):  # fmt: skip
+    for secret, (model, p, c) in (
+        (personal["secret"], p1),
+        (via_team["secret"], p2),
+        (via_self["secret"], p3),
+    ):
         await chat(http, gateway, fake, secret, "2026-07-07T07:07:07", model, p, c)
     await written(db, f"u_{uid}", 2)
     await written(db, f"t_{team_billed['id']}", 1)

@@ -38,7 +38,8 @@ async def _credit(request: web.Request, account: str, team_id: str | None) -> we
     async with app[S.DB].acquire() as conn, conn.transaction():
         await lock_account(conn, account)
         credit = await conn.fetchrow(
-            "INSERT INTO ledger (account, kind, amount, note, actor) VALUES ($1, 'credit', $2, $3, 'operator')"
+            "INSERT INTO ledger (account, kind, amount, note, actor)"
+            " VALUES ($1, 'credit', $2, $3, 'operator')"
             " RETURNING id, created_at",
             account,
             amount,
@@ -119,8 +120,9 @@ async def team_discount(request: web.Request) -> web.Response:
 async def list_teams(request: web.Request) -> web.Response:
     check_admin(request, request.app[S.RUNTIME].admin_token)
     rows = await request.app[S.DB].fetch(
-        "SELECT t.id, t.name, t.owner_id, t.plan, t.seats, t.discount_bps, t.created_at, t.deleted_at,"
-        " (SELECT count(*) FROM memberships m WHERE m.team_id = t.id AND m.removed_at IS NULL) AS member_count"
+        "SELECT t.id, t.name, t.owner_id, t.plan, t.seats, t.discount_bps, t.created_at,"
+        " t.deleted_at, (SELECT count(*) FROM memberships m"
+        " WHERE m.team_id = t.id AND m.removed_at IS NULL) AS member_count"
         " FROM teams t ORDER BY t.created_at"
     )
     return json_response({"data": [dict(r) for r in rows]})

@@ -360,7 +360,8 @@ async def create_webhook(request: web.Request) -> web.Response:
             new_secret(),
         )
         row = await conn.fetchrow(
-            "INSERT INTO webhooks (id, team_id, url, created_by) VALUES ($1, $2, $3, $4) RETURNING *",
+            "INSERT INTO webhooks (id, team_id, url, created_by) VALUES ($1, $2, $3, $4)"
+            " RETURNING *",
             new_id("wh"),
             access.team_id,
             url,

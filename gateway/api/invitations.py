@@ -1,6 +1,7 @@
 """Joining a team: invitations by email, the public invite link, and join requests.
 
-Invitation and link tokens are :func:`gateway.credentials.new_token` (256 bits), stored only as SHA-256.
+Invitation and link tokens are :func:`gateway.credentials.new_token` (256 bits), stored only as
+SHA-256.
 An invitation is single use, expires (``expires_in_s``: 1 s to 30 days, default
 ``invitations.expires_in_s``) and can be revoked; it travels only in the mail (recorded in the
 outbox, see :mod:`gateway.teams.mailer`). Accepting needs a logged-in user whose email matches the
@@ -157,16 +158,27 @@ async def create_invitation(request: web.Request) -> web.Response:
             raise Conflict("this person is a member already", code="already_member", param="email")
         superseded = await conn.fetch(
             "UPDATE invitations SET revoked_at = $3, revoked_by = $4 WHERE team_id = $1"
-            " AND lower(email) = lower($2) AND accepted_at IS NULL AND revoked_at IS NULL RETURNING id",
-            access.team_id, email, now, access.user.id,
-        )  # fmt: skip
+            " AND lower(email) = lower($2) AND accepted_at IS NULL AND revoked_at IS NULL"
+            " RETURNING id",
+            access.team_id,
+            email,
+            now,
+            access.user.id,
+        )
         invitation_id = new_id("inv")
         row = await conn.fetchrow(
-            "INSERT INTO invitations (id, team_id, email, role, token_hash, invited_by, created_at, expires_at)"
+            "INSERT INTO invitations"
+            " (id, team_id, email, role, token_hash, invited_by, created_at, expires_at)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
-            invitation_id, access.team_id, email, role, token_hash(token), access.user.id, now,
+            invitation_id,
+            access.team_id,
+            email,
+            role,
+            token_hash(token),
+            access.user.id,
+            now,
             now + timedelta(seconds=expires_in),
-        )  # fmt: skip
+        )
         entry = AuditEntry(
             team_id=access.team_id,
             actor_id=access.user.id,
@@ -285,9 +297,12 @@ async def _accept(request: web.Request, user: User, token: str | None) -> dict[s
         team = await lock_team(conn, found["team_id"])
         row = await conn.fetchrow("SELECT * FROM invitations WHERE id = $1 FOR UPDATE", found["id"])
         if invitation_status(row, now) != "pending":
-            raise Gone("this invitation was used, revoked or has expired", code="invitation_not_valid")  # fmt: skip
-        member = await add_member(conn, request, team["id"], user.id, row["role"],
-                                  actor_id=user.id, via="invitation")  # fmt: skip
+            raise Gone(
+                "this invitation was used, revoked or has expired", code="invitation_not_valid"
+            )
+        member = await add_member(
+            conn, request, team["id"], user.id, row["role"], actor_id=user.id, via="invitation"
+        )
         await conn.execute(
             "UPDATE invitations SET accepted_at = $2, accepted_by = $3 WHERE id = $1",
             row["id"],
@@ -338,8 +353,11 @@ async def create_invite_link(request: web.Request) -> web.Response:
         row = await conn.fetchrow(
             "INSERT INTO invite_links (id, team_id, token_hash, created_by) VALUES ($1, $2, $3, $4)"
             " RETURNING *",
-            link_id, access.team_id, token_hash(token), access.user.id,
-        )  # fmt: skip
+            link_id,
+            access.team_id,
+            token_hash(token),
+            access.user.id,
+        )
         entry = AuditEntry(
             team_id=access.team_id,
             actor_id=access.user.id,
@@ -360,7 +378,8 @@ async def get_invite_link(request: web.Request) -> web.Response:
     """Whether a link is enabled (its token is never shown again: create a new one)."""
     access = await team_access(request, Action.MANAGE_MEMBERS)
     row = await request.app[S.DB].fetchrow(
-        "SELECT id, created_at, created_by FROM invite_links WHERE team_id = $1 AND disabled_at IS NULL",
+        "SELECT id, created_at, created_by FROM invite_links"
+        " WHERE team_id = $1 AND disabled_at IS NULL",
         access.team_id,
     )
     return json_response({"enabled": row is not None, **(dict(row) if row else {})})
@@ -428,12 +447,15 @@ async def _join(request: web.Request, user: User, token: str | None) -> tuple[st
         raise gone
     async with db.acquire() as conn, conn.transaction():
         await lock_team(conn, link["team_id"])
-        if await conn.fetchval("SELECT disabled_at IS NOT NULL FROM invite_links WHERE id = $1", link["id"]):  # fmt: skip
+        if await conn.fetchval(
+            "SELECT disabled_at IS NOT NULL FROM invite_links WHERE id = $1", link["id"]
+        ):
             raise gone
         if await membership(conn, link["team_id"], user.id) is not None:
             raise Conflict("you are a member of this team already", code="already_member")
         pending = await conn.fetchval(
-            "SELECT id FROM join_requests WHERE team_id = $1 AND user_id = $2 AND status = 'pending'",
+            "SELECT id FROM join_requests"
+            " WHERE team_id = $1 AND user_id = $2 AND status = 'pending'",
             link["team_id"],
             user.id,
         )
@@ -474,7 +496,9 @@ async def list_join_requests(request: web.Request) -> web.Response:
     access = await team_access(request, Action.MANAGE_MEMBERS)
     wanted = request.query.get("status", "pending")
     if wanted not in (*JOIN_STATUSES, "all"):
-        raise InvalidRequest(f"'status' must be one of: {', '.join(JOIN_STATUSES)}, all", param="status")  # fmt: skip
+        raise InvalidRequest(
+            f"'status' must be one of: {', '.join(JOIN_STATUSES)}, all", param="status"
+        )
     rows = await request.app[S.DB].fetch(
         _JOIN_REQUESTS + " WHERE r.team_id = $1 AND ($2 = 'all' OR r.status = $2)"
         " ORDER BY r.created_at, r.id",
@@ -498,7 +522,9 @@ async def _decide(request: web.Request, approve: bool) -> web.Response:
         if row is None:
             raise NotFound("no such join request", code="join_request_not_found")
         if row["status"] != "pending":
-            raise Conflict(f"this request was {row['status']} already", code="join_request_not_pending")  # fmt: skip
+            raise Conflict(
+                f"this request was {row['status']} already", code="join_request_not_pending"
+            )
         await conn.execute(
             "UPDATE join_requests SET status = $2, decided_at = $4, decided_by = $3 WHERE id = $1",
             request_id,
@@ -507,8 +533,15 @@ async def _decide(request: web.Request, approve: bool) -> web.Response:
             now_utc(request),
         )
         if approve:
-            await add_member(conn, request, access.team_id, row["user_id"], MEMBER,
-                             actor_id=access.user.id, via="join_request")  # fmt: skip
+            await add_member(
+                conn,
+                request,
+                access.team_id,
+                row["user_id"],
+                MEMBER,
+                actor_id=access.user.id,
+                via="join_request",
+            )
         entry = AuditEntry(
             team_id=access.team_id,
             actor_id=access.user.id,

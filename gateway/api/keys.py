@@ -166,7 +166,8 @@ async def _membership(request: web.Request, team_id: str, user: User) -> Any:
         raise InvalidRequest("'team' must be a team id", param="team")
     row = await request.app[S.DB].fetchrow(
         "SELECT m.role, m.billing_mode FROM memberships m JOIN teams t ON t.id = m.team_id"
-        " WHERE m.team_id = $1 AND m.user_id = $2 AND m.removed_at IS NULL AND t.deleted_at IS NULL",
+        " WHERE m.team_id = $1 AND m.user_id = $2 AND m.removed_at IS NULL"
+        " AND t.deleted_at IS NULL",
         team_id,
         user.id,
     )
@@ -197,7 +198,8 @@ async def _key_for(request: web.Request, user: User, key_id: str, *, action: str
         role = None
         if row["team_id"] is not None:
             role = await db.fetchval(
-                "SELECT role FROM memberships WHERE team_id = $1 AND user_id = $2 AND removed_at IS NULL",
+                "SELECT role FROM memberships"
+                " WHERE team_id = $1 AND user_id = $2 AND removed_at IS NULL",
                 row["team_id"],
                 user.id,
             )
@@ -309,7 +311,8 @@ async def list_keys(request: web.Request) -> web.Response:
     if team_id is None:
         rows = await db.fetch(
             f"SELECT {_PUBLIC}, NULL AS billing_mode FROM api_keys k"
-            " WHERE k.user_id = $1 AND k.team_id IS NULL AND k.revoked_at IS NULL ORDER BY k.created_at",
+            " WHERE k.user_id = $1 AND k.team_id IS NULL AND k.revoked_at IS NULL"
+            " ORDER BY k.created_at",
             user.id,
         )
     else:
@@ -318,8 +321,10 @@ async def list_keys(request: web.Request) -> web.Response:
         rows = await db.fetch(
             f"SELECT {_PUBLIC}, u.email AS user_email, m.billing_mode FROM api_keys k"
             " JOIN users u ON u.id = k.user_id"
-            " LEFT JOIN memberships m ON m.team_id = k.team_id AND m.user_id = k.user_id AND m.removed_at IS NULL"
-            " WHERE k.team_id = $1 AND k.revoked_at IS NULL AND ($2 OR k.user_id = $3) ORDER BY k.created_at",
+            " LEFT JOIN memberships m"
+            " ON m.team_id = k.team_id AND m.user_id = k.user_id AND m.removed_at IS NULL"
+            " WHERE k.team_id = $1 AND k.revoked_at IS NULL AND ($2 OR k.user_id = $3)"
+            " ORDER BY k.created_at",
             team_id,
             everyone,
             user.id,
@@ -399,7 +404,8 @@ async def revoke_keys(
     transaction; ``changes.apply`` after its commit takes them out of every account's key set."""
     for row in rows:
         await conn.execute(
-            "UPDATE api_keys SET revoked_at = $3, revoked_by = $2 WHERE id = $1 AND revoked_at IS NULL",
+            "UPDATE api_keys SET revoked_at = $3, revoked_by = $2"
+            " WHERE id = $1 AND revoked_at IS NULL",
             row["id"],
             actor_id,
             now_utc(request),

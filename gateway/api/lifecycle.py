@@ -81,7 +81,8 @@ async def delete_team(request: web.Request) -> web.Response:
             "UPDATE teams SET deleted_at = $2 WHERE id = $1 RETURNING deleted_at", team_id, now
         )
         keys = await conn.fetch(
-            "SELECT id, user_id, team_id, name FROM api_keys WHERE team_id = $1 AND revoked_at IS NULL",
+            "SELECT id, user_id, team_id, name FROM api_keys"
+            " WHERE team_id = $1 AND revoked_at IS NULL",
             team_id,
         )
         await revoke_keys(request, conn, list(keys), actor, changes, "key.revoke.team_deleted")
@@ -130,7 +131,9 @@ async def delete_team(request: web.Request) -> web.Response:
     return json_response({"id": team_id, "deleted_at": deleted_at, "keys_revoked": len(keys)})
 
 
-def _query_int(request: web.Request, name: str, default: int | None, low: int, high: int) -> int | None:  # fmt: skip
+def _query_int(
+    request: web.Request, name: str, default: int | None, low: int, high: int
+) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default

@@ -121,9 +121,15 @@ async def membership(conn: asyncpg.Connection, team_id: str, user_id: str) -> as
 
 
 async def add_member(
-    conn: asyncpg.Connection, request: web.Request, team_id: str, user_id: str, role: str,
-    *, actor_id: str, via: str,
-) -> asyncpg.Record:  # fmt: skip
+    conn: asyncpg.Connection,
+    request: web.Request,
+    team_id: str,
+    user_id: str,
+    role: str,
+    *,
+    actor_id: str,
+    via: str,
+) -> asyncpg.Record:
     """Make ``user_id`` a member (call under ``lock_team``); 409 if they are one already."""
     if await membership(conn, team_id, user_id) is not None:
         raise Conflict("already a member of this team", code="already_member")
@@ -188,7 +194,9 @@ async def member_spend(app: web.Application, team_id: str, user_ids: list[str]) 
 
 
 def member_json(row: Any, team: Any, spend: int) -> dict[str, Any]:
-    limit = effective_member_limit(row["monthly_limit"], row["limit_set"], team["default_member_limit"])  # fmt: skip
+    limit = effective_member_limit(
+        row["monthly_limit"], row["limit_set"], team["default_member_limit"]
+    )
     return {
         "id": row["user_id"],
         "user_id": row["user_id"],
@@ -292,24 +300,40 @@ def _snapshot(row: Any) -> dict[str, Any]:
 
 
 async def _apply(
-    request: web.Request, conn: asyncpg.Connection, team: Any, target: Any, change: MemberChange,
+    request: web.Request,
+    conn: asyncpg.Connection,
+    team: Any,
+    target: Any,
+    change: MemberChange,
     actor_id: str,
-) -> None:  # fmt: skip
+) -> None:
     new = {
         "role": change.role or target["role"],
-        "monthly_limit": change.limit if "monthly_limit_usd" in change.fields else target["monthly_limit"],
-        "limit_set": change.limit_set if "monthly_limit_usd" in change.fields else target["limit_set"],
-        "enforcement": change.enforcement if "enforcement" in change.fields else target["enforcement"],
+        "monthly_limit": change.limit
+        if "monthly_limit_usd" in change.fields
+        else target["monthly_limit"],
+        "limit_set": change.limit_set
+        if "monthly_limit_usd" in change.fields
+        else target["limit_set"],
+        "enforcement": change.enforcement
+        if "enforcement" in change.fields
+        else target["enforcement"],
         "billing_mode": change.billing_mode or target["billing_mode"],
         "rpm": change.rpm if "rpm" in change.fields else target["rpm"],
         "tpm": change.tpm if "tpm" in change.fields else target["tpm"],
-    }  # fmt: skip
+    }
     after = await conn.fetchrow(
         "UPDATE memberships SET role = $2, monthly_limit = $3, limit_set = $4, enforcement = $5,"
         " billing_mode = $6, rpm = $7, tpm = $8 WHERE id = $1 RETURNING *",
-        target["id"], new["role"], new["monthly_limit"], new["limit_set"], new["enforcement"],
-        new["billing_mode"], new["rpm"], new["tpm"],
-    )  # fmt: skip
+        target["id"],
+        new["role"],
+        new["monthly_limit"],
+        new["limit_set"],
+        new["enforcement"],
+        new["billing_mode"],
+        new["rpm"],
+        new["tpm"],
+    )
     before_s, after_s = _snapshot(target), _snapshot(after)
     if before_s == after_s:
         return

@@ -128,7 +128,8 @@ async def user_teams(app: web.Application, user_id: str) -> list[dict[str, Any]]
     rows = await app[S.DB].fetch(
         "SELECT t.id, t.name, m.role, m.billing_mode, t.created_at FROM memberships m"
         " JOIN teams t ON t.id = m.team_id"
-        " WHERE m.user_id = $1 AND m.removed_at IS NULL AND t.deleted_at IS NULL ORDER BY t.created_at",
+        " WHERE m.user_id = $1 AND m.removed_at IS NULL AND t.deleted_at IS NULL"
+        " ORDER BY t.created_at",
         user_id,
     )
     return [dict(r) for r in rows]

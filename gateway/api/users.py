@@ -94,7 +94,8 @@ async def signup(request: web.Request) -> web.Response:
     password_hash = await hash_password(password)
     try:
         row = await request.app[S.DB].fetchrow(
-            "INSERT INTO users (id, email, name, password_hash) VALUES ($1, $2, $3, $4) RETURNING *",
+            "INSERT INTO users (id, email, name, password_hash) VALUES ($1, $2, $3, $4)"
+            " RETURNING *",
             new_id("usr"),
             email,
             name,

@@ -223,10 +223,17 @@ class Alert:
         else:
             team_id, user_id = scope, account[2:]
         return cls(
-            team_id, user_id, kind, fields["threshold"], int(fields["limit"]),
-            int(fields["spend"]), fields.get("enforcement", "hard"),
-            fields.get("trigger", "spend"), fields["period"], int(fields.get("at") or 0),
-        )  # fmt: skip
+            team_id,
+            user_id,
+            kind,
+            fields["threshold"],
+            int(fields["limit"]),
+            int(fields["spend"]),
+            fields.get("enforcement", "hard"),
+            fields.get("trigger", "spend"),
+            fields["period"],
+            int(fields.get("at") or 0),
+        )
 
     def body(self, event_id: str) -> bytes:
         percent = int(self.threshold) if self.threshold.isdigit() else None

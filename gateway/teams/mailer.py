@@ -74,9 +74,13 @@ class Mailer:
         mail = queued.mail
         if not self.smtp.host:
             log.warning(
-                "no SMTP host configured; mail to %s kept in the outbox (id %d):\nSubject: %s\n\n%s",
-                mail.to, queued.outbox_id, mail.subject, mail.body,
-            )  # fmt: skip
+                "no SMTP host configured; mail to %s kept in the outbox (id %d):"
+                "\nSubject: %s\n\n%s",
+                mail.to,
+                queued.outbox_id,
+                mail.subject,
+                mail.body,
+            )
             return await self._finish(queued, "logged", None)
         try:
             async with asyncio.timeout(self.smtp.timeout_s):
@@ -122,8 +126,11 @@ class Mailer:
     async def _failed(self, queued: Queued, error: str) -> str:
         log.error(
             "mail %d (%s) to %s could not be sent: %s",
-            queued.outbox_id, queued.mail.kind, queued.mail.to, error,
-        )  # fmt: skip
+            queued.outbox_id,
+            queued.mail.kind,
+            queued.mail.to,
+            error,
+        )
         return await self._finish(queued, "failed", error[:1000])
 
     async def _finish(self, queued: Queued, status: str, error: str | None) -> str:

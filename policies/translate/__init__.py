@@ -2,7 +2,8 @@
 Responses API needs for billing. Pure and synchronous: dicts in, dicts out, no I/O.
 
 Modules, by noun:
-  * ``usage``     — one token usage shape (:class:`TokenUsage`) read from and written to each protocol;
+  * ``usage``     — one token usage shape (:class:`TokenUsage`) read from and written to each
+    protocol;
   * ``requests``  — request bodies, Chat Completions <-> Messages;
   * ``replies``   — non-streamed answers, Chat Completions <-> Messages;
   * ``streams``   — stateful stream translators fed upstream events, returning client events;
