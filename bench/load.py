@@ -38,8 +38,9 @@ STREAM_CONTENT_CHUNKS = 6  # tests.fake_upstream's DEFAULT_PIECES
 @dataclass(frozen=True)
 class Target:
     name: str  # "direct" or the gateway's label
-    url: str  # the /v1/chat/completions URL
+    url: str  # the /v1/chat/completions URL (or another surface's)
     key: str
+    headers: str = ""  # extra headers for wrk: "Name: value|Name: value"
 
 
 def ensure_wrk() -> str:
@@ -69,6 +70,7 @@ def wrk(
         BENCH_BODY_FILE=str(body),
         BENCH_API_KEY=target.key,
         BENCH_THINK_MS=str(think_ms),
+        BENCH_HEADERS=target.headers,
     )
     cmd = ["wrk", "-t1", f"-c{conns}", f"-d{math.ceil(duration)}s", "--timeout", "10s"]
     cmd += ["-s", str(HERE / "wrk_post.lua"), target.url]

@@ -11,6 +11,10 @@ each request is fully metered. Then, interleaved (direct, gateway, direct, gatew
                   latency the gateway adds (gateway − direct percentile, paired per repetition);
 * ``saturation``  wrk, 32 connections, closed loop: requests/s and latency;
 * ``stream``      ``bench.stream_client``, 4 streams with think time: TTFB/TTFT/total added;
+* ``surfaces``    ``bench.surfaces``: the latency test's load on each client surface (Chat
+                  Completions, Responses, Messages native and translated both ways), one
+                  gateway with an OpenAI and an Anthropic upstream: each surface's added p50
+                  and its difference from Chat Completions' in the same repetition;
 
 and for every run the CPU time (utime + stime from /proc) of the gateway's processes, of its
 Redis and PostgreSQL, and of the fake upstream, per response. Every gateway response must be a
@@ -38,12 +42,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import cluster, load, procs, report
+from bench import cluster, load, procs, report, surfaces
 from bench.session import Plan, Session
 from bench.stack import FakeUpstream, Gateway, RedisSetup
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TESTS = ("latency", "saturation", "stream")
+TESTS = ("latency", "saturation", "stream", "surfaces")
+SESSION_TESTS = ("latency", "saturation", "stream")  # the rest run on a gateway of their own
 
 
 def log(*parts: object) -> None:
@@ -139,7 +144,7 @@ def make_plan(a: argparse.Namespace) -> Plan:
         stream_conc=a.stream_conc,
         stream_think_ms=a.stream_think_ms,
         warmup=1.0 if a.quick else 3.0,
-        tests=a.tests,
+        tests=tuple(t for t in a.tests if t in SESSION_TESTS),
         max_foreign=a.max_foreign,
         quiet_wait=a.quiet_wait,
         retries=0 if a.quick else a.retries,
@@ -197,6 +202,10 @@ def write(result: dict[str, Any], out: Path) -> tuple[Path, Path, str]:
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     md = report.markdown(result)
+    if "surfaces" in result:
+        found = result["surfaces"]
+        md += "\n## Client surfaces (latency load, 1 worker)\n\n"
+        md += surfaces.markdown(found["table"], found["verify"])
     result["summary"] = {s["label"]: report.summarize(s) for s in result["sessions"]}
     paths = out / f"{stamp}.json", out / f"{stamp}.md"
     paths[0].write_text(json.dumps(result, indent=1, default=str))
@@ -227,10 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         fake = FakeUpstream(Path(tmp))
         fake.start()
         log(f"fake upstream on {fake.url} (pid {fake.pid})")
-        clustered = [name for name in a.redis if name != "single"]
+        clustered = [name for name in a.redis if name != "single"] if plan.tests else []
         redis_cluster = cluster.start_cluster(Path(tmp)) if clustered else None
         try:
-            if "single" in a.redis:
+            if "surfaces" in a.tests:
+                result["surfaces"] = surfaces.run(Path(tmp), plan.duration, plan.repeats, log)
+            if "single" in a.redis and plan.tests:
                 for workers in a.workers:
                     result["sessions"].append(
                         bench_gateway(plan, fake, workers, body, a.project, key_limits=a.key_limits)
@@ -252,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path, md = write(result, a.out)
     print("\n" + md)
     log(f"wrote {json_path} and {md_path}")
-    return 0 if all(s["verify"]["ok"] for s in result["sessions"]) else 1
+    checks = [s["verify"]["ok"] for s in result["sessions"]]
+    checks += [result["surfaces"]["verify"]["ok"]] if "surfaces" in result else []
+    return 0 if all(checks) else 1
 
 
 if __name__ == "__main__":

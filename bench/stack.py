@@ -43,11 +43,16 @@ def free_port() -> int:
 
 
 def http(
-    method: str, url: str, body: Any = None, token: str | None = None, timeout: float = 30
+    method: str,
+    url: str,
+    body: Any = None,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
 ) -> tuple[int, Any]:
     """A small JSON client (urllib): (status, parsed body or text)."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method)
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", "Bearer " + token)
@@ -92,14 +97,21 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
 
 
 class FakeUpstream:
-    def __init__(self, workdir: Path) -> None:
+    """The fake OpenAI upstream; with ``anthropic``, the same process also serves the fake
+    Anthropic Messages API on a second port (``anthropic_url``, ending at ``/v1``)."""
+
+    def __init__(self, workdir: Path, anthropic: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.anthropic_port = free_port() if anthropic else None
+        self.anthropic_url = f"http://127.0.0.1:{self.anthropic_port}/v1" if anthropic else ""
         self.log_path = workdir / "fake_upstream.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "tests.fake_upstream", "--port", str(self.port), "--no-record"]
+        if self.anthropic_port is not None:
+            cmd += ["--anthropic-port", str(self.anthropic_port)]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         _wait(
@@ -132,14 +144,38 @@ class RedisSetup:
         )
 
 
-def _gateway_config(port: int, workers: int, upstream_url: str, redis: RedisSetup) -> str:
+ANTHROPIC_MODEL = "claude-bench"
+
+
+def _anthropic_config(anthropic_url: str) -> tuple[str, str]:
+    """The upstream and model entries for the fake Anthropic upstream (``bench.surfaces``)."""
+    upstream = (
+        f'  anth: {{kind: anthropic, base_url: "{anthropic_url}", '
+        f"api_key_env: {UPSTREAM_KEY_ENV}, timeout_s: 30}}\n"
+    )
+    model = f"""\
+  {ANTHROPIC_MODEL}:
+    upstream: anth
+    upstream_model: {ANTHROPIC_MODEL}
+    input_per_mtok: 3.00
+    output_per_mtok: 15.00
+    max_output_tokens: 256
+    encoding: o200k_base
+"""
+    return upstream, model
+
+
+def _gateway_config(
+    port: int, workers: int, upstream_url: str, redis: RedisSetup, anthropic_url: str = ""
+) -> str:
+    extra_upstream, extra_model = _anthropic_config(anthropic_url) if anthropic_url else ("", "")
     return (
         redis.config()
         + f"""\
 server: {{host: 127.0.0.1, port: {port}, workers: {workers}, shutdown_timeout_s: 5}}
 upstreams:
   fake: {{base_url: "{upstream_url}/v1", api_key_env: {UPSTREAM_KEY_ENV}, timeout_s: 30}}
-models:
+{extra_upstream}models:
   {MODEL}:
     upstream: fake
     upstream_model: {MODEL}
@@ -147,7 +183,7 @@ models:
     output_per_mtok: 0.60
     max_output_tokens: 256
     encoding: o200k_base
-plans:
+{extra_model}plans:
   starter: {{seat_price: 10.00, included_usage_per_seat: 2.00}}
 """
     )
@@ -163,6 +199,7 @@ class Gateway:
         project: Path | None = None,
         redis: RedisSetup | None = None,
         key_controls: dict[str, Any] | None = None,
+        anthropic_url: str = "",
     ) -> None:
         self.workers = workers
         self.key_controls = key_controls or {}  # e.g. rpm and tpm on the bench key
@@ -173,7 +210,9 @@ class Gateway:
         self.dir = Path(tempfile.mkdtemp(prefix=f"mb-bench-w{workers}-"))
         self.data_dir = self.dir / "data"
         self.config_path = self.dir / "config.yaml"
-        self.config_path.write_text(_gateway_config(self.port, workers, upstream_url, self.redis))
+        self.config_path.write_text(
+            _gateway_config(self.port, workers, upstream_url, self.redis, anthropic_url)
+        )
         self.log_path = self.dir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.external_db = os.environ.get("MODELBRIDGE_BENCH_DATABASE_URL", "")

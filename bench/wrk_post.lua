@@ -3,8 +3,9 @@
 --
 -- Environment: BENCH_BODY_FILE (the JSON body, required), BENCH_API_KEY (sent as a Bearer
 -- token when set), BENCH_THINK_MS (mean think time between a response and the connection's
--- next request; 0 = closed loop at full speed). wrk's latency is from writing the request to
--- reading the whole response; think time is not part of it.
+-- next request; 0 = closed loop at full speed), BENCH_HEADERS (extra headers, see below).
+-- wrk's latency is from writing the request to reading the whole response; think time is not
+-- part of it.
 
 local f = assert(io.open(assert(os.getenv("BENCH_BODY_FILE"), "BENCH_BODY_FILE"), "rb"))
 wrk.body = f:read("*a")
@@ -14,6 +15,11 @@ wrk.headers["Content-Type"] = "application/json"
 local key = os.getenv("BENCH_API_KEY") or ""
 if key ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. key
+end
+-- BENCH_HEADERS: extra request headers, "Name: value" pairs separated by "|"
+for pair in string.gmatch(os.getenv("BENCH_HEADERS") or "", "[^|]+") do
+  local name, value = string.match(pair, "^%s*([^:]+):%s*(.-)%s*$")
+  if name then wrk.headers[name] = value end
 end
 local think = tonumber(os.getenv("BENCH_THINK_MS") or "0") or 0
 

@@ -584,6 +584,13 @@ async def _serve(args: argparse.Namespace) -> None:
     fake = FakeUpstream(api_key=args.api_key, embedding_dim=args.dim, record=not args.no_record)
     fake.set_default(delay_s=args.delay_s, chunk_delay_s=args.chunk_delay_s)
     print(f"fake upstream listening on {await fake.start(args.host, args.port)}", flush=True)
+    anthropic = None
+    if args.anthropic_port is not None:  # the benchmark's Anthropic upstream, same process
+        from tests.fake_anthropic import FakeAnthropic
+
+        anthropic = FakeAnthropic(record=not args.no_record)
+        url = await anthropic.start(args.host, args.anthropic_port)
+        print(f"fake anthropic listening on {url}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -591,6 +598,8 @@ async def _serve(args: argparse.Namespace) -> None:
         await stop.wait()
     finally:
         await fake.stop()
+        if anthropic is not None:
+            await anthropic.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -599,6 +608,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=18080)
     parser.add_argument("--api-key", default=None, help="require this Bearer key")
     parser.add_argument("--no-record", action="store_true", help="do not record requests")
+    parser.add_argument(
+        "--anthropic-port", type=int, default=None, help="also serve the fake Anthropic API"
+    )
     parser.add_argument("--dim", type=int, default=8, help="embedding dimension")
     parser.add_argument("--delay-s", type=float, default=0.0, help="delay before each reply")
     parser.add_argument("--chunk-delay-s", type=float, default=0.0, help="delay between events")
