@@ -12,6 +12,10 @@ The streams are listed in the registry shards of policies/keyspace.py (and found
 every master now and then, for a shard lost with its master). On a Redis Cluster each read names
 the streams of one slot, the reads, claims and acknowledgements of one step go out as one
 pipeline per master (redis-py's cluster pipeline), so every master's streams are drained.
+
+A step moves at most ``batch`` records: XREADGROUP's COUNT applies to each stream it names, so the
+budget is shared among the streams (policies/drain.py: each stream at least one, the backlog
+water-filled), and so are claims; acknowledgements go ``drain.ACK_AT_ONCE`` streams at a time.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 
 from gateway.config import MeteringConfig
+from policies import drain
 from policies import keyspace as rk
 from policies.slots import key_slot
 
@@ -146,6 +151,8 @@ class UsageWriter:
         self._unwritten: list[tuple[str, str, dict[str, str]]] = []
         self._own_checked = False
         self._failing_since: float | None = None
+        self._lengths: dict[str, int] = {}  # each stream's length at the end of the last step
+        self._turn = 0  # which window of streams a read names when there are more than its budget
 
     @classmethod
     def configured(
@@ -220,34 +227,41 @@ class UsageWriter:
             await pipe.execute()
 
     async def step(self) -> int:
+        """One read (or claim) and one write of at most ``batch`` records; how many moved."""
         streams = await self.streams()
         if not streams:
             self._report(0)
             return 0
-        if not self._own_checked:
+        self._turn += 1
+        if not self._unwritten and not self._own_checked:
             self._unwritten = await self._own_pending(streams)
-            self._own_checked = True
-        if self._unwritten:
-            entries = self._unwritten
-        else:
-            entries = await self._read(streams)
+            self._own_checked = not self._unwritten
+        if not self._unwritten:
+            self._unwritten = await self._read(streams)
             now = time.monotonic()
             if now - self._last_claim >= self.claim_every_s:
                 self._last_claim = now
-                entries += await self._claim(streams)
+                self._unwritten += await self._claim(streams)
+        entries = self._unwritten[: self.batch]
         if entries:
-            self._unwritten = entries
             await self._write(entries)
-            self._unwritten = []
+            del self._unwritten[: len(entries)]
         self._report(await self.pending(streams))
         return len(entries)
 
+    def _counts(self, streams: list[str], measured: bool = True) -> list[int]:
+        """Each stream's share of one read's budget (policies/drain.py)."""
+        lengths = [self._lengths.get(s) if measured else None for s in streams]
+        return drain.read_counts(lengths, self.batch, self._turn)
+
     async def _own_pending(self, streams: list[str]) -> list[tuple[str, str, dict[str, str]]]:
         """What this consumer read and did not acknowledge before (it was killed): the same
-        consumer name comes back at once, without waiting for the idle claim."""
+        consumer name comes back at once, without waiting for the idle claim. At most ``batch``
+        at a time; asked again until there is none."""
         pipe = self.redis.pipeline(transaction=False)
-        for stream in streams:
-            pipe.xreadgroup(rk.USAGE_GROUP, self.consumer, {stream: "0"}, count=self.batch)
+        named = [(s, c) for s, c in zip(streams, self._counts(streams, False), strict=True) if c]
+        for stream, count in named:
+            pipe.xreadgroup(rk.USAGE_GROUP, self.consumer, {stream: "0"}, count=count)
         entries: list[tuple[str, str, dict[str, str]]] = []
         for reply in await pipe.execute(raise_on_error=False):
             if isinstance(reply, Exception):
@@ -260,26 +274,25 @@ class UsageWriter:
             )
         return entries
 
-    def _read_groups(self, streams: list[str]) -> list[list[str]]:
-        """Streams one XREADGROUP may name together: all of them on a single node; on a cluster
-        those of one slot (a multi-key command must not cross slots)."""
-        if not self.cluster:
-            return [streams]
-        by_slot: dict[int, list[str]] = {}
-        for stream in streams:
-            by_slot.setdefault(key_slot(stream), []).append(stream)
-        return list(by_slot.values())
+    def _read_groups(self, streams: list[str]) -> list[tuple[int, list[str]]]:
+        """(COUNT, streams) of each XREADGROUP of one read: the streams that share a count, and on
+        a cluster a slot (a multi-key command must not cross slots). The counts add up to at most
+        ``batch`` (COUNT applies to each stream named, not to the command)."""
+        by_group: dict[tuple[int, int], list[str]] = {}
+        for stream, count in zip(streams, self._counts(streams), strict=True):
+            if count:
+                slot = key_slot(stream) if self.cluster else 0
+                by_group.setdefault((slot, count), []).append(stream)
+        return [(count, group) for (_, count), group in by_group.items()]
 
     async def _read(self, streams: list[str]) -> list[tuple[str, str, dict[str, str]]]:
         groups = self._read_groups(streams)
         pipe = self.redis.pipeline(transaction=False)  # on a cluster: one per master, at once
-        for group in groups:
-            pipe.xreadgroup(
-                rk.USAGE_GROUP, self.consumer, {s: ">" for s in group}, count=self.batch
-            )
+        for count, group in groups:
+            pipe.xreadgroup(rk.USAGE_GROUP, self.consumer, {s: ">" for s in group}, count=count)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         entries: list[tuple[str, str, dict[str, str]]] = []
-        for group, reply in zip(groups, replies, strict=True):
+        for (_, group), reply in zip(groups, replies, strict=True):
             if isinstance(reply, Exception):
                 if "NOGROUP" not in str(reply):
                     raise reply
@@ -291,14 +304,16 @@ class UsageWriter:
 
     async def _claim(self, streams: list[str]) -> list[tuple[str, str, dict[str, str]]]:
         """Entries another consumer read but did not acknowledge within ``claim_idle_ms`` (it
-        died), stream by stream, wherever each stream lives."""
+        died), stream by stream, wherever each stream lives; at most ``batch`` in all."""
         pipe = self.redis.pipeline(transaction=False)
-        for stream in streams:
+        named = [(s, c) for s, c in zip(streams, self._counts(streams, False), strict=True) if c]
+        for stream, count in named:
             pipe.xautoclaim(
-                stream, rk.USAGE_GROUP, self.consumer, self.claim_idle_ms, "0-0", count=self.batch
+                stream, rk.USAGE_GROUP, self.consumer, self.claim_idle_ms, "0-0", count=count
             )
         claimed: list[tuple[str, str, dict[str, str]]] = []
-        for stream, reply in zip(streams, await pipe.execute(raise_on_error=False), strict=True):
+        replies = await pipe.execute(raise_on_error=False)
+        for (stream, _), reply in zip(named, replies, strict=True):
             if not isinstance(reply, Exception):
                 claimed.extend((stream, eid, fields) for eid, fields in reply[1] if fields)
         return claimed
@@ -359,15 +374,18 @@ class UsageWriter:
             self.rejected += 1
 
     async def _ack(self, entries: list[tuple[str, str, dict[str, str]]]) -> None:
+        """One ack script per stream, ``drain.ACK_AT_ONCE`` streams at a time: each one at once
+        takes a connection of its own, and hundreds of streams exhausted the client's pool."""
         by_stream: dict[str, list[str]] = {}
         for stream, eid, _ in entries:
             by_stream.setdefault(stream, []).append(eid)
-        await asyncio.gather(
-            *(
-                self._ack_script(keys=[stream], args=[rk.USAGE_GROUP, " ".join(ids)])
-                for stream, ids in by_stream.items()
+        for group in drain.groups(list(by_stream.items())):
+            await asyncio.gather(
+                *(
+                    self._ack_script(keys=[stream], args=[rk.USAGE_GROUP, " ".join(ids)])
+                    for stream, ids in group
+                )
             )
-        )
         self.written += len(entries)
 
     async def pending(self, streams: list[str] | None = None) -> int:
@@ -377,7 +395,9 @@ class UsageWriter:
         pipe = self.redis.pipeline(transaction=False)
         for stream in streams:
             pipe.xlen(stream)
-        return sum(int(n) for n in await pipe.execute())
+        lengths = [int(n) for n in await pipe.execute()]
+        self._lengths = dict(zip(streams, lengths, strict=True))
+        return sum(lengths)
 
     def _report(self, pending: int) -> None:
         if self.on_pending is not None:
