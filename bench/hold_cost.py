@@ -25,11 +25,11 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from gateway.metering.scripts import lua_source
 from policies import keyspace as rk
 from policies.limits import KeyControls, key_entry
 from policies.ratelimits import WINDOW_MS
 
-LUA = Path(__file__).resolve().parent.parent / "policies" / "lua"
 SCOPE = "usr_bench"
 MODEL = "gpt-4o-mini"
 
@@ -44,12 +44,17 @@ def redis_server() -> str:
 
 
 def old_source(revision: str) -> str:
-    return subprocess.run(
-        ["git", "show", f"{revision}:policies/lua/hold.lua"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    """``hold.lua`` as it was at ``revision``, its includes (if it had any) from there too."""
+
+    def read(path: str) -> str:
+        return subprocess.run(
+            ["git", "show", f"{revision}:policies/lua/{path}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    return lua_source("hold", read)
 
 
 async def install(redis: Redis, ak: rk.AccountKeys, entry: str, cfg: dict[str, str]) -> None:
@@ -118,7 +123,7 @@ async def main() -> None:
                     },
                 ),
             ]
-            sources = {"new": (LUA / "hold.lua").read_text()}
+            sources = {"new": lua_source("hold")}
             if opts.against:
                 sources["old"] = old_source(opts.against)
                 cases.insert(0, (f"{opts.against}: before", SCOPE, {}))

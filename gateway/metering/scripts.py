@@ -7,6 +7,7 @@ whose ``Script`` also falls back to loading the script when Redis answers NOSCRI
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,15 @@ LUA_DIR = Path(policies.__file__).resolve().parent / "lua"
 ScriptCall = Callable[..., Awaitable[Any]]
 
 
-def lua_source(name: str) -> str:
-    return (LUA_DIR / f"{name}.lua").read_text()
+INCLUDE = re.compile(r"^--#include (\w+)$", re.MULTILINE)
+
+
+def lua_source(name: str, read: Callable[[str], str] | None = None) -> str:
+    """A script's source, each ``--#include <part>`` line replaced by ``lua/lib/<part>.lua``:
+    code that several scripts run (e.g. clearing expired holds) exists once. ``read`` takes a
+    path relative to ``lua/`` (default: this checkout's files)."""
+    read = read or (lambda path: (LUA_DIR / path).read_text())
+    return INCLUDE.sub(lambda m: read(f"lib/{m.group(1)}.lua").rstrip("\n"), read(f"{name}.lua"))
 
 
 class Scripts:

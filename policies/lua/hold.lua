@@ -60,26 +60,10 @@ if redis.call('HGET', state, 'loaded') ~= '1' then
   return {'not_loaded', 0, 0, 0, 0}
 end
 
--- Negate a decimal string for HINCRBY ("-0" is not an integer to Redis).
-local function neg(a) if a == '0' then return '0' end return '-' .. a end
+--#include expire
 
 -- Expired holds (left by a crashed or timed-out request) stop counting.
-local expired = redis.call('ZRANGEBYSCORE', hz, '-inf', now, 'LIMIT', 0, 100)
-for _, id in ipairs(expired) do
-  local v = redis.call('HGET', hv, id)
-  if v then
-    local amount, rest = string.match(v, '^([^|]*)|(.*)$')
-    local hscope, flags, _, hkey = string.match(rest, '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
-    if not hscope then hscope, flags = rest, '' end
-    redis.call('HINCRBY', state, 'holds', neg(amount))
-    redis.call('HINCRBY', state, 'mh:' .. hscope, neg(amount))
-    if string.find(flags, 'h', 1, true) then
-      redis.call('HINCRBY', state, 'kh:' .. hkey, neg(amount))
-    end
-    redis.call('HDEL', hv, id)
-  end
-  redis.call('ZREM', hz, id)
-end
+expire_holds(state, hz, hv, now, 100)
 
 local function num(v, default)
   if v == false or v == nil or v == '' then return default end
