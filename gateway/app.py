@@ -34,15 +34,16 @@ from gateway.metering.meter import Metering
 from gateway.metering.scripts import Scripts
 from gateway.metering.sweeper import HoldSweeper
 from gateway.metering.usage_writer import UsageWriter
-from gateway.proxy import catalog, front, surfaces
-from gateway.proxy import handlers as proxy
+from gateway.proxy import catalog, forwarding, front, surfaces
 from gateway.proxy.front import Fronts
 from gateway.proxy.keycache import KeyCache
+from gateway.proxy.routing import Router
 from gateway.proxy.tokens import TokenCounter
 from gateway.teams import billing
 from gateway.teams.alerts import AlertWorker, WebhookGuard
 from gateway.upstream.upstreams import Upstreams
 from policies.holds import hold_ttl
+from policies.routing import chain
 
 log = logging.getLogger("modelbridge.app")
 
@@ -137,6 +138,7 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     app[S.UPSTREAMS] = Upstreams(app[S.CONFIG])
+    app[S.ROUTER] = Router(app[S.CONFIG], app[S.UPSTREAMS].providers)
     await app[S.UPSTREAMS].open()
     tokens = TokenCounter()
     tokens.preload({m.encoding for m in app[S.CONFIG].models.values()})
@@ -205,9 +207,9 @@ def build_app(
     if usage_writer:
         app.cleanup_ctx.append(_usage_writer)
     app.cleanup_ctx.append(_teams_background)
-    app.router.add_post("/v1/chat/completions", proxy.chat_completions)
-    app.router.add_post("/v1/completions", proxy.completions)
-    app.router.add_post("/v1/embeddings", proxy.embeddings)
+    app.router.add_post("/v1/chat/completions", forwarding.chat_completions)
+    app.router.add_post("/v1/completions", forwarding.completions)
+    app.router.add_post("/v1/embeddings", forwarding.embeddings)
     app.router.add_post("/v1/messages", surfaces.messages)
     app.router.add_post("/v1/messages/count_tokens", surfaces.count_tokens)
     app.router.add_post("/v1/responses", surfaces.responses)
@@ -220,6 +222,10 @@ def build_app(
     api_routes.setup(app)
     dashboard.setup(app)
     app[S.METRICS].preset(proxied_routes(app), [*config.models, "other"])
+    fallbacks = {m.name: m.fallbacks for m in config.models.values()}
+    app[S.METRICS].preset_routing(
+        list(config.upstreams), [(m, to) for m in fallbacks for to in chain(m, fallbacks)[1:]]
+    )
     return app
 
 

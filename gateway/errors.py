@@ -136,6 +136,7 @@ class RateLimited(GatewayError):
 
 class UpstreamFailed(GatewayError):
     upstream_body = b""  # the provider's own error answer, when there is one
+    retryable = False  # routing may try another deployment (connect error, timeout, 429, 5xx)
     status = 502
     type = "upstream_error"
     code = "upstream_error"

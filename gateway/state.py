@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from gateway.metering.meter import Metering
     from gateway.proxy.front import Fronts
     from gateway.proxy.keycache import KeyCache
+    from gateway.proxy.routing import Router
     from gateway.proxy.tokens import TokenCounter
     from gateway.teams.alerts import AlertWorker, WebhookGuard
     from gateway.upstream.upstreams import Upstreams
@@ -81,6 +82,7 @@ METERING: web.AppKey[Metering] = web.AppKey("metering")
 ACCOUNTS: web.AppKey[Accounts] = web.AppKey("accounts")
 KEYS: web.AppKey[KeyCache] = web.AppKey("key_cache")
 UPSTREAMS: web.AppKey[Upstreams] = web.AppKey("upstreams")
+ROUTER: web.AppKey[Router] = web.AppKey("router")  # this process's routing plans and cooldowns
 TOKENS: web.AppKey[TokenCounter] = web.AppKey("tokens")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 ALERTS: web.AppKey[AlertWorker] = web.AppKey("alerts")

@@ -40,6 +40,7 @@ REJECTION_REASONS = (
     "rate_limit_exceeded",
 )
 TOKEN_KINDS = ("prompt", "completion")
+ATTEMPT_OUTCOMES = ("ok", "retried", "failed")  # policies.routing.outcome
 STORES = ("redis", "postgresql")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -130,6 +131,18 @@ class Metrics:
             "modelbridge_gateway_overhead_seconds", "Time spent in the gateway, upstream excluded",
             ("endpoint",), buckets=_OVERHEAD_BUCKETS, registry=None,
         )  # fmt: skip
+        self.attempts = Counter(
+            "modelbridge_upstream_attempts_total",
+            "Upstream attempts, one per deployment tried (retried: another attempt followed)",
+            ("upstream", "outcome"),
+            registry=None,
+        )
+        self.fallbacks = Counter(
+            "modelbridge_fallbacks_total",
+            "Requests that went on to a fallback model",
+            ("model", "to"),
+            registry=None,
+        )
         self.inflight = Gauge(
             "modelbridge_inflight_requests",
             "Requests in flight",
@@ -179,6 +192,14 @@ class Metrics:
                 self.child(self.spend, model)
                 for kind in TOKEN_KINDS:
                     self.child(self.tokens, model, kind)
+
+    def preset_routing(self, upstreams: list[str], fallbacks: list[tuple[str, str]]) -> None:
+        """The routing families at 0: every upstream's outcomes, every configured fallback."""
+        for upstream in upstreams:
+            for outcome in ATTEMPT_OUTCOMES:
+                self.child(self.attempts, upstream, outcome)
+        for model, to in fallbacks:
+            self.child(self.fallbacks, model, to)
 
     def team_label(self, team_id: str | None) -> tuple[str, ...]:
         """The extra ``team`` label value when per-team labels are on ("" for personal keys)."""

@@ -44,7 +44,8 @@ log = logging.getLogger("modelbridge.usage")
 _COLUMNS = (
     "request_id", "account", "team_id", "user_id", "key_id", "model", "endpoint", "period",
     "prompt_tokens", "completion_tokens", "cached_tokens", "list_cost", "discount", "charged",
-    "from_allowance", "from_credits", "usage_source", "encoding", "tags", "status", "created_at",
+    "from_allowance", "from_credits", "usage_source", "encoding", "tags", "status",
+    "served_model", "attempts", "created_at",  # created_at last: _insert reads row[-1]
 )  # fmt: skip
 _INT_COLUMNS = {
     "prompt_tokens", "completion_tokens", "cached_tokens", "list_cost", "discount", "charged",
@@ -99,10 +100,14 @@ def _text(value: str) -> str:
     return value
 
 
+def _attempts(value: str) -> int:
+    return int(value or 1)  # a record from before routing: one attempt
+
+
 def _converter(column: str) -> Callable[[str], Any]:
     if column in _INT_COLUMNS:
         return _integer
-    special = {"team_id": _team, "tags": _tags, "created_at": _created}
+    special = {"team_id": _team, "tags": _tags, "created_at": _created, "attempts": _attempts}
     return special.get(column, _text)
 
 
@@ -110,7 +115,10 @@ _CONVERT = tuple((column, _converter(column)) for column in _COLUMNS)
 
 
 def record_row(fields: dict[str, str]) -> tuple[Any, ...]:
-    """A stream entry -> the values of one usage_records row."""
+    """A stream entry -> the values of one usage_records row (a record from before routing
+    names no served model: the requested one served it)."""
+    if not fields.get("served_model"):
+        fields = {**fields, "served_model": fields.get("model", "")}
     return tuple(convert(fields.get(column, "")) for column, convert in _CONVERT)
 
 

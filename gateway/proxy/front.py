@@ -45,6 +45,7 @@ from gateway import state as S
 from gateway.errors import GatewayError
 from gateway.infra import bodies
 from gateway.metering.meter import guarded
+from gateway.proxy import forwarding
 from gateway.proxy import handlers as proxy
 from gateway.proxy.head import MAX_HEAD, PATHS, HandOver, Head, frame
 
@@ -281,7 +282,7 @@ class Front(asyncio.Protocol):
                     call = await self._parsed(request)
                 await self._hold(call, fast[1] if fast is not None else None)
                 try:
-                    plain = await proxy.ask_upstream(call)
+                    plain = await forwarding.ask_upstream(call)
                 except BaseException:
                     await proxy.release_quietly(call)
                     raise
@@ -299,7 +300,7 @@ class Front(asyncio.Protocol):
             else:
                 status = 200
                 self._write(200, plain.headers, plain.body, keep_alive)
-                await proxy.settle_plain(call, plain)
+                await forwarding.settle_plain(call, plain)
         finally:
             model = call.model.name if call is not None else "other"
             proxy.observe(app, request.endpoint, model, status, call, request.started)

@@ -1,23 +1,22 @@
-"""The proxy API of contract section 5: what SDKs call under ``/v1``.
+"""The proxy API of contract section 5: what SDKs call under ``/v1`` — the request's side.
 
 One path for every endpoint: authenticate the key (cached), parse and validate the body, size the
-hold (tiktoken prompt count + the output cap, at the model's prices), place it (one Redis round
-trip that also checks the key, the model and every limit), forward the request, then settle the
-actual cost (the second round trip) — or release the hold when the provider failed.
+hold (tiktoken prompt count + the output cap, at the dearest prices of the model's routing chain),
+place it (one Redis round trip that also checks the key, the model and every limit), forward the
+request (:mod:`gateway.proxy.forwarding`, attempt by attempt as :mod:`gateway.proxy.routing`
+decides), then settle the actual cost (the second round trip) — or release the hold when the
+provider failed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -34,23 +33,14 @@ from gateway.errors import (
     UpstreamFailed,
 )
 from gateway.infra import bodies
-from gateway.metering.meter import HoldAsk, HoldResult, SettleAsk, SettleResult
-from gateway.proxy.exchange import (
-    PASSTHROUGH,
-    Exchange,
-    count_texts,
-    exchange_for,
-    forwarded_headers,
-    malformed,
-)
+from gateway.metering.meter import HoldAsk, HoldResult, SettleAsk
+from gateway.proxy.exchange import PASSTHROUGH, Exchange, count_texts, forwarded_headers
 from gateway.proxy.keycache import KeyInfo
-from gateway.proxy.streaming import SSERelay, StreamOutcome, error_body, relay
-from gateway.upstream.upstreams import UpstreamRequest
+from gateway.proxy.routing import SERVED_BY_HEADER, Route
 from policies import pricing, ratelimits
-from policies.money import format_usd
+from policies import routing as rp
 from policies.periods import period_of, seconds_to_period_end
 from policies.translate import responses_api
-from policies.translate import usage as usage_mod
 from policies.translate.usage import TokenUsage
 
 log = logging.getLogger("modelbridge.proxy")
@@ -111,6 +101,7 @@ class Call:
     request: web.Request | None = None  # on aiohttp's path (not on gateway.proxy.front's)
     exchange: Exchange = PASSTHROUGH["chat"]  # client surface x upstream protocol
     translated: dict[str, Any] | None = None  # the upstream body, when translated
+    route: Route | None = None  # the deployments tried (gateway.proxy.routing); set by parse
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,17 +228,21 @@ def parse(
     if model is None:
         raise NotFound(f"The model '{name}' does not exist.", code="model_not_found", param="model")
     validate(endpoint, body)
-    exchange = exchange_for(endpoint.kind, app[S.UPSTREAMS].providers[model.upstream].protocol)
+    router = app[S.ROUTER]
+    plan = router.plan(model, endpoint.kind)  # 400 unsupported_endpoint for no deployment
     tags = parse_tags(tags_header)
     prompt_tokens, encoding = count_prompt(app, endpoint, model, body)
     now = app[S.CLOCK].now()
+    route = router.route(plan, now)
+    target = route.target
     call = Call(
-        app=app, endpoint=endpoint, secret=secret, key=key, model=model, body=body, raw=raw,
-        request_id=app[S.REQUEST_IDS].new(), now=now, period=period_of(now),
+        app=app, endpoint=endpoint, secret=secret, key=key, model=target.model, body=body,
+        raw=raw, request_id=app[S.REQUEST_IDS].new(), now=now, period=period_of(now),
         prompt_tokens=prompt_tokens, encoding=encoding, tags=tags,
-        stream=body.get("stream") is True and endpoint.kind != "embedding", exchange=exchange,
+        stream=body.get("stream") is True and endpoint.kind != "embedding",
+        exchange=target.exchange, route=route,
     )  # fmt: skip
-    exchange.prepare(call)
+    target.exchange.prepare(call)
     return call
 
 
@@ -260,17 +255,26 @@ def prepare_upstream(call: Call) -> None:
         call.wire = upstreams.encode(model.upstream, path, body, forwarded_headers(call))
 
 
-def output_cap(call: Call) -> int:
+def output_cap(call: Call, model: ModelConfig | None = None) -> int:
+    """The output tokens the request may use on ``model`` (by default the one being tried)."""
+    max_output = (model or call.model).max_output_tokens
     if call.endpoint.kind == "embedding":
         return 0
     if call.endpoint.kind == "responses":
-        return responses_api.output_cap(call.body, call.model.max_output_tokens)
-    return pricing.requested_output_cap(call.body, call.model.max_output_tokens)
+        return responses_api.output_cap(call.body, max_output)
+    return pricing.requested_output_cap(call.body, max_output)
 
 
 def worst_cost(call: Call) -> int:
-    """The request's list cost if it used its whole output cap: what the hold covers."""
-    return pricing.worst_case_list_cost(call.model.prices, call.prompt_tokens, output_cap(call))
+    """The request's list cost if it used its whole output cap on the dearest model of its
+    routing chain (it may be served by any): what the hold covers."""
+    if call.route is None or len(call.route.plan.models) == 1:
+        return pricing.worst_case_list_cost(call.model.prices, call.prompt_tokens, output_cap(call))
+    prompt = call.prompt_tokens
+    return rp.hold_cost(
+        pricing.worst_case_list_cost(m.prices, prompt, output_cap(call, m))
+        for m in call.route.plan.models
+    )
 
 
 def hold_ask(call: Call, worst: int) -> HoldAsk:
@@ -358,6 +362,9 @@ def settle_ask(
         "usage_source", source, "encoding", call.encoding, "tags", call.tags, "status", status,
         "created_at", call.hold.stamp_ms or int(call.now * 1000),
     ]  # fmt: skip
+    route = call.route
+    if route is not None:
+        record += ["served_model", route.target.served.name, "attempts", route.attempts]
     return SettleAsk(
         account=key.account,
         period=call.period,
@@ -396,6 +403,8 @@ def estimate(call: Call, text: list[str]) -> TokenUsage:
 
 def base_headers(call: Call) -> dict[str, str]:
     headers = {"x-request-id": call.request_id}
+    if call.route is not None:
+        headers[SERVED_BY_HEADER] = call.route.target.served_by
     hold = call.hold
     if hold is not None:
         if hold.warn:
@@ -423,193 +432,14 @@ def annotate(exc: GatewayError, call: Call) -> None:
 
 
 def upstream_error(status: int, raw: bytes) -> UpstreamFailed:
+    """A provider's error answer; one routing retries (429, 5xx of policies.routing) says so."""
     error = UpstreamFailed(f"upstream error (HTTP {status})", status=status)
     with contextlib.suppress(Exception):
         message = orjson.loads(raw)["error"]["message"]
         error = UpstreamFailed(f"upstream error: {message}", status=status)
     error.upstream_body = raw  # Anthropic's clients get it unmodified
+    error.retryable = rp.classify(rp.Failure.STATUS, status) is rp.Verdict.RETRY
     return error
-
-
-async def forward(call: Call) -> web.StreamResponse:
-    if call.stream:
-        return await forward_stream(call)
-    assert call.request is not None
-    plain = await ask_upstream(call)
-    answer = web.Response(body=plain.body, status=200, headers=plain.headers)
-    with contextlib.suppress(ConnectionError, RuntimeError):  # a client gone is billed anyway
-        await answer.prepare(call.request)
-        await answer.write_eof()
-    await settle_plain(call, plain)
-    return answer
-
-
-async def ask_upstream(call: Call) -> Plain:
-    """Make a plain call (built ahead in ``call.wire``) and price its answer."""
-    app = call.app
-    started = time.perf_counter()
-    response = await app[S.UPSTREAMS].call(call.model.upstream, call.wire)
-    call.upstream_s = time.perf_counter() - started
-    if response.status >= 400:
-        app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(response.ttfb_s)
-        raise upstream_error(response.status, response.body)
-    raw = response.body
-    if call.exchange.native:
-        tokens, texts = usage_mod.from_chat(_usage_of(raw)), None
-    else:
-        answer = call.exchange.answer(call, raw)
-        raw, tokens, texts = answer.body, answer.tokens, answer.texts
-    source = "upstream"
-    if tokens is None:
-        tokens, source = estimate(call, _texts_of(raw) if texts is None else texts), "estimated"
-    charge = price(call, tokens)
-    headers = base_headers(call)
-    headers["x-modelbridge-cost-usd"] = format_usd(charge.charged)
-    headers["Content-Type"] = "application/json"
-    return Plain(raw, headers, tokens, source, charge, response.ttfb_s)
-
-
-async def settle_plain(call: Call, plain: Plain) -> None:
-    """Settle an answered plain call. The caller has just written the answer: that does not
-    yield to the event loop for a small answer, and neither does sending the settle on the open
-    script connection, so Redis has it before this process reads anything else, such as this
-    client's next request. Never raises: a settle Redis does not take is kept and sent later."""
-    app = call.app
-    await app[S.METERING].settle(settle_ask(call, plain.tokens, plain.source, 200, plain.charge))
-    app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(plain.ttfb_s)
-    count(call, plain.tokens, plain.charge)
-
-
-def _usage_of(raw: bytes) -> dict[str, Any] | None:
-    try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:  # a 200 that is not JSON: 502, nothing charged
-        raise malformed("not JSON") from exc
-    if isinstance(payload, dict):
-        usage = payload.get("usage")
-        return usage if isinstance(usage, dict) else None
-    return None
-
-
-def _texts_of(raw: bytes) -> list[str]:
-    texts: list[str] = []
-    with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
-        for choice in orjson.loads(raw).get("choices") or ():
-            message = choice.get("message") or {}
-            texts.append(message.get("content") or choice.get("text") or "")
-    return texts
-
-
-async def forward_stream(call: Call) -> web.StreamResponse:
-    app = call.app
-    upstreams, model, exchange = app[S.UPSTREAMS], call.model, call.exchange
-    path = upstreams.path(model.upstream, exchange.route, model.upstream_model)
-    body = upstream_body(call, True) if exchange.native else exchange.body(call, True)
-    req = UpstreamRequest(model.upstream, path, body, True, forwarded_headers(call))
-    started = time.perf_counter()
-    response = await app[S.UPSTREAMS].send(req)
-    app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(
-        time.perf_counter() - started
-    )
-    try:
-        if response.status >= 400:
-            raise upstream_error(response.status, await error_body(response, _max_bytes(call)))
-        return await _relay_stream(call, response, started)
-    finally:
-        response.release()
-
-
-def _max_bytes(call: Call) -> int:
-    return call.app[S.CONFIG].upstreams[call.model.upstream].max_response_bytes
-
-
-async def _relay_stream(
-    call: Call, response: aiohttp.ClientResponse, started: float
-) -> web.StreamResponse:
-    wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
-    client = web.StreamResponse(status=200, headers=base_headers(call))
-    client.content_type = "text/event-stream"
-    client.headers["Cache-Control"] = "no-cache"
-    assert call.request is not None  # streams are served by aiohttp
-    await client.prepare(call.request)
-    sse = SSERelay(not wants_usage) if call.exchange.native else call.exchange.relay(call)
-    try:
-        outcome = await relay(response, client, sse, _max_bytes(call))
-    except asyncio.CancelledError:
-        # Shutdown cancelled the stream: bill what was streamed, then let the cancel go on.
-        response.close()
-        await settle(call, estimate(call, sse.outcome.text), "estimated", 499)
-        raise
-    call.upstream_s = time.perf_counter() - started
-    await finish_stream(call, client, outcome)
-    return client
-
-
-async def finish_stream(call: Call, client: web.StreamResponse, outcome: StreamOutcome) -> None:
-    """Bill a finished stream — the provider's usage, else tiktoken on what was streamed (the
-    client left, or the provider reported none), nothing when it failed before any text — and
-    end the client's stream. As for plain answers, the settle is sent before the end goes out.
-    Nothing here raises once the 200 has started: a settle Redis does not take is kept by the
-    metering (and applied when Redis answers); a release that fails leaves the hold to expire."""
-    metering = call.app[S.METERING]
-    tokens = None if outcome.client_gone else outcome.tokens or usage_mod.from_chat(outcome.usage)
-    pending: Awaitable[SettleResult] | None = None
-    if tokens is None and outcome.upstream_failed and not outcome.text:
-        try:
-            await metering.release(
-                account=call.key.account,
-                request_id=call.request_id,
-                key_id=call.key.key_id,
-                scope=call.key.scope,
-            )
-        except Exception as exc:  # the hold expires on its own
-            log.warning("stream %s: hold not released: %r", call.request_id, exc)
-        call.hold = None
-    else:
-        source = "upstream" if tokens is not None else "estimated"
-        tokens = tokens or estimate(call, outcome.text)
-        charge = price(call, tokens)
-        ask = settle_ask(call, tokens, source, 499 if outcome.client_gone else 200, charge)
-        pending = metering.settle_sent(ask)
-        if pending is None:  # no open script connection: wait for the settle (or its keeping)
-            await metering.settle(ask)
-        count(call, tokens, charge)
-    if not outcome.client_gone:
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            if outcome.upstream_failed:
-                # SDKs raise on an event carrying "error"; never end a broken stream as if whole.
-                await client.write(outcome.broken)
-            await client.write_eof()
-    if pending is not None:
-        await pending
-
-
-async def proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
-    app = request.app
-    started = time.perf_counter()
-    app[S.METRICS].inflight.inc()
-    model_label = "other"
-    status = 500
-    call: Call | None = None
-    try:
-        call = await begin(request, endpoint)
-        model_label = call.model.name
-        call.hold = await place_hold(call)
-        try:
-            response = await forward(call)
-        except BaseException:
-            await release_quietly(call)
-            raise
-        status = response.status
-        return response
-    except GatewayError as exc:
-        status = exc.status
-        count_refusal(app, exc)
-        if call is not None:
-            annotate(exc, call)
-        raise
-    finally:
-        observe(app, endpoint, model_label, status, call, started)
 
 
 async def release_quietly(call: Call) -> None:
@@ -641,15 +471,3 @@ def observe(
     metrics.child(metrics.duration, endpoint.route, model_label).observe(elapsed)
     upstream_s = call.upstream_s if call is not None else 0.0
     metrics.child(metrics.overhead, endpoint.route).observe(max(0.0, elapsed - upstream_s))
-
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await proxy(request, CHAT)
-
-
-async def completions(request: web.Request) -> web.StreamResponse:
-    return await proxy(request, COMPLETION)
-
-
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    return await proxy(request, EMBEDDING)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,15 +121,27 @@ def _data_of(event: bytes) -> bytes | None:
     return None
 
 
+async def _chunks(upstream: aiohttp.ClientResponse, first: bytes) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in upstream.content.iter_any():
+        yield chunk
+
+
 async def relay(
-    upstream: aiohttp.ClientResponse, client: web.StreamResponse, relay: SSERelay, max_bytes: int
+    upstream: aiohttp.ClientResponse,
+    client: web.StreamResponse,
+    relay: SSERelay,
+    max_bytes: int,
+    first: bytes = b"",
 ) -> StreamOutcome:
-    """Copy the stream until it ends, the client leaves or the provider fails (a stream past
-    ``max_bytes``, the upstream's ``max_response_bytes``, is a failure)."""
+    """Copy the stream (``first``: its bytes read already) until it ends, the client leaves or
+    the provider fails (a stream past ``max_bytes``, the upstream's ``max_response_bytes``, is a
+    failure)."""
     outcome = relay.outcome
     size = 0
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in _chunks(upstream, first):
             room, size = max_bytes - size, size + len(chunk)
             over = size > max_bytes  # relay what is within the bound, then fail
             data = relay.feed(chunk[:room] if over else chunk)

@@ -2,7 +2,7 @@
 (``POST /v1/messages``, ``POST /v1/messages/count_tokens``) and OpenAI's Responses API
 (``POST /v1/responses``; ``GET /v1/responses`` asking for a WebSocket gets 426 at once).
 
-Each generating surface goes the one way of :func:`gateway.proxy.handlers.proxy` — key check,
+Each generating surface goes the one way of :func:`gateway.proxy.forwarding.proxy` — key check,
 hold, upstream call, settle, one usage record — with the exchange that suits the model's upstream
 (:mod:`gateway.proxy.exchange`). Messages errors are in Anthropic's envelope, with the status and
 ``x-modelbridge-error-code`` of the gateway's error; an Anthropic upstream's own error answer goes
@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway import state as S
 from gateway.credentials import bearer
 from gateway.errors import GatewayError, NotFound, UpstreamFailed, UpstreamTimeout
-from gateway.proxy import handlers
+from gateway.proxy import forwarding, handlers
 from gateway.proxy.exchange import count_texts
 from gateway.proxy.streaming import error_body
 from gateway.upstream.provider import ANTHROPIC
@@ -53,7 +53,7 @@ def anthropic_error(exc: GatewayError) -> web.Response:
 
 async def messages(request: web.Request) -> web.StreamResponse:
     try:
-        return await handlers.proxy(request, handlers.MESSAGES)
+        return await forwarding.proxy(request, handlers.MESSAGES)
     except GatewayError as exc:
         return anthropic_error(exc)
 
@@ -111,7 +111,7 @@ async def _bounded(response: aiohttp.ClientResponse, upstream: str, limit: int) 
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
-    return await handlers.proxy(request, handlers.RESPONSES)
+    return await forwarding.proxy(request, handlers.RESPONSES)
 
 
 async def responses_websocket(request: web.Request) -> web.StreamResponse:

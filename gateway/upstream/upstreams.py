@@ -101,7 +101,9 @@ class Upstreams:
         try:
             return await self.origins[upstream].post(data)
         except OriginTimeout as exc:
-            raise UpstreamTimeout(f"upstream {upstream} did not answer in time") from exc
+            raise _retryable(
+                UpstreamTimeout(f"upstream {upstream} did not answer in time")
+            ) from exc
         except OriginTooLarge as exc:
             log.warning("upstream %s: %s", upstream, exc)
             raise UpstreamFailed(
@@ -109,7 +111,7 @@ class Upstreams:
             ) from exc
         except OriginError as exc:
             log.warning("upstream %s: %s", upstream, exc)  # the detail stays in the log
-            raise UpstreamFailed(f"upstream {upstream} unreachable or broken") from exc
+            raise _retryable(UpstreamFailed(f"upstream {upstream} unreachable or broken")) from exc
 
     async def send(self, request: UpstreamRequest) -> aiohttp.ClientResponse:
         """Start the request; the caller reads (or streams) the body and releases the response."""
@@ -121,8 +123,16 @@ class Upstreams:
                 headers = {**headers, **request.headers}
             return await session.post(url, data=request.body, headers=headers)
         except TimeoutError as exc:
-            raise UpstreamTimeout(f"upstream {request.upstream} did not answer in time") from exc
+            timeout = UpstreamTimeout(f"upstream {request.upstream} did not answer in time")
+            raise _retryable(timeout) from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamFailed(
+            failed = UpstreamFailed(
                 f"upstream {request.upstream} unreachable: {type(exc).__name__}"
-            ) from exc
+            )
+            raise _retryable(failed) from exc
+
+
+def _retryable(error: UpstreamFailed) -> UpstreamFailed:
+    """A failure before the provider's first byte: routing may try another deployment."""
+    error.retryable = True
+    return error

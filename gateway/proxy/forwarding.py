@@ -1,0 +1,342 @@
+"""The proxy API's upstream side: a held request goes to the provider, attempt by attempt, and
+its answer is relayed, priced and settled.
+
+Each attempt goes to the target its route holds (:mod:`gateway.proxy.routing`). A failure worth a
+retry (a connect error, a timeout before the first byte, a 429/500/502/503/504/529) moves the
+route on to another deployment, then to the fallback models, **only while nothing of the answer
+has reached the client**: a plain answer is read whole before anything is written, a stream's
+first bytes are read before the client's 200 goes out. Any other error status goes back as it
+is; a stream cut after its first byte is not retried (the client gets an error event and what was
+streamed is billed as estimated). However many attempts: one hold, one settle, one usage record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway import state as S
+from gateway.errors import GatewayError, InvalidRequest, UpstreamFailed, UpstreamTimeout
+from gateway.metering.meter import SettleResult
+from gateway.proxy import handlers
+from gateway.proxy.exchange import forwarded_headers, malformed
+from gateway.proxy.handlers import (
+    CHAT,
+    COMPLETION,
+    EMBEDDING,
+    Call,
+    Endpoint,
+    Plain,
+    base_headers,
+    count,
+    estimate,
+    price,
+    settle,
+    settle_ask,
+    upstream_body,
+    upstream_error,
+)
+from gateway.proxy.routing import allowed_models, count_attempt, count_fallback
+from gateway.proxy.streaming import SSERelay, StreamOutcome, error_body, relay
+from gateway.upstream.upstreams import UpstreamRequest
+from policies.money import format_usd
+from policies.translate import usage as usage_mod
+
+log = logging.getLogger("modelbridge.proxy")
+
+
+# --- routing: the next attempt ----------------------------------------------------------------
+async def retry(call: Call, exc: UpstreamFailed) -> bool:
+    """After a failed attempt: move the call to the next target of its route (True), or leave it
+    (False: ``exc`` goes to the client). Counts the attempt either way."""
+    app, route = call.app, call.route
+    assert route is not None
+    failed = route.target
+    if exc.retryable:
+        app[S.ROUTER].failed(failed, call.now)
+    moved = exc.retryable and await _next_target(call)
+    count_attempt(app[S.METRICS], failed, failed=True, last=not moved)
+    return moved
+
+
+async def _next_target(call: Call) -> bool:
+    app, route = call.app, call.route
+    assert route is not None
+    router = app[S.ROUTER]
+    entered = stage = route.stage
+    while (target := router.advance(route, call.now)) is not None:
+        if route.stage != stage:  # on to a fallback model, if the key may use it
+            stage = route.stage
+            if target.served.name not in await allowed_models(call):
+                router.skip_stage(route)
+                continue
+        call.model, call.exchange, call.translated = target.model, target.exchange, None
+        try:
+            target.exchange.prepare(call)  # this deployment's protocol (may translate)
+        except InvalidRequest:
+            router.skip_stage(route)  # the request does not translate for this model
+            continue
+        if route.stage != entered:
+            count_fallback(app[S.METRICS], call.model.name, target)
+        route.attempts += 1
+        return True
+    return False
+
+
+# --- plain answers ----------------------------------------------------------------------------
+async def forward(call: Call) -> web.StreamResponse:
+    if call.stream:
+        return await forward_stream(call)
+    assert call.request is not None
+    plain = await ask_upstream(call)
+    answer = web.Response(body=plain.body, status=200, headers=plain.headers)
+    with contextlib.suppress(ConnectionError, RuntimeError):  # a client gone is billed anyway
+        await answer.prepare(call.request)
+        await answer.write_eof()
+    await settle_plain(call, plain)
+    return answer
+
+
+async def ask_upstream(call: Call) -> Plain:
+    """Make a plain call (the first attempt built ahead in ``call.wire``), retried along its
+    route, and price the answer."""
+    while True:
+        try:
+            plain = await ask_once(call)
+        except UpstreamFailed as exc:
+            if not await retry(call, exc):
+                raise
+            handlers.prepare_upstream(call)
+            continue
+        assert call.route is not None
+        count_attempt(call.app[S.METRICS], call.route.target, failed=False, last=True)
+        return plain
+
+
+async def ask_once(call: Call) -> Plain:
+    app = call.app
+    started = time.perf_counter()
+    response = await app[S.UPSTREAMS].call(call.model.upstream, call.wire)
+    call.upstream_s += time.perf_counter() - started
+    if response.status >= 400:
+        app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(response.ttfb_s)
+        raise upstream_error(response.status, response.body)
+    raw = response.body
+    if call.exchange.native:
+        tokens, texts = usage_mod.from_chat(_usage_of(raw)), None
+    else:
+        answer = call.exchange.answer(call, raw)
+        raw, tokens, texts = answer.body, answer.tokens, answer.texts
+    source = "upstream"
+    if tokens is None:
+        tokens, source = estimate(call, _texts_of(raw) if texts is None else texts), "estimated"
+    charge = price(call, tokens)
+    headers = base_headers(call)
+    headers["x-modelbridge-cost-usd"] = format_usd(charge.charged)
+    headers["Content-Type"] = "application/json"
+    return Plain(raw, headers, tokens, source, charge, response.ttfb_s)
+
+
+async def settle_plain(call: Call, plain: Plain) -> None:
+    """Settle an answered plain call. The caller has just written the answer: that does not
+    yield to the event loop for a small answer, and neither does sending the settle on the open
+    script connection, so Redis has it before this process reads anything else, such as this
+    client's next request. Never raises: a settle Redis does not take is kept and sent later."""
+    app = call.app
+    await app[S.METERING].settle(settle_ask(call, plain.tokens, plain.source, 200, plain.charge))
+    app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(plain.ttfb_s)
+    count(call, plain.tokens, plain.charge)
+
+
+def _usage_of(raw: bytes) -> dict[str, Any] | None:
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:  # a 200 that is not JSON: 502, nothing charged
+        raise malformed("not JSON") from exc
+    if isinstance(payload, dict):
+        usage = payload.get("usage")
+        return usage if isinstance(usage, dict) else None
+    return None
+
+
+def _texts_of(raw: bytes) -> list[str]:
+    texts: list[str] = []
+    with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+        for choice in orjson.loads(raw).get("choices") or ():
+            message = choice.get("message") or {}
+            texts.append(message.get("content") or choice.get("text") or "")
+    return texts
+
+
+# --- streams ----------------------------------------------------------------------------------
+async def forward_stream(call: Call) -> web.StreamResponse:
+    while True:
+        started = time.perf_counter()
+        try:
+            response, first = await _open_stream(call)
+        except UpstreamFailed as exc:
+            call.upstream_s += time.perf_counter() - started
+            if not await retry(call, exc):
+                raise
+            continue
+        try:
+            return await _relay_stream(call, response, started, first)
+        finally:
+            response.release()
+
+
+async def _open_stream(call: Call) -> tuple[aiohttp.ClientResponse, bytes]:
+    """Start the stream on the call's target and read its first bytes: until then nothing has
+    reached the client, and a failure may be retried elsewhere."""
+    app = call.app
+    upstreams, model, exchange = app[S.UPSTREAMS], call.model, call.exchange
+    path = upstreams.path(model.upstream, exchange.route, model.upstream_model)
+    body = upstream_body(call, True) if exchange.native else exchange.body(call, True)
+    req = UpstreamRequest(model.upstream, path, body, True, forwarded_headers(call))
+    started = time.perf_counter()
+    response = await upstreams.send(req)
+    app[S.METRICS].child(app[S.METRICS].ttfb, model.name).observe(time.perf_counter() - started)
+    try:
+        if response.status >= 400:
+            raise upstream_error(response.status, await error_body(response, _max_bytes(call)))
+        return response, await _first_bytes(call, response)
+    except BaseException:
+        response.release()
+        raise
+
+
+async def _first_bytes(call: Call, response: aiohttp.ClientResponse) -> bytes:
+    upstream = call.model.upstream
+    try:
+        first = await response.content.readany()
+    except TimeoutError as exc:
+        error: UpstreamFailed = UpstreamTimeout(f"upstream {upstream} sent no byte in time")
+        error.retryable = True
+        raise error from exc
+    except aiohttp.ClientError as exc:
+        error = UpstreamFailed(f"upstream {upstream} broke before its first byte")
+        error.retryable = True
+        raise error from exc
+    if not first:
+        error = UpstreamFailed(f"upstream {upstream} ended the stream before its first byte")
+        error.retryable = True
+        raise error
+    return first
+
+
+def _max_bytes(call: Call) -> int:
+    return call.app[S.CONFIG].upstreams[call.model.upstream].max_response_bytes
+
+
+async def _relay_stream(
+    call: Call, response: aiohttp.ClientResponse, started: float, first: bytes
+) -> web.StreamResponse:
+    wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
+    client = web.StreamResponse(status=200, headers=base_headers(call))
+    client.content_type = "text/event-stream"
+    client.headers["Cache-Control"] = "no-cache"
+    assert call.request is not None  # streams are served by aiohttp
+    await client.prepare(call.request)
+    sse = SSERelay(not wants_usage) if call.exchange.native else call.exchange.relay(call)
+    try:
+        outcome = await relay(response, client, sse, _max_bytes(call), first)
+    except asyncio.CancelledError:
+        # Shutdown cancelled the stream: bill what was streamed, then let the cancel go on.
+        response.close()
+        await settle(call, estimate(call, sse.outcome.text), "estimated", 499)
+        raise
+    call.upstream_s += time.perf_counter() - started
+    assert call.route is not None
+    if outcome.upstream_failed:  # cut after its first byte: not retried, the target failed
+        call.app[S.ROUTER].failed(call.route.target, call.now)
+    count_attempt(call.app[S.METRICS], call.route.target, outcome.upstream_failed, last=True)
+    await finish_stream(call, client, outcome)
+    return client
+
+
+async def finish_stream(call: Call, client: web.StreamResponse, outcome: StreamOutcome) -> None:
+    """Bill a finished stream — the provider's usage, else tiktoken on what was streamed (the
+    client left, or the provider reported none), nothing when it failed before any text — and
+    end the client's stream. As for plain answers, the settle is sent before the end goes out.
+    Nothing here raises once the 200 has started: a settle Redis does not take is kept by the
+    metering (and applied when Redis answers); a release that fails leaves the hold to expire."""
+    metering = call.app[S.METERING]
+    tokens = None if outcome.client_gone else outcome.tokens or usage_mod.from_chat(outcome.usage)
+    pending: Awaitable[SettleResult] | None = None
+    if tokens is None and outcome.upstream_failed and not outcome.text:
+        try:
+            await metering.release(
+                account=call.key.account,
+                request_id=call.request_id,
+                key_id=call.key.key_id,
+                scope=call.key.scope,
+            )
+        except Exception as exc:  # the hold expires on its own
+            log.warning("stream %s: hold not released: %r", call.request_id, exc)
+        call.hold = None
+    else:
+        source = "upstream" if tokens is not None else "estimated"
+        tokens = tokens or estimate(call, outcome.text)
+        charge = price(call, tokens)
+        ask = settle_ask(call, tokens, source, 499 if outcome.client_gone else 200, charge)
+        pending = metering.settle_sent(ask)
+        if pending is None:  # no open script connection: wait for the settle (or its keeping)
+            await metering.settle(ask)
+        count(call, tokens, charge)
+    if not outcome.client_gone:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            if outcome.upstream_failed:
+                # SDKs raise on an event carrying "error"; never end a broken stream as if whole.
+                await client.write(outcome.broken)
+            await client.write_eof()
+    if pending is not None:
+        await pending
+
+
+# --- the entry points -------------------------------------------------------------------------
+async def proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    app = request.app
+    started = time.perf_counter()
+    app[S.METRICS].inflight.inc()
+    model_label = "other"
+    status = 500
+    call: Call | None = None
+    try:
+        call = await handlers.begin(request, endpoint)
+        model_label = call.model.name
+        call.hold = await handlers.place_hold(call)
+        try:
+            response = await forward(call)
+        except BaseException:
+            await handlers.release_quietly(call)
+            raise
+        status = response.status
+        return response
+    except GatewayError as exc:
+        status = exc.status
+        handlers.count_refusal(app, exc)
+        if call is not None:
+            handlers.annotate(exc, call)
+        raise
+    finally:
+        handlers.observe(app, endpoint, model_label, status, call, started)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await proxy(request, CHAT)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await proxy(request, COMPLETION)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await proxy(request, EMBEDDING)
