@@ -255,6 +255,7 @@ RECONCILED_MODULES = {
     "test_usage_reports",
     "test_alerts",
     "test_sweeper",
+    "test_routing",
 }
 _ACCOUNTS = "SELECT 't_' || id FROM teams UNION ALL SELECT 'u_' || id FROM users"
 
