@@ -90,6 +90,14 @@ async def fill(conn: asyncpg.Connection, rows: int, other_rows: int, start: date
         TEAM,
         KEYS,
     )
+    # usage_records is partitioned by month (migrations/014_partitions.sql): the year's months.
+    await conn.execute(
+        "SELECT usage_records_add_month(m::date) FROM generate_series("
+        " date_trunc('month', $1::timestamptz AT TIME ZONE 'UTC'),"
+        " date_trunc('month', ($1::timestamptz + interval '1 year') AT TIME ZONE 'UTC'),"
+        " interval '1 month') AS m",
+        start,
+    )
     step = 200_000
     for low in range(1, rows + 1, step):
         high = min(rows, low + step - 1)

@@ -3,6 +3,7 @@ credits carry over, alerts re-arm — tested exactly at the December to January 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -165,3 +166,42 @@ async def test_alerts_rearm_every_period(
         ("2033-05", "80", "spend"),
         ("2033-06", "80", "spend"),
     ]
+
+
+async def test_a_request_admitted_before_midnight_is_recorded_in_its_admission_month(
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    db: asyncpg.Connection,
+) -> None:
+    # usage_records is partitioned by created_at and keyed by (request_id, created_at): the
+    # record's created_at is the admission's, however late the settle, so any later delivery of
+    # the same record is the same row, in the same month's partition.
+    admitted = ts("2032-03-31T23:59:59.500")
+    gateway.clock.fixed = admitted
+    req = exact(gateway, fake)
+    _owner, team, secret = await api.funded_team_key("1.00")
+    seen = len(fake.requests)
+    fake.next(delay_s=1.0)
+    call = asyncio.create_task(chat(http, gateway, secret, req.body))
+    await eventually(lambda: _value(len(fake.requests)), lambda n: n > seen)
+    gateway.clock.fixed = ts("2032-04-01T00:00:00.500")  # the settle comes after midnight
+    assert (await call).status == 200
+    row = await eventually(
+        lambda: db.fetchrow(
+            "SELECT created_at, period, tableoid::regclass::text AS part FROM usage_records"
+            " WHERE team_id = $1",
+            team["id"],
+        ),
+        lambda r: r is not None,
+    )
+    assert (row["created_at"].timestamp(), row["period"], row["part"]) == (
+        admitted,
+        "2032-03",
+        "usage_records_2032_03",
+    )
+
+
+async def _value(value: int) -> int:
+    return value

@@ -2,15 +2,19 @@
 
 Migrations are the files ``migrations/NNN_name.sql``, applied in order at start inside one
 transaction each and recorded in ``schema_migrations``. A session advisory lock serialises
-concurrent starters (several workers, several replicas).
+concurrent starters (several workers, several replicas). Then the monthly partitions of
+``usage_records`` are made ahead (gateway/infra/partitions.py).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import asyncpg
+
+from gateway.infra.partitions import ensure_ahead
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 0x6D6F64656C  # "model"
@@ -26,8 +30,9 @@ def migration_files() -> list[tuple[int, str, Path]]:
     return found
 
 
-async def migrate(conn: asyncpg.Connection) -> list[int]:
-    """Apply every migration not applied yet; return the versions applied now."""
+async def migrate(conn: asyncpg.Connection, until: int | None = None) -> list[int]:
+    """Apply every migration not applied yet (up to version ``until``, for tests of a migration
+    on the schema before it); return the versions applied now."""
     applied_now: list[int] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
     try:
@@ -38,7 +43,7 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
         )
         done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
         for version, name, path in migration_files():
-            if version in done:
+            if version in done or (until is not None and version > until):
                 continue
             async with conn.transaction():
                 await conn.execute(path.read_text())
@@ -47,6 +52,9 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
                 )
             log.info("applied migration %03d_%s", version, name)
             applied_now.append(version)
+        made = await ensure_ahead(conn, time.time()) if until is None else []
+        if made:
+            log.info("made usage_records partitions for %s", ", ".join(made))
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
     return applied_now
@@ -66,9 +74,9 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
     return pool
 
 
-async def migrate_dsn(dsn: str) -> list[int]:
+async def migrate_dsn(dsn: str, until: int | None = None) -> list[int]:
     conn = await asyncpg.connect(dsn)
     try:
-        return await migrate(conn)
+        return await migrate(conn, until)
     finally:
         await conn.close()

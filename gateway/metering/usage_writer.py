@@ -2,9 +2,12 @@
 
 Settling appends each record to its account's stream in the same atomic step that debits the
 balance, so a record exists as soon as the money moved. Every gateway process runs one writer,
-all in one consumer group: a batch is inserted idempotently (``ON CONFLICT (request_id) DO
-NOTHING``), and only after the commit are its entries acknowledged and deleted, so a crash
-between the two re-delivers the batch and inserts nothing twice. Entries a dead consumer left
+all in one consumer group: a batch is inserted idempotently (``ON CONFLICT DO NOTHING`` on the
+table's one unique key, ``(request_id, created_at)``: created_at is fixed at admission, so a
+record delivered again has the same), and only after the commit are its entries acknowledged and
+deleted, so a crash between the two re-delivers the batch and inserts nothing twice. The table is
+partitioned by month; the writer makes the months ahead every hour and a batch's missing month
+before inserting it (gateway/infra/partitions.py). Entries a dead consumer left
 pending are claimed after ``claim_idle_ms``. ``pending()`` (the streams' length) feeds the
 ``modelbridge_usage_events_pending`` gauge.
 
@@ -35,7 +38,8 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 
 from gateway.config import MeteringConfig
-from policies import drain
+from gateway.infra.partitions import Partitions, is_missing_partition
+from policies import drain, partitions
 from policies import keyspace as rk
 from policies.slots import key_slot
 
@@ -62,7 +66,7 @@ _BATCH_TABLE = (
 _INSERT_BATCH = (
     f"WITH new AS (INSERT INTO usage_records ({', '.join(_COLUMNS)}) "
     f"SELECT {', '.join(_COLUMNS)} FROM usage_batch ORDER BY request_id "
-    "ON CONFLICT (request_id) DO NOTHING RETURNING *) "
+    "ON CONFLICT DO NOTHING RETURNING *) "
     "INSERT INTO usage_daily AS d SELECT account, (created_at AT TIME ZONE 'UTC')::date AS day, "
     "user_id, key_id, model, tags, count(*), sum(prompt_tokens), sum(completion_tokens), "
     "sum(list_cost), sum(discount), sum(charged) FROM new GROUP BY 1, 2, 3, 4, 5, 6 "
@@ -159,6 +163,8 @@ class UsageWriter:
         self._unwritten: list[tuple[str, str, dict[str, str]]] = []
         self._own_checked = False
         self._failing_since: float | None = None
+        self.partitions = Partitions()
+        self._next_ahead = 0.0  # monotonic time of the next making of partitions ahead
         self._lengths: dict[str, int] = {}  # each stream's length at the end of the last step
         self._turn = 0  # which window of streams a read names when there are more than its budget
 
@@ -241,6 +247,8 @@ class UsageWriter:
             self._report(0)
             return 0
         self._turn += 1
+        if time.monotonic() >= self._next_ahead:
+            await self._partitions_ahead()
         if not self._unwritten and not self._own_checked:
             self._unwritten = await self._own_pending(streams)
             self._own_checked = not self._unwritten
@@ -256,6 +264,30 @@ class UsageWriter:
             del self._unwritten[: len(entries)]
         self._report(await self.pending(streams))
         return len(entries)
+
+    async def _partitions_ahead(self) -> None:
+        """Every hour, this month's partition of usage_records and the next ones (checked again:
+        one may have been dropped). A failure is logged and tried again in a minute: the insert
+        makes a missing month itself."""
+        self._next_ahead = time.monotonic() + 60.0
+        try:
+            conn = await self.db.acquire(timeout=self.write_timeout_s)
+        except Exception as exc:
+            log.warning("usage writer: making partitions ahead failed: %s", _brief(exc))
+            return
+        try:
+            async with asyncio.timeout(self.write_timeout_s):
+                self.partitions.forget()
+                made = await self.partitions.ensure(conn, partitions.months_ahead(time.time()))
+        except Exception as exc:
+            conn.terminate()  # in an unknown state (a frozen PostgreSQL)
+            log.warning("usage writer: making partitions ahead failed: %s", _brief(exc))
+            return
+        finally:
+            await self.db.release(conn)
+        if made:
+            log.info("usage writer: made usage_records partitions for %s", ", ".join(made))
+        self._next_ahead = time.monotonic() + partitions.ENSURE_EVERY_S
 
     def _counts(self, streams: list[str], measured: bool = True) -> list[int]:
         """Each stream's share of one read's budget (policies/drain.py)."""
@@ -351,15 +383,25 @@ class UsageWriter:
             if key_id not in last_used or last_used[key_id] < created:
                 last_used[key_id] = created
         keys = sorted(last_used)
+        months = partitions.months_of(row[-1] for row in rows)
         conn = await self.db.acquire(timeout=self.write_timeout_s)
         try:
-            async with asyncio.timeout(self.write_timeout_s), conn.transaction():
-                await conn.execute(_BATCH_TABLE)
-                await conn.copy_records_to_table(
-                    "usage_batch", records=rows, columns=list(_COLUMNS)
-                )
-                await conn.execute(_INSERT_BATCH)
-                await conn.execute(_LAST_USED, keys, [last_used[k] for k in keys])
+            for attempt in (1, 2):
+                try:
+                    async with asyncio.timeout(self.write_timeout_s):
+                        await self.partitions.ensure(conn, months)  # a new month: made first
+                        async with conn.transaction():
+                            await conn.execute(_BATCH_TABLE)
+                            await conn.copy_records_to_table(
+                                "usage_batch", records=rows, columns=list(_COLUMNS)
+                            )
+                            await conn.execute(_INSERT_BATCH)
+                            await conn.execute(_LAST_USED, keys, [last_used[k] for k in keys])
+                    return
+                except asyncpg.CheckViolationError as exc:
+                    if attempt == 2 or not is_missing_partition(exc):
+                        raise
+                    self.partitions.forget()  # dropped since it was seen: made again, once
         except BaseException:
             conn.terminate()  # in an unknown state (cancelled mid-transaction, or silent)
             raise
