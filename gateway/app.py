@@ -43,7 +43,7 @@ from gateway.teams import billing
 from gateway.teams.alerts import AlertWorker, WebhookGuard
 from gateway.upstream.upstreams import Upstreams
 from policies.holds import hold_ttl
-from policies.routing import chain
+from policies.routing import chain, longest_wait_s
 
 log = logging.getLogger("modelbridge.app")
 
@@ -112,7 +112,7 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
     config = app[S.CONFIG]
     scripts = Scripts(app[S.REDIS], app[S.REDIS_LINK].scripts)
     app[S.ACCOUNTS] = Accounts(config, app[S.DB], app[S.REDIS], scripts)
-    longest = max((u.timeout_s for u in config.upstreams.values()), default=600.0)
+    longest = _longest_wait_s(config)
     runtime = app[S.RUNTIME]
     journal = SettleJournal(
         Path(runtime.data_dir) / "journal" if runtime.data_dir else None,
@@ -134,6 +134,21 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait_for(replaying, timeout=5)
     journal.close()
     await app[S.KEYS].stop()
+
+
+def _longest_wait_s(config: Config) -> float:
+    """The longest a request may wait on providers (its hold outlives it): the slowest routing
+    chain, each attempt up to its upstream's timeout."""
+    fallbacks = {m.name: m.fallbacks for m in config.models.values()}
+    timeouts = {name: up.timeout_s for name, up in config.upstreams.items()}
+    waits = [
+        longest_wait_s(
+            (m.retries, [timeouts[d.upstream] for d in m.deployments])
+            for m in (config.models[n] for n in chain(name, fallbacks))
+        )
+        for name in config.models
+    ]
+    return max(waits, default=max(timeouts.values(), default=600.0))
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:

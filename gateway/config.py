@@ -110,7 +110,7 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class MeteringConfig:
-    hold_margin_s: int = 60  # a hold lives the longest upstream timeout plus this margin
+    hold_margin_s: int = 60  # a hold lives the longest routing chain's timeouts plus this
     journal_max: int = 100_000  # settles kept per process while Redis does not take them
     sweep_every_s: float = 5.0  # expired holds are cleared this often, with no request needed
     writer_batch: int = 2000  # usage records read and inserted per step of the writer

@@ -171,6 +171,17 @@ def find_cycle(fallbacks: Mapping[str, Sequence[str]]) -> list[str] | None:
     return None
 
 
+def longest_wait_s(stages: Iterable[tuple[int, Sequence[float]]]) -> float:
+    """The longest a request may wait on providers along its chain, given per model its
+    ``retries`` and its deployments' timeouts: its slowest deployments, as many as it gets
+    attempts (a hold must outlive the failing attempts before the answer)."""
+    total = 0.0
+    for retries, timeouts in stages:
+        slowest = sorted(timeouts, reverse=True)
+        total += sum(slowest[: attempts_allowed(retries, len(slowest))])
+    return total
+
+
 def hold_cost(worst_costs: Iterable[int]) -> int:
     """The hold's list cost for a chain: the worst case of its dearest model."""
     return max(worst_costs, default=0)

@@ -440,3 +440,8 @@ async def test_the_responses_api_is_routed_to_openai_deployments_only(
     ) as resp:
         assert (resp.status, (await resp.json())["error"]["code"]) == (400, "unsupported_endpoint")
     assert await credits(redis, team) == start
+
+
+def test_a_hold_outlives_the_slowest_routing_chain(gateway: Gateway) -> None:
+    # duo: east then west (1 s each), then claude-backup on ant (600 s, the default); + margin
+    assert gateway.app[S.METERING].hold_ttl_s == 1 + 1 + 600 + 60

@@ -19,6 +19,7 @@ from policies.routing import (
     classify,
     find_cycle,
     hold_cost,
+    longest_wait_s,
     outcome,
     pick,
     weighted,
@@ -247,3 +248,16 @@ def test_a_fallback_cycle_through_two_models() -> None:
             m={"upstream": "a", "fallbacks": ["n"], **PRICES},
             n={"upstream": "b", "fallbacks": ["m"], **PRICES},
         )
+
+
+@pytest.mark.parametrize(
+    ("stages", "wait"),
+    [
+        ([(2, [600.0])], 600.0),  # one deployment: one attempt
+        ([(2, [10.0, 30.0, 20.0, 5.0])], 60.0),  # three attempts: the three slowest
+        ([(0, [10.0, 30.0])], 30.0),
+        ([(1, [10.0, 30.0]), (2, [3.0])], 43.0),  # then the fallback
+    ],
+)
+def test_longest_wait(stages: list[tuple[int, list[float]]], wait: float) -> None:
+    assert longest_wait_s(stages) == wait
