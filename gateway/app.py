@@ -17,18 +17,20 @@ from pathlib import Path
 
 import orjson
 from aiohttp import web
+from redis import exceptions as redis_errors
 
 from gateway import dashboard
 from gateway import state as S
 from gateway.api import csrf
 from gateway.api import routes as api_routes
 from gateway.config import Config
-from gateway.errors import GatewayError, NotFound, PayloadTooLarge
+from gateway.errors import GatewayError, NotFound, PayloadTooLarge, StoreUnavailable
 from gateway.infra import health
 from gateway.infra.db import create_pool, migrate
 from gateway.infra.metrics import Metrics
 from gateway.infra.redisconn import open_redis
 from gateway.metering.accounts import Accounts
+from gateway.metering.changes import Outbox
 from gateway.metering.journal import SettleJournal
 from gateway.metering.meter import Metering
 from gateway.metering.scripts import Scripts
@@ -82,6 +84,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             exc.reason, code=exc.reason.lower().replace(" ", "_"), status=exc.status
         )
         return error_response(error, {k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+        # Redis unreachable while answering (a management read, a committed change's write
+        # is left to the account outbox): the store is down, not the request wrong
+        log.warning("Redis unreachable on %s %s: %s", request.method, request.path, exc)
+        return error_response(StoreUnavailable("The gateway's store is unreachable; retry."))
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -128,10 +135,13 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
     await app[S.KEYS].start()
     stop = asyncio.Event()
     replaying = asyncio.create_task(metering.run(stop), name="settle-replay")
+    # account changes committed but not yet in Redis: applied at start, then every few seconds
+    outbox = Outbox(app[S.ACCOUNTS], app[S.CLOCK].now)
+    sweeping = asyncio.create_task(outbox.run(stop), name="account-outbox")
     yield
     stop.set()
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(replaying, timeout=5)
+        await asyncio.wait_for(asyncio.gather(replaying, sweeping), timeout=5)
     journal.close()
     await app[S.KEYS].stop()
 

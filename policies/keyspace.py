@@ -9,7 +9,8 @@ key                    type    contents
 =====================  ======  ================================================================
 {acct:A}:s             hash    loaded, credits, holds, sub_alw (allowance per period of the
                                current subscription), mh:<scope> (holds per member scope),
-                               kh:<key> (holds per key with a monthly limit)
+                               kh:<key> (holds per key with a monthly limit), crid (id of
+                               the last credit ledger row counted: gateway/metering/changes.py)
 {acct:A}:p:<period>    hash    alw, aspent, spend, req, ms:<scope>, mr:<scope>, ks:<key>,
                                mo:<model> — this period's counters (expire after ~3 months);
                                mx:<scope> — the member's spend this period in the same team

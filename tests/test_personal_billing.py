@@ -12,9 +12,6 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from gateway import state as S
-from gateway.metering.accounts import lock_account
-from gateway.teams.billing import sync_member_policy
 from policies import keyspace as rk
 from policies.periods import period_of
 from tests.billing_support import (
@@ -233,10 +230,6 @@ async def test_member_override_is_mirrored_and_alerts_reach_the_team(
     key = (await api.key(member, tid))["secret"]
     await patch_member(api, member, tid, uid, billing_mode="personal")
     await patch_member(api, owner, tid, uid, monthly_limit_usd=usd(req.cost), enforcement="soft")
-    # The member endpoint changes the team's cfg; this mirrors it into the member's account.
-    async with gateway.app[S.DB].acquire() as conn, conn.transaction():
-        await lock_account(conn, rk.team_account(tid))
-        await sync_member_policy(gateway.app[S.ACCOUNTS], conn, tid, uid)
     warnings = [
         (await chat(http, gateway, key, req.body)).headers.get("x-modelbridge-limit-warning")
         for _ in range(2)

@@ -11,6 +11,7 @@ from gateway import state as S
 from gateway.api.common import (
     AuditEntry,
     audit,
+    changing,
     json_response,
     money_field,
     read_body,
@@ -34,8 +35,8 @@ async def _credit(request: web.Request, account: str, team_id: str | None) -> we
     if amount == 0:
         raise InvalidRequest("'amount_usd' must not be zero", param="amount_usd")
     note = text_field(body, "note", max_len=500, required=False) or ""
-    app = request.app
-    async with app[S.DB].acquire() as conn, conn.transaction():
+    async with changing(request) as (conn, changes):
+        # the account's lock orders its credit rows (changes.py counts them past a mark)
         await lock_account(conn, account)
         credit = await conn.fetchrow(
             "INSERT INTO ledger (account, kind, amount, note, actor)"
@@ -54,7 +55,7 @@ async def _credit(request: web.Request, account: str, team_id: str | None) -> we
             after={"amount_usd": usd(amount), "note": note},
         )
         await audit(conn, request, entry)
-        await app[S.ACCOUNTS].add_credits(account, amount)
+        changes.credits.add(account)
     return json_response(
         {
             "id": credit["id"],
@@ -97,9 +98,7 @@ async def team_discount(request: web.Request) -> web.Response:
         raise InvalidRequest(
             "'discount_bps' must be an integer from 0 to 10000", param="discount_bps"
         )
-    app = request.app
-    account = rk.team_account(team_id)
-    async with app[S.DB].acquire() as conn, conn.transaction():
+    async with changing(request) as (conn, changes):
         before = (await lock_team(conn, team_id))["discount_bps"]
         await conn.execute("UPDATE teams SET discount_bps = $2 WHERE id = $1", team_id, bps)
         entry = AuditEntry(
@@ -112,7 +111,7 @@ async def team_discount(request: web.Request) -> web.Response:
             after={"discount_bps": bps},
         )
         await audit(conn, request, entry)
-        await app[S.ACCOUNTS].set_cfg(account, {"disc": str(bps)})
+        changes.teams.add(team_id)
     return json_response({"team_id": team_id, "discount_bps": bps})
 
 

@@ -27,6 +27,7 @@ from gateway.api.common import (
     MAX_TPM,
     AuditEntry,
     audit,
+    changing,
     count_field,
     id_param,
     json_response,
@@ -40,9 +41,8 @@ from gateway.api.members import lock_team
 from gateway.api.teams import TeamAccess, account_money, overview, team_access
 from gateway.credentials import new_id
 from gateway.errors import Conflict, InvalidRequest, NotFound
-from gateway.metering.accounts import Accounts
 from gateway.teams.alerts import WebhookGuard, new_secret, shown_status
-from gateway.teams.billing import change_subscription, renew, sync_team_policies
+from gateway.teams.billing import change_subscription, renew
 from policies import keyspace as rk
 from policies.limits import ENFORCEMENTS
 from policies.periods import period_bounds, period_of
@@ -141,9 +141,7 @@ async def update_team(request: web.Request) -> web.Response:
     columns = parse_settings(body)
     if not columns:
         return json_response(await overview(request, access))
-    app = request.app
-    account = rk.team_account(access.team_id)
-    async with app[S.DB].acquire() as conn, conn.transaction():
+    async with changing(request) as (conn, changes):
         before = await lock_team(conn, access.team_id)
         sets = ", ".join(f"{column} = ${i + 2}" for i, column in enumerate(columns))
         after = await conn.fetchrow(
@@ -161,13 +159,8 @@ async def update_team(request: web.Request) -> web.Response:
                 after=settings_json(after, changed),
             )
             await audit(conn, request, entry)
-            cfg = Accounts.team_cfg(after)
-            stale = [f for f in Accounts.TEAM_RATE_FIELDS if f not in cfg]
-            await app[S.ACCOUNTS].set_cfg(account, cfg, delete=stale)
-            if "model_restrictions" in changed:
-                await app[S.ACCOUNTS].set_blocked(account, after["model_restrictions"])
-            if set(changed) - {"name", "spending_limit", "rpm_limit", "tpm_limit"}:
-                await sync_team_policies(app[S.ACCOUNTS], conn, after)
+        if set(changed) - {"name"}:
+            changes.teams.add(access.team_id)
     updated = TeamAccess(access.user, {**dict(after), "role": access.role}, access.role)
     return json_response(await overview(request, updated))
 
@@ -271,11 +264,10 @@ def subscription_fields(request: web.Request, body: dict[str, Any]) -> tuple[str
 async def put_subscription(request: web.Request) -> web.Response:
     access = await team_access(request, Action.MANAGE_BILLING)
     plan, seats = subscription_fields(request, await read_body(request))
-    async with request.app[S.DB].acquire() as conn, conn.transaction():
+    app = request.app
+    async with changing(request) as (conn, changes):
         team = await lock_team(conn, access.team_id)
-        app = request.app
         result = await change_subscription(
-            app[S.ACCOUNTS],
             app[S.CONFIG],
             conn,
             team,
@@ -284,6 +276,7 @@ async def put_subscription(request: web.Request) -> web.Response:
             actor_id=access.user.id,
             now=app[S.CLOCK].now(),
         )
+        changes.subscriptions.add((access.team_id, result.period))
         entry = AuditEntry(
             team_id=access.team_id,
             actor_id=access.user.id,

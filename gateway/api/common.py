@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +20,7 @@ from gateway import state as S
 from gateway.credentials import bearer, secret_bytes
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
 from gateway.infra import bodies
+from gateway.metering.changes import AccountChanges, Outbox
 from policies import forwarded
 from policies.money import MoneyError, format_usd, parse_usd
 
@@ -102,6 +105,23 @@ async def current_user(request: web.Request) -> User:
             "session expired or invalid; log in again", code="unauthenticated"
         )
     return User(row["id"], row["email"], row["name"])
+
+
+@asynccontextmanager
+async def changing(
+    request: web.Request,
+) -> AsyncIterator[tuple[asyncpg.Connection, AccountChanges]]:
+    """A management transaction that changes accounts' live state. The body notes in the
+    :class:`AccountChanges` what it changed; the note is recorded in the outbox as the
+    transaction's last statement, and written to Redis once it committed (a failure there is
+    logged and left to the outbox sweep: the committed change stands). A rolled-back
+    transaction writes nothing anywhere."""
+    app = request.app
+    changes = AccountChanges()
+    async with app[S.DB].acquire() as conn, conn.transaction():
+        yield conn, changes
+        await changes.record(conn, app[S.CLOCK].now())
+    await Outbox(app[S.ACCOUNTS], app[S.CLOCK].now).deliver(changes)
 
 
 # --- field validation ---------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 A key is stored as its SHA-256 and a display prefix, with its controls (contract section 10):
 ``expires_at``, ``models``, ``monthly_limit_usd`` (hard), ``rpm`` and ``tpm``. Creating a key
-adds it, with its controls, to the live key set of the account it bills; changing or revoking one
-rewrites that entry after the commit (gateway.metering.changes), so the next request on every
+adds it, with its controls, to the live key set of the account it bills, and changing or revoking
+one rewrites that entry, after the commit (gateway.metering.changes), so the next request on every
 gateway process sees it: the hold script reads a key's controls with the same ``HGET`` that
 checks it (policies/limits.py:key_entry). The key's creator and the team's owners and admins may
 change it.
@@ -23,6 +23,7 @@ from gateway.api.common import (
     AuditEntry,
     User,
     audit,
+    changing,
     count_field,
     current_user,
     json_response,
@@ -34,7 +35,7 @@ from gateway.api.common import (
 )
 from gateway.credentials import hash_secret, new_api_key, new_id
 from gateway.errors import Forbidden, InvalidRequest, NotFound
-from gateway.metering.accounts import key_value, lock_account
+from gateway.metering.accounts import lock_account
 from gateway.metering.changes import AccountChanges
 from policies import key_format as apikeys
 from policies import keyspace as rk
@@ -227,8 +228,7 @@ async def create_key(request: web.Request) -> web.Response:
     secret = new_api_key()
     key_id = new_id("key")
     account = billing_account(user.id, team_id, mode)
-    app = request.app
-    async with app[S.DB].acquire() as conn, conn.transaction():
+    async with changing(request) as (conn, changes):
         await lock_account(conn, account)
         row = await conn.fetchrow(
             "INSERT INTO api_keys (id, hash, prefix, name, user_id, team_id, expires_at, models,"
@@ -256,8 +256,7 @@ async def create_key(request: web.Request) -> web.Response:
             after=after,
         )
         await audit(conn, request, entry)
-        scope = billing_scope(user.id, team_id, mode)
-        await app[S.ACCOUNTS].add_keys(account, {key_id: key_value(scope, row)})
+        changes.keys.add(key_id)
     return json_response({**key_json(row), "secret": secret}, status=201)
 
 
@@ -271,9 +270,7 @@ async def update_key(request: web.Request) -> web.Response:
     if "name" in body:
         columns["name"] = text_field(body, "name")
     await _key_for(request, user, key_id, action="change")
-    app = request.app
-    changes = AccountChanges()
-    async with app[S.DB].acquire() as conn, conn.transaction():
+    async with changing(request) as (conn, changes):
         before = await conn.fetchrow(
             "SELECT * FROM api_keys WHERE id = $1 AND revoked_at IS NULL FOR UPDATE", key_id
         )
@@ -298,7 +295,6 @@ async def update_key(request: web.Request) -> web.Response:
             )
             await audit(conn, request, entry)
             changes.keys.add(key_id)
-    await changes.apply(app[S.ACCOUNTS])
     listed = await _listing(request, [after])
     return json_response(listed[0])
 
@@ -401,7 +397,7 @@ async def revoke_keys(
     reason: str = "key.revoke",
 ) -> None:
     """Revoke these keys (rows with id, user_id, team_id) in PostgreSQL, inside the caller's
-    transaction; ``changes.apply`` after its commit takes them out of every account's key set."""
+    transaction (``changing``); after its commit they leave every account's key set."""
     for row in rows:
         await conn.execute(
             "UPDATE api_keys SET revoked_at = $3, revoked_by = $2"
@@ -426,10 +422,7 @@ async def revoke_keys(
 async def delete_key(request: web.Request) -> web.Response:
     user = await current_user(request)
     key_id = request.match_info["key"]
-    db = request.app[S.DB]
     row = await _key_for(request, user, key_id, action="revoke")
-    changes = AccountChanges()
-    async with db.acquire() as conn, conn.transaction():
+    async with changing(request) as (conn, changes):
         await revoke_keys(request, conn, [row], user.id, changes)
-    await changes.apply(request.app[S.ACCOUNTS])
     return json_response({"id": key_id, "revoked": True})

@@ -15,12 +15,11 @@ import orjson
 from aiohttp import web
 
 from gateway import state as S
-from gateway.api.common import AuditEntry, audit, json_response, now_utc, read_body
+from gateway.api.common import AuditEntry, audit, changing, json_response, now_utc, read_body
 from gateway.api.keys import revoke_keys
 from gateway.api.members import check_fields, id_field, lock_team, membership
 from gateway.api.teams import team_access
 from gateway.errors import Forbidden, InvalidRequest
-from gateway.metering.changes import AccountChanges
 from policies.permissions import ADMIN, OWNER, Action, may_transfer
 
 routes = web.RouteTableDef()
@@ -73,8 +72,8 @@ async def delete_team(request: web.Request) -> web.Response:
     access = await team_access(request, Action.DELETE_TEAM)
     team_id = access.team_id
     actor = access.user.id
-    changes = AccountChanges(teams={team_id})
-    async with request.app[S.DB].acquire() as conn, conn.transaction():
+    async with changing(request) as (conn, changes):
+        changes.teams.add(team_id)
         await lock_team(conn, team_id)
         now = now_utc(request)
         deleted_at = await conn.fetchval(
@@ -86,12 +85,7 @@ async def delete_team(request: web.Request) -> web.Response:
             team_id,
         )
         await revoke_keys(request, conn, list(keys), actor, changes, "key.revoke.team_deleted")
-        for member in await conn.fetch(
-            "SELECT user_id FROM memberships WHERE team_id = $1 AND removed_at IS NULL"
-            " AND billing_mode = 'personal'",
-            team_id,
-        ):
-            changes.members.add((team_id, member["user_id"]))
+        # (changes.teams also clears the mirrors of the members who billed personally)
         invitations = await conn.execute(
             "UPDATE invitations SET revoked_at = $3, revoked_by = $2"
             " WHERE team_id = $1 AND accepted_at IS NULL AND revoked_at IS NULL",
@@ -127,7 +121,6 @@ async def delete_team(request: web.Request) -> web.Response:
             },
         )
         await audit(conn, request, entry)
-    await changes.apply(request.app[S.ACCOUNTS])  # after the commit
     return json_response({"id": team_id, "deleted_at": deleted_at, "keys_revoked": len(keys)})
 
 

@@ -4,9 +4,9 @@ and lifecycle modules share (``lock_team``, ``add_member``, field checks).
 
 Every membership change runs in one transaction that first takes the team account's advisory
 lock and the team row (``lock_team``), re-reads the roles involved under that lock and asks
-:mod:`policies.permissions`; then it writes PostgreSQL, the audit log, and the account's live
-state in Redis (``Accounts.set_cfg``); a removal's Redis writes follow its commit
-(gateway.metering.changes).
+:mod:`policies.permissions`; then it writes PostgreSQL and the audit log, and notes what it
+changed of the accounts' live state, written to Redis after the commit (``changing``,
+gateway.metering.changes).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from gateway.api.common import (
     MAX_TPM,
     AuditEntry,
     audit,
+    changing,
     count_field,
     json_response,
     money_field,
@@ -306,21 +307,19 @@ async def _apply(
     target: Any,
     change: MemberChange,
     actor_id: str,
+    changes: AccountChanges,
 ) -> None:
+    def pick(field: str, column: str, value: Any) -> Any:
+        return value if field in change.fields else target[column]
+
     new = {
         "role": change.role or target["role"],
-        "monthly_limit": change.limit
-        if "monthly_limit_usd" in change.fields
-        else target["monthly_limit"],
-        "limit_set": change.limit_set
-        if "monthly_limit_usd" in change.fields
-        else target["limit_set"],
-        "enforcement": change.enforcement
-        if "enforcement" in change.fields
-        else target["enforcement"],
+        "monthly_limit": pick("monthly_limit_usd", "monthly_limit", change.limit),
+        "limit_set": pick("monthly_limit_usd", "limit_set", change.limit_set),
+        "enforcement": pick("enforcement", "enforcement", change.enforcement),
         "billing_mode": change.billing_mode or target["billing_mode"],
-        "rpm": change.rpm if "rpm" in change.fields else target["rpm"],
-        "tpm": change.tpm if "tpm" in change.fields else target["tpm"],
+        "rpm": pick("rpm", "rpm", change.rpm),
+        "tpm": pick("tpm", "tpm", change.tpm),
     }
     after = await conn.fetchrow(
         "UPDATE memberships SET role = $2, monthly_limit = $3, limit_set = $4, enforcement = $5,"
@@ -348,22 +347,18 @@ async def _apply(
         after={k: after_s[k] for k in changed},
     )
     await audit(conn, request, entry)
-    user_id = target["user_id"]
+    member = (team["id"], target["user_id"])
     if change.touches_policy:
-        accounts = request.app[S.ACCOUNTS]
-        cfg = accounts.member_cfg(user_id, after)
-        await accounts.set_member_cfg(rk.team_account(team["id"]), user_id, cfg)
-        await billing.sync_member_policy(accounts, conn, team["id"], user_id)
+        changes.members.add(member)
     if target["billing_mode"] != after["billing_mode"]:
-        await billing.apply_billing_mode(
-            request.app[S.ACCOUNTS],
-            conn,
-            team["id"],
-            user_id,
+        log.info(
+            "billing mode of %s in %s: %s (was %s)",
+            member[1],
+            member[0],
             after["billing_mode"],
-            now=request.app[S.CLOCK].now(),
-            previous=target["billing_mode"],
+            target["billing_mode"],
         )
+        changes.switches.add(member)
 
 
 @routes.patch("/api/teams/{team}/members/{user}")
@@ -371,7 +366,7 @@ async def update_member(request: web.Request) -> web.Response:
     access = await team_access(request, Action.VIEW_TEAM)
     user_id = path_id(request, "user", "member_not_found")
     change = parse_change(await read_body(request))
-    async with request.app[S.DB].acquire() as conn, conn.transaction():
+    async with changing(request) as (conn, changes):
         team = await lock_team(conn, access.team_id)
         actor = await membership(conn, access.team_id, access.user.id)
         target = await membership(conn, access.team_id, user_id)
@@ -380,7 +375,7 @@ async def update_member(request: web.Request) -> web.Response:
         if target is None:
             raise NotFound("no such member", code="member_not_found")
         check_change(change, actor["role"], target["role"], self_change=user_id == access.user.id)
-        await _apply(request, conn, team, target, change, access.user.id)
+        await _apply(request, conn, team, target, change, access.user.id, changes)
     members = await members_json(request, team, only_user=user_id)
     return json_response(members[0])
 
@@ -391,8 +386,7 @@ async def remove_member(request: web.Request) -> web.Response:
     access = await team_access(request, Action.VIEW_TEAM)
     user_id = path_id(request, "user", "member_not_found")
     leaving = user_id == access.user.id
-    changes = AccountChanges()
-    async with request.app[S.DB].acquire() as conn, conn.transaction():
+    async with changing(request) as (conn, changes):
         await lock_team(conn, access.team_id)
         actor = await membership(conn, access.team_id, access.user.id)
         target = await membership(conn, access.team_id, user_id)
@@ -432,8 +426,6 @@ async def remove_member(request: web.Request) -> web.Response:
         )
         await audit(conn, request, entry)
         changes.members.add((access.team_id, user_id))
-    # Redis follows the record once it is committed (the member's cfg, mirror and keys).
-    await changes.apply(request.app[S.ACCOUNTS])
     return json_response(
         {
             "team_id": access.team_id,

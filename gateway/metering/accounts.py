@@ -176,7 +176,17 @@ class Accounts:
             conn, account, [period], [e.request_id for e in entries]
         )
         ledger.add(totals, ledger.pending(entries, in_ledger))
-        state: dict[str, str] = {"credits": str(totals.credits), "sub_alw": "0"}
+        # crid: the last credit row counted (gateway/metering/changes.py adds the later ones);
+        # credit rows of the account are inserted under its lock, which we hold
+        crid = await conn.fetchval(
+            "SELECT coalesce(max(id), 0) FROM ledger WHERE account = $1 AND kind = 'credit'",
+            account,
+        )
+        state: dict[str, str] = {
+            "credits": str(totals.credits),
+            "sub_alw": "0",
+            "crid": str(crid),
+        }
         cfg: dict[str, str] = {}
         keys: dict[str, str] = {}
         blocked: list[list[str]] = [[]]
@@ -213,8 +223,8 @@ class Accounts:
         mirrored under scope <team id> (policies/keyspace.py). Returns (team id, blocked models)."""
         teams = await conn.fetch(
             "SELECT m.team_id, m.monthly_limit, m.limit_set, m.enforcement, m.rpm, m.tpm,"
-            " t.default_member_limit,"
-            " t.default_enforcement, t.model_restrictions FROM memberships m JOIN teams t ON t.id = m.team_id"
+            " t.default_member_limit, t.default_enforcement, t.model_restrictions"
+            " FROM memberships m JOIN teams t ON t.id = m.team_id"
             " WHERE m.user_id = $1 AND m.removed_at IS NULL AND m.billing_mode = 'personal'"
             " AND t.deleted_at IS NULL",
             user_id,
@@ -352,13 +362,25 @@ class Accounts:
                 cfg[f"{name}:{team_id}"] = str(member[name])
         return cfg
 
-    # --- management writes (call inside a transaction holding lock_account) -------------------
-    async def add_credits(self, account: str, amount: int) -> None:
-        await self.redis.hincrby(rk.AccountKeys(account).state, "credits", amount)
+    # --- management writes (gateway/metering/changes.py, holding the accounts' locks) ---------
+    async def credit_mark(self, account: str) -> tuple[bool, int | None]:
+        """Whether the account is loaded, and the id of the last credit ledger row its live
+        credits count (``crid``; None when it was loaded without one)."""
+        loaded, crid = await self.redis.hmget(rk.AccountKeys(account).state, ["loaded", "crid"])
+        return loaded == "1", None if crid is None else int(crid)
+
+    async def add_credits(self, account: str, amount: int, through_id: int) -> None:
+        """Count ``amount`` more credits: the credit ledger rows up to id ``through_id``."""
+        ak = rk.AccountKeys(account)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hincrby(ak.state, "credits", amount)
+        pipe.hset(ak.state, "crid", str(through_id))
+        await pipe.execute()
 
     async def add_keys(self, account: str, keys: Mapping[str, str]) -> None:
         if keys:
-            await self.redis.hset(rk.AccountKeys(account).keys, mapping=dict(keys))  # type: ignore[arg-type]
+            key = rk.AccountKeys(account).keys
+            await self.redis.hset(key, mapping=dict(keys))  # type: ignore[arg-type]
 
     async def remove_keys(self, account: str, key_ids: Iterable[str]) -> None:
         ids = list(key_ids)
@@ -393,18 +415,17 @@ class Accounts:
         await pipe.execute()
 
     async def set_subscription(
-        self, account: str, period: str, sub_alw: int, period_base: int, delta: int
+        self, account: str, period: str, sub_alw: int, period_alw: int | None
     ) -> None:
-        """New subscription allowance ``sub_alw`` (from the next period on) and this period's
-        allowance: ``period_base`` unless it was fixed already, plus ``delta``. One MULTI, so no
-        hold can fix the period's allowance from the new ``sub_alw`` in between."""
+        """The subscription allowance ``sub_alw`` (of the periods not fixed yet) and, when the
+        ledger pins it, ``period``'s allowance ``period_alw``; one MULTI, so no hold fixes the
+        period's allowance from the new ``sub_alw`` in between."""
         ak = rk.AccountKeys(account)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(ak.state, "sub_alw", str(sub_alw))
-        pipe.hsetnx(ak.period(period), "alw", str(period_base))
-        if delta:
-            pipe.hincrby(ak.period(period), "alw", delta)
-        pipe.expire(ak.period(period), rk.PERIOD_TTL_S)
+        if period_alw is not None:
+            pipe.hset(ak.period(period), "alw", str(period_alw))
+            pipe.expire(ak.period(period), rk.PERIOD_TTL_S)
         await pipe.execute()
 
     async def period_fields(self, account: str, period: str, fields: list[str]) -> list[int]:

@@ -1,9 +1,9 @@
-"""Billing writes behind the management API: subscriptions and their invoice lines, the team
-policies mirrored into personally billing members' accounts, and the billing mode switch.
+"""Billing writes behind the management API: subscriptions and their invoice lines, and the
+billing modes.
 
-Every function here changes an account's Redis state and runs inside the caller's PostgreSQL
-transaction, after the caller locked the team's account (``lock_account(conn, "t_<team>")``);
-user accounts are locked here, always after the team's (one lock order: team, then users).
+Every function here runs inside the caller's PostgreSQL transaction, after the caller locked the
+team (``lock_team``), and writes PostgreSQL only: the caller notes what changed in its
+:class:`~gateway.metering.changes.AccountChanges`, written to Redis after the commit.
 
 Personal billing (``billing_mode: personal``): the member's team keys bill ``u_<user>`` under
 member scope ``<team id>``; the team's blocked models and the member's limit and enforcement are
@@ -27,8 +27,6 @@ from typing import Any
 import asyncpg
 
 from gateway.config import Config
-from gateway.errors import InvalidRequest, NotFound
-from gateway.metering.accounts import KEY_CONTROLS, Accounts, key_value, lock_account
 from policies import keyspace as rk
 from policies import subscriptions as subs
 from policies.periods import period_of
@@ -37,120 +35,6 @@ log = logging.getLogger("modelbridge.billing")
 
 BILLING_MODES = ("team", "personal")
 RENEWAL_SWEEP_S = 600.0
-
-
-# --- billing mode ---------------------------------------------------------------------------------
-async def apply_billing_mode(
-    accounts: Accounts,
-    conn: asyncpg.Connection,
-    team_id: str,
-    user_id: str,
-    mode: str,
-    *,
-    now: float,
-    previous: str | None = None,
-) -> None:
-    """Make ``user_id``'s team keys in ``team_id`` bill ``mode`` ("team" or "personal").
-
-    Call inside the transaction that changes the membership (the team's account locked first),
-    as its last step: it records ``memberships.billing_mode`` (idempotent if the caller did),
-    moves the member's active team keys between ``t_<team>`` and ``u_<user>`` (cached auth
-    entries are dropped on every process), installs or removes the mirrored team policies, and
-    carries the member's spend of this period over so their monthly limit still counts it.
-    Idempotent: it makes the Redis state match ``mode``, whatever it was (``previous`` is
-    informational)."""
-    if mode not in BILLING_MODES:
-        raise InvalidRequest("'billing_mode' must be 'team' or 'personal'", param="billing_mode")
-    team_acct, user_acct = rk.team_account(team_id), rk.user_account(user_id)
-    await lock_account(conn, team_acct)
-    await lock_account(conn, user_acct)
-    team = await conn.fetchrow("SELECT * FROM teams WHERE id = $1", team_id)
-    member = await conn.fetchrow(
-        "UPDATE memberships SET billing_mode = $3 WHERE team_id = $1 AND user_id = $2"
-        " AND removed_at IS NULL RETURNING *",
-        team_id,
-        user_id,
-        mode,
-    )
-    if team is None or member is None:
-        raise NotFound("no such member", code="member_not_found")
-    # Live counters are read below: make sure both accounts are in Redis (on this connection,
-    # which holds their locks).
-    for account in (team_acct, user_acct):
-        await accounts.load_with(conn, account, now)
-        await accounts.ensure_stream(account)
-    keys = await conn.fetch(
-        f"SELECT k.id, {KEY_CONTROLS} FROM api_keys k"
-        " WHERE k.team_id = $1 AND k.user_id = $2 AND k.revoked_at IS NULL",
-        team_id,
-        user_id,
-    )
-    key_ids = [r["id"] for r in keys]
-    if mode == "personal":
-        await accounts.remove_keys(team_acct, key_ids)
-        await accounts.add_keys(user_acct, {r["id"]: key_value(team_id, r) for r in keys})
-        await accounts.set_blocked(user_acct, team["model_restrictions"], scope=team_id)
-        await accounts.set_member_cfg(
-            user_acct, team_id, accounts.mirror_cfg(team_id, member, team)
-        )
-    else:
-        await accounts.remove_keys(user_acct, key_ids)
-        await accounts.add_keys(team_acct, {r["id"]: key_value(user_id, r) for r in keys})
-        await accounts.set_blocked(user_acct, [], scope=team_id)
-        await accounts.set_member_cfg(user_acct, team_id, {})
-    period = period_of(now)
-    (in_team,) = await accounts.period_fields(team_acct, period, ["ms:" + user_id])
-    (in_user,) = await accounts.period_fields(user_acct, period, ["ms:" + team_id])
-    await accounts.set_period_fields(user_acct, period, {"mx:" + team_id: in_team})
-    await accounts.set_period_fields(team_acct, period, {"mx:" + user_id: in_user})
-    # A key's monthly limit counts its spend in both accounts too (kx, as mx for the member).
-    kx = ["ks:" + k for k in key_ids]
-    if kx:
-        in_team_keys = await accounts.period_fields(team_acct, period, kx)
-        in_user_keys = await accounts.period_fields(user_acct, period, kx)
-        await accounts.set_period_fields(
-            user_acct, period, {"kx:" + k: v for k, v in zip(key_ids, in_team_keys, strict=True)}
-        )
-        await accounts.set_period_fields(
-            team_acct, period, {"kx:" + k: v for k, v in zip(key_ids, in_user_keys, strict=True)}
-        )
-    log.info("billing mode of %s in %s: %s (was %s)", user_id, team_id, mode, previous)
-
-
-async def sync_member_policy(
-    accounts: Accounts, conn: asyncpg.Connection, team_id: str, user_id: str
-) -> None:
-    """Refresh the mirrored limit and enforcement of one member if they bill personally (call
-    after changing their override, inside the transaction, the team's account locked)."""
-    team = await conn.fetchrow("SELECT * FROM teams WHERE id = $1", team_id)
-    member = await conn.fetchrow(
-        "SELECT * FROM memberships WHERE team_id = $1 AND user_id = $2 AND removed_at IS NULL",
-        team_id,
-        user_id,
-    )
-    if team is None or member is None or member["billing_mode"] != "personal":
-        return
-    account = rk.user_account(user_id)
-    await lock_account(conn, account)
-    await accounts.set_member_cfg(account, team_id, accounts.mirror_cfg(team_id, member, team))
-
-
-async def sync_team_policies(accounts: Accounts, conn: asyncpg.Connection, team: Any) -> int:
-    """Mirror the team's (new) blocked models and default limit into the account of every member
-    who bills personally. ``team`` is the teams row as changed. Returns how many."""
-    members = await conn.fetch(
-        "SELECT * FROM memberships WHERE team_id = $1 AND removed_at IS NULL"
-        " AND billing_mode = 'personal' ORDER BY user_id",
-        team["id"],
-    )
-    for member in members:
-        account = rk.user_account(member["user_id"])
-        await lock_account(conn, account)
-        await accounts.set_blocked(account, team["model_restrictions"], scope=team["id"])
-        await accounts.set_member_cfg(
-            account, team["id"], accounts.mirror_cfg(team["id"], member, team)
-        )
-    return len(members)
 
 
 # --- subscriptions ------------------------------------------------------------------------------
@@ -175,8 +59,13 @@ async def period_allowance_granted(
     return int(row["s"]) if row["n"] else None
 
 
+def subscription_allowance(config: Config, plan: str | None, seats: int) -> int:
+    """The allowance per period of ``seats`` on ``plan`` (0 without a plan)."""
+    spec = config.plans.get(plan or "")
+    return 0 if spec is None else subs.seat_allowance(spec.included_usage_per_seat, seats)
+
+
 async def change_subscription(
-    accounts: Accounts,
     config: Config,
     conn: asyncpg.Connection,
     team: Any,
@@ -189,11 +78,11 @@ async def change_subscription(
     """Move the team (its row locked, its account locked) to ``plan`` x ``seats`` (policies/
     subscriptions.py) at ``now``: this period's allowance is pinned in the ledger and raised at
     once by what the change adds; the added price is invoiced; everything else applies from the
-    next period."""
+    next period. The caller notes ``(team id, result.period)`` in its account changes."""
     account = rk.team_account(team["id"])
     period = period_of(now)
     await renew(conn, config, period, team_id=team["id"])
-    old_allowance = accounts.subscription_allowance(team["plan"], team["seats"])
+    old_allowance = subscription_allowance(config, team["plan"], team["seats"])
     granted = await period_allowance_granted(conn, account, period)
     base = old_allowance if granted is None else granted
     invoiced = await conn.fetchval(
@@ -231,7 +120,6 @@ async def change_subscription(
     await conn.execute(
         "UPDATE teams SET plan = $2, seats = $3 WHERE id = $1", team["id"], plan, seats
     )
-    await accounts.set_subscription(account, period, new_allowance, base, change.allowance_delta)
     return SubscriptionResult(period, change, invoice_id)
 
 
