@@ -401,3 +401,42 @@ async def test_changes_left_in_the_outbox_are_applied_at_start(
     await cut_gateway.restart(fake.base_url)
     await eventually(lambda: _pending(cut_gateway.db), lambda n: n == 0)
     await _assert_applied(redis, tid, uid, key_id)
+
+
+async def test_applying_a_change_again_writes_the_same(
+    gateway: Gateway, api: Api, redis: Redis
+) -> None:
+    """A sweep may apply a note whose Redis writes were done but whose deletion was not
+    committed: the writes are derived from the record, credits counted past a mark."""
+    owner, team, _ = await api.funded_team_key("1.00")
+    tid, uid = team["id"], owner.user["id"]
+    subscription = {"plan": "starter", "seats": 1}
+    path = f"/api/teams/{tid}/subscription"
+    await api.call("PUT", path, session=owner, json=subscription, expect=200)
+    await api.credit_team(tid, "0.25")
+    now = gateway.clock.now()
+    period = period_of(now)
+    account = rk.team_account(tid)
+    note = changes.AccountChanges(
+        members={(tid, uid)}, teams={tid}, credits={account}, subscriptions={(tid, period)}
+    )
+    before = await accounts_state(redis, tid, uid, period)
+    assert before["team state"] == ["1250000000", "2000000000"]
+    assert before["team period"]["alw"] == "2000000000"
+    accounts = gateway.app[S.ACCOUNTS]
+
+    async def apply() -> None:
+        async with accounts.db.acquire() as conn, conn.transaction():
+            await changes.apply_changes(accounts, conn, note, now)
+
+    await apply()
+    await apply()
+    assert await accounts_state(redis, tid, uid, period) == before
+    # An account loaded before credits had a mark is rebuilt by the apply.
+    state = rk.AccountKeys(account).state
+    crid = await redis.hget(state, "crid")
+    await redis.hdel(state, "crid")
+    await redis.hincrby(state, "credits", 7)  # drift the rebuild puts right
+    await apply()
+    assert await redis.hget(state, "crid") == crid
+    assert await accounts_state(redis, tid, uid, period) == before
