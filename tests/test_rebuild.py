@@ -129,6 +129,44 @@ async def test_settle_is_idempotent_on_the_request_id(
     assert state == [str(1_000_000_000 - 4000), "0"]
 
 
+async def test_a_rebuild_keeps_the_holds_in_flight(
+    gateway: Gateway, api: Api, redis: Redis
+) -> None:
+    """A loaded account rebuilt (an operator's repair, settles sent again after a Redis loss)
+    keeps its holds in flight, summed again from the hold hash: nothing is admitted past a limit
+    meanwhile, and the request's settle then releases its hold as usual."""
+    from gateway import state as S
+
+    owner, team, _ = await api.funded_team_key("1.00")
+    key = await api.key(owner, team["id"])
+    account = rk.team_account(team["id"])
+    ak = rk.AccountKeys(account)
+    metering = gateway.app[S.METERING]
+    now = gateway.clock.now()
+    ask = HoldAsk(
+        account=account,
+        period=period_of(now),
+        now=now,
+        request_id="req_kept_hold",
+        key_id=key["id"],
+        scope=owner.user["id"],
+        model="gpt-4o-mini",
+        worst_list_cost=5000,
+    )
+    hold = await metering.hold(ask)
+    assert (hold.status, hold.amount) == ("ok", 5000)
+    scope = "mh:" + owner.user["id"]
+    assert await redis.hmget(ak.state, ["holds", scope]) == ["5000", "5000"]
+
+    assert await gateway.app[S.ACCOUNTS].load(account, now, force=True)
+    assert await redis.hmget(ak.state, ["loaded", "holds", scope]) == ["1", "5000", "5000"]
+    assert await redis.zcard(ak.hold_expiry) == 1
+    await metering.release(
+        account=account, request_id="req_kept_hold", key_id=key["id"], scope=owner.user["id"]
+    )
+    assert await redis.hmget(ak.state, ["holds", scope]) == ["0", "0"]
+
+
 async def test_malformed_usage_record_is_kept_not_dropped_and_blocks_nothing(
     gateway: Gateway, api: Api, http: aiohttp.ClientSession, db: asyncpg.Connection, redis: Redis
 ) -> None:

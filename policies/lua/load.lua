@@ -8,8 +8,9 @@ KEYS[1]  {acct:A}:s            state hash
 KEYS[2]  {acct:A}:p:<period>   the current period's counters
 KEYS[3]  {acct:A}:cfg          policy hash
 KEYS[4]  {acct:A}:keys         active keys
-KEYS[5]  {acct:A}:hz           hold expiries (cleared)
-KEYS[6]  {acct:A}:hv           hold values (cleared)
+KEYS[5]  {acct:A}:hz           hold expiries (kept)
+KEYS[6]  {acct:A}:hv           hold values (kept: the state's holds, mh:<scope> and kh:<key>
+                               are their sums, as hold.lua counts them)
 KEYS[7]  {acct:A}:usage        usage stream
 KEYS[8..] {acct:A}:blk:<scope> blocked-model sets, in the order of ARGV[1]'s "blocked" list
 
@@ -18,6 +19,10 @@ ARGV[1]  JSON {"state": {...}, "period": {...}, "cfg": {...}, "keys": {...},
 ARGV[2]  period hash lifetime, seconds
 ARGV[3]  "force": reload even when loaded (operator rebuild)
 ARGV[4]  id of the last usage stream entry the state counts ("0-0": none)
+
+The holds in flight stay: a rebuild of a loaded account (an operator's, or after settles were
+sent again, resettle.lua) forgets no reservation, so no hard limit is passed by requests admitted
+meanwhile. On a Redis that lost its data there are none.
 
 Returns 1 when it installed the state, 0 when the account was loaded already, -1 when the stream
 has entries past ARGV[4].
@@ -30,7 +35,7 @@ if #redis.call('XRANGE', KEYS[7], '(' .. ARGV[4], '+', 'COUNT', 1) > 0 then
 end
 local data = cjson.decode(ARGV[1])
 for i = 1, #KEYS do
-  if i ~= 7 then redis.call('DEL', KEYS[i]) end
+  if i < 5 or i > 7 then redis.call('DEL', KEYS[i]) end
 end
 
 local function put(key, map)
@@ -49,7 +54,22 @@ put(KEYS[4], data.keys)
 for i, models in ipairs(data.blocked or {}) do
   if #models > 0 then redis.call('SADD', KEYS[7 + i], unpack(models)) end
 end
+-- The holds in flight: "<amount>|<scope>" or "<amount>|<scope>|<flags>|<tokens>|<key>", flag
+-- h: counted in kh:<key> too (policies/reconcile.py:held)
+local sums = {holds = 0}
+local held = redis.call('HGETALL', KEYS[6])
+for j = 2, #held, 2 do
+  local amount, rest = string.match(held[j], '^([^|]*)|(.*)$')
+  local hscope, flags, _, hkey = string.match(rest, '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  if not hscope then hscope, flags = rest, '' end
+  amount = tonumber(amount)
+  sums.holds = sums.holds + amount
+  sums['mh:' .. hscope] = (sums['mh:' .. hscope] or 0) + amount
+  if string.find(flags, 'h', 1, true) then
+    sums['kh:' .. hkey] = (sums['kh:' .. hkey] or 0) + amount
+  end
+end
+for name, amount in pairs(sums) do data.state[name] = string.format('%.0f', amount) end
 data.state.loaded = '1'
-data.state.holds = '0'
 put(KEYS[1], data.state)
 return 1
