@@ -31,6 +31,7 @@ from gateway.infra.metrics import Metrics
 from gateway.infra.redisconn import open_redis
 from gateway.metering.accounts import Accounts
 from gateway.metering.changes import Outbox
+from gateway.metering.incarnations import Incarnations
 from gateway.metering.journal import SettleJournal
 from gateway.metering.meter import Metering
 from gateway.metering.scripts import Scripts
@@ -130,6 +131,9 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
     metering = Metering(
         scripts, app[S.ACCOUNTS], hold_ttl(longest, config.metering.hold_margin_s), journal
     )
+    metering.incarnations = Incarnations(app[S.REDIS], cluster=app[S.REDIS_LINK].cluster)
+    with contextlib.suppress(Exception):  # the run ids Redis has at start (else on the next look)
+        await metering.watch()
     app[S.METERING] = metering
     app[S.KEYS] = KeyCache(app[S.DB], app[S.REDIS])
     await app[S.KEYS].start()

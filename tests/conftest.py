@@ -204,14 +204,21 @@ class Gateway:
 
 
 async def start_gateway(
-    config: Config, database_url: str, redis_url: str, data_dir: str = ""
+    config: Config,
+    database_url: str,
+    redis_url: str,
+    data_dir: str = "",
+    *,
+    usage_writer: bool = True,
 ) -> tuple[Gateway, web.AppRunner]:
+    """A gateway in this process; ``usage_writer=False``: without its usage writer (the test
+    moves the records to PostgreSQL itself, or not)."""
     from gateway.app import build_app
     from gateway.proxy.front import FrontSite
 
     clock = Clock()
     runtime = Runtime(database_url, redis_url, ADMIN_TOKEN, data_dir=data_dir)
-    app = build_app(config, runtime, clock)
+    app = build_app(config, runtime, clock, usage_writer=usage_writer)
     runner = web.AppRunner(app, shutdown_timeout=2)
     await runner.setup()
     port = free_port()

@@ -13,6 +13,9 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from gateway import state as S
+from gateway.metering.reconcile import Reconciler
+from gateway.metering.usage_writer import UsageWriter
 from policies import keyspace as rk
 from policies.periods import period_of
 from tests.conftest import ADMIN_TOKEN, Gateway, gateway_config, start_gateway
@@ -111,5 +114,82 @@ async def test_redis_restart_under_streams_bills_each_stream_once_and_rebuilds_e
         assert overview["credits_usd"] == f"{(1_000_000_000 - n * COST) / 1e9:.9f}"
     finally:
         fake.set_default()
+        await redis.aclose()
+        await runner.cleanup()
+
+
+DRAINED = 3  # settled and moved to PostgreSQL before the loss: charged once, not twice
+IN_FLIGHT = 4  # settled into Redis's usage stream only: lost with Redis, unless sent again
+
+
+@pytest.mark.slow
+async def test_settles_not_yet_in_postgresql_are_billed_once_after_redis_lost_its_data(
+    private_redis: RedisServer,
+    fake: FakeUpstream,
+    database_url: str,
+    http: aiohttp.ClientSession,
+    db: asyncpg.Connection,
+) -> None:
+    """Each process keeps its recent settles and sends them again when Redis's run id changes
+    (gateway/metering/recent.py): records settled just before the loss and not yet drained end
+    up exactly once in the ledger, and the rebuilt account counts each once (no persistence:
+    they were gone; AOF: they survived, and sending them again changes nothing)."""
+    config = gateway_config(fake.base_url)
+    gw, runner = await start_gateway(config, database_url, private_redis.url, usage_writer=False)
+    redis = Redis.from_url(private_redis.url, decode_responses=True)
+    writer = UsageWriter(redis, gw.app[S.DB], "test-writer")
+    try:
+        api = Api(http, gw.base, ADMIN_TOKEN)
+        owner, team, secret = await api.funded_team_key("1.00")
+
+        async def plain() -> tuple[int, str]:
+            async with http.post(
+                gw.v1 + "/chat/completions",
+                json=BODY,
+                headers={"Authorization": f"Bearer {secret}"},
+            ) as r:
+                return r.status, r.headers.get("x-request-id", "")
+
+        async def billed() -> list[asyncpg.Record]:
+            await writer.drain()
+            return await db.fetch(
+                "SELECT request_id, charged, status FROM usage_records WHERE team_id = $1",
+                team["id"],
+            )
+
+        served = [await plain() for _ in range(DRAINED)]
+        assert len(await billed()) == DRAINED
+        served += [await plain() for _ in range(IN_FLIGHT)]
+        assert {status for status, _ in served} == {200}
+        account = rk.AccountKeys(rk.team_account(team["id"]))
+        assert await redis.xlen(account.usage_stream) == IN_FLIGHT  # not in PostgreSQL yet
+
+        private_redis.restart()
+        await redis.aclose()
+        redis = Redis.from_url(private_redis.url, decode_responses=True)
+        writer = UsageWriter(redis, gw.app[S.DB], "test-writer")
+        # (a 503 gateway_unavailable until the script connection is back: never charged)
+        served.append(await eventually(plain, lambda answer: answer[0] != 503, interval=0.1))
+        n = DRAINED + IN_FLIGHT + 1
+        await eventually(billed, lambda rows: len(rows) >= n)
+        served.append(await plain())  # loads the account if the re-sent settles unloaded it
+        assert {status for status, _ in served} == {200}
+        rows = await eventually(billed, lambda rows: len(rows) >= n + 1)
+        n += 1
+        assert sorted(r["request_id"] for r in rows) == sorted(rid for _, rid in served)
+        assert sum(r["charged"] for r in rows) == n * COST
+        assert await redis.xlen(account.usage_stream) == 0
+        assert await redis.hmget(account.state, ["loaded", "credits", "holds"]) == [
+            "1",
+            str(1_000_000_000 - n * COST),
+            "0",
+        ]
+        period = await redis.hgetall(account.period(period_of(gw.clock.now())))
+        assert (period["spend"], period["req"]) == (str(n * COST), str(n))
+        assert period["ms:" + owner.user["id"]] == str(n * COST)
+        reconciler = Reconciler(gw.app[S.DB], redis, gw.app[S.ACCOUNTS])
+        _, differences = await reconciler.check([account.account], gw.clock.now())
+        assert differences == []
+    finally:
         await redis.aclose()
         await runner.cleanup()

@@ -35,9 +35,13 @@ forced reload marks it so first), and every management write holds the account's
 
 Settles kept in a process's journal (Redis did not take them, gateway/metering/journal.py) are
 in neither the ledger nor the stream, so the rebuild leaves them out; replayed later, each is an
-ordinary settle on the rebuilt state (its hold is gone: nothing to release), unless the ledger
-already has its record (then it was applied before and is dropped) or Redis's settle marker says
-it ran (then ``settle.lua`` changes nothing).
+ordinary settle on the rebuilt state, unless the ledger already has its record (then it was
+applied before and is dropped) or Redis's settle marker says it ran (then ``settle.lua`` changes
+nothing). Settles sent again after Redis's run id changed (gateway/metering/recent.py) append
+their record and unload the account: the next rebuild counts them by the argument above.
+
+The holds in flight are not rebuilt from PostgreSQL (it has none): ``load.lua`` keeps the hold
+hash and sums it again, so a rebuild of a loaded account forgets no reservation.
 
 Every writer of an account's state (management API, operator credits, this loader) holds the
 account's PostgreSQL advisory lock for the length of its transaction, so a rebuild can never

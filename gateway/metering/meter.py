@@ -9,6 +9,11 @@ in the :class:`~gateway.metering.journal.SettleJournal` and sent again by :meth:
 (run every fraction of a second by :meth:`Metering.run` while anything is kept) once Redis answers;
 the caller is told ``kept=True`` and goes on answering its client.
 
+A settle Redis took is kept a while too (:class:`~gateway.metering.recent.RecentSettles`): when
+the run id of the Redis serving its account changes (a restart, a failover), :meth:`Metering.watch`
+sends it again, in case that Redis lost it before its record reached PostgreSQL; why that is
+exact, and its window, is argued in gateway/metering/recent.py.
+
 Limit alerts ride along: the hold and settle scripts append any threshold they cross to the
 account's alert stream in the same atomic step, and say so in their reply; ``on_alert`` (the
 alert worker's in-memory ``notify``, set in ``app.cleanup_ctx``) is then told the account, with
@@ -20,15 +25,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
+import orjson
 from redis import exceptions as redis_errors
 
 from gateway.errors import StoreUnavailable
 from gateway.metering.accounts import Accounts
+from gateway.metering.incarnations import Incarnations
 from gateway.metering.journal import SettleCall, SettleJournal
+from gateway.metering.recent import RecentSettles, kept_record, resettle_calls
 from gateway.metering.scriptclient import FastScript, ScriptError
 from gateway.metering.scripts import Scripts
 from policies import keyspace as rk
@@ -136,6 +145,12 @@ class Metering:
         self.hold_ttl_s = hold_ttl_s
         self.journal = journal if journal is not None else SettleJournal(None, "memory")
         self._kept = asyncio.Event()
+        self.recent = RecentSettles()
+        self.incarnations: Incarnations | None = None  # None: Redis's run id is not watched
+        self._due: set[int] = set()  # slots whose recent settles are to be sent again
+        self._resettle: set[str] = set()  # kept settles to send again as resettle.lua does
+        self._seen_at: float | None = None  # when Redis last answered the watch
+        self._away_from: float | None = None
         self.on_alert: Callable[[str], None] | None = None
         self._keys: dict[tuple[str, ...], list[str]] = {}  # hold keys, built once
 
@@ -241,7 +256,7 @@ class Metering:
             raise
         except Exception as exc:
             return self._keep(call, exc)
-        return self._settled(call.account, raw)
+        return self._settled(call, raw)
 
     def _keep(self, call: SettleCall, exc: Exception) -> SettleResult:
         reason = repr(exc.__cause__ or exc)
@@ -291,13 +306,17 @@ class Metering:
         for call in calls:
             if call.request_id not in in_ledger:
                 try:
-                    raw = await guarded(self._send(self.scripts.settle, call.keys, call.args))
+                    if call.request_id in self._resettle:  # its Redis may be gone: see recent.py
+                        await self._resend(call.account, [(call.request_id, kept_record(call))])
+                    else:
+                        raw = await guarded(self._send(self.scripts.settle, call.keys, call.args))
+                        self._settled(call, raw)
                 except StoreUnavailable:
                     break
                 except Exception as exc:  # an error reply (OOM, a script bug): try again later
                     log.error("kept settle of %s refused again: %r", call.request_id, exc)
                     break
-                self._settled(call.account, raw)
+            self._resettle.discard(call.request_id)
             self.journal.done(call.request_id)
             done += 1
         if done:
@@ -317,25 +336,97 @@ class Metering:
             return set()
         return {r["request_id"] for r in rows}
 
-    async def run(self, stop: asyncio.Event, every_s: float = 0.25) -> None:
-        """Replay kept settles until ``stop``; a last attempt before returning."""
+    async def run(
+        self, stop: asyncio.Event, every_s: float = 0.25, watch_every_s: float = 0.5
+    ) -> None:
+        """Watch Redis's run id and replay kept settles until ``stop``; a last replay before
+        returning. A kept settle is replayed only once the watch has seen whether Redis is
+        the one that may have run it (then as ``settle.lua``) or another (as ``resettle.lua``)."""
         while not stop.is_set():
-            if len(self.journal):
+            try:
+                answered = await self.watch()
+            except Exception:
+                log.exception("watching Redis's run id failed")
+                answered = False
+            if len(self.journal) and answered:
                 try:
                     await self.replay()
                 except Exception:
                     log.exception("replaying kept settles failed")
+            if len(self.journal):
                 await _wait(stop, every_s)
             else:
                 self._kept.clear()
-                await _wait_any(stop, self._kept, 1.0)
+                await _wait_any(stop, self._kept, watch_every_s)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
                 await self.replay()
 
-    def _settled(self, account: str, raw: Any) -> SettleResult:
+    async def watch(self) -> bool:
+        """Ask for Redis's run ids; send the recent settles of slots whose run id changed again
+        (and mark the kept ones of those slots to be replayed so). False when Redis did not
+        answer (or the re-send failed: it is tried again on the next call)."""
+        watched = self.incarnations
+        if watched is None:
+            return True
+        now = time.monotonic()
+        moved = await watched.look()
+        if moved is None:
+            if self._away_from is None:
+                self._away_from = self._seen_at if self._seen_at is not None else now
+            return False
+        if self._away_from is not None:  # the time Redis was away does not count
+            self.recent.pause(now - self._away_from)
+            self._away_from = None
+        self._seen_at = now
+        if moved:
+            self._due |= moved
+            self._resettle.update(
+                c.request_id for c in self.journal if watched.slot_of(c.account) in moved
+            )
+        if self._due:
+            try:
+                await self._resend_recent(self._due)
+            except Exception as exc:
+                log.warning("sending recent settles again failed (%r); retrying", exc)
+                return False
+            self._due = set()
+        self.recent.prune(now)
+        return True
+
+    async def _resend_recent(self, slots: set[int]) -> None:
+        assert self.incarnations is not None
+        settles = self.recent.of_slots(slots, self.incarnations.slot_of)
+        in_ledger = await self._in_ledger([s.request_id for s in settles]) if settles else set()
+        by_account: dict[str, list[tuple[str, list[str | int]]]] = {}
+        for s in settles:
+            if s.request_id not in in_ledger:
+                by_account.setdefault(s.account, []).append((s.request_id, orjson.loads(s.record)))
+        appended = 0
+        for account, items in by_account.items():
+            appended += await self._resend(account, items)
+        log.warning(
+            "Redis run id changed (%d slots): %d recent settles sent again, %d of them lost there",
+            len(slots),
+            len(settles),
+            appended,
+        )
+
+    async def _resend(self, account: str, items: list[tuple[str, list[str | int]]]) -> int:
+        """``resettle.lua`` for (request id, record) of ``account``; how many were appended."""
+        appended = 0
+        for keys, args in resettle_calls(account, items):
+            appended += int(await guarded(self.scripts.resettle(keys=keys, args=args)))
+        if appended:
+            self.recent.resent += appended
+            await guarded(self.accounts.ensure_stream(account))  # for the writer, at once
+        return appended
+
+    def _settled(self, call: SettleCall, raw: Any) -> SettleResult:
         if raw[3]:
-            self._alerted(account)
+            self._alerted(call.account)
+        if raw[0] == 1:
+            self.recent.add(call, raw[1], raw[2], time.monotonic())
         return SettleResult(raw[0] == 1, int(raw[1]), int(raw[2]), raw[3] > 0)
 
     async def release(self, *, account: str, request_id: str, key_id: str, scope: str) -> int:

@@ -45,3 +45,4 @@ class Scripts:
         self.settle = script("settle")
         self.release = script("release")
         self.load: ScriptCall = redis.register_script(lua_source("load"))
+        self.resettle: ScriptCall = redis.register_script(lua_source("resettle"))
