@@ -11,13 +11,13 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from gateway import state as S
 from policies.money import format_usd
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, Session
+from tests.helpers import Api, Session, eventually
 from tests.people import add_member  # noqa: F401  (re-exported for the billing tests)
 
 INPUT = 150  # gpt-4o-mini, nano-USD per token
@@ -53,28 +53,6 @@ def exact(gateway: Gateway, fake: FakeUpstream, max_tokens: int = 6, content: st
     prompt = gateway.app[S.TOKENS].count_chat_prompt(body, "o200k_base")
     fake.set_default(prompt_tokens=prompt)
     return Exact(body, prompt, max_tokens)
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: CIMultiDictProxy[str]
-    body: Any
-
-    @property
-    def code(self) -> str | None:
-        if isinstance(self.body, dict) and isinstance(self.body.get("error"), dict):
-            return str(self.body["error"].get("code"))
-        return None
-
-
-async def chat(
-    http: aiohttp.ClientSession, gateway: Gateway, secret: str, body: dict[str, Any]
-) -> Reply:
-    async with http.post(
-        gateway.v1 + "/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
-    ) as resp:
-        return Reply(resp.status, resp.headers, await resp.json(content_type=None))
 
 
 async def models(http: aiohttp.ClientSession, gateway: Gateway, secret: str) -> list[str]:
@@ -167,11 +145,10 @@ class Receiver:
         return web.Response(status=status, text="ok" if status == 200 else "try again")
 
     async def wait_for(self, count: int, timeout: float = 10.0) -> list[Delivery]:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while len(self.deliveries) < count:
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"{len(self.deliveries)} deliveries, wanted {count}")
-            await asyncio.sleep(0.02)
+        """The deliveries, once there are ``count`` (fails at the deadline)."""
+        await eventually(
+            lambda: asyncio.sleep(0, len(self.deliveries)), lambda n: n >= count, timeout
+        )
         return self.deliveries
 
 

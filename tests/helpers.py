@@ -1,4 +1,5 @@
-"""Test helpers: a small client of the gateway's management API, and polling with a deadline."""
+"""Test helpers: a small client of the gateway's management API, polling with a deadline, one
+chat call over plain HTTP, reading metrics, forgetting an account in Redis."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
+from multidict import CIMultiDictProxy
+from redis.asyncio import Redis
 
 T = TypeVar("T")
 PASSWORD = "correct-horse-battery"
@@ -155,3 +158,52 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(0.01)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus family's samples in ``text`` that carry ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class HasV1(Protocol):
+    @property
+    def v1(self) -> str: ...
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: Any
+
+    @property
+    def code(self) -> str | None:
+        if isinstance(self.body, dict) and isinstance(self.body.get("error"), dict):
+            return str(self.body["error"].get("code"))
+        return None
+
+
+async def chat(
+    http: aiohttp.ClientSession,
+    gateway: HasV1,
+    secret: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    """One POST /v1/chat/completions with the API key ``secret``, answered whole."""
+    sent = {**(headers or {}), "Authorization": f"Bearer {secret}"}
+    async with http.post(gateway.v1 + "/chat/completions", json=body, headers=sent) as resp:
+        return Reply(resp.status, resp.headers, await resp.json(content_type=None))
+
+
+async def forget_account(redis: Redis, account: str) -> None:
+    """Drop every Redis key of ``account`` (as a Redis that lost it): the next request rebuilds it."""
+    keys = [k async for k in redis.scan_iter(match=f"{{acct:{account}}}:*")]
+    if keys:
+        await redis.delete(*keys)

@@ -18,18 +18,10 @@ from gateway import state as S
 from gateway.teams.alerts import system_lookup
 from policies import keyspace as rk
 from policies.periods import period_of
-from tests.billing_support import (
-    Receiver,
-    add_member,
-    chat,
-    exact,
-    patch_team,
-    usd,
-    verify,
-)
+from tests.billing_support import Receiver, add_member, exact, patch_team, usd, verify
 from tests.conftest import Gateway, free_port
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, Session, eventually
+from tests.helpers import Api, Session, chat, eventually
 
 
 @pytest.fixture

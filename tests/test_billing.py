@@ -17,7 +17,6 @@ from tests.billing_support import (
     OUTPUT,
     add_member,
     billing,
-    chat,
     exact,
     patch_team,
     subscribe,
@@ -25,7 +24,7 @@ from tests.billing_support import (
 )
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, eventually, ts
+from tests.helpers import Api, chat, eventually, forget_account, ts
 
 USD = 1_000_000_000
 
@@ -35,12 +34,6 @@ async def usage_row(db: asyncpg.Connection, request_id: str) -> asyncpg.Record:
         lambda: db.fetchrow("SELECT * FROM usage_records WHERE request_id = $1", request_id),
         lambda r: r is not None,
     )
-
-
-async def forget_account(redis: Redis, account: str) -> None:
-    keys = [k async for k in redis.scan_iter(match=f"{{acct:{account}}}:*")]
-    if keys:
-        await redis.delete(*keys)
 
 
 def lines(view: dict[str, Any]) -> list[tuple[str, str, str, int, str]]:

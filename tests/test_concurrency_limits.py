@@ -16,10 +16,10 @@ from redis.asyncio import Redis
 from policies import keyspace as rk
 from policies.money import parse_usd
 from policies.periods import period_of
-from tests.billing_support import add_member, billing, chat, exact, patch_team, usd
+from tests.billing_support import add_member, billing, exact, patch_team, usd
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, eventually
+from tests.helpers import Api, chat, eventually
 
 pytestmark = pytest.mark.cluster
 

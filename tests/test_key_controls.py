@@ -16,12 +16,11 @@ from redis.asyncio import Redis
 from policies import keyspace as rk
 from policies.limits import KeyControls, key_entry
 from policies.periods import seconds_to_period_end
-from tests.billing_support import chat, exact, models, patch_member, patch_team, usd
+from tests.billing_support import exact, models, patch_member, patch_team, usd
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, Session
+from tests.helpers import Api, Session, chat, metric
 from tests.people import add_member, client
-from tests.test_processes import metric
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 

@@ -15,18 +15,10 @@ from gateway import state as S
 from gateway.metering.meter import HoldAsk
 from policies import keyspace as rk
 from policies.periods import period_of
-from tests.billing_support import (
-    add_member,
-    chat,
-    exact,
-    models,
-    patch_member,
-    patch_team,
-    usd,
-)
+from tests.billing_support import add_member, exact, models, patch_member, patch_team, usd
 from tests.conftest import Gateway, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, eventually, ts
+from tests.helpers import Api, chat, eventually, ts
 
 pytestmark = pytest.mark.cluster
 

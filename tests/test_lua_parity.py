@@ -1,6 +1,6 @@
 """The Lua scripts take the same decisions as the pure functions, on real Redis.
 
-Each row of the tables in ``test_limits_table`` is written into a fresh account's keys directly,
+Each row of the tables in ``tests/limit_tables.py`` is written into a fresh account's keys directly,
 then ``hold.lua`` / ``settle.lua`` run through ``gateway.metering.scripts.Scripts`` and their answer
 is compared with ``policies.limits.decide``, ``policies.holds.split_debit``,
 ``policies.pricing.apply_discount`` and ``policies.alerts.crossings``.
@@ -21,7 +21,7 @@ from policies.holds import split_debit
 from policies.limits import SOFT, decide, key_entry
 from policies.pricing import apply_discount
 from policies.ratelimits import WINDOW_MS, RateView, Usage
-from tests.test_limits_table import (
+from tests.limit_tables import (
     ALL_DECISIONS,
     CROSSINGS,
     DISCOUNTS,

@@ -15,9 +15,8 @@ from gateway.infra.metrics import REJECTION_REASONS
 from gateway.infra.stores import Stores, StoreURLs
 from tests.conftest import ADMIN_TOKEN, Gateway, _with_database, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, eventually
+from tests.helpers import Api, eventually, metric
 from tests.processes import GatewayProcess, write_config
-from tests.test_processes import metric
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi there"}]}
 

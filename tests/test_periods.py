@@ -13,19 +13,10 @@ import pytest
 from redis.asyncio import Redis
 
 from policies import keyspace as rk
-from tests.billing_support import (
-    Receiver,
-    add_member,
-    billing,
-    chat,
-    exact,
-    patch_team,
-    subscribe,
-    usd,
-)
+from tests.billing_support import Receiver, add_member, billing, exact, patch_team, subscribe, usd
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, eventually, ts
+from tests.helpers import Api, chat, eventually, ts
 
 USD = 1_000_000_000
 

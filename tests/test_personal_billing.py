@@ -14,19 +14,10 @@ from redis.asyncio import Redis
 
 from policies import keyspace as rk
 from policies.periods import period_of
-from tests.billing_support import (
-    Receiver,
-    add_member,
-    chat,
-    exact,
-    models,
-    patch_member,
-    patch_team,
-    usd,
-)
+from tests.billing_support import Receiver, add_member, exact, models, patch_member, patch_team, usd
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, Session, eventually
+from tests.helpers import Api, Session, chat, eventually
 
 USD = 1_000_000_000
 

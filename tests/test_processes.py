@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import ADMIN_TOKEN
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, eventually
+from tests.helpers import Api, eventually, metric
 from tests.processes import GatewayProcess, write_config
 
 pytestmark = pytest.mark.cluster
@@ -68,16 +68,6 @@ async def test_key_revoked_on_one_process_fails_on_the_other_at_once(
     await api_a.call("DELETE", f"/api/keys/{key['id']}", session=owner, expect=200)
     assert await chat(http, b.v1, key["secret"]) == 401
     assert await chat(http, a.v1, key["secret"]) == 401
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @pytest.mark.slow

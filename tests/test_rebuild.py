@@ -11,26 +11,12 @@ from gateway.metering.meter import HoldAsk, SettleAsk
 from policies import keyspace as rk
 from policies.periods import period_of
 from tests.conftest import Gateway
-from tests.helpers import Api, eventually
+from tests.helpers import Api, chat, eventually, forget_account
 
 pytestmark = pytest.mark.cluster
 
 COST = 5 * 150 + 6 * 600
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi there"}]}
-
-
-async def chat(http: aiohttp.ClientSession, gateway: Gateway, secret: str) -> int:
-    async with http.post(
-        gateway.v1 + "/chat/completions", json=BODY, headers={"Authorization": f"Bearer {secret}"}
-    ) as r:
-        await r.read()
-        return r.status
-
-
-async def forget_account(redis: Redis, account: str) -> None:
-    keys = [k async for k in redis.scan_iter(match=f"{{acct:{account}}}:*")]
-    if keys:
-        await redis.delete(*keys)
 
 
 async def test_lost_account_state_is_rebuilt_from_postgresql(
@@ -40,7 +26,7 @@ async def test_lost_account_state_is_rebuilt_from_postgresql(
     revoked = await api.key(owner, team["id"], name="old")
     await api.call("DELETE", f"/api/keys/{revoked['id']}", session=owner, expect=200)
     for _ in range(3):
-        assert await chat(http, gateway, secret) == 200
+        assert (await chat(http, gateway, secret, BODY)).status == 200
     await eventually(
         lambda: db.fetchval("SELECT count(*) FROM usage_records WHERE team_id = $1", team["id"]),
         lambda n: n == 3,
@@ -61,8 +47,8 @@ async def test_lost_account_state_is_rebuilt_from_postgresql(
         k: owner.user["id"] for k in await redis.hkeys(account.keys)
     }
     assert revoked["id"] not in await redis.hkeys(account.keys)
-    assert await chat(http, gateway, secret) == 200
-    assert await chat(http, gateway, revoked["secret"]) == 401
+    assert (await chat(http, gateway, secret, BODY)).status == 200
+    assert (await chat(http, gateway, revoked["secret"], BODY)).status == 401
     after = await api.overview(owner, team["id"])
     assert after["credits_usd"] == f"{(1_000_000_000 - 4 * COST) / 1e9:.9f}"
     assert after["spend_this_period_usd"] == f"{4 * COST / 1e9:.9f}"
@@ -173,7 +159,7 @@ async def test_malformed_usage_record_is_kept_not_dropped_and_blocks_nothing(
     _, team, secret = await api.funded_team_key("1.00")
     stream = rk.AccountKeys(rk.team_account(team["id"])).usage_stream
     await redis.xadd(stream, {"request_id": "req_malformed", "prompt_tokens": "many"})
-    assert await chat(http, gateway, secret) == 200
+    assert (await chat(http, gateway, secret, BODY)).status == 200
     await eventually(
         lambda: db.fetchval("SELECT count(*) FROM usage_records WHERE team_id = $1", team["id"]),
         lambda n: n == 1,

@@ -26,8 +26,7 @@ from policies.routing import Cooldowns
 from tests.conftest import ANTHROPIC_KEY, UPSTREAM_KEY, Gateway, start_gateway
 from tests.fake_anthropic import FakeAnthropic
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, eventually
-from tests.test_processes import metric
+from tests.helpers import Api, eventually, metric
 
 SERVED_BY = "x-modelbridge-served-by"
 BODY = {"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 6}

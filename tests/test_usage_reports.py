@@ -17,7 +17,7 @@ import pytest
 from policies.money import format_usd
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, Session, eventually
+from tests.helpers import Api, Session, chat, eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -53,7 +53,7 @@ def row(
     }
 
 
-async def chat(
+async def chat_at(
     http: aiohttp.ClientSession,
     gateway: Gateway,
     fake: FakeUpstream,
@@ -64,14 +64,13 @@ async def chat(
     completion: int,
     tags: str | None = None,
 ) -> None:
+    """One chat at ``when`` (the gateway's clock), the fake reporting these token counts."""
     gateway.clock.fixed = at(when)
     fake.next(prompt_tokens=prompt, completion_tokens=completion)
-    headers = {"Authorization": f"Bearer {secret}"}
-    if tags is not None:
-        headers["x-modelbridge-tags"] = tags
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-    async with http.post(gateway.v1 + "/chat/completions", json=body, headers=headers) as resp:
-        assert resp.status == 200, await resp.text()
+    headers = None if tags is None else {"x-modelbridge-tags": tags}
+    reply = await chat(http, gateway, secret, body, headers)
+    assert reply.status == 200, reply.body
 
 
 async def written(db: asyncpg.Connection, account: str, count: int) -> None:
@@ -132,7 +131,7 @@ async def test_every_grouping_has_exact_rows(
         (secret_a, "2026-04-01T00:00:00", ("gpt-4o", 1, 1), None),  # after the range
     ]
     for secret, when, (model, p, c), tags in plan:
-        await chat(http, gateway, fake, secret, when, model, p, c, tags)
+        await chat_at(http, gateway, fake, secret, when, model, p, c, tags)
     await written(db, f"t_{tid}", len(plan))
 
     base = f"/api/teams/{tid}/usage?from=2026-03-01&to=2026-03-31"
@@ -198,7 +197,7 @@ async def test_sums_equal_the_debits_to_the_nano_dollar(
         (mini, 9, 0),
     ]
     for i, (model, p, c) in enumerate(reqs):
-        await chat(http, gateway, fake, secret, now, model, p, c, tags=f"n={i % 3}")
+        await chat_at(http, gateway, fake, secret, now, model, p, c, tags=f"n={i % 3}")
     await written(db, f"t_{tid}", len(reqs))
     body = await report(api, owner, f"/api/teams/{tid}/usage")  # default: this period so far
     charged = sum(cost(m, p, c, bps)[2] for m, p, c in reqs)
@@ -234,7 +233,7 @@ async def test_day_boundaries_are_inclusive_utc_days(
         "2026-04-21T00:00:00",
     ]
     for n, when in enumerate(times, start=1):
-        await chat(http, gateway, fake, secret, when, "gpt-4o-mini", n, 0)
+        await chat_at(http, gateway, fake, secret, when, "gpt-4o-mini", n, 0)
     await written(db, f"t_{tid}", len(times))
     gateway.clock.fixed = at("2026-04-21T12:00:00")
     body = await report(
@@ -270,7 +269,7 @@ async def test_csv_is_byte_exact_and_streamed(
     await api.credit_team(tid, "1.00")
     comma = await api.key(owner, tid, name='ci, "bot"')
     formula = await api.key(owner, tid, name='=HYPERLINK("x")')
-    await chat(
+    await chat_at(
         http,
         gateway,
         fake,
@@ -281,7 +280,9 @@ async def test_csv_is_byte_exact_and_streamed(
         20,
         tags="env=prod",
     )
-    await chat(http, gateway, fake, formula["secret"], "2026-05-06T10:00:00", "gpt-4o-mini", 1, 1)
+    await chat_at(
+        http, gateway, fake, formula["secret"], "2026-05-06T10:00:00", "gpt-4o-mini", 1, 1
+    )
     await written(db, f"t_{tid}", 2)
     query = "from=2026-05-01&to=2026-05-31&group_by=key&format=csv"
     url = f"{gateway.base}/api/teams/{tid}/usage?{query}"
@@ -370,7 +371,7 @@ async def test_members_read_team_usage_and_outsiders_get_404(
     member, admin, outsider = await api.signup(), await api.signup(), await api.signup()
     await add_member(db, tid, member.user["id"])
     await add_member(db, tid, admin.user["id"], role="admin")
-    await chat(http, gateway, fake, secret, "2026-06-02T08:00:00", "gpt-4o", 3, 4)
+    await chat_at(http, gateway, fake, secret, "2026-06-02T08:00:00", "gpt-4o", 3, 4)
     await written(db, f"t_{tid}", 1)
     path = f"/api/teams/{tid}/usage?from=2026-06-01&to=2026-06-30&group_by=member"
     seen = [await report(api, s, path) for s in (owner, admin, member)]
@@ -414,7 +415,7 @@ async def test_personal_usage_is_what_the_personal_balance_paid(
         (via_team["secret"], p2),
         (via_self["secret"], p3),
     ):
-        await chat(http, gateway, fake, secret, "2026-07-07T07:07:07", model, p, c)
+        await chat_at(http, gateway, fake, secret, "2026-07-07T07:07:07", model, p, c)
     await written(db, f"u_{uid}", 2)
     await written(db, f"t_{team_billed['id']}", 1)
     rng = "from=2026-07-01&to=2026-07-31"
