@@ -1,26 +1,36 @@
-"""``modelbridge serve``: start the stores (embedded unless URLs are given), apply migrations,
-then serve with one process or ``--workers N`` processes sharing the port (SO_REUSEPORT).
+"""``modelbridge serve``: lock the data dir and take the port (:mod:`gateway.infra.startup`),
+start the stores (embedded unless URLs are given), apply migrations, then serve with one process
+or ``--workers N`` processes sharing the port (SO_REUSEPORT), kept alive with the usage writer
+by :mod:`gateway.supervisor`. The banner comes once every worker listens.
 
-Shutdown, on SIGTERM or SIGINT, in order: stop accepting, let in-flight requests and streams
-finish within ``server.shutdown_timeout_s``, cancel what is left (a cancelled stream settles what
-it streamed), drain the usage writer, close the pools, stop the embedded stores.
+Shutdown, on SIGTERM, SIGINT or SIGHUP, in order: stop accepting, let in-flight requests and
+streams finish within ``server.shutdown_timeout_s``, cancel what is left (a cancelled stream
+settles what it streamed), drain the usage writer, close the pools, stop the embedded stores. A
+signal during the start stops what was started so far.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import gc
+import itertools
 import json
 import logging
 import os
 import secrets
+import select
 import signal
 import socket
-import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import replace
+from importlib import metadata
 from pathlib import Path
+from typing import NoReturn
 
 import uvloop
 from aiohttp import web
@@ -28,7 +38,17 @@ from aiohttp import web
 from gateway.config import Config, ConfigError, load_config
 from gateway.infra.db import migrate_dsn
 from gateway.infra.redisconn import RedisUnusable, is_cluster
+from gateway.infra.startup import (
+    STOP_SIGNALS,
+    Interrupted,
+    StartError,
+    StopSignals,
+    lock_data_dir,
+    reserve_port,
+)
+from gateway.infra.stores import StoreError
 from gateway.state import Runtime
+from gateway.supervisor import GO, SPARE, WORKER, WRITER, Child, Supervisor, report, standby
 
 log = logging.getLogger("modelbridge")
 
@@ -39,11 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelbridge", description="OpenAI-compatible LLM gateway with team metering"
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"modelbridge {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,reconcile}")
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", default=None, help="config file (default: ./config.yaml)")
     serve.add_argument("--host", default=None)
-    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--port", type=int, default=None, help="0: a free port (shown at start)")
     serve.add_argument("--workers", type=int, default=None)
     check = sub.add_parser(
         "reconcile",
@@ -58,14 +79,28 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rebuild the accounts that differ, check them again; exit on that second check",
     )
-    writer = sub.add_parser("_writer", help=argparse.SUPPRESS)
+    return parser
+
+
+def _internal_parser() -> argparse.ArgumentParser:
+    """The commands ``serve`` runs its children with (not for people: not in ``--help``)."""
+    parser = argparse.ArgumentParser(prog="modelbridge")
+    sub = parser.add_subparsers(dest="command", required=True)
+    writer = sub.add_parser("_writer")
     writer.add_argument("--config", default=None)
     writer.add_argument("--consumer", default=None)
-    worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
+    worker = sub.add_parser("_worker")
     worker.add_argument("--config", default=None)
     worker.add_argument("--host", required=True)
     worker.add_argument("--port", type=int, required=True)
     return parser
+
+
+def _version() -> str:
+    try:
+        return metadata.version("modelbridge")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def data_dir() -> Path:
@@ -98,31 +133,62 @@ def admin_token(embedded: bool, directory: Path) -> tuple[str, bool]:
     return token, True
 
 
-async def serve_app(config: Config, runtime: Runtime, *, reuse_port: bool) -> None:
+async def serve_app(
+    config: Config,
+    runtime: Runtime,
+    *,
+    reuse_port: bool,
+    on_listening: Callable[[], None] = lambda: None,
+    tick: Callable[[], None] | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+    spare: bool = False,
+) -> None:
+    """Serve until SIGTERM, SIGINT or SIGHUP. ``on_listening`` runs once the socket is bound;
+    ``tick`` (the supervisor's, with one worker) every 50 ms while serving. A ``spare`` worker
+    starts everything but the socket, says so, and binds when it gets GO (SIGUSR1)."""
     from gateway.app import build_app  # after the metrics directory is set
     from gateway.proxy.front import FrontSite
 
     app = build_app(config, runtime, usage_writer=False)  # the writer runs as its own process
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_timeout_s)
     await runner.setup()
-    site = FrontSite(
-        runner, config.server.host, config.server.port, reuse_port=reuse_port, backlog=2048
-    )
-    await site.start()
-    # What start-up made (modules, config, the token encodings) stays: out of the collector's
-    # scans, which otherwise walk it again and again between requests.
-    gc.collect()
-    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info(
-        "shutting down: no new connections; waiting up to %ss for streams",
-        config.server.shutdown_timeout_s,
-    )
-    await runner.cleanup()
+    if stop_requested():  # a signal came before the handlers above
+        stop.set()
+    try:
+        if spare:
+            go = asyncio.Event()
+            loop.add_signal_handler(GO, go.set)
+            report("waiting")
+            either = [asyncio.ensure_future(e.wait()) for e in (go, stop)]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in either:
+                waiting.cancel()
+            if stop.is_set():
+                return
+        site = FrontSite(
+            runner, config.server.host, config.server.port, reuse_port=reuse_port, backlog=2048
+        )
+        await site.start()
+        on_listening()
+        # What start-up made (modules, config, the token encodings) stays: out of the
+        # collector's scans, which otherwise walk it again and again between requests.
+        gc.collect()
+        gc.freeze()
+        while not stop.is_set():
+            if tick is not None:
+                tick()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.05 if tick is not None else None)
+        log.info(
+            "shutting down: no new connections; waiting up to %ss for streams",
+            config.server.shutdown_timeout_s,
+        )
+    finally:
+        await runner.cleanup()
 
 
 def _run(coro: object) -> None:
@@ -146,19 +212,49 @@ def _banner(config: Config, token: str, generated: bool, directory: Path) -> Non
         )
 
 
+def _warn_unset_keys(config: Config) -> None:
+    """One line per provider whose key variable is unset: it will refuse every request."""
+    for up in config.upstreams.values():
+        if up.api_key_env and not os.environ.get(up.api_key_env):
+            models = sorted(m.name for m in config.models.values() if m.upstream == up.name)
+            log.warning(
+                "upstream %s: %s is not set: the provider will refuse the gateway's requests "
+                "(models: %s)",
+                up.name,
+                up.api_key_env,
+                ", ".join(models) or "none",
+            )
+
+
 def serve(args: argparse.Namespace) -> None:
+    """Lock the data dir, take the port, start the stores, serve; stop what was started on
+    every way out (see :mod:`gateway.infra.startup` for the signals)."""
+    signals = StopSignals()
+    signals.install()
+    try:
+        _serve(args, signals)
+    except Interrupted as stopped:
+        log.info("stopped by %s during start", signal.Signals(stopped.signum).name)
+
+
+def _serve(args: argparse.Namespace, signals: StopSignals) -> None:
     from gateway.infra.metrics import prepare_multiproc_dir
     from gateway.infra.stores import Stores
 
     config = _with_cli(load_config(args.config), args)
     directory = data_dir()
+    lock = lock_data_dir(directory)
+    held: list[socket.socket] = []
     stores = Stores(
         directory,
         os.environ.get("MODELBRIDGE_DATABASE_URL") or None,
         os.environ.get("MODELBRIDGE_REDIS_URL") or None,
     )
-    urls = stores.start()
     try:
+        port, held = reserve_port(config.server.host, config.server.port)
+        config = replace(config, server=replace(config.server, port=port))
+        _warn_unset_keys(config)
+        urls = stores.start()
         _write_stores_file(
             directory,
             None if os.environ.get("MODELBRIDGE_DATABASE_URL") else urls.database_url,
@@ -174,84 +270,117 @@ def serve(args: argparse.Namespace) -> None:
             directory / "metrics" if embedded else Path(f"/tmp/modelbridge-metrics-{os.getpid()}")
         )
         runtime = Runtime(urls.database_url, urls.redis_url, token, data_dir=str(directory))
-        _banner(config, token, generated, directory)
-        consumer = f"writer-{socket.gethostname()}-{config.server.port}"  # the same after a restart
-        writer = spawn_writer(runtime, args.config, consumer)
-        try:
-            if config.server.workers == 1:
-                _run(serve_app(config, runtime, reuse_port=False))
-            else:
-                run_workers(config, runtime, args.config)
-        finally:
-            stop_writer(writer)  # after the workers: it drains what their last streams settled
+        banner = functools.partial(_banner, config, token, generated, directory)
+        _supervised(config, runtime, args.config, signals, banner)
     finally:
+        signals.raising = False  # from here on a signal never cuts the cleanup short
         (directory / STORES_FILE).unlink(missing_ok=True)
         stores.stop()
+        for sock in held:
+            sock.close()
+        os.close(lock)
 
 
-def spawn_writer(
-    runtime: Runtime, config_path: str | None, consumer: str
-) -> subprocess.Popen[bytes]:
-    """The usage writer process, in a session of its own so that a terminal's Ctrl-C reaches
-    it only through us, after the workers have finished. Its consumer name stays the same
-    across restarts, so a new writer takes over at once what a killed one had read."""
-    env = {
-        **os.environ,
-        "MODELBRIDGE_DATABASE_URL": runtime.database_url,
-        "MODELBRIDGE_REDIS_URL": runtime.redis_url,
-    }
-    cmd = [sys.executable, "-m", "gateway", "_writer", "--consumer", consumer]
-    if config_path:
-        cmd += ["--config", config_path]
-    return subprocess.Popen(cmd, env=env, start_new_session=True)
+def _supervised(
+    config: Config,
+    runtime: Runtime,
+    config_path: str | None,
+    signals: StopSignals,
+    banner: Callable[[], None],
+) -> None:
+    """The usage writer and the workers (in this process with one), kept alive until a stop
+    signal; then the workers stop first and the writer drains what their last streams
+    settled."""
+    from gateway.infra.metrics import mark_worker_dead
 
+    ids = itertools.count()
 
-def stop_writer(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+    def env_for(child: Child) -> dict[str, str]:
+        """Each worker process an id of its own (its settle journal's name)."""
+        return child.env if child.kind == WRITER else {**child.env, WORKER_ENV: str(next(ids))}
+
+    supervisor = Supervisor(on_worker_dead=mark_worker_dead, env_for=env_for)
     try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        log.error("usage writer did not stop in %ss; killing it (records stay in Redis)", timeout_s)
-        proc.kill()
-        proc.wait()
+        consumer = f"writer-{socket.gethostname()}-{config.server.port}"  # the same on restarts
+        supervisor.add(writer_child(runtime, config_path, consumer))
+        if config.server.workers == 1:
+            signals.raising = False  # the loop's own handlers stop it
+            try:
+                _run(
+                    serve_app(
+                        config,
+                        runtime,
+                        reuse_port=True,
+                        on_listening=banner,
+                        tick=supervisor.tick,
+                        stop_requested=lambda: signals.received is not None,
+                    )
+                )
+            finally:
+                signals.install()  # the loop left SIG_DFL behind
+        else:
+            for i in range(config.server.workers):
+                supervisor.add(worker_child(config, runtime, config_path, f"worker {i}"))
+            signals.raising = False
+            spare = worker_child(config, runtime, config_path, "spare worker", SPARE)
+            _run_workers(supervisor, signals, banner, spare)
+    finally:
+        supervisor.signal_workers(signal.SIGTERM)
+        while supervisor.workers_alive():
+            supervisor.tick()
+            time.sleep(0.05)
+        supervisor.stop_writer()
+        supervisor.close()
 
 
-def run_workers(config: Config, runtime: Runtime, config_path: str | None) -> None:
-    env = {
+def _run_workers(
+    supervisor: Supervisor, signals: StopSignals, banner: Callable[[], None], spare: Child
+) -> None:
+    """Wait until every worker listens (one that dies first stops the start), print the banner,
+    start the spare, then keep them alive until a stop signal, which goes on to them."""
+    while not supervisor.all_ready() and signals.received is None:
+        for child in supervisor.workers():
+            if child.proc is None or child.proc.poll() is not None:
+                code = child.proc.returncode if child.proc is not None else "?"
+                raise StartError(f"{child.name} exited during start (exit code {code})")
+        supervisor.tick()
+        select.select([supervisor.ready_fd], [], [], 0.05)
+    if signals.received is None:
+        banner()
+        supervisor.keep_spare(spare)
+    while signals.received is None:
+        supervisor.tick()
+        select.select([supervisor.ready_fd], [], [], 0.05)
+    supervisor.signal_workers(signals.received)
+
+
+def _child_env(runtime: Runtime) -> dict[str, str]:
+    return {
         **os.environ,
         "MODELBRIDGE_DATABASE_URL": runtime.database_url,
         "MODELBRIDGE_REDIS_URL": runtime.redis_url,
         "MODELBRIDGE_ADMIN_TOKEN": runtime.admin_token,
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "gateway",
-        "_worker",
-        "--host",
-        config.server.host,
-        "--port",
-        str(config.server.port),
-    ]
+
+
+def writer_child(runtime: Runtime, config_path: str | None, consumer: str) -> Child:
+    """The usage writer process, in a session of its own so that a terminal's Ctrl-C reaches
+    it only through us, after the workers have finished. Its consumer name stays the same
+    across restarts, so a new writer takes over at once what a killed one had read."""
+    cmd = [sys.executable, "-m", "gateway", "_writer", "--consumer", consumer]
     if config_path:
         cmd += ["--config", config_path]
-    procs = [
-        subprocess.Popen(cmd, env={**env, WORKER_ENV: str(i)}) for i in range(config.server.workers)
-    ]
+    return Child(WRITER, "usage writer", cmd, _child_env(runtime), session=True)
 
-    def forward(signum: int, _frame: object) -> None:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    from gateway.infra.metrics import mark_worker_dead
-
-    for proc in procs:
-        proc.wait()
-        mark_worker_dead(proc.pid)
+def worker_child(
+    config: Config, runtime: Runtime, config_path: str | None, name: str, kind: str = WORKER
+) -> Child:
+    cmd = [sys.executable, "-m", "gateway", "_worker", "--host", config.server.host]
+    cmd += ["--port", str(config.server.port)]
+    if config_path:
+        cmd += ["--config", config_path]
+    return Child(kind, name, cmd, _child_env(runtime))
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -263,7 +392,8 @@ def worker(args: argparse.Namespace) -> None:
         worker_id=os.environ.get(WORKER_ENV, "0"),
         data_dir=str(data_dir()),
     )
-    _run(serve_app(config, runtime, reuse_port=True))
+    listening = functools.partial(report, "listens")
+    _run(serve_app(config, runtime, reuse_port=True, on_listening=listening, spare=standby()))
 
 
 STORES_FILE = "stores.json"  # the embedded stores' URLs while `serve` runs (for `reconcile`)
@@ -318,11 +448,19 @@ def usage_writer(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Exit codes: 0 stopped as asked (a signal, in any state), 1 could not start or run (port
+    in use, data dir locked, a store that does not start), 2 a usage or configuration error.
+    Every refusal to start is one line on stderr."""
     logging.basicConfig(
         level=os.environ.get("MODELBRIDGE_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    internal = bool(argv) and argv[0] in ("_writer", "_worker")
+    args = (_internal_parser() if internal else _parser()).parse_args(argv)
+    port = getattr(args, "port", None)
+    if args.command == "serve" and port is not None and not 0 <= port <= 65535:
+        _fail(f"--port {port} is out of range: 0 to 65535 (0: a free port)", 2)
     try:
         if args.command == "serve":
             serve(args)
@@ -333,10 +471,15 @@ def main(argv: list[str] | None = None) -> None:
         else:
             worker(args)
     except ConfigError as exc:
-        print(f"modelbridge: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+        _fail(f"configuration error: {exc}", 2)
     except RedisUnusable as exc:
-        print(f"modelbridge: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(str(exc), 2)
+    except (StartError, StoreError) as exc:
+        _fail(str(exc), 1)
     except KeyboardInterrupt:
         pass
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    print(f"modelbridge: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from gateway import configfile
 from policies import forwarded
 from policies.money import MoneyError, parse_usd, price_per_token
 from policies.pricing import Prices
@@ -175,14 +176,26 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
     cfg_path = Path(path) if path else Path("config.yaml")
+    text = ""
     if cfg_path.exists():
-        loaded = yaml.safe_load(cfg_path.read_text()) or {}
+        try:
+            text = cfg_path.read_text()
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(configfile.yaml_problem(cfg_path, exc)) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{cfg_path}: cannot read it: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{cfg_path}: the top level must be a mapping")
         raw = loaded
     elif path:
         raise ConfigError(f"config file not found: {cfg_path}")
-    return parse_config(raw, env)
+    try:
+        return parse_config(raw, env)
+    except ConfigError as exc:
+        if not text:
+            raise
+        raise ConfigError(configfile.located(cfg_path, text, str(exc))) from None
 
 
 def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:

@@ -231,13 +231,20 @@ class Stack:
         return alive
 
     async def healthy(self, http: aiohttp.ClientSession) -> None:
-        """Start the gateway again if a fault left it with less than two workers and a writer
-        (without a supervisor, a killed worker or writer stays dead)."""
+        """Start the gateway again if it is gone or a fault left it with less than two workers
+        listening and a writer (the supervisor replaces them: this is the net under it)."""
         assert self.gw is not None
-        if self.gw.proc.poll() is None and len(self.workers()) >= 2 and self.writer() is not None:
-            return
-        await self.stop()
-        await self.start(http)
+        if self.gw.proc.poll() is not None or len(self.workers()) < 2 or self.writer() is None:
+            await self.stop()
+            await self.start(http)
+        await until(self.spare_waits, 120)
+
+    async def spare_waits(self) -> bool:
+        """A spare worker waits (started since the last replacement): the next dead worker is
+        replaced in a moment, not after a whole start."""
+        assert self.gw is not None
+        log = self.gw.log.read_text()
+        return log.rfind("spare worker (pid") > log.rfind(" replaced: pid")
 
     def writer(self) -> psutil.Process | None:
         for proc in self.children():
@@ -247,11 +254,15 @@ class Stack:
         return None
 
     def workers(self) -> list[psutil.Process]:
+        """The workers that listen on the gateway's port (not the spare that waits)."""
+        assert self.gw is not None
         found = []
         for proc in self.children():
             with contextlib.suppress(psutil.Error):
-                if "_writer" not in proc.cmdline():
-                    found.append(proc)
+                for conn in proc.net_connections("tcp"):
+                    if conn.status == psutil.CONN_LISTEN and conn.laddr.port == self.gw.port:
+                        found.append(proc)
+                        break
         return found
 
 

@@ -96,22 +96,18 @@ async def _in_flight(
 
 
 async def _replaced(world: World, before: set[int], kind: str) -> str:
-    def probe() -> Awaitable[bool]:
-        async def found() -> bool:
-            now = {
-                p.pid
-                for p in (
-                    world.stack.workers()
-                    if kind == "worker"
-                    else [w for w in [world.stack.writer()] if w]
-                )
-            }
-            return bool(now - before)
+    """Poll (from the kill on) until a process that was not there before serves as ``kind``
+    (a worker: listens on the port, two of them again)."""
 
-        return found()
+    async def found() -> bool:
+        if kind == "worker":
+            now = {p.pid for p in world.stack.workers()}
+            return len(now) >= len(before) and bool(now - before)
+        writer = world.stack.writer()
+        return writer is not None and writer.pid not in before
 
-    took = await until(probe, 20)
-    return f"{kind} replaced in {took:.1f}s" if took is not None else f"{kind} NOT replaced"
+    took = await until(found, 20, interval=0.01)
+    return f"{kind} replaced in {took:.2f}s" if took is not None else f"{kind} NOT replaced"
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["mid-plain", "mid-stream"])
@@ -119,19 +115,22 @@ async def test_worker_killed(world: World, stream: bool) -> None:
     account, traffic = await world.traffic()
     workers = world.stack.workers()
     victim = workers[0]
+    replaced: list[asyncio.Task[str]] = []
 
     async def kill() -> None:
         victim.send_signal(signal.SIGKILL)
+        replaced.append(asyncio.create_task(_replaced(world, {p.pid for p in workers}, "worker")))
 
     behaviour = {"chunk_delay_s": 0.3} if stream else {"delay_s": 1.0}
     await _in_flight(world, traffic, 8, stream, kill, 0.5, **behaviour)
-    note = await _replaced(world, {p.pid for p in workers}, "worker")
+    note = await replaced[0]
     for _ in range(4):
         await traffic.one(stream)
     row = await world.check(
         f"kill -9 worker {'mid-stream' if stream else 'mid-plain'}", traffic, account, note
     )
     assert row.passed, row
+    assert "NOT" not in note, "a dead worker must be replaced (the supervisor's job)"
 
 
 async def test_writer_killed(world: World) -> None:

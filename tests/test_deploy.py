@@ -18,9 +18,9 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from gateway.cli import stop_writer
 from gateway.config import parse_config
 from gateway.infra.metrics import Metrics
+from gateway.supervisor import Supervisor
 from tests.debian import ensure_binary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def test_probes_and_termination_follow_the_gateway() -> None:
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     config = parse_config(yaml.safe_load(one("ConfigMap")["data"]["config.yaml"]), env={})
-    writer_drain = inspect.signature(stop_writer).parameters["timeout_s"].default
+    writer_drain = inspect.signature(Supervisor.stop_writer).parameters["timeout_s"].default
     needed = int(pre_stop[1]) + config.server.shutdown_timeout_s + writer_drain
     assert spec["terminationGracePeriodSeconds"] >= needed
     assert spec["terminationGracePeriodSeconds"] <= needed + 15, "no needless wait on SIGKILL"

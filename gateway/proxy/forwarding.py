@@ -128,7 +128,7 @@ async def ask_once(call: Call) -> Plain:
     call.upstream_s += time.perf_counter() - started
     if response.status >= 400:
         app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(response.ttfb_s)
-        raise upstream_error(response.status, response.body)
+        raise upstream_error(response.status, response.body, call.model.upstream)
     raw = response.body
     if call.exchange.native:
         tokens, texts = usage_mod.from_chat(_usage_of(raw)), None
@@ -206,7 +206,8 @@ async def _open_stream(call: Call) -> tuple[aiohttp.ClientResponse, bytes]:
     app[S.METRICS].child(app[S.METRICS].ttfb, model.name).observe(time.perf_counter() - started)
     try:
         if response.status >= 400:
-            raise upstream_error(response.status, await error_body(response, _max_bytes(call)))
+            raw = await error_body(response, _max_bytes(call))
+            raise upstream_error(response.status, raw, model.upstream)
         return response, await _first_bytes(call, response)
     except BaseException:
         response.release()

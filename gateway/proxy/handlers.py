@@ -431,8 +431,18 @@ def annotate(exc: GatewayError, call: Call) -> None:
             exc.headers.setdefault(name, value)
 
 
-def upstream_error(status: int, raw: bytes) -> UpstreamFailed:
-    """A provider's error answer; one routing retries (429, 5xx of policies.routing) says so."""
+def upstream_error(status: int, raw: bytes, upstream: str = "") -> UpstreamFailed:
+    """A provider's error answer; one routing retries (429, 5xx of policies.routing) says so.
+    A 401 or 403 is about the gateway's own provider key, not the client's: said so, and the
+    provider's text (which may quote the key) is not passed on."""
+    if status in (401, 403):
+        how = "refused" if status == 401 else "denied access to"
+        named = f" for upstream '{upstream}'" if upstream else ""
+        return UpstreamFailed(
+            f"The provider {how} the gateway's own API key{named} (HTTP {status}). Your key for "
+            "this gateway was accepted: the gateway's operator must fix its provider key.",
+            status=status,
+        )
     error = UpstreamFailed(f"upstream error (HTTP {status})", status=status)
     with contextlib.suppress(Exception):
         message = orjson.loads(raw)["error"]["message"]

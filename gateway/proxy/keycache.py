@@ -10,6 +10,7 @@ cached entry (memory hygiene, and the account a key bills can change with the bi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import asyncpg
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 
 from gateway.credentials import hash_secret
 from gateway.errors import AuthenticationFailed
@@ -57,6 +59,8 @@ class KeyCache:
         self._hash_by_id: dict[str, bytes] = {}
         self._unknown: dict[bytes, float] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._pubsub: PubSub | None = None
 
     def cached(self, secret: str) -> KeyInfo | None:
         """The key's entry when this process has it (no I/O); None means: ask :meth:`lookup`."""
@@ -115,14 +119,22 @@ class KeyCache:
 
     async def stop(self) -> None:
         if self._listener is not None:
+            self._stopping = True
             self._listener.cancel()
             # bounded: redis-py's pub/sub listen() can swallow the cancel, and a stop must end
-            await asyncio.wait({self._listener}, timeout=2.0)
+            done, _ = await asyncio.wait({self._listener}, timeout=2.0)
+            if not done and self._pubsub is not None:  # its connection closed ends listen()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._pubsub.aclose(), 1.0)
 
     async def _listen(self) -> None:
-        while True:
+        """Until stopped. redis-py may turn the cancel into a connection error (the cancel is
+        then used up): the loop ends on ``_stopping`` too, else the event loop's last cancel
+        of every task would wait for it forever (a ``serve`` stopped soon after start hung)."""
+        task = asyncio.current_task()
+        while not self._stopping:
             try:
-                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub = self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(rk.INVALIDATE_CHANNEL)
                 async for message in pubsub.listen():
                     data = message.get("data")
@@ -133,5 +145,7 @@ class KeyCache:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away: the hold check still guards revocation
+                if self._stopping or (task is not None and task.cancelling()):
+                    return
                 log.warning("key invalidation listener: %s", exc)
                 await asyncio.sleep(1.0)

@@ -82,7 +82,8 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
         response = await upstreams.send(ask)
         try:
             if response.status >= 400:
-                raise handlers.upstream_error(response.status, await error_body(response, limit))
+                raw = await error_body(response, limit)
+                raise handlers.upstream_error(response.status, raw, model.upstream)
             answer = await _bounded(response, model.upstream, limit)
         finally:
             response.release()
