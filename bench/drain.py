@@ -1,6 +1,14 @@
 """Usage writer drain benchmark: how fast a backlog of usage records reaches PostgreSQL.
 
     python -m bench.drain [--records 50000] [--accounts 50] [--batch N] [--repeat 3]
+                          [--layouts partitioned,unpartitioned] [--prefill ROWS]
+
+``make bench`` runs it as its ``writer`` test (bench/run.py). ``--layouts``: usage_records as
+the migrations make it (partitioned by month, migrations/014_partitions.sql) and as it was before
+(one table, migrations up to 013), each in a database of its own, the repetitions interleaved
+(partitioned, unpartitioned, partitioned, ...) so both see the same machine. ``--prefill``
+first puts that many older records in the table, spread over the year before the drained ones
+(the sustained case: inserts into a table that already holds a year).
 
 Starts embedded stores in a temporary directory (or uses ``MODELBRIDGE_BENCH_DATABASE_URL`` /
 ``MODELBRIDGE_BENCH_REDIS_URL``: a scratch database is created there and dropped), fills the
@@ -19,11 +27,14 @@ import asyncio
 import contextlib
 import os
 import secrets
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -35,6 +46,8 @@ from gateway.infra.stores import Stores
 from gateway.metering.usage_writer import UsageWriter
 from policies import keyspace as rk
 
+_FIRST_MS = 1_795_000_000_000  # 2026-11-18: the drained records' created_at (+ n ms)
+
 
 def _record(n: int, account: str, run: str) -> dict[str, str]:
     return {
@@ -44,7 +57,7 @@ def _record(n: int, account: str, run: str) -> dict[str, str]:
         "completion_tokens": "30", "cached_tokens": "0", "list_cost": "19800", "discount": "0",
         "charged": "19800", "usage_source": "upstream", "encoding": "o200k_base",
         "tags": "project=a,env=b" if n % 2 else "", "status": "200",
-        "created_at": str(1_795_000_000_000 + n), "from_allowance": "0", "from_credits": "19800",
+        "created_at": str(_FIRST_MS + n), "from_allowance": "0", "from_credits": "19800",
     }  # fmt: skip
 
 
@@ -124,38 +137,148 @@ def _scratch(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path="/" + name))
 
 
-async def main_async(args: argparse.Namespace) -> None:
+LAYOUTS = ("partitioned", "unpartitioned")
+_PREFILL = """
+INSERT INTO usage_records (request_id, account, team_id, user_id, key_id, model, endpoint, period,
+    prompt_tokens, completion_tokens, list_cost, discount, charged, from_allowance, from_credits,
+    usage_source, tags, status, created_at)
+SELECT 'old_' || g, 't_old' || (g % 1000), 'old' || (g % 1000), 'usr_' || (g % 5000),
+    'key_' || (g % 5000), 'gpt-4o', '/v1/chat/completions',
+    to_char(at AT TIME ZONE 'UTC', 'YYYY-MM'), 10, 10, 7500, 0, 7500, 0, 7500, 'upstream',
+    '{}', 200, at
+FROM (SELECT g, $1::timestamptz - (g * $2::float8) * interval '1 second' AS at
+      FROM generate_series(1, $3::bigint) AS g) AS s
+"""
+
+
+async def prepare(db_url: str, layout: str, prefill: int) -> None:
+    """The schema of ``layout`` and ``prefill`` older records (the year before the drained)."""
+    if layout == "partitioned":
+        await migrate_dsn(db_url)
+    else:
+        await migrate_dsn(db_url, until=13)
+        conn = await asyncpg.connect(db_url)
+        try:  # the writer asks for a month's partition before inserting: none to make here
+            await conn.execute(
+                "CREATE FUNCTION usage_records_add_month(date) RETURNS boolean"
+                " LANGUAGE sql AS 'SELECT false'"
+            )
+        finally:
+            await conn.close()
+    if not prefill:
+        return
+    conn = await asyncpg.connect(db_url)
+    try:
+        newest = datetime.fromtimestamp(_FIRST_MS / 1000, UTC)
+        await conn.execute(
+            "SELECT usage_records_add_month(m::date) FROM generate_series("
+            " date_trunc('month', ($1::timestamptz - interval '1 year') AT TIME ZONE 'UTC'),"
+            " date_trunc('month', $1::timestamptz AT TIME ZONE 'UTC'), interval '1 month') AS m",
+            newest,
+        )
+        await conn.execute(_PREFILL, newest, 365 * 86400 / prefill, prefill)
+        await conn.execute("ANALYZE usage_records")
+    finally:
+        await conn.close()
+
+
+async def measure(
+    records: int,
+    accounts: int,
+    repeat: int,
+    layouts: Sequence[str] = LAYOUTS,
+    prefill: int = 0,
+    batch: int | None = None,
+    data_dir: Path | None = None,
+    log: Callable[..., None] = print,
+) -> dict[str, Any]:
+    """Drain ``records`` over ``accounts`` streams ``repeat`` times into each layout, interleaved.
+    {"table": {layout: {"rates": [...], "per_cpu_s": [...]}}, "verify": {"ok", "errors"}}."""
     db_url = os.environ.get("MODELBRIDGE_BENCH_DATABASE_URL")
     redis_url = os.environ.get("MODELBRIDGE_BENCH_REDIS_URL")
-    with tempfile.TemporaryDirectory(prefix="mb-drain-") as tmp:
-        stores = Stores(Path(tmp), db_url, redis_url)
+    table: dict[str, dict[str, list[float]]] = {
+        layout: {"rates": [], "per_cpu_s": []} for layout in layouts
+    }
+    errors: list[str] = []
+    with contextlib.ExitStack() as stack:
+        tmp = data_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mb-drain-")))
+        stores = Stores(tmp, db_url, redis_url)
         urls = stores.start()
+        stack.callback(stores.stop)
+        admin = await asyncpg.connect(urls.database_url)
+        names = {layout: f"mbdrain_{layout[:5]}_{secrets.token_hex(3)}" for layout in layouts}
         try:
-            name = f"mbdrain_{secrets.token_hex(4)}"
-            admin = await asyncpg.connect(urls.database_url)
-            await admin.execute(f'CREATE DATABASE "{name}"')
-            await admin.close()
-            scratch = _scratch(urls.database_url, name)
-            await migrate_dsn(scratch)
-            rates = []
-            for i in range(args.repeat):
-                rate, cpu_me, cpu_stores = await one_run(
-                    scratch, urls.redis_url, args.records, args.accounts, args.batch, Path(tmp)
-                )
-                rates.append(rate)
-                alone = args.records / (cpu_me + cpu_stores)
-                print(
-                    f"run {i + 1}: {args.records} records in {args.accounts} streams: "
-                    f"{rate:,.0f} records/s; CPU writer {cpu_me:.2f}s + stores {cpu_stores:.2f}s"
-                    f" = {alone:,.0f} records per CPU-second",
-                    flush=True,
-                )
-            print(f"best: {max(rates):,.0f} records/s")
-            admin = await asyncpg.connect(urls.database_url)
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await admin.close()
+            for layout, name in names.items():
+                await admin.execute(f'CREATE DATABASE "{name}"')
+                await prepare(_scratch(urls.database_url, name), layout, prefill)
+            for i in range(repeat):
+                for layout, name in names.items():
+                    scratch = _scratch(urls.database_url, name)
+                    try:
+                        rate, cpu_me, cpu_stores = await one_run(
+                            scratch, urls.redis_url, records, accounts, batch, tmp
+                        )
+                    except AssertionError as exc:
+                        errors.append(f"{layout}: records missing {exc}")
+                        continue
+                    per_cpu = records / (cpu_me + cpu_stores)
+                    table[layout]["rates"].append(rate)
+                    table[layout]["per_cpu_s"].append(per_cpu)
+                    log(
+                        f"writer run {i + 1} {layout}: {records} records in {accounts} streams: "
+                        f"{rate:,.0f} records/s; CPU writer {cpu_me:.2f}s + stores "
+                        f"{cpu_stores:.2f}s = {per_cpu:,.0f} records per CPU-second"
+                    )
         finally:
-            stores.stop()
+            for name in names.values():
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await admin.close()
+    return {
+        "records": records,
+        "accounts": accounts,
+        "prefill": prefill,
+        "table": table,
+        "verify": {"ok": not errors, "errors": errors},
+    }
+
+
+def markdown(found: dict[str, Any]) -> str:
+    lines = [
+        f"{found['records']:,} usage records in {found['accounts']} streams drained into "
+        f"PostgreSQL by one writer ({found['prefill']:,} older records in the table first); "
+        "median [min – max]. Per CPU-second: records / (writer + PostgreSQL + Redis CPU time), "
+        "what one writer drains with the CPUs to itself.",
+        "",
+        "| usage_records | records/s | records per CPU-second |",
+        "|---|---|---|",
+    ]
+    for layout, cells in found["table"].items():
+        lines.append(f"| {layout} | {_cell(cells['rates'])} | {_cell(cells['per_cpu_s'])} |")
+    if not found["verify"]["ok"]:
+        lines += ["", "FAILED: " + "; ".join(found["verify"]["errors"])]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    return f"{statistics.median(values):,.0f} [{min(values):,.0f} – {max(values):,.0f}]"
+
+
+def run(
+    data_dir: Path, repeat: int, log: Callable[..., None], records: int = 50_000
+) -> dict[str, Any]:
+    """``make bench``'s writer test: both layouts, 50 streams, no prefill."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return asyncio.run(measure(records, 50, repeat, data_dir=data_dir, log=log))
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    layouts = [layout for layout in args.layouts.split(",") if layout]
+    found = await measure(
+        args.records, args.accounts, args.repeat, layouts, args.prefill, args.batch
+    )
+    print(markdown(found))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -164,7 +287,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--accounts", type=int, default=50)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=3)
-    asyncio.run(main_async(parser.parse_args(sys.argv[1:] if argv is None else argv)))
+    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--prefill", type=int, default=0, help="older records in the table first")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if set(args.layouts.split(",")) - set(LAYOUTS):
+        parser.error(f"--layouts: choose from {', '.join(LAYOUTS)}")
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

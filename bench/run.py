@@ -15,6 +15,9 @@ each request is fully metered. Then, interleaved (direct, gateway, direct, gatew
                   Completions, Responses, Messages native and translated both ways), one
                   gateway with an OpenAI and an Anthropic upstream: each surface's added p50
                   and its difference from Chat Completions' in the same repetition;
+* ``writer``      ``bench.drain``: the usage writer's sustained insert rate, a backlog of 50,000
+                  records in 50 streams drained into PostgreSQL, usage_records partitioned by
+                  month and unpartitioned, interleaved: records/s and records per CPU-second;
 
 and for every run the CPU time (utime + stime from /proc) of the gateway's processes, of its
 Redis and PostgreSQL, and of the fake upstream, per response. Every gateway response must be a
@@ -42,12 +45,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import cluster, load, procs, report, surfaces
+from bench import cluster, drain, load, procs, report, surfaces
 from bench.session import Plan, Session
 from bench.stack import FakeUpstream, Gateway, RedisSetup
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TESTS = ("latency", "saturation", "stream", "surfaces")
+TESTS = ("latency", "saturation", "stream", "surfaces", "writer")
 SESSION_TESTS = ("latency", "saturation", "stream")  # the rest run on a gateway of their own
 
 
@@ -206,6 +209,8 @@ def write(result: dict[str, Any], out: Path) -> tuple[Path, Path, str]:
         found = result["surfaces"]
         md += "\n## Client surfaces (latency load, 1 worker)\n\n"
         md += surfaces.markdown(found["table"], found["verify"])
+    if "writer" in result:
+        md += "\n## Usage writer: sustained insert rate\n\n" + drain.markdown(result["writer"])
     result["summary"] = {s["label"]: report.summarize(s) for s in result["sessions"]}
     paths = out / f"{stamp}.json", out / f"{stamp}.md"
     paths[0].write_text(json.dumps(result, indent=1, default=str))
@@ -241,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if "surfaces" in a.tests:
                 result["surfaces"] = surfaces.run(Path(tmp), plan.duration, plan.repeats, log)
+            if "writer" in a.tests:
+                records = 10_000 if a.quick else 50_000
+                result["writer"] = drain.run(Path(tmp) / "drain", plan.repeats, log, records)
             if "single" in a.redis and plan.tests:
                 for workers in a.workers:
                     result["sessions"].append(
@@ -265,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"wrote {json_path} and {md_path}")
     checks = [s["verify"]["ok"] for s in result["sessions"]]
     checks += [result["surfaces"]["verify"]["ok"]] if "surfaces" in result else []
+    checks += [result["writer"]["verify"]["ok"]] if "writer" in result else []
     return 0 if all(checks) else 1
 
 
