@@ -445,3 +445,32 @@ async def test_the_responses_api_is_routed_to_openai_deployments_only(
 def test_a_hold_outlives_the_slowest_routing_chain(gateway: Gateway) -> None:
     # duo: east (1 s) then west (10 s), then claude-backup on ant (600 s, the default); + margin
     assert gateway.app[S.METERING].hold_ttl_s == 1 + 10 + 600 + 60
+
+
+async def test_completions_and_embeddings_are_routed_too(
+    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fakes: Fakes, db: asyncpg.Connection
+) -> None:
+    _, _, secret = await api.funded_team_key()
+    headers = {"Authorization": f"Bearer {secret}"}
+    for route, body in (
+        ("/completions", {"model": "duo", "prompt": "hi there", "max_tokens": 6}),
+        ("/embeddings", {"model": "duo", "input": "hi there"}),
+    ):
+        fakes.east.next(status=503)
+        async with http.post(gateway.v1 + route, json=body, headers=headers) as resp:
+            assert (resp.status, resp.headers[SERVED_BY]) == (200, "west/gpt-4o-mini")
+            request_id = resp.headers["x-request-id"]
+        row = await record(db, request_id)
+        assert (row["endpoint"], row["served_model"], row["attempts"]) == ("/v1" + route, "duo", 2)
+    assert [r.path for r in fakes.west.requests] == ["/v1/completions", "/v1/embeddings"]
+
+
+def test_a_record_from_before_routing_is_written_as_served_by_its_model_in_one_attempt() -> None:
+    from gateway.metering.usage_writer import _COLUMNS, record_row
+
+    old = {"model": "gpt-4o-mini", "created_at": "1700000000000", "status": "200"}
+    row = dict(zip(_COLUMNS, record_row(old), strict=True))
+    assert (row["model"], row["served_model"], row["attempts"]) == ("gpt-4o-mini", "gpt-4o-mini", 1)
+    new = {**old, "served_model": "cheap-west", "attempts": "3"}
+    row = dict(zip(_COLUMNS, record_row(new), strict=True))
+    assert (row["served_model"], row["attempts"]) == ("cheap-west", 3)
