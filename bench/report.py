@@ -72,7 +72,7 @@ def _runs(session: dict[str, Any], test: str, target: str) -> dict[int, Run]:
 
 def paired(session: dict[str, Any], test: str, path: str, ratio: bool = False) -> Any:
     d, g = _runs(session, test, "direct"), _runs(session, test, session["label"])
-    out = []
+    out: list[float | None] = []
     for rep in sorted(set(d) & set(g)):
         a, b = _get(d[rep], path), _get(g[rep], path)
         if a is not None and b is not None:

@@ -33,14 +33,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bench import load
 from bench.stack import ANTHROPIC_MODEL, MODEL, FakeUpstream, Gateway, http
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SYSTEM = load.CHAT_BODY["messages"][0]["content"]
-QUESTION = load.CHAT_BODY["messages"][1]["content"]
+_CHAT_MESSAGES = cast(list[dict[str, str]], load.CHAT_BODY["messages"])
+SYSTEM, QUESTION = _CHAT_MESSAGES[0]["content"], _CHAT_MESSAGES[1]["content"]
 MAX_TOKENS = 128
 ANTHROPIC_HEADERS = "anthropic-version: 2023-06-01"
 
