@@ -28,6 +28,8 @@ from tests.fake_anthropic import FakeAnthropic
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, eventually, metric
 
+pytestmark = pytest.mark.cluster  # make test-cluster runs it too (fallback checks read Redis)
+
 SERVED_BY = "x-modelbridge-served-by"
 BODY = {"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 6}
 # The fakes count "hi there" as 5 prompt tokens and answer 6 pieces (max_tokens 6).
