@@ -133,7 +133,7 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
     )
     metering.incarnations = Incarnations(app[S.REDIS], cluster=app[S.REDIS_LINK].cluster)
     with contextlib.suppress(Exception):  # the run ids Redis has at start (else on the next look)
-        await metering.watch()
+        await asyncio.wait_for(metering.watch(), 1.0)
     app[S.METERING] = metering
     app[S.KEYS] = KeyCache(app[S.DB], app[S.REDIS])
     await app[S.KEYS].start()
