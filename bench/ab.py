@@ -2,12 +2,15 @@
 the drift of a shared machine.
 
     python -m bench.ab --a DIR --b DIR [--test saturation|latency] [--rounds 6] [--duration 8]
+                       [--b-key-limits]
 
 DIR is a checkout (or a copy of its ``gateway/``, ``policies/`` and ``tests/``); both run on this
 venv, each with its own embedded stores, against one fake upstream. Runs go A B B A A B ... (the
 ABBA order cancels a linear drift); each is a ``bench.run`` measurement (the quiet-machine gate,
 CPU counted until the usage writer has drained). Prints per round the gateway processes' CPU ms
-per request, req/s and p50, and the median [min – max] of the paired B/A ratios.
+per request, req/s and p50, and the median [min – max] of the paired B/A ratios and of the
+paired B − A differences. ``--b-key-limits`` gives B's bench key ``rpm`` and ``tpm`` (never
+reached): with ``--a`` and ``--b`` the same checkout, what rate limits add to the hot path.
 """
 
 from __future__ import annotations
@@ -83,6 +86,9 @@ def main() -> int:
         help="latency test: mean think time (200 ≈ 20 req/s)",
     )
     p.add_argument("--max-foreign", type=float, default=0.15)
+    p.add_argument(
+        "--b-key-limits", action="store_true", help="B's key has rpm and tpm set (never reached)"
+    )
     a = p.parse_args()
     stop_cleanly()
     load.ensure_wrk()
@@ -91,7 +97,8 @@ def main() -> int:
         body = load.write_body(Path(tmp))
         fake = FakeUpstream(Path(tmp))
         fake.start()
-        gateways = {"A": Gateway(1, fake.url, a.a), "B": Gateway(1, fake.url, a.b)}
+        limits = {"rpm": 10**9, "tpm": 10**15} if a.b_key_limits else None
+        gateways = {"A": Gateway(1, fake.url, a.a), "B": Gateway(1, fake.url, a.b, None, limits)}
         try:
             for gw in gateways.values():
                 gw.start()
@@ -105,14 +112,16 @@ def main() -> int:
             for gw in gateways.values():
                 gw.stop()
             fake.stop()
-    print(f"\n{a.test}, {a.rounds} rounds of {a.duration} s; A = {a.a}, B = {a.b}\n")
-    print("| figure | A | B | B / A (paired) |\n|---|---|---|---|")
+    limited = " (B's key with rpm and tpm)" if a.b_key_limits else ""
+    print(f"\n{a.test}, {a.rounds} rounds of {a.duration} s; A = {a.a}, B = {a.b}{limited}\n")
+    print("| figure | A | B | B / A (paired) | B − A (paired) |\n|---|---|---|---|---|")
     for key in ("gateway_ms", "stores_ms", "rps", "p50_ms"):
         va, vb = [r[key] for r in rows["A"]], [r[key] for r in rows["B"]]
         ratio = report.med([y / x for x, y in zip(va, vb, strict=True) if x])
+        diff = report.med([y - x for x, y in zip(va, vb, strict=True)])
         print(
             f"| {key} | {report.fmt(report.med(va))} | {report.fmt(report.med(vb))} "
-            f"| {report.fmt(ratio)} |"
+            f"| {report.fmt(ratio)} | {report.fmt(diff, signed=True)} |"
         )
     return 0
 
