@@ -98,10 +98,12 @@ async def forward(call: Call) -> web.StreamResponse:
     assert call.request is not None
     plain = await ask_upstream(call)
     answer = web.Response(body=plain.body, status=200, headers=plain.headers)
+    settled = await settle_plain(call, plain)
     with contextlib.suppress(ConnectionError, RuntimeError):  # a client gone is billed anyway
         await answer.prepare(call.request)
         await answer.write_eof()
-    await settle_plain(call, plain)
+    if settled is not None:
+        await settled
     return answer
 
 
@@ -145,15 +147,22 @@ async def ask_once(call: Call) -> Plain:
     return Plain(raw, headers, tokens, source, charge, response.ttfb_s)
 
 
-async def settle_plain(call: Call, plain: Plain) -> None:
-    """Settle an answered plain call. The caller has just written the answer: that does not
-    yield to the event loop for a small answer, and neither does sending the settle on the open
-    script connection, so Redis has it before this process reads anything else, such as this
-    client's next request. Never raises: a settle Redis does not take is kept and sent later."""
+async def settle_plain(call: Call, plain: Plain) -> Awaitable[SettleResult] | None:
+    """Settle a plain call before its answer is written; the caller writes it, then awaits what
+    this returns. The settle is sent on the open script connection first, so Redis has it before
+    the client can send its next request, to this process or to any other replica: that request
+    is held after this one's actual cost (a soft limit sees its spend, a hard one no longer its
+    worst case). With no lean connection open the settle is made here (None is returned), as for
+    streams. Never raises: a settle Redis does not take is kept and sent later."""
     app = call.app
-    await app[S.METERING].settle(settle_ask(call, plain.tokens, plain.source, 200, plain.charge))
+    metering = app[S.METERING]
+    ask = settle_ask(call, plain.tokens, plain.source, 200, plain.charge)
+    pending = metering.settle_sent(ask)
+    if pending is None:
+        await metering.settle(ask)
     app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(plain.ttfb_s)
     count(call, plain.tokens, plain.charge)
+    return pending
 
 
 def _usage_of(raw: bytes) -> dict[str, Any] | None:

@@ -300,8 +300,10 @@ class Front(asyncio.Protocol):
                 )
             else:
                 status = 200
+                settled = await forwarding.settle_plain(call, plain)  # sent before the answer
                 self._write(200, plain.headers, plain.body, keep_alive)
-                await forwarding.settle_plain(call, plain)
+                if settled is not None:
+                    await settled
         finally:
             model = call.model.name if call is not None else "other"
             proxy.observe(app, request.endpoint, model, status, call, request.started)
