@@ -17,7 +17,7 @@ from gateway import state as S
 from policies.money import format_usd
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, Session, eventually
+from tests.helpers import Api, HasV1, Session, eventually
 from tests.people import add_member  # noqa: F401  (re-exported for the billing tests)
 
 INPUT = 150  # gpt-4o-mini, nano-USD per token
@@ -55,7 +55,7 @@ def exact(gateway: Gateway, fake: FakeUpstream, max_tokens: int = 6, content: st
     return Exact(body, prompt, max_tokens)
 
 
-async def models(http: aiohttp.ClientSession, gateway: Gateway, secret: str) -> list[str]:
+async def models(http: aiohttp.ClientSession, gateway: HasV1, secret: str) -> list[str]:
     async with http.get(
         gateway.v1 + "/models", headers={"Authorization": f"Bearer {secret}"}
     ) as resp:

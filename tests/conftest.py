@@ -9,7 +9,9 @@ Redis Cluster: with ``--redis-cluster`` (or ``MODELBRIDGE_TEST_CLUSTER=1``; ``ma
 the session's Redis is a real cluster of 3 masters + 3 replicas on loopback
 (``tests/redis_cluster.py``) and the ``redis`` fixture a ``RedisCluster`` client. Tests marked
 ``cluster`` are the ones that suite runs (the core proxy, limits under concurrency, revocation,
-rebuild, the usage writer, failover); ``cluster_only`` ones are skipped on a single node.
+rebuild, the usage writer, failover); ``cluster_only`` ones are skipped on a single node. There,
+``replicas`` adds a second gateway, a ``modelbridge serve`` process, that those tests send half
+their requests to (``tests/replicas.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -36,6 +38,9 @@ from gateway.state import Clock, Runtime
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api
 from tests.redis_cluster import LocalCluster
+
+if TYPE_CHECKING:
+    from tests.replicas import Replicas
 
 ADMIN_TOKEN = "test-admin-token"
 UPSTREAM_KEY = "sk-upstream-test"
@@ -138,8 +143,9 @@ async def fake() -> AsyncIterator[FakeUpstream]:
     await upstream.stop()
 
 
-def gateway_config(upstream_url: str, **server: Any) -> Config:
-    raw = {
+def gateway_settings(upstream_url: str, **server: Any) -> dict[str, Any]:
+    """The test gateway's configuration as a config file holds it (``gateway_config`` parsed)."""
+    return {
         # Every test signs up from 127.0.0.1: no signup limit unless a test sets one.
         "server": {
             "host": "127.0.0.1",
@@ -187,8 +193,11 @@ def gateway_config(upstream_url: str, **server: Any) -> Config:
         },
         "alerts": {"allow_private_urls": True},  # the webhook receivers listen on loopback
     }
+
+
+def gateway_config(upstream_url: str, **server: Any) -> Config:
     os.environ["MB_TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
-    return parse_config(raw, {})
+    return parse_config(gateway_settings(upstream_url, **server), {})
 
 
 @dataclass
@@ -232,6 +241,25 @@ async def gateway(fake: FakeUpstream, database_url: str, redis_url: str) -> Asyn
     gw, runner = await start_gateway(gateway_config(fake.base_url), database_url, redis_url)
     yield gw
     await runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+async def replicas(
+    request: pytest.FixtureRequest,
+    gateway: Gateway,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    database_url: str,
+    redis_url: str,
+) -> AsyncIterator[Replicas]:
+    """The gateway processes a test spreads its requests over (``tests/replicas.py``): the session
+    gateway, plus under ``--redis-cluster`` a ``modelbridge serve`` process on the same stores."""
+    from tests.replicas import start_replicas
+
+    second = cluster_mode(request.config) or os.environ.get("MODELBRIDGE_TEST_REPLICAS") == "2"
+    urls = {"upstream_url": fake.base_url, "database_url": database_url, "redis_url": redis_url}
+    async with start_replicas(gateway, http, second=second, **urls) as replicas:
+        yield replicas
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,5 @@
-"""200 simultaneous requests against a balance that covers only some of them."""
+"""200 simultaneous requests against a balance that covers only some of them, sent half to each
+gateway process under ``--redis-cluster`` (``tests/replicas.py``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from policies.periods import period_of
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, eventually
+from tests.replicas import Endpoint, Replicas
 
 pytestmark = pytest.mark.cluster
 
@@ -27,6 +29,7 @@ BODY = {
 
 async def test_balance_never_goes_below_zero_and_everything_agrees(
     gateway: Gateway,
+    replicas: Replicas,
     api: Api,
     http: aiohttp.ClientSession,
     fake: FakeUpstream,
@@ -38,12 +41,12 @@ async def test_balance_never_goes_below_zero_and_everything_agrees(
     fake.set_default(delay_s=0.05)
     headers = {"Authorization": f"Bearer {secret}"}
 
-    async def one() -> tuple[int, str | None]:
-        async with http.post(gateway.v1 + "/chat/completions", json=BODY, headers=headers) as resp:
+    async def one(to: Endpoint) -> tuple[int, str | None]:
+        async with http.post(to.v1 + "/chat/completions", json=BODY, headers=headers) as resp:
             body = await resp.json()
             return resp.status, None if resp.status == 200 else body["error"]["code"]
 
-    results = await asyncio.gather(*(one() for _ in range(200)))
+    results = await asyncio.gather(*(one(to) for to in replicas.spread(200)))
     ok = sum(1 for status, _ in results if status == 200)
     refused = [(status, code) for status, code in results if status != 200]
     assert set(refused) <= {(429, "insufficient_quota")}

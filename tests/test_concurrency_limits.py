@@ -1,7 +1,8 @@
 """A hard limit is never passed by concurrent requests: for each of the team spending limit, a
 member's hard limit and the balance, a limit worth exactly K requests meets 10 K simultaneous
-ones on real Redis. Exactly K succeed (each hold equals its actual cost), and afterwards the Redis
-counters, the PostgreSQL usage records and the billing endpoint agree to the nano-dollar."""
+ones on real Redis (half to each gateway process under ``--redis-cluster``). Exactly K succeed
+(each hold equals its actual cost), and afterwards the Redis counters, the PostgreSQL usage
+records and the billing endpoint agree to the nano-dollar."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tests.billing_support import add_member, billing, exact, patch_team, usd
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, chat, eventually
+from tests.replicas import Replicas
 
 pytestmark = pytest.mark.cluster
 
@@ -31,8 +33,8 @@ USD = 1_000_000_000
     "limit", ["team_spending_limit_reached", "member_limit_reached", "insufficient_quota"]
 )
 async def test_k_of_ten_k_simultaneous_requests(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream,
-    redis: Redis, db: asyncpg.Connection, limit: str,
+    gateway: Gateway, replicas: Replicas, api: Api, http: aiohttp.ClientSession,
+    fake: FakeUpstream, redis: Redis, db: asyncpg.Connection, limit: str,
 ) -> None:  # fmt: skip
     req = exact(gateway, fake)
     worth = K * req.cost
@@ -47,7 +49,8 @@ async def test_k_of_ten_k_simultaneous_requests(
         await patch_team(api, owner, tid, default_member_limit_usd=usd(worth))
     fake.set_default(prompt_tokens=req.prompt_tokens, delay_s=0.05)
 
-    replies = await asyncio.gather(*(chat(http, gateway, secret, req.body) for _ in range(10 * K)))
+    targets = replicas.spread(10 * K)
+    replies = await asyncio.gather(*(chat(http, to, secret, req.body) for to in targets))
     outcomes = Counter((r.status, r.code) for r in replies)
     assert outcomes == {(200, None): K, (429, limit): 9 * K}
     charged = [parse_usd(r.headers["x-modelbridge-cost-usd"]) for r in replies if r.status == 200]

@@ -1,5 +1,9 @@
 """When a request is refused (contract section 4), end to end: team spending limit, member
-limits hard and soft, model restrictions, holds (worst case, settled to actual, expiring)."""
+limits hard and soft, model restrictions, holds (worst case, settled to actual, expiring).
+
+The tests on the real clock alternate their requests over the gateway processes
+(``tests/replicas.py``: two under ``--redis-cluster``); those that fix ``gateway.clock`` use the
+session gateway alone."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from tests.billing_support import add_member, exact, models, patch_member, patch
 from tests.conftest import Gateway, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, chat, eventually, ts
+from tests.replicas import Replicas
 
 pytestmark = pytest.mark.cluster
 
@@ -85,7 +90,7 @@ async def test_hard_member_limit_default_and_override(
 
 
 async def test_soft_member_limit_warns_on_every_request_past_it(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream
+    gateway: Gateway, replicas: Replicas, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream
 ) -> None:
     req = exact(gateway, fake)
     owner, team, _ = await api.funded_team_key("1.00")
@@ -96,14 +101,14 @@ async def test_soft_member_limit_warns_on_every_request_past_it(
         api, owner, tid, default_member_limit_usd=usd(2 * req.cost), default_enforcement="soft"
     )
     warnings = []
-    for _ in range(4):
-        reply = await chat(http, gateway, key, req.body)
+    for to in replicas.spread(4):
+        reply = await chat(http, to, key, req.body)
         assert reply.status == 200
         warnings.append(reply.headers.get("x-modelbridge-limit-warning"))
     assert warnings == [None, None, "member_limit_exceeded", "member_limit_exceeded"]
     # Streams carry the header too.
     async with http.post(
-        gateway.v1 + "/chat/completions",
+        replicas.other.v1 + "/chat/completions",
         json={**req.body, "stream": True},
         headers={"Authorization": f"Bearer {key}"},
     ) as resp:
@@ -111,11 +116,11 @@ async def test_soft_member_limit_warns_on_every_request_past_it(
         await resp.read()
     # Enforcement per member overrides the team default.
     await patch_member(api, owner, tid, member.user["id"], enforcement="hard")
-    assert (await chat(http, gateway, key, req.body)).code == "member_limit_reached"
+    assert (await chat(http, replicas.other, key, req.body)).code == "member_limit_reached"
 
 
 async def test_hard_limits_count_holds_soft_limits_count_settled_spend(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream
+    gateway: Gateway, replicas: Replicas, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream
 ) -> None:
     req = exact(gateway, fake)
     owner, team, _ = await api.funded_team_key("1.00")
@@ -125,11 +130,12 @@ async def test_hard_limits_count_holds_soft_limits_count_settled_spend(
     await patch_team(api, owner, tid, default_member_limit_usd=usd(req.cost * 3 // 2))
 
     async def with_one_in_flight() -> tuple[int, str | None, str | None]:
+        """One request held upstream on the first process, the next one on the other."""
         fake.next(delay_s=1.0)
         seen = len(fake.requests)
-        slow = asyncio.create_task(chat(http, gateway, key, req.body))
+        slow = asyncio.create_task(chat(http, replicas.first, key, req.body))
         await fake.wait_until(lambda: len(fake.requests) > seen)
-        second = await chat(http, gateway, key, req.body)
+        second = await chat(http, replicas.other, key, req.body)
         assert (await slow).status == 200
         return second.status, second.code, second.headers.get("x-modelbridge-limit-warning")
 
@@ -143,21 +149,26 @@ async def test_hard_limits_count_holds_soft_limits_count_settled_spend(
 
 
 async def test_hold_is_worst_case_and_settles_to_actual(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream, redis: Redis
+    gateway: Gateway,
+    replicas: Replicas,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    redis: Redis,
 ) -> None:
     req = exact(gateway, fake)
     body = {**req.body, "max_tokens": 1000}  # held: 1000 output tokens; used: 6
     worst = req.prompt_tokens * 150 + 1000 * 600
     _, team, secret = await api.funded_team_key(usd(worst - 1))
-    assert (await chat(http, gateway, secret, body)).code == "insufficient_quota"
-    await api.credit_team(team["id"], usd(1))
-    reply = await chat(http, gateway, secret, body)
+    assert (await chat(http, replicas.other, secret, body)).code == "insufficient_quota"
+    await api.credit_team(team["id"], usd(1))  # through the first process
+    reply = await chat(http, replicas.other, secret, body)
     assert reply.headers["x-modelbridge-cost-usd"] == usd(req.cost)
     ak = rk.AccountKeys(rk.team_account(team["id"]))
     state = await redis.hmget(ak.state, ["credits", "holds"])
     assert state == [str(worst - req.cost), "0"]
     # n choices multiply the output cap: 200 x 6 tokens is more than is left.
-    reply = await chat(http, gateway, secret, {**req.body, "n": 200})
+    reply = await chat(http, replicas.other, secret, {**req.body, "n": 200})
     assert reply.code == "insufficient_quota"
 
 
@@ -199,6 +210,7 @@ async def test_expired_holds_free_their_funds(
 
 async def test_model_restrictions(
     gateway: Gateway,
+    replicas: Replicas,
     api: Api,
     http: aiohttp.ClientSession,
     fake: FakeUpstream,
@@ -211,13 +223,13 @@ async def test_model_restrictions(
     key = (await api.key(member, tid))["secret"]
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
     await patch_team(api, owner, tid, model_restrictions=["gpt-4o", "gpt-5-preview"])
-    for k in (secret, key):
-        reply = await chat(http, gateway, k, body)
+    for k, to in ((secret, replicas.other), (key, replicas.first), (key, replicas.other)):
+        reply = await chat(http, to, k, body)
         assert (reply.status, reply.code) == (403, "model_not_allowed")
-        assert await models(http, gateway, k) == ["gpt-4o-mini", "text-embedding-3-small"]
-        assert (await chat(http, gateway, k, {**body, "model": "gpt-4o-mini"})).status == 200
+        assert await models(http, to, k) == ["gpt-4o-mini", "text-embedding-3-small"]
+        assert (await chat(http, to, k, {**body, "model": "gpt-4o-mini"})).status == 200
     async with http.get(
-        gateway.v1 + "/models/gpt-4o", headers={"Authorization": f"Bearer {key}"}
+        replicas.other.v1 + "/models/gpt-4o", headers={"Authorization": f"Bearer {key}"}
     ) as resp:
         assert resp.status == 404
     # Models the operator adds later are available, unless the team pre-blocked them.
@@ -243,12 +255,13 @@ async def test_model_restrictions(
     finally:
         await runner.cleanup()
     await patch_team(api, owner, tid, model_restrictions=[])
-    assert (await chat(http, gateway, key, body)).status == 200
-    assert "gpt-4o" in await models(http, gateway, key)
+    assert (await chat(http, replicas.other, key, body)).status == 200
+    assert "gpt-4o" in await models(http, replicas.other, key)
 
 
 async def test_refused_requests_charge_nothing(
     gateway: Gateway,
+    replicas: Replicas,
     api: Api,
     http: aiohttp.ClientSession,
     fake: FakeUpstream,
@@ -257,7 +270,7 @@ async def test_refused_requests_charge_nothing(
     req = exact(gateway, fake)
     owner, team, secret = await api.funded_team_key("1.00")
     await patch_team(api, owner, team["id"], spending_limit_usd=usd(req.cost))
-    statuses = [(await chat(http, gateway, secret, req.body)).status for _ in range(3)]
+    statuses = [(await chat(http, to, secret, req.body)).status for to in replicas.spread(3)]
     assert statuses == [200, 429, 429]
     await eventually(
         lambda: db.fetchval("SELECT count(*) FROM usage_records WHERE team_id = $1", team["id"]),

@@ -6,6 +6,8 @@
 * ``tpm`` with requests of mixed sizes for 70 s: no 60 s window of the usage records' timestamps
   holds more tokens than the limit, while more than the limit passes over the whole run;
 * an expiry (reached, or set in the past) refuses the very next request on every process.
+
+All but the 70 s ``tpm`` run also run on a Redis Cluster (``make test-cluster``).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def both(procs: tuple[GatewayProcess, GatewayProcess], n: int) -> list[GatewayPr
     return [procs[i % 2] for i in range(n)]
 
 
+@pytest.mark.cluster
 async def test_rpm_50_admits_exactly_50_of_300_sent_at_once_to_two_processes(
     two_gateways: tuple[GatewayProcess, GatewayProcess],  # noqa: F811
     http: aiohttp.ClientSession,
@@ -94,6 +97,7 @@ async def test_rpm_50_admits_exactly_50_of_300_sent_at_once_to_two_processes(
     assert all(1 <= int(h["Retry-After"]) <= 60 for s, _, h in replies if s == 429)
 
 
+@pytest.mark.cluster
 async def test_a_key_limit_worth_12_requests_admits_exactly_12_of_120(
     two_gateways: tuple[GatewayProcess, GatewayProcess],  # noqa: F811
     http: aiohttp.ClientSession,
@@ -203,6 +207,7 @@ async def test_tpm_never_passes_the_limit_over_any_60_s_window(
     assert stamps[-1][0] - stamps[0][0] >= 60_000
 
 
+@pytest.mark.cluster
 async def test_expiry_refuses_the_next_request_on_every_process(
     two_gateways: tuple[GatewayProcess, GatewayProcess],  # noqa: F811
     http: aiohttp.ClientSession,

@@ -1,4 +1,7 @@
-"""The proxy API through the official openai SDK: exact costs, streaming, pass-through."""
+"""The proxy API through the official openai SDK: exact costs, streaming, pass-through.
+
+Under ``--redis-cluster`` the priced, streamed and revoked requests go to the second gateway
+process too (``tests/replicas.py``), the management calls to the first."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import pytest
 from tests.conftest import UPSTREAM_KEY, Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, eventually
+from tests.replicas import Endpoint, Replicas
 
 pytestmark = pytest.mark.cluster
 
@@ -17,7 +21,7 @@ pytestmark = pytest.mark.cluster
 HI_COST = 5 * 150 + 6 * 600  # "hi there": 3 + 2 prompt tokens, 6 completion tokens
 
 
-def client(gateway: Gateway, key: str) -> openai.AsyncOpenAI:
+def client(gateway: Endpoint, key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=gateway.v1, api_key=key, max_retries=0, timeout=10)
 
 
@@ -31,10 +35,10 @@ async def usage_row(db: asyncpg.Connection, request_id: str) -> asyncpg.Record:
 
 
 async def test_chat_completion_is_priced_and_debited(
-    gateway: Gateway, api: Api, fake: FakeUpstream, db: asyncpg.Connection
+    replicas: Replicas, api: Api, fake: FakeUpstream, db: asyncpg.Connection
 ) -> None:
     owner, team, secret = await api.funded_team_key("1.00")
-    raw = await client(gateway, secret).chat.completions.with_raw_response.create(
+    raw = await client(replicas.other, secret).chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi there"}]
     )
     completion = raw.parse()
@@ -74,10 +78,10 @@ async def test_unknown_fields_pass_through_and_model_is_renamed(
 
 
 async def test_stream_without_usage_request_strips_the_usage_chunk(
-    gateway: Gateway, api: Api, fake: FakeUpstream
+    replicas: Replicas, api: Api, fake: FakeUpstream
 ) -> None:
     owner, team, secret = await api.funded_team_key("1.00")
-    stream = await client(gateway, secret).chat.completions.create(
+    stream = await client(replicas.other, secret).chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi there"}], stream=True
     )
     chunks = [chunk async for chunk in stream]
@@ -145,20 +149,24 @@ async def test_bad_keys_are_refused(gateway: Gateway, api: Api) -> None:
         assert err.value.code == "invalid_api_key"
 
 
-async def test_revoked_key_fails_on_next_request(gateway: Gateway, api: Api) -> None:
+async def test_revoked_key_fails_on_next_request(replicas: Replicas, api: Api) -> None:
+    """Revoked through the first process: refused at once on every process, which all had it
+    cached."""
     owner, team, _ = await api.funded_team_key()
     key = await api.key(owner, team["id"])
-    c = client(gateway, key["secret"])
-    await c.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
-    )
-    await api.call("DELETE", f"/api/keys/{key['id']}", session=owner, expect=200)
-    with pytest.raises(openai.AuthenticationError):
+    clients = [client(to, key["secret"]) for to in (replicas.other, replicas.first)]
+    for c in clients:
         await c.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
         )
-    with pytest.raises(openai.AuthenticationError):
-        await c.models.list()
+    await api.call("DELETE", f"/api/keys/{key['id']}", session=owner, expect=200)
+    for c in clients:
+        with pytest.raises(openai.AuthenticationError):
+            await c.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+            )
+        with pytest.raises(openai.AuthenticationError):
+            await c.models.list()
 
 
 async def test_insufficient_quota(gateway: Gateway, api: Api) -> None:

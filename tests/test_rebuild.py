@@ -1,4 +1,6 @@
-"""Redis lost its state: balances, counters and keys are rebuilt from PostgreSQL, lazily."""
+"""Redis lost its state: balances, counters and keys are rebuilt from PostgreSQL, lazily, by
+whichever gateway process meets the account first (two under ``--redis-cluster``:
+``tests/replicas.py``)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from policies import keyspace as rk
 from policies.periods import period_of
 from tests.conftest import Gateway
 from tests.helpers import Api, chat, eventually, forget_account
+from tests.replicas import Replicas
 
 pytestmark = pytest.mark.cluster
 
@@ -20,17 +23,28 @@ BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi the
 
 
 async def test_lost_account_state_is_rebuilt_from_postgresql(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, db: asyncpg.Connection, redis: Redis
+    gateway: Gateway,
+    replicas: Replicas,
+    api: Api,
+    http: aiohttp.ClientSession,
+    db: asyncpg.Connection,
+    redis: Redis,
 ) -> None:
     owner, team, secret = await api.funded_team_key("1.00")
     revoked = await api.key(owner, team["id"], name="old")
     await api.call("DELETE", f"/api/keys/{revoked['id']}", session=owner, expect=200)
-    for _ in range(3):
-        assert (await chat(http, gateway, secret, BODY)).status == 200
-    await eventually(
-        lambda: db.fetchval("SELECT count(*) FROM usage_records WHERE team_id = $1", team["id"]),
-        lambda n: n == 3,
-    )
+    for to in replicas.spread(3):
+        assert (await chat(http, to, secret, BODY)).status == 200
+
+    async def records(n: int) -> None:
+        await eventually(
+            lambda: db.fetchval(
+                "SELECT count(*) FROM usage_records WHERE team_id = $1", team["id"]
+            ),
+            lambda count: count == n,
+        )
+
+    await records(3)
     account = rk.AccountKeys(rk.team_account(team["id"]))
     period = period_of(gateway.clock.now())
     before_state = await redis.hmget(account.state, ["credits", "sub_alw"])
@@ -47,16 +61,22 @@ async def test_lost_account_state_is_rebuilt_from_postgresql(
         k: owner.user["id"] for k in await redis.hkeys(account.keys)
     }
     assert revoked["id"] not in await redis.hkeys(account.keys)
-    assert (await chat(http, gateway, secret, BODY)).status == 200
-    assert (await chat(http, gateway, revoked["secret"], BODY)).status == 401
+    assert (await chat(http, replicas.other, secret, BODY)).status == 200
+    for to in replicas.spread(2):
+        assert (await chat(http, to, revoked["secret"], BODY)).status == 401
     after = await api.overview(owner, team["id"])
     assert after["credits_usd"] == f"{(1_000_000_000 - 4 * COST) / 1e9:.9f}"
     assert after["spend_this_period_usd"] == f"{4 * COST / 1e9:.9f}"
     # ...and the usage of the request after the loss still reaches PostgreSQL.
-    await eventually(
-        lambda: db.fetchval("SELECT count(*) FROM usage_records WHERE team_id = $1", team["id"]),
-        lambda n: n == 4,
-    )
+    await records(4)
+    # Lost again: this time a request to the other process is the first to meet the account.
+    await forget_account(redis, rk.team_account(team["id"]))
+    assert (await chat(http, replicas.other, secret, BODY)).status == 200
+    assert (await chat(http, replicas.other, revoked["secret"], BODY)).status == 401
+    after = await api.overview(owner, team["id"])
+    assert after["credits_usd"] == f"{(1_000_000_000 - 5 * COST) / 1e9:.9f}"
+    assert after["spend_this_period_usd"] == f"{5 * COST / 1e9:.9f}"
+    await records(5)
 
 
 async def test_settle_is_idempotent_on_the_request_id(

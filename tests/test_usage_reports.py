@@ -2,7 +2,9 @@
 validation, who may read them, personal usage, and sums that equal the debits to the nano-dollar.
 
 Requests go through the proxy at chosen instants (``gateway.clock.fixed``) with the token counts
-chosen through the fake upstream; the usage writer moves the records into PostgreSQL.
+chosen through the fake upstream; the usage writer moves the records into PostgreSQL. The test on
+the real clock alternates its requests over the gateway processes (two under ``--redis-cluster``,
+each with its own usage writer: ``tests/replicas.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import pytest
 from policies.money import format_usd
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, Session, chat, eventually
+from tests.helpers import Api, HasV1, Session, chat, eventually
+from tests.replicas import Replicas
 
 pytestmark = pytest.mark.cluster
 
@@ -63,13 +66,15 @@ async def chat_at(
     prompt: int,
     completion: int,
     tags: str | None = None,
+    to: HasV1 | None = None,
 ) -> None:
-    """One chat at ``when`` (the gateway's clock), the fake reporting these token counts."""
+    """One chat at ``when`` (the gateway's clock), the fake reporting these token counts; through
+    ``to`` if given (another process, on its own clock)."""
     gateway.clock.fixed = at(when)
     fake.next(prompt_tokens=prompt, completion_tokens=completion)
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
     headers = None if tags is None else {"x-modelbridge-tags": tags}
-    reply = await chat(http, gateway, secret, body, headers)
+    reply = await chat(http, to or gateway, secret, body, headers)
     assert reply.status == 200, reply.body
 
 
@@ -174,6 +179,7 @@ async def test_every_grouping_has_exact_rows(
 
 async def test_sums_equal_the_debits_to_the_nano_dollar(
     gateway: Gateway,
+    replicas: Replicas,
     api: Api,
     fake: FakeUpstream,
     db: asyncpg.Connection,
@@ -196,8 +202,8 @@ async def test_sums_equal_the_debits_to_the_nano_dollar(
         (big, 42, 300),
         (mini, 9, 0),
     ]
-    for i, (model, p, c) in enumerate(reqs):
-        await chat_at(http, gateway, fake, secret, now, model, p, c, tags=f"n={i % 3}")
+    for i, ((model, p, c), to) in enumerate(zip(reqs, replicas.spread(len(reqs)), strict=True)):
+        await chat_at(http, gateway, fake, secret, now, model, p, c, tags=f"n={i % 3}", to=to)
     await written(db, f"t_{tid}", len(reqs))
     body = await report(api, owner, f"/api/teams/{tid}/usage")  # default: this period so far
     charged = sum(cost(m, p, c, bps)[2] for m, p, c in reqs)
