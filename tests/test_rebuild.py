@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 from redis.asyncio import Redis
 
 from gateway.metering.meter import HoldAsk, SettleAsk
+from gateway.metering.reconcile import Reconciler
 from policies import keyspace as rk
 from policies.periods import period_of
 from tests.conftest import Gateway
@@ -192,3 +194,40 @@ async def test_malformed_usage_record_is_kept_not_dropped_and_blocks_nothing(
     )
     assert reject["stream"] == stream
     assert await redis.xlen(stream) == 0
+
+
+async def test_a_settle_sent_again_counts_once_though_the_ledger_has_it(
+    gateway: Gateway, api: Api, http: aiohttp.ClientSession, db: asyncpg.Connection, redis: Redis
+) -> None:
+    """``resettle.lua`` on a settle whose marker Redis lost but whose record the writer had
+    moved already (gateway/metering/recent.py): the record is in the stream again, the account
+    unloaded, and the rebuild counts the request once; the writer does not insert it twice."""
+    from gateway import state as S
+
+    _, team, secret = await api.funded_team_key("1.00")
+    first = await chat(http, gateway, secret, BODY)
+    assert first.status == 200
+    rid = first.headers["x-request-id"]
+    count = "SELECT count(*) FROM usage_records WHERE team_id = $1"
+    await eventually(lambda: db.fetchval(count, team["id"]), lambda n: n == 1)
+    metering = gateway.app[S.METERING]
+    sent = next(e for e in metering.recent.entries if e.request_id == rid)
+    account = rk.team_account(team["id"])
+    ak = rk.AccountKeys(account)
+    await redis.delete(ak.settled_marker(rid))  # as a Redis that lost it
+    assert await metering.resend(account, [(rid, orjson.loads(sent.record))]) == 1
+    assert await metering.resend(account, [(rid, orjson.loads(sent.record))]) == 0  # marker back
+    assert await redis.hget(ak.state, "loaded") == "0"
+
+    assert (await chat(http, gateway, secret, BODY)).status == 200  # rebuilds the account
+    await eventually(lambda: redis.xlen(ak.usage_stream), lambda n: n == 0)
+    assert await db.fetchval(count, team["id"]) == 2
+    assert await redis.hmget(ak.state, ["loaded", "credits", "holds"]) == [
+        "1",
+        str(1_000_000_000 - 2 * COST),
+        "0",
+    ]
+    period = await redis.hgetall(ak.period(period_of(gateway.clock.now())))
+    assert (period["spend"], period["req"]) == (str(2 * COST), "2")
+    reconciler = Reconciler(gateway.app[S.DB], redis, gateway.app[S.ACCOUNTS])
+    assert (await reconciler.check([account], gateway.clock.now()))[1] == []

@@ -307,7 +307,7 @@ class Metering:
             if call.request_id not in in_ledger:
                 try:
                     if call.request_id in self._resettle:  # its Redis may be gone: see recent.py
-                        await self._resend(call.account, [(call.request_id, kept_record(call))])
+                        await self.resend(call.account, [(call.request_id, kept_record(call))])
                     else:
                         raw = await guarded(self._send(self.scripts.settle, call.keys, call.args))
                         self._settled(call, raw)
@@ -404,7 +404,7 @@ class Metering:
                 by_account.setdefault(s.account, []).append((s.request_id, orjson.loads(s.record)))
         appended = 0
         for account, items in by_account.items():
-            appended += await self._resend(account, items)
+            appended += await self.resend(account, items)
         log.warning(
             "Redis run id changed (%d slots): %d recent settles sent again, %d of them lost there",
             len(slots),
@@ -412,7 +412,7 @@ class Metering:
             appended,
         )
 
-    async def _resend(self, account: str, items: list[tuple[str, list[str | int]]]) -> int:
+    async def resend(self, account: str, items: list[tuple[str, list[str | int]]]) -> int:
         """``resettle.lua`` for (request id, record) of ``account``; how many were appended."""
         appended = 0
         for keys, args in resettle_calls(account, items):
