@@ -17,7 +17,6 @@ from pathlib import Path
 
 import orjson
 from aiohttp import web
-from redis import exceptions as redis_errors
 
 from gateway import dashboard
 from gateway import state as S
@@ -25,7 +24,7 @@ from gateway.api import csrf
 from gateway.api import routes as api_routes
 from gateway.config import Config
 from gateway.errors import GatewayError, NotFound, PayloadTooLarge, StoreUnavailable
-from gateway.infra import health
+from gateway.infra import health, outages
 from gateway.infra.db import create_pool, migrate
 from gateway.infra.metrics import Metrics
 from gateway.infra.redisconn import open_redis
@@ -85,16 +84,20 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             exc.reason, code=exc.reason.lower().replace(" ", "_"), status=exc.status
         )
         return error_response(error, {k: v for k, v in exc.headers.items() if k.lower() == "allow"})
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-        # Redis unreachable while answering (a management read, a committed change's write
-        # is left to the account outbox): the store is down, not the request wrong
-        log.warning("Redis unreachable on %s %s: %s", request.method, request.path, exc)
-        return error_response(StoreUnavailable("The gateway's store is unreachable; retry."))
     except asyncio.CancelledError:
         raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(GatewayError("The gateway failed to handle the request.", status=500))
+    except Exception as exc:
+        store = outages.store_of(exc)
+        if store is None:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            error = GatewayError("The gateway failed to handle the request.", status=500)
+            return error_response(error)
+        # A store unreachable while answering (a management read; a committed change's Redis
+        # write is left to the account outbox): the store is down, not the request wrong. One
+        # line per outage, not per request.
+        request.app[S.OUTAGES].failed(store, exc)
+        log.debug("%s unreachable on %s %s: %r", store, request.method, request.path, exc)
+        return error_response(StoreUnavailable("The gateway's store is unreachable; retry."))
 
 
 async def _stores(app: web.Application) -> AsyncIterator[None]:
@@ -111,9 +114,18 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
     )
     app[S.REDIS_LINK] = link
     app[S.REDIS] = link.client
+    found = app[S.OUTAGES]
+    pool_log = logging.getLogger(outages.POOL_LOGGER)
+    pool_log.addFilter(found.filter)
+    asks = {"postgresql": lambda: app[S.DB].fetchval("SELECT 1"), "redis": link.client.ping}
+    probing = asyncio.create_task(found.probe(asks), name="store-probe")
     yield
+    probing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await probing
     await link.close()
     await app[S.DB].close()
+    pool_log.removeFilter(found.filter)
 
 
 async def _metering(app: web.Application) -> AsyncIterator[None]:
@@ -227,6 +239,7 @@ def build_app(
     app[S.CONFIG] = config
     app[S.RUNTIME] = runtime
     app[S.CLOCK] = clock or S.Clock()
+    app[S.OUTAGES] = outages.Outages()
     app[S.REQUEST_IDS] = S.RequestIds()
     app[S.METRICS] = Metrics(team_labels=config.metrics.team_labels)
     app[S.FRONTS] = Fronts()

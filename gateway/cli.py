@@ -434,9 +434,11 @@ def reconcile_command(args: argparse.Namespace) -> int:
 
 
 def usage_writer(args: argparse.Namespace) -> None:
+    from gateway.infra.outages import POOL_LOGGER, Outages
     from gateway.metering.usage_writer import serve_writer
 
     consumer = args.consumer or f"writer-{os.getpid()}"
+    logging.getLogger(POOL_LOGGER).addFilter(Outages().filter)  # one line, not a traceback a second
     _run(
         serve_writer(
             os.environ["MODELBRIDGE_DATABASE_URL"],

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from gateway.config import Config
     from gateway.infra.metrics import Metrics
+    from gateway.infra.outages import Outages
     from gateway.infra.redisconn import RedisLink
     from gateway.metering.accounts import Accounts
     from gateway.metering.meter import Metering
@@ -78,6 +79,7 @@ CLOCK = web.AppKey("clock", Clock)
 DB: web.AppKey[asyncpg.Pool] = web.AppKey("db")
 REDIS: web.AppKey[Redis] = web.AppKey("redis")
 REDIS_LINK: web.AppKey[RedisLink] = web.AppKey("redis_link")
+OUTAGES: web.AppKey[Outages] = web.AppKey("outages")
 METERING: web.AppKey[Metering] = web.AppKey("metering")
 ACCOUNTS: web.AppKey[Accounts] = web.AppKey("accounts")
 KEYS: web.AppKey[KeyCache] = web.AppKey("key_cache")

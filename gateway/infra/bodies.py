@@ -75,7 +75,7 @@ class Handler(RequestHandler):
             return super().handle_error(request, status, exc, message)
         if request.writer.output_size > 0:
             raise ConnectionError("the response was sent already")
-        log.warning("malformed request from %s: %s", request.remote, _one_line(exc))
+        log.info("malformed request from %s: %s", request.remote, _one_line(exc))
         error = InvalidRequest(f"Malformed HTTP request: {_one_line(exc)}", status=status)
         response = web.Response(
             body=orjson.dumps(error.body()), status=error.status, content_type="application/json"

@@ -14,6 +14,7 @@ from gateway.credentials import bearer
 from gateway.errors import AuthenticationFailed
 from gateway.infra.db import migrations_pending
 from gateway.infra.metrics import CONTENT_TYPE
+from gateway.infra.outages import store_of
 from gateway.infra.redisconn import cluster_problem
 
 
@@ -33,7 +34,9 @@ async def _check_redis(app: web.Application) -> str | None:
                 return await cluster_problem(link)
             await link.client.ping()
     except Exception as exc:
+        _failed(app, "redis", exc)
         return f"redis: {type(exc).__name__}"
+    app[S.OUTAGES].answered("redis")
     return None
 
 
@@ -43,8 +46,16 @@ async def _check_db(app: web.Application) -> str | None:
             async with app[S.DB].acquire() as conn:
                 pending = await migrations_pending(conn)
     except Exception as exc:
+        _failed(app, "postgresql", exc)
         return f"postgresql: {type(exc).__name__}"
+    app[S.OUTAGES].answered("postgresql")
     return f"migrations pending: {pending}" if pending else None
+
+
+def _failed(app: web.Application, store: str, exc: BaseException) -> None:
+    """A check that failed: an outage (one line) when it is the store's connection or time."""
+    if store_of(exc) == store or isinstance(exc, TimeoutError):
+        app[S.OUTAGES].failed(store, exc if str(exc) else "no answer within 2 s")
 
 
 async def readyz(request: web.Request) -> web.Response:

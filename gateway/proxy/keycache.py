@@ -132,10 +132,14 @@ class KeyCache:
         then used up): the loop ends on ``_stopping`` too, else the event loop's last cancel
         of every task would wait for it forever (a ``serve`` stopped soon after start hung)."""
         task = asyncio.current_task()
+        failing = False  # a Redis outage is one line, not one a second
         while not self._stopping:
             try:
                 pubsub = self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(rk.INVALIDATE_CHANNEL)
+                if failing:
+                    log.info("key invalidation listener: subscribed again")
+                failing = False
                 async for message in pubsub.listen():
                     data = message.get("data")
                     if isinstance(data, bytes):
@@ -147,5 +151,6 @@ class KeyCache:
             except Exception as exc:  # Redis away: the hold check still guards revocation
                 if self._stopping or (task is not None and task.cancelling()):
                     return
-                log.warning("key invalidation listener: %s", exc)
+                (log.debug if failing else log.warning)("key invalidation listener: %s", exc)
+                failing = True
                 await asyncio.sleep(1.0)

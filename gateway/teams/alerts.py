@@ -332,14 +332,19 @@ class AlertWorker:
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
             self._http = http
             last_sweep = float("-inf")
+            failing = False  # a store outage is one line, not one every retry
             while not self._stopping.is_set():
                 try:
                     if time.monotonic() - last_sweep >= self.sweep_s:
                         last_sweep = time.monotonic()
                         await self.sweep()
                     await self.step()
+                    if failing:
+                        log.info("alert worker: working again")
+                    failing = False
                 except (redis_errors.RedisError, OSError, asyncpg.PostgresError) as exc:
-                    log.warning("alert worker: %s; retrying", exc)
+                    (log.debug if failing else log.warning)("alert worker: %s; retrying", exc)
+                    failing = True
                     await asyncio.sleep(1.0)
                 self._wake.clear()
                 if not self._notified:
