@@ -52,8 +52,8 @@ class Incarnations:
             log.warning("Redis refuses INFO (%s): run ids not watched (see recent.py)", exc)
             self.enabled = False
             return set()
-        except (redis_errors.RedisError, OSError, TimeoutError):
-            return None
+        except (redis_errors.RedisError, redis_errors.RedisClusterException, OSError):
+            return None  # (TimeoutError is an OSError)
         except (KeyError, IndexError, TypeError, ValueError) as exc:  # an answer we cannot read
             log.warning("cannot read Redis's run ids (%r): not watched", exc)
             self.enabled = False

@@ -308,6 +308,7 @@ class Metering:
                 try:
                     if call.request_id in self._resettle:  # its Redis may be gone: see recent.py
                         await self.resend(call.account, [(call.request_id, kept_record(call))])
+                        self.recent.add(call, 0, int(call.args[1]), time.monotonic())
                     else:
                         raw = await guarded(self._send(self.scripts.settle, call.keys, call.args))
                         self._settled(call, raw)
