@@ -92,7 +92,7 @@ async def test_a_store_outage_is_one_line_and_one_when_back_never_a_traceback(
         # A management read needs PostgreSQL: 503, for as long as the outage lasts.
         for _ in range(5):
             assert await _status(http, gw.base + "/admin/teams") == (503, "gateway_unavailable")
-        await asyncio.sleep(3)  # asyncpg's pool tries to reconnect every second or two
+        await asyncio.sleep(2)  # asyncpg's pool tries to reconnect every second or two
         pg.start_server()
         await eventually(
             lambda: asyncio.to_thread(gw.log.read_text), lambda t: "PostgreSQL is back" in t, 20
@@ -101,7 +101,7 @@ async def test_a_store_outage_is_one_line_and_one_when_back_never_a_traceback(
 
         redis.stop()
         assert (await _status(http, gw.base + "/readyz"))[0] == 503
-        await asyncio.sleep(3)
+        await asyncio.sleep(1.5)
         redis.start()
         await eventually(
             lambda: asyncio.to_thread(gw.log.read_text), lambda t: "Redis is back" in t, 20

@@ -63,78 +63,55 @@ def config(tmp_path: Path, fake: FakeUpstream) -> Path:
     return write_config(tmp_path, fake.base_url)
 
 
-def test_help_lists_no_internal_command_and_version_answers() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", "--help"], capture_output=True, text=True, cwd=REPO
-    )
-    assert done.returncode == 0
-    assert "{serve,reconcile}" in done.stdout
-    for hidden in ("_writer", "_worker", "SUPPRESS"):
-        assert hidden not in done.stdout
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", "--version"], capture_output=True, text=True, cwd=REPO
-    )
-    assert (done.returncode, done.stdout) == (0, "modelbridge 0.1.0\n")
+CONFIG_ERRORS = {  # a config file's text: the error, after "modelbridge: configuration error: "
+    "server:\n  host: 127.0.0.1\n  port: [1\n": (
+        "{path}:4: malformed YAML: expected ',' or ']', but got '<stream end>'"
+    ),
+    "server:\n  host: 127.0.0.1\n  port: abc\n": (
+        "{path}:3: server.port: expected a number, got 'abc'"
+    ),
+    "server:\n  prot: 1\n": "{path}:2: unknown keys in server: prot",
+    "upstreams:\n  a:\n    base_url: x\n    timeout_s: soon\n": (
+        "{path}:4: upstreams.a.timeout_s: expected a number, got 'soon'"
+    ),
+}
 
 
-@pytest.mark.parametrize("port", ["70000", "-1"])
-def test_a_port_out_of_range_is_one_line_and_exit_2(
-    tmp_path: Path, config: Path, port: str
-) -> None:
-    proc = serve("serve", "--config", str(config), "--port", port, env=env(tmp_path, stores=None))
-    code, out, err = finished(proc)
-    assert (code, out) == (2, "")
-    assert no_traceback(err) == [
-        f"modelbridge: --port {port} is out of range: 0 to 65535 (0: a free port)"
+def test_every_refusal_to_start_is_one_line_and_its_exit_code(tmp_path: Path, config: Path) -> None:
+    """Port out of range (2), port in use (1, before any store starts), config errors with file
+    and line (2); ``--help`` without internal commands, ``--version`` (0). All at once."""
+    data = tmp_path / "data"
+    cases: list[tuple[list[str], int, list[str]]] = [
+        (["--help"], 0, []),
+        (["--version"], 0, []),
     ]
-
-
-def test_a_port_in_use_is_one_line_and_exit_1_before_any_store_starts(
-    tmp_path: Path, config: Path
-) -> None:
+    for port in ("70000", "-1"):
+        line = f"modelbridge: --port {port} is out of range: 0 to 65535 (0: a free port)"
+        cases.append((["serve", "--config", str(config), "--port", port], 2, [line]))
+    for i, (text, expected) in enumerate(CONFIG_ERRORS.items()):
+        path = tmp_path / f"bad{i}.yaml"
+        path.write_text(text)
+        line = "modelbridge: configuration error: " + expected.format(path=path)
+        cases.append((["serve", "--config", str(path)], 2, [line]))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        data = tmp_path / "data"
-        proc = serve(
-            "serve", "--config", str(config), "--port", str(port), env=env(data, stores=None)
-        )
-        code, out, err = finished(proc)
-    assert (code, out) == (1, "")
-    lines = no_traceback(err)
-    assert lines[-1] == f"modelbridge: cannot listen on 127.0.0.1:{port}: address already in use"
-    assert not (data / "pg").exists() and not (data / "redis").exists()  # nothing was started
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        (
-            "server:\n  host: 127.0.0.1\n  port: [1\n",
-            "{path}:4: malformed YAML: expected ',' or ']', but got '<stream end>'",
-        ),
-        (
-            "server:\n  host: 127.0.0.1\n  port: abc\n",
-            "{path}:3: server.port: expected a number, got 'abc'",
-        ),
-        ("server:\n  prot: 1\n", "{path}:2: unknown keys in server: prot"),
-        (
-            "upstreams:\n  a:\n    base_url: x\n    timeout_s: soon\n",
-            "{path}:4: upstreams.a.timeout_s: expected a number, got 'soon'",
-        ),
-    ],
-    ids=["malformed-yaml", "bad-value", "unknown-key", "bad-nested-value"],
-)
-def test_a_config_error_is_one_line_with_file_and_line(
-    tmp_path: Path, text: str, expected: str
-) -> None:
-    path = tmp_path / "bad.yaml"
-    path.write_text(text)
-    proc = serve("serve", "--config", str(path), env=env(tmp_path / "data", stores=None))
-    code, out, err = finished(proc)
-    assert (code, out) == (2, "")
-    assert no_traceback(err) == ["modelbridge: configuration error: " + expected.format(path=path)]
+        line = f"modelbridge: cannot listen on 127.0.0.1:{port}: address already in use"
+        cases.append((["serve", "--config", str(config), "--port", str(port)], 1, [line]))
+        procs = [serve(*args, env=env(data, stores=None)) for args, _, _ in cases]
+        results = [finished(proc) for proc in procs]
+    for (args, code, lines), (got, out, err) in zip(cases, results, strict=True):
+        assert got == code, (args, err)
+        if lines:
+            assert out == "" and no_traceback(err)[-len(lines) :] == lines, (args, err)
+    help_text, version = results[0][1], results[1][1]
+    assert "{serve,reconcile}" in help_text
+    for hidden in ("_writer", "_worker", "SUPPRESS"):
+        assert hidden not in help_text
+    assert version == "modelbridge 0.1.0\n"
+    # The port in use was refused before the embedded stores started.
+    assert not (data / "pg").exists() and not (data / "redis").exists()
 
 
 class Running:
@@ -257,8 +234,7 @@ def test_a_second_serve_on_the_same_data_dir_is_one_line_and_exit_1(
             f"modelbridge: the data dir {data} is in use by another modelbridge "
             f"(pid {first.proc.pid}): stop that one, or give this one another MODELBRIDGE_DATA_DIR"
         ]
-        first.port()
-        assert first.stop() == 0
+        assert first.stop() == 0  # stopped during its start: at once, exit 0
     finally:
         first.stop()
 
