@@ -68,6 +68,18 @@ def routing_config(east: str, west: str, ant: str) -> Any:
                 "output_per_mtok": 0.60,
                 **openai_model,
             },
+            # fails over at once and cools down for less than east's 1 s timeout
+            "brisk": {
+                "deployments": [
+                    {"upstream": "east", "upstream_model": "gpt-4o-mini"},
+                    {"upstream": "west", "upstream_model": "gpt-4o-mini"},
+                ],
+                "cooldown_after": 1,
+                "cooldown_s": 0.9,
+                "input_per_mtok": 0.15,
+                "output_per_mtok": 0.60,
+                **openai_model,
+            },
             "claude-backup": {
                 "upstream": "ant",
                 "upstream_model": "claude-sonnet-4-5",
@@ -297,6 +309,20 @@ async def test_a_hang_before_the_first_byte_is_retried(
     status, headers, _ = await chat(http, gateway, secret, "duo")
     assert (status, headers[SERVED_BY]) == (200, "west/gpt-4o-mini")
     assert (await record(db, headers["x-request-id"]))["attempts"] == 2
+
+
+async def test_a_cooldown_runs_from_the_failure_not_from_the_request_start(
+    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fakes: Fakes, db: asyncpg.Connection
+) -> None:
+    # A hang fails when east's 1 s timeout ends: a 0.9 s cooldown counted from the request's
+    # start would be over before it began (a 600 s timeout would never cool down for 30 s).
+    _, _, secret = await api.funded_team_key()
+    fakes.east.next(hang=True)
+    status, headers, _ = await chat(http, gateway, secret, "brisk")
+    assert (status, headers[SERVED_BY]) == (200, "west/gpt-4o-mini")
+    status, headers, _ = await chat(http, gateway, secret, "brisk")  # within the cooldown
+    assert (status, headers[SERVED_BY], posts(fakes.east)) == (200, "west/gpt-4o-mini", 1)
+    assert (await record(db, headers["x-request-id"]))["attempts"] == 1
 
 
 async def test_a_stream_is_retried_before_its_first_byte(

@@ -60,19 +60,20 @@ async def retry(call: Call, exc: UpstreamFailed) -> bool:
     app, route = call.app, call.route
     assert route is not None
     failed = route.target
+    now = app[S.CLOCK].now()  # a cooldown runs from the failure, not from the request's start
     if exc.retryable:
-        app[S.ROUTER].failed(failed, call.now)
-    moved = exc.retryable and await _next_target(call)
+        app[S.ROUTER].failed(failed, now)
+    moved = exc.retryable and await _next_target(call, now)
     count_attempt(app[S.METRICS], failed, failed=True, last=not moved)
     return moved
 
 
-async def _next_target(call: Call) -> bool:
+async def _next_target(call: Call, now: float) -> bool:
     app, route = call.app, call.route
     assert route is not None
     router = app[S.ROUTER]
     entered = stage = route.stage
-    while (target := router.advance(route, call.now)) is not None:
+    while (target := router.advance(route, now)) is not None:
         if route.stage != stage:  # on to a fallback model, if the key may use it
             stage = route.stage
             if target.served.name not in await allowed_models(call):
@@ -266,7 +267,7 @@ async def _relay_stream(
     call.upstream_s += time.perf_counter() - started
     assert call.route is not None
     if outcome.upstream_failed:  # cut after its first byte: not retried, the target failed
-        call.app[S.ROUTER].failed(call.route.target, call.now)
+        call.app[S.ROUTER].failed(call.route.target, call.app[S.CLOCK].now())
     count_attempt(call.app[S.METRICS], call.route.target, outcome.upstream_failed, last=True)
     await finish_stream(call, client, outcome)
     return client
