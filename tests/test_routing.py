@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from gateway import state as S
 from gateway.config import parse_config
+from gateway.proxy.exchange import count_texts
 from policies import keyspace as rk
 from policies.routing import Cooldowns
 from tests.conftest import ANTHROPIC_KEY, UPSTREAM_KEY, Gateway, start_gateway
@@ -468,6 +469,27 @@ async def test_the_responses_api_is_routed_to_openai_deployments_only(
     ) as resp:
         assert (resp.status, (await resp.json())["error"]["code"]) == (400, "unsupported_endpoint")
     assert await credits(redis, team) == start
+
+
+async def test_the_hold_covers_only_the_models_that_can_serve_the_surface(
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    db: asyncpg.Connection,
+    redis: Redis,
+) -> None:
+    # duo's fallback claude-backup cannot serve the Responses API: the hold is duo's worst case
+    body = {"model": "duo", "input": "hi there", "max_output_tokens": 6}
+    prompt = count_texts(gateway.app[S.TOKENS], "responses", "cl100k_base", body)
+    worst = prompt * 150 + 6 * 600
+    _, team, secret = await api.funded_team_key(f"{worst / 1e9:.9f}")
+    headers = {"Authorization": f"Bearer {secret}"}
+    async with http.post(gateway.v1 + "/responses", json=body, headers=headers) as resp:
+        assert (resp.status, resp.headers.get(SERVED_BY)) == (200, "east/gpt-4o-mini")
+        request_id = resp.headers["x-request-id"]
+    charged = (await record(db, request_id))["charged"]
+    assert 0 < charged <= worst
+    await eventually(lambda: credits(redis, team), lambda c: c == worst - charged)
 
 
 def test_a_hold_outlives_the_slowest_routing_chain(gateway: Gateway) -> None:

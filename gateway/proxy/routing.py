@@ -61,7 +61,7 @@ class Stage:
 @dataclass(frozen=True, slots=True)
 class Plan:
     stages: tuple[Stage, ...]  # the requested model first, then its fallbacks in order
-    models: tuple[ModelConfig, ...]  # every model of the chain: the hold covers the dearest
+    models: tuple[ModelConfig, ...]  # the stages' models: the hold covers the dearest
 
 
 @dataclass(slots=True)
@@ -115,7 +115,8 @@ class Router:
                 stages.append(stage)
             elif served is model:
                 return None  # the requested model itself cannot serve this surface
-        return Plan(tuple(stages), models)
+        # the hold covers the models that can serve this surface, not one skipped here
+        return Plan(tuple(stages), tuple(stage.model for stage in stages))
 
     def _stage(self, requested: str, served: ModelConfig, surface: str) -> Stage | None:
         targets = []
