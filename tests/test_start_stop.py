@@ -254,13 +254,14 @@ def store_processes(data: Path) -> list[str]:
 def test_a_signal_during_the_start_leaves_no_store_running(
     tmp_path: Path, config: Path, sig: signal.Signals
 ) -> None:
-    """Embedded stores: the signal comes once PostgreSQL runs, before the banner."""
+    """Embedded stores: the signal comes once PostgreSQL runs and Redis starts (its pid file),
+    before the banner. (Before the fix: the PostgreSQL server stayed, orphaned.)"""
     data = tmp_path / "data"
     gw = Running(
         tmp_path / "gw", "--config", str(config), "--port", "0", env=env(data, stores=None)
     )
     try:
-        gw.until(lambda: True if (data / "pg" / "postmaster.pid").exists() else None)
+        gw.until(lambda: True if (data / "redis" / "redis.pid").exists() else None)
         assert store_processes(data)
         assert gw.stop(sig, timeout=60) == 0
     finally:
