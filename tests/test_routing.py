@@ -307,9 +307,13 @@ async def test_a_hang_before_the_first_byte_is_retried(
 ) -> None:
     _, _, secret = await api.funded_team_key()
     fakes.east.next(hang=True)  # east's timeout_s is 1
+    overhead = "modelbridge_gateway_overhead_seconds_sum"
+    before = metric(await scrape(http, gateway), overhead)
     status, headers, _ = await chat(http, gateway, secret, "duo")
     assert (status, headers[SERVED_BY]) == (200, "west/gpt-4o-mini")
     assert (await record(db, headers["x-request-id"]))["attempts"] == 2
+    # the second waited on east is upstream time, not the gateway's own
+    assert metric(await scrape(http, gateway), overhead) - before < 0.5
 
 
 async def test_a_cooldown_runs_from_the_failure_not_from_the_request_start(

@@ -127,8 +127,10 @@ async def ask_upstream(call: Call) -> Plain:
 async def ask_once(call: Call) -> Plain:
     app = call.app
     started = time.perf_counter()
-    response = await app[S.UPSTREAMS].call(call.model.upstream, call.wire)
-    call.upstream_s += time.perf_counter() - started
+    try:
+        response = await app[S.UPSTREAMS].call(call.model.upstream, call.wire)
+    finally:  # a failed attempt's wait is upstream time too, not the gateway's overhead
+        call.upstream_s += time.perf_counter() - started
     if response.status >= 400:
         app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(response.ttfb_s)
         raise upstream_error(response.status, response.body, call.model.upstream)
