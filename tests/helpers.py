@@ -203,7 +203,8 @@ async def chat(
 
 
 async def forget_account(redis: Redis, account: str) -> None:
-    """Drop every Redis key of ``account`` (as a Redis that lost it): the next request rebuilds it."""
+    """Drop every Redis key of ``account`` (as a Redis that lost it): the next request rebuilds
+    it."""
     keys = [k async for k in redis.scan_iter(match=f"{{acct:{account}}}:*")]
     if keys:
         await redis.delete(*keys)

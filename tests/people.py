@@ -26,11 +26,7 @@ async def add_member(
 ) -> Session:
     """A new user who joins ``team_id`` through its invite link, approved by ``owner``."""
     user = await api.signup(email)
-    _, link = await api.call("POST", f"/api/teams/{team_id}/invite-link", session=owner, expect=201)
-    _, req = await api.call("POST", f"/api/join/{link['token']}", session=user, expect=201)
-    await api.call(
-        "POST", f"/api/teams/{team_id}/join-requests/{req['id']}/approve", session=owner, expect=200
-    )
+    await join(api, owner, team_id, user)
     if role != "member":
         await api.call(
             "PATCH",
@@ -40,6 +36,16 @@ async def add_member(
             expect=200,
         )
     return user
+
+
+async def join(api: Api, owner: Session, team_id: str, user: Session) -> None:
+    """``user`` (signed up already) joins ``team_id`` through its invite link, approved by
+    ``owner``, as a member."""
+    _, link = await api.call("POST", f"/api/teams/{team_id}/invite-link", session=owner, expect=201)
+    _, req = await api.call("POST", f"/api/join/{link['token']}", session=user, expect=201)
+    await api.call(
+        "POST", f"/api/teams/{team_id}/join-requests/{req['id']}/approve", session=owner, expect=200
+    )
 
 
 async def team_with_roles(api: Api) -> tuple[dict[str, Any], dict[str, Session]]:
