@@ -142,6 +142,7 @@ async def serve_app(
     tick: Callable[[], None] | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
     spare: bool = False,
+    parent: int | None = None,
 ) -> None:
     """Serve until SIGTERM, SIGINT or SIGHUP. ``on_listening`` runs once the socket is bound;
     ``tick`` (the supervisor's, with one worker) every 50 ms while serving. A ``spare`` worker
@@ -158,6 +159,8 @@ async def serve_app(
         loop.add_signal_handler(sig, stop.set)
     if stop_requested():  # a signal came before the handlers above
         stop.set()
+    if parent is not None:
+        watching = asyncio.create_task(_orphaned(parent, stop), name="parent-watch")
     try:
         if spare:
             go = asyncio.Event()
@@ -189,6 +192,16 @@ async def serve_app(
         )
     finally:
         await runner.cleanup()
+        if parent is not None:
+            watching.cancel()
+
+
+async def _orphaned(parent: int, stop: asyncio.Event) -> None:
+    """A worker whose ``serve`` died (``kill -9``, OOM) stops instead of serving on, orphaned."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.warning("the serving process (pid %d) is gone: stopping", parent)
+    stop.set()
 
 
 def _run(coro: object) -> None:
@@ -393,7 +406,16 @@ def worker(args: argparse.Namespace) -> None:
         data_dir=str(data_dir()),
     )
     listening = functools.partial(report, "listens")
-    _run(serve_app(config, runtime, reuse_port=True, on_listening=listening, spare=standby()))
+    _run(
+        serve_app(
+            config,
+            runtime,
+            reuse_port=True,
+            on_listening=listening,
+            spare=standby(),
+            parent=os.getppid(),
+        )
+    )
 
 
 STORES_FILE = "stores.json"  # the embedded stores' URLs while `serve` runs (for `reconcile`)

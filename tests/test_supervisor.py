@@ -98,8 +98,9 @@ async def served(
         await gw.ready(http)
         yield gw
     finally:
-        gw.terminate()
-        assert await gw.wait() == 0
+        if gw.proc.poll() is None:
+            gw.terminate()
+            assert await gw.wait() == 0
 
 
 async def chat(http: aiohttp.ClientSession, gw: GatewayProcess, secret: str, **fake: object) -> str:
@@ -163,6 +164,23 @@ async def test_a_killed_worker_and_writer_are_replaced(
         await eventually(lambda: db.fetchval(query, request_id), lambda n: n == 1, timeout=15)
     finally:
         await db.close()
+
+    # The serving process itself killed: its workers (the spare too) and the writer stop, none
+    # serves on orphaned.
+    orphans = {p.pid for p in children(gw)}
+    gw.proc.kill()
+    await gw.wait()
+    left = await eventually(lambda: asyncio.to_thread(_alive, orphans), lambda pids: not pids, 15)
+    assert left == set()
+
+
+def _alive(pids: set[int]) -> set[int]:
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                found.add(pid)
+    return found
 
 
 async def _quietly(request: object) -> None:
