@@ -174,11 +174,14 @@ async def test_owner_runs_a_team_from_the_browser(
     await page.get_by_role("link", name="Usage").click()
     await expect(page.get_by_role("heading", level=1)).to_have_text("Usage")
     member_row = row(page, member_email)
-    for _ in range(50):
-        if await member_row.count():
-            break
-        await asyncio.sleep(0.2)
-        await page.get_by_role("button", name="Show", exact=True).click()
+
+    async def shown() -> int:  # the usage record may land after the page loaded: ask again
+        count = await member_row.count()
+        if not count:
+            await page.get_by_role("button", name="Show", exact=True).click()
+        return count
+
+    await eventually(shown, lambda count: count > 0, interval=0.2)
     await expect(member_row).to_contain_text("$0.006")
     await expect(member_row).to_contain_text("20,000")
     await expect(page.locator('[data-stat="charged"] .value')).to_have_text("$0.006")
