@@ -7,9 +7,17 @@ for a while, after a growing delay when it keeps dying soon after its start
 ``/metrics`` before its replacement starts. The writer keeps its consumer name across restarts,
 so the new one takes over at once what the dead one had read and not written.
 
-A worker reports that it listens by writing a line to the pipe named by ``READY_FD_ENV`` (after
-its socket is bound); the parent prints its banner once every worker has, and logs how long a
-replacement took from the death to that line.
+A worker process takes seconds to start (imports, token tables, pools; more on a loaded
+machine), so with several workers one more waits as the *spare*: started like the others but not
+bound. A dead worker's slot takes it with a signal (``GO``, SIGUSR1), it binds, and a new spare
+starts in the background; without a spare ready (a second death soon after the first), the slot
+starts a process from nothing. Each worker process gets a worker id of its own (its settle
+journal's name); a dead one's journal is adopted by the next process that opens its journal.
+
+Workers talk back through the pipe named by ``READY_FD_ENV``: ``waiting <pid>`` (a spare whose
+GO handler is in place: only then may it be signalled) and ``listens <pid>`` (its socket is
+bound). The parent prints its banner once every worker listens, and logs how long a replacement
+took from the death to that line.
 
 Nothing here blocks: :meth:`Supervisor.tick` looks at every child and starts what is due, and
 the caller calls it every few tens of milliseconds (the parent's loop with several workers, an
