@@ -7,7 +7,8 @@
   holds more tokens than the limit, while more than the limit passes over the whole run;
 * an expiry (reached, or set in the past) refuses the very next request on every process.
 
-All but the 70 s ``tpm`` run also run on a Redis Cluster (``make test-cluster``).
+All but the 70 s ``tpm`` run also run on a Redis Cluster (``make test-cluster``), there on the
+session's two processes (``two_gateways``: the in-process gateway and a ``serve`` process).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from tests.billing_support import exact, usd
 from tests.conftest import ADMIN_TOKEN, Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, eventually
-from tests.processes import GatewayProcess
-from tests.test_processes import two_gateways  # noqa: F401  (the fixture)
+from tests.replicas import Endpoint
+from tests.test_processes import Pair, two_gateways  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,7 @@ async def burst() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def post(
-    http: aiohttp.ClientSession, proc: GatewayProcess, secret: str, body: dict[str, Any]
+    http: aiohttp.ClientSession, proc: Endpoint, secret: str, body: dict[str, Any]
 ) -> tuple[int, str | None, Any]:
     async with http.post(
         proc.v1 + "/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
@@ -65,13 +66,13 @@ async def make_key(api: Api, session: Any, team_id: str, **controls: Any) -> dic
     return dict(body)
 
 
-def both(procs: tuple[GatewayProcess, GatewayProcess], n: int) -> list[GatewayProcess]:
+def both(procs: Pair, n: int) -> list[Endpoint]:
     return [procs[i % 2] for i in range(n)]
 
 
 @pytest.mark.cluster
 async def test_rpm_50_admits_exactly_50_of_300_sent_at_once_to_two_processes(
-    two_gateways: tuple[GatewayProcess, GatewayProcess],  # noqa: F811
+    two_gateways: Pair,  # noqa: F811
     http: aiohttp.ClientSession,
     burst: aiohttp.ClientSession,
     fake: FakeUpstream,
@@ -99,7 +100,7 @@ async def test_rpm_50_admits_exactly_50_of_300_sent_at_once_to_two_processes(
 
 @pytest.mark.cluster
 async def test_a_key_limit_worth_12_requests_admits_exactly_12_of_120(
-    two_gateways: tuple[GatewayProcess, GatewayProcess],  # noqa: F811
+    two_gateways: Pair,  # noqa: F811
     http: aiohttp.ClientSession,
     burst: aiohttp.ClientSession,
     fake: FakeUpstream,
@@ -132,7 +133,7 @@ async def test_a_key_limit_worth_12_requests_admits_exactly_12_of_120(
 
 @pytest.mark.timeout(300)
 async def test_tpm_never_passes_the_limit_over_any_60_s_window(
-    two_gateways: tuple[GatewayProcess, GatewayProcess],  # noqa: F811
+    two_gateways: Pair,  # noqa: F811
     http: aiohttp.ClientSession,
     burst: aiohttp.ClientSession,
     fake: FakeUpstream,
@@ -209,7 +210,7 @@ async def test_tpm_never_passes_the_limit_over_any_60_s_window(
 
 @pytest.mark.cluster
 async def test_expiry_refuses_the_next_request_on_every_process(
-    two_gateways: tuple[GatewayProcess, GatewayProcess],  # noqa: F811
+    two_gateways: Pair,  # noqa: F811
     http: aiohttp.ClientSession,
 ) -> None:
     a, b = two_gateways

@@ -16,20 +16,31 @@ from tests.conftest import ADMIN_TOKEN
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, eventually, metric
 from tests.processes import GatewayProcess, write_config
+from tests.replicas import Endpoint, Replicas
 
 pytestmark = pytest.mark.cluster
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi there"}]}
 
 
+Pair = tuple[Endpoint, Endpoint]
+
+
 @pytest.fixture
 async def two_gateways(
+    replicas: Replicas,
     tmp_path: Path,
     fake: FakeUpstream,
     database_url: str,
     redis_url: str,
     http: aiohttp.ClientSession,
-) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
+) -> AsyncIterator[Pair]:
+    """Two gateway processes on one Redis and PostgreSQL: on a Redis Cluster the session's pair,
+    already running (``tests/replicas.py``: the in-process gateway and a ``serve`` process), else
+    two ``serve`` processes of the test's own."""
+    if len(replicas) == 2:
+        yield replicas.first, replicas.other
+        return
     config = write_config(tmp_path, fake.base_url)
     procs = [
         GatewayProcess(config, database_url, redis_url, log=tmp_path / f"gw{i}.log")
@@ -56,7 +67,7 @@ async def chat(http: aiohttp.ClientSession, v1: str, secret: str) -> int:
 
 @pytest.mark.slow
 async def test_key_revoked_on_one_process_fails_on_the_other_at_once(
-    two_gateways: tuple[GatewayProcess, GatewayProcess], http: aiohttp.ClientSession
+    two_gateways: Pair, http: aiohttp.ClientSession
 ) -> None:
     a, b = two_gateways
     api_a = Api(http, a.base, ADMIN_TOKEN)
@@ -143,7 +154,7 @@ async def test_shutdown_lets_a_stream_finish_and_bills_it(
 
 @pytest.mark.slow
 async def test_member_removed_on_one_process_is_refused_on_the_other(
-    two_gateways: tuple[GatewayProcess, GatewayProcess], http: aiohttp.ClientSession
+    two_gateways: Pair, http: aiohttp.ClientSession
 ) -> None:
     from tests.people import add_member
 
@@ -165,7 +176,7 @@ async def test_member_removed_on_one_process_is_refused_on_the_other(
 
 @pytest.mark.slow
 async def test_hard_team_limit_holds_across_two_processes(
-    two_gateways: tuple[GatewayProcess, GatewayProcess], http: aiohttp.ClientSession, fake: FakeUpstream,
+    two_gateways: Pair, http: aiohttp.ClientSession, fake: FakeUpstream,
     db: asyncpg.Connection,
 ) -> None:  # fmt: skip
     from gateway.proxy.tokens import TokenCounter
