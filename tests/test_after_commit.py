@@ -4,6 +4,7 @@ record; the same change, committed, reaches Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -440,3 +441,22 @@ async def test_applying_a_change_again_writes_the_same(
     await apply()
     assert await redis.hget(state, "crid") == crid
     assert await accounts_state(redis, tid, uid, period) == before
+
+
+async def test_concurrent_credits_are_each_counted_once(
+    gateway: Gateway, api: Api, db: asyncpg.Connection, redis: Redis
+) -> None:
+    """Applies run concurrently with other commits: each counts the credit rows past the mark,
+    so every top-up is counted once, whichever apply sees it."""
+    owner, team, _ = await api.funded_team_key("1.00")
+    tid = team["id"]
+    await api.overview(owner, tid)  # loaded
+    await asyncio.gather(*(api.credit_team(tid, f"0.0{n}") for n in range(1, 10)))
+    state = rk.AccountKeys(rk.team_account(tid)).state
+    assert await redis.hget(state, "credits") == str(1_000_000_000 + 450_000_000)
+    last = await db.fetchval(
+        "SELECT max(id) FROM ledger WHERE account = $1 AND kind = 'credit'", "t_" + tid
+    )
+    assert await redis.hget(state, "crid") == str(last)
+    pending = "SELECT count(*) FROM account_outbox WHERE strpos(changes::text, $1) > 0"
+    assert await db.fetchval(pending, tid) == 0

@@ -183,11 +183,6 @@ def billing_account(user_id: str, team_id: str | None, billing_mode: str | None)
     return rk.team_account(team_id)
 
 
-def billing_scope(user_id: str, team_id: str | None, billing_mode: str | None) -> str:
-    """The member scope of the key's requests in the account it bills (policies/keyspace.py)."""
-    return team_id if team_id is not None and billing_mode == "personal" else user_id
-
-
 async def _key_for(request: web.Request, user: User, key_id: str, *, action: str) -> Any:
     """The active key ``key_id`` if ``user`` may manage it: its creator, or an owner or admin of
     its team. 404 when the caller may not even see it."""
