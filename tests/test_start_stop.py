@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -256,7 +258,10 @@ def test_a_signal_during_the_start_leaves_no_store_running(
 ) -> None:
     """Embedded stores: the signal comes once PostgreSQL runs and Redis starts (its pid file),
     before the banner. (Before the fix: the PostgreSQL server stayed, orphaned.)"""
-    data = tmp_path / "data"
+    # Not under pytest's basetemp: another pytest run resets its mode to 0700, and PostgreSQL
+    # (run as its own user when we are root) must reach its data directory.
+    top = Path(tempfile.mkdtemp(prefix="mb-signal-"))
+    data = top / "data"
     gw = Running(
         tmp_path / "gw", "--config", str(config), "--port", "0", env=env(data, stores=None)
     )
@@ -264,8 +269,9 @@ def test_a_signal_during_the_start_leaves_no_store_running(
         gw.until(lambda: True if (data / "redis" / "redis.pid").exists() else None)
         assert store_processes(data)
         assert gw.stop(sig, timeout=60) == 0
+        assert store_processes(data) == []
     finally:
         gw.stop(signal.SIGKILL)
+        shutil.rmtree(top, ignore_errors=True)
     assert "listening on" not in gw.out.read_text()
-    assert store_processes(data) == []
     assert "Traceback" not in gw.err.read_text()
