@@ -400,6 +400,33 @@ async def test_the_anthropic_sdk_surface_is_routed_too(
     assert (await record(db, request_id))["attempts"] == 2
 
 
+async def test_messages_and_responses_streams_are_retried_before_their_first_byte(
+    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fakes: Fakes, db: asyncpg.Connection
+) -> None:
+    _, _, secret = await api.funded_team_key()
+    asks = (
+        ("/messages", {"max_tokens": 6, "messages": [{"role": "user", "content": "hi"}]}),
+        ("/responses", {"input": "hi there", "max_output_tokens": 6}),
+    )
+    starts = {"/messages": "event: message_start", "/responses": "event: response.created"}
+    for route, body in asks:
+        fakes.east.next(status=503)
+        headers = {"x-api-key": secret, "anthropic-version": "2023-06-01"}
+        payload = {"model": "duo", "stream": True, **body}
+        async with http.post(gateway.v1 + route, json=payload, headers=headers) as resp:
+            assert (resp.status, resp.headers[SERVED_BY]) == (200, "west/gpt-4o-mini")
+            text = (await resp.read()).decode()
+            request_id = resp.headers["x-request-id"]
+        assert "event: error" not in text and "response.failed" not in text
+        assert text.count(starts[route]) == 1  # the failed attempt sent nothing to the client
+        row = await record(db, request_id)
+        assert (row["endpoint"], row["attempts"], row["usage_source"]) == (
+            "/v1" + route,
+            2,
+            "upstream",
+        )
+
+
 async def test_200_concurrent_requests_with_one_deployment_failing(
     gateway: Gateway,
     api: Api,
