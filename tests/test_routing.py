@@ -371,6 +371,49 @@ async def test_a_stream_cut_after_its_first_byte_is_not_retried_and_bills_what_w
     assert count == 1
 
 
+async def test_a_client_gone_during_a_failing_attempt_is_not_retried_for(
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fakes: Fakes,
+    db: asyncpg.Connection,
+    redis: Redis,
+) -> None:
+    # The client leaves while east hangs (its timeout is 1 s): west is not asked to answer
+    # nobody, the hold goes back, nothing is billed, east's attempt is counted as the last.
+    _, team, secret = await api.funded_team_key()
+    start = await credits(redis, team)
+    headers = {"Authorization": f"Bearer {secret}"}
+    name = "modelbridge_upstream_attempts_total"
+    state = rk.AccountKeys(rk.team_account(team["id"])).state
+    for stream in (False, True):  # the lean front's plain call, aiohttp's stream
+        fakes.east.next(hang=True)
+        before = await scrape(http, gateway)
+        body = {"model": "duo", **BODY, "stream": stream}
+
+        async def leave(body: dict[str, Any] = body) -> None:
+            async with http.post(gateway.v1 + "/chat/completions", json=body, headers=headers):
+                pass
+
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(leave(), 0.3)
+
+        async def east_done() -> float:
+            return metric(await scrape(http, gateway), name, upstream="east")
+
+        tried = metric(before, name, upstream="east") + 1
+        await eventually(east_done, lambda n, tried=tried: n == tried)
+        east_failed = {"upstream": "east", "outcome": "failed"}
+        await eventually(lambda: redis.hget(state, "holds"), lambda h: h == "0")
+        assert (posts(fakes.east), posts(fakes.west), posts(fakes.ant)) == (1 + stream, 0, 0)
+        after = await scrape(http, gateway)
+        assert metric(after, name) - metric(before, name) == 1
+        assert metric(after, name, **east_failed) - metric(before, name, **east_failed) == 1
+    assert await credits(redis, team) == start
+    count = await db.fetchval("SELECT count(*) FROM usage_records WHERE team_id = $1", team["id"])
+    assert count == 0
+
+
 async def test_the_hold_covers_the_dearest_model_of_the_chain(
     gateway: Gateway, api: Api, http: aiohttp.ClientSession, fakes: Fakes
 ) -> None:

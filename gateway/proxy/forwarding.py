@@ -63,9 +63,18 @@ async def retry(call: Call, exc: UpstreamFailed) -> bool:
     now = app[S.CLOCK].now()  # a cooldown runs from the failure, not from the request's start
     if exc.retryable:
         app[S.ROUTER].failed(failed, now)
-    moved = exc.retryable and await _next_target(call, now)
+    moved = exc.retryable and not client_left(call) and await _next_target(call, now)
     count_attempt(app[S.METRICS], failed, failed=True, last=not moved)
     return moved
+
+
+def client_left(call: Call) -> bool:
+    """The client closed its connection: no other attempt is made for nobody (the error goes
+    back unread and the hold is released)."""
+    if call.request is not None:
+        transport = call.request.transport
+        return transport is None or transport.is_closing()
+    return call.left is not None and call.left()
 
 
 async def _next_target(call: Call, now: float) -> bool:

@@ -281,6 +281,7 @@ class Front(asyncio.Protocol):
             try:
                 if call is None:
                     call = await self._parsed(request)
+                call.left = self._left
                 await self._hold(call, fast[1] if fast is not None else None)
                 try:
                     plain = await forwarding.ask_upstream(call)
@@ -307,6 +308,10 @@ class Front(asyncio.Protocol):
         finally:
             model = call.model.name if call is not None else "other"
             proxy.observe(app, request.endpoint, model, status, call, request.started)
+
+    def _left(self) -> bool:
+        """The client closed the connection (a retry would answer nobody)."""
+        return self.closed
 
     def _answered(self, keep_alive: bool) -> None:
         """SERVING is over: close, wait until the client reads, or take the next request."""

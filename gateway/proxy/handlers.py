@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -102,6 +103,7 @@ class Call:
     exchange: Exchange = PASSTHROUGH["chat"]  # client surface x upstream protocol
     translated: dict[str, Any] | None = None  # the upstream body, when translated
     route: Route | None = None  # the deployments tried (gateway.proxy.routing); set by parse
+    left: Callable[[], bool] | None = None  # the lean front's "the client closed" (no request)
 
 
 @dataclass(frozen=True, slots=True)
