@@ -460,3 +460,33 @@ async def test_concurrent_credits_are_each_counted_once(
     assert await redis.hget(state, "crid") == str(last)
     pending = "SELECT count(*) FROM account_outbox WHERE strpos(changes::text, $1) > 0"
     assert await db.fetchval(pending, tid) == 0
+
+
+async def test_a_periodic_sweep_leaves_a_fresh_note_to_its_handler(
+    gateway: Gateway, api: Api, db: asyncpg.Connection, redis: Redis
+) -> None:
+    """A note just committed is its handler's to deliver; a sweep takes it once it was pending
+    at the previous sweep too (the handler died, or Redis failed it)."""
+    owner, team, _ = await api.funded_team_key("1.00")
+    tid = team["id"]
+    await api.overview(owner, tid)  # loaded
+    account = rk.team_account(tid)
+    outbox = changes.Outbox(gateway.app[S.ACCOUNTS], gateway.clock.now)
+    await outbox.sweep()  # the first sweep, as at start
+    note = changes.AccountChanges(credits={account})
+    async with db.transaction():  # a credit committed as the operator API does, not delivered
+        await db.execute("SELECT pg_advisory_xact_lock(hashtext($1))", account)
+        await db.execute(
+            "INSERT INTO ledger (account, kind, amount, note, actor)"
+            " VALUES ($1, 'credit', 500000000, 'by hand', 'operator')",
+            account,
+        )
+        await note.record(db, gateway.clock.now())
+    state = rk.AccountKeys(account).state
+    assert await outbox.sweep() == 0
+    assert await redis.hget(state, "credits") == "1000000000"
+    await outbox.sweep()  # (or the gateway's own sweep, if it came first)
+    assert await redis.hget(state, "credits") == "1500000000"
+    assert (
+        await db.fetchval("SELECT count(*) FROM account_outbox WHERE id = $1", note.outbox_id) == 0
+    )

@@ -10,7 +10,8 @@ locks the row, takes the accounts' advisory locks, reads the committed rows, wri
 fields they imply (as the rebuild, ``Accounts.load``, does for a whole account) and deletes the
 row, in one short transaction. If Redis cannot be written (unreachable, or the process dies
 between the commit and the write) the row stays, and :meth:`Outbox.sweep` applies it later: at
-start and every :data:`SWEEP_EVERY_S` seconds, in one process at a time.
+start and, once it has been pending for a whole sweep period, every :data:`SWEEP_EVERY_S`
+seconds, in one process at a time.
 
 Applying twice, late, or after another change of the same rows writes the same thing: the writes
 are derived from the record, not replayed deltas, and the locks order them with every other
@@ -341,6 +342,8 @@ class Outbox:
         self.accounts = accounts
         self.db = accounts.db
         self.now = now
+        # rows pending at the previous sweep; None before the first (at start: every row is due)
+        self._seen: set[int] | None = None
 
     async def deliver(self, changes: AccountChanges) -> bool:
         """Call after the commit of the transaction that recorded ``changes``. True when Redis
@@ -375,7 +378,11 @@ class Outbox:
 
     async def sweep(self) -> int:
         """Apply the rows left behind, oldest first, unless another process is sweeping; stops
-        at the first store error (the rest would fail alike). Returns how many it applied."""
+        at the first store error (the rest would fail alike). Returns how many it applied.
+
+        A row is left behind when it was there at the previous sweep too (the first sweep, at
+        start, takes every row): a row just committed is its handler's to deliver, and taking
+        it would only make the handler wait for us."""
         applied = 0
         async with self.db.acquire() as guard:
             if not await guard.fetchval("SELECT pg_try_advisory_lock($1, $2)", *_SWEEP_LOCK):
@@ -384,14 +391,17 @@ class Outbox:
                 rows = await guard.fetch(
                     "SELECT id FROM account_outbox ORDER BY id LIMIT $1", SWEEP_BATCH
                 )
-                for row in rows:
+                pending = [r["id"] for r in rows]
+                due = [i for i in pending if self._seen is None or i in self._seen]
+                self._seen = set(pending)
+                for row_id in due:
                     try:
-                        applied += await self._apply(row["id"], wait=False)
+                        applied += await self._apply(row_id, wait=False)
                     except STORE_ERRORS as exc:
-                        log.warning("account outbox row %d not applied: %s", row["id"], exc)
+                        log.warning("account outbox row %d not applied: %s", row_id, exc)
                         break
                     except Exception:
-                        log.exception("account outbox row %d cannot be applied", row["id"])
+                        log.exception("account outbox row %d cannot be applied", row_id)
             finally:
                 await guard.execute("SELECT pg_advisory_unlock($1, $2)", *_SWEEP_LOCK)
         if applied:
