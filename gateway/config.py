@@ -233,7 +233,7 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     if config.server.max_body_bytes < 1024:
         raise ConfigError("server.max_body_bytes must be at least 1024")
     if not 0 <= config.server.port <= 65535:
-        raise ConfigError("server.port must be from 1 to 65535")
+        raise ConfigError("server.port must be from 0 to 65535 (0: a free port)")
     if config.server.signups_per_hour < 0:
         raise ConfigError("server.signups_per_hour must not be negative")
     try:
