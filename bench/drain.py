@@ -51,14 +51,28 @@ _FIRST_MS = 1_795_000_000_000  # 2026-11-18: the drained records' created_at (+ 
 
 def _record(n: int, account: str, run: str) -> dict[str, str]:
     return {
-        "request_id": f"req_{run}_{n}", "account": account, "team_id": account[2:],
-        "user_id": f"usr_{n % 7}", "key_id": f"key_{n % 13}", "model": "gpt-4o-mini",
-        "endpoint": "/v1/chat/completions", "period": "2026-11", "prompt_tokens": "12",
-        "completion_tokens": "30", "cached_tokens": "0", "list_cost": "19800", "discount": "0",
-        "charged": "19800", "usage_source": "upstream", "encoding": "o200k_base",
-        "tags": "project=a,env=b" if n % 2 else "", "status": "200",
-        "created_at": str(_FIRST_MS + n), "from_allowance": "0", "from_credits": "19800",
-    }  # fmt: skip
+        "request_id": f"req_{run}_{n}",
+        "account": account,
+        "team_id": account[2:],
+        "user_id": f"usr_{n % 7}",
+        "key_id": f"key_{n % 13}",
+        "model": "gpt-4o-mini",
+        "endpoint": "/v1/chat/completions",
+        "period": "2026-11",
+        "prompt_tokens": "12",
+        "completion_tokens": "30",
+        "cached_tokens": "0",
+        "list_cost": "19800",
+        "discount": "0",
+        "charged": "19800",
+        "usage_source": "upstream",
+        "encoding": "o200k_base",
+        "tags": "project=a,env=b" if n % 2 else "",
+        "status": "200",
+        "created_at": str(_FIRST_MS + n),
+        "from_allowance": "0",
+        "from_credits": "19800",
+    }
 
 
 async def fill(redis: Redis, records: int, accounts: int, run: str) -> None:

@@ -271,8 +271,11 @@ class Gateway:
 
     def provision(self) -> None:
         """A user, a team with operator credits, and a team key (full metering path)."""
-        user = {"email": f"bench-{secrets.token_hex(4)}@example.com", "name": "bench",
-                "password": "Bench-" + secrets.token_urlsafe(12)}  # fmt: skip
+        user = {
+            "email": f"bench-{secrets.token_hex(4)}@example.com",
+            "name": "bench",
+            "password": "Bench-" + secrets.token_urlsafe(12),
+        }
         self._post("signup", "/api/auth/signup", user)
         token = self._post("login", "/api/auth/login", user)["token"]
         team = self._post("team", "/api/teams", {"name": "bench"}, token)

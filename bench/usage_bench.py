@@ -164,8 +164,11 @@ async def run(server_url: str, rows: int, other_rows: int, repeat: int, explain:
             rng = reports.DayRange(now.date() - timedelta(days=364), now.date())
             began = time.perf_counter()
             await fill(conn, rows, other_rows, rng.start)
-            print(f"filled {rows:,} team rows + {other_rows:,} others "
-                  f"in {time.perf_counter() - began:.1f} s", file=sys.stderr)  # fmt: skip
+            print(
+                f"filled {rows:,} team rows + {other_rows:,} others "
+                f"in {time.perf_counter() - began:.1f} s",
+                file=sys.stderr,
+            )
             version = await conn.fetchval("SHOW server_version")
             results = await time_reports(conn, rng, repeat, explain)
         finally:
@@ -174,10 +177,14 @@ async def run(server_url: str, rows: int, other_rows: int, repeat: int, explain:
         admin = await asyncpg.connect(server_url)
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
-    print(f"PostgreSQL {version}; {rows:,} team rows, {other_rows:,} other rows; "
-          f"range {rng.first} .. {rng.last}; best and median of {repeat}")  # fmt: skip
-    print(f"{'group_by':<10}{'groups':>8}{'requests':>12}{'year best ms':>14}{'year median ms':>16}"
-          f"{'month best ms':>15}")  # fmt: skip
+    print(
+        f"PostgreSQL {version}; {rows:,} team rows, {other_rows:,} other rows; "
+        f"range {rng.first} .. {rng.last}; best and median of {repeat}"
+    )
+    print(
+        f"{'group_by':<10}{'groups':>8}{'requests':>12}{'year best ms':>14}{'year median ms':>16}"
+        f"{'month best ms':>15}"
+    )
     for group_by, groups, requests, best, median, month in results:
         print(f"{group_by:<10}{groups:>8}{requests:>12,}{best:>14.1f}{median:>16.1f}{month:>15.1f}")
 

@@ -85,13 +85,19 @@ _DROPPED = web.RequestKey("dropped", bool)
 _ERRORS: dict[int, tuple[str, str, str | None]] = {
     400: ("Invalid request.", "invalid_request_error", None),
     401: ("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
-    404: ("The model does not exist or you do not have access to it.", "invalid_request_error",
-          "model_not_found"),
+    404: (
+        "The model does not exist or you do not have access to it.",
+        "invalid_request_error",
+        "model_not_found",
+    ),
     429: ("Rate limit reached for requests.", "requests", "rate_limit_exceeded"),
-    500: ("The server had an error while processing your request. Sorry about that!",
-          "server_error", None),
+    500: (
+        "The server had an error while processing your request. Sorry about that!",
+        "server_error",
+        None,
+    ),
     503: ("The server is overloaded or not ready yet.", "server_error", None),
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -189,8 +195,12 @@ def _vector(item: Any, dim: int) -> list[float]:
 
 
 def _usage(prompt: int, completion: int, beh: Behaviour) -> dict[str, Any]:
-    details = {"reasoning_tokens": beh.reasoning_tokens, "audio_tokens": 0,
-               "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}  # fmt: skip
+    details = {
+        "reasoning_tokens": beh.reasoning_tokens,
+        "audio_tokens": 0,
+        "accepted_prediction_tokens": 0,
+        "rejected_prediction_tokens": 0,
+    }
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -214,9 +224,14 @@ class _Plan:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def _head(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": ("chatcmpl-" if self.chat else "cmpl-") + self.id, "object": obj,
-                "created": self.created, "model": self.model,
-                "system_fingerprint": FINGERPRINT, "choices": choices}  # fmt: skip
+        return {
+            "id": ("chatcmpl-" if self.chat else "cmpl-") + self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+        }
 
     def _calls(self, streamed: bool) -> list[dict[str, Any]]:
         calls = []
@@ -358,9 +373,16 @@ class FakeUpstream:
             body = _INVALID
         request[_BODY] = body
         if self.record:
-            self.requests.append(RecordedRequest(
-                request.method, request.path, dict(request.query), CIMultiDict(request.headers),
-                None if body is _INVALID else body, raw))  # fmt: skip
+            self.requests.append(
+                RecordedRequest(
+                    request.method,
+                    request.path,
+                    dict(request.query),
+                    CIMultiDict(request.headers),
+                    None if body is _INVALID else body,
+                    raw,
+                )
+            )
         auth = request.headers.get("Authorization", "")
         if self.api_key is not None and auth != f"Bearer {self.api_key}":
             return _auth_error(auth)

@@ -33,9 +33,15 @@ USD = 1_000_000_000
     "limit", ["team_spending_limit_reached", "member_limit_reached", "insufficient_quota"]
 )
 async def test_k_of_ten_k_simultaneous_requests(
-    gateway: Gateway, replicas: Replicas, api: Api, http: aiohttp.ClientSession,
-    fake: FakeUpstream, redis: Redis, db: asyncpg.Connection, limit: str,
-) -> None:  # fmt: skip
+    gateway: Gateway,
+    replicas: Replicas,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    redis: Redis,
+    db: asyncpg.Connection,
+    limit: str,
+) -> None:
     req = exact(gateway, fake)
     worth = K * req.cost
     credits = worth if limit == "insufficient_quota" else USD

@@ -122,9 +122,12 @@ async def _teams(api: Api, cluster: LocalCluster, cost: int) -> list[Team]:
         if sum(t.master == master for t in teams) >= TEAMS_PER_MASTER:
             continue
         await api.call(
-            "PATCH", f"/api/teams/{team['id']}", session=owner,
-            json={"spending_limit_usd": format_usd(K * cost)}, expect=200,
-        )  # fmt: skip
+            "PATCH",
+            f"/api/teams/{team['id']}",
+            session=owner,
+            json={"spending_limit_usd": format_usd(K * cost)},
+            expect=200,
+        )
         teams.append(Team(team["id"], secret, master))
     return teams
 
@@ -192,10 +195,16 @@ async def _unavailable_for(
 
 @pytest.mark.parametrize("gateways", [1, 0], indirect=True, ids=["wait_replicas=1", "no_wait"])
 async def test_a_master_killed_under_load(
-    gateways: list[GatewayProcess], redis_cluster: LocalCluster, fake: FakeUpstream,
-    http: aiohttp.ClientSession, db: asyncpg.Connection, redis: Redis, revive: list[int],
-    database_url: str, redis_url: str,
-) -> None:  # fmt: skip
+    gateways: list[GatewayProcess],
+    redis_cluster: LocalCluster,
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+    db: asyncpg.Connection,
+    redis: Redis,
+    revive: list[int],
+    database_url: str,
+    redis_url: str,
+) -> None:
     waiting = "wait_replicas=1" in os.environ.get("PYTEST_CURRENT_TEST", "")
     a, b = gateways
     api = Api(http, a.base, ADMIN_TOKEN)

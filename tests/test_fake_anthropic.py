@@ -38,9 +38,12 @@ async def client(upstream: FakeAnthropic) -> AsyncIterator[anthropic.AsyncAnthro
 async def test_plain_message(upstream: FakeAnthropic, client: anthropic.AsyncAnthropic) -> None:
     upstream.next(cache_read_tokens=100, cache_creation_tokens=20)
     msg = await client.messages.create(
-        model="claude-x", max_tokens=100, system="be terse", messages=MSG,
+        model="claude-x",
+        max_tokens=100,
+        system="be terse",
+        messages=MSG,
         extra_body={"unknown_field": 1},
-    )  # fmt: skip
+    )
     assert msg.id.startswith("msg_") and msg.type == "message" and msg.role == "assistant"
     assert msg.model == "claude-x"
     assert [b.type for b in msg.content] == ["text"]
@@ -73,7 +76,7 @@ async def test_stream_events(upstream: FakeAnthropic, client: anthropic.AsyncAnt
         "content_block_stop",
         "message_delta",
         "message_stop",
-    ]  # fmt: skip  (the SDK hides ping)
+    ]  # the SDK hides ping
     start = events[0]
     assert start.type == "message_start"
     assert start.message.usage.input_tokens == 7 and start.message.usage.output_tokens == 1

@@ -28,9 +28,12 @@ async def azure() -> AsyncIterator[FakeAzure]:
 @pytest.fixture
 async def azure_client(azure: FakeAzure) -> AsyncIterator[openai.AsyncAzureOpenAI]:
     sdk = openai.AsyncAzureOpenAI(
-        azure_endpoint=azure.endpoint, api_key=KEY, api_version="2024-10-21", max_retries=0,
+        azure_endpoint=azure.endpoint,
+        api_key=KEY,
+        api_version="2024-10-21",
+        max_retries=0,
         timeout=10,
-    )  # fmt: skip
+    )
     yield sdk
     await sdk.close()
 
@@ -183,12 +186,21 @@ async def test_responses_stream(upstream: FakeUpstream, client: openai.AsyncOpen
     stream = await client.responses.create(model="gpt-4o", input="hello", stream=True)
     events = [e async for e in stream]
     assert [e.type for e in events] == [
-        "response.created", "response.in_progress", "response.output_item.added",
-        "response.content_part.added", "response.output_text.delta", "response.output_text.delta",
-        "response.output_text.done", "response.content_part.done", "response.output_item.done",
-        "response.output_item.added", "response.function_call_arguments.delta",
-        "response.function_call_arguments.done", "response.output_item.done", "response.completed",
-    ]  # fmt: skip
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     final = events[-1]
     assert final.type == "response.completed"

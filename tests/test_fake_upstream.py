@@ -403,9 +403,15 @@ async def test_mid_stream_drop(upstream: FakeUpstream, client: openai.AsyncOpenA
 async def test_standalone_process() -> None:
     root = Path(__file__).resolve().parent.parent
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.fake_upstream", "--port", "0", "--no-record",
-        cwd=root, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "tests.fake_upstream",
+        "--port",
+        "0",
+        "--no-record",
+        cwd=root,
+        stdout=asyncio.subprocess.PIPE,
+    )
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), timeout=20)).decode()

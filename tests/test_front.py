@@ -232,8 +232,10 @@ async def test_framing_front_does_not_take_is_aiohttps(
             status, _, _ = await conn.response()
         assert status == 200
     else:
-        conn.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n"
-                  b"Content-Length: 3\r\n\r\n{}")  # fmt: skip
+        conn.send(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n"
+            b"Content-Length: 3\r\n\r\n{}"
+        )
         assert (await conn.response())[0] == 400
     assert counts(gateway)[1] == handed + 1 and counts(gateway)[0] == served
 
@@ -324,12 +326,18 @@ HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: applica
 @pytest.mark.parametrize(
     ("head", "expected"),
     [
-        (HEAD + b"\r\nAuthorization: Bearer AbC\r\nContent-Length: 12",
-         {b"authorization": b"Bearer AbC", b"content-length": b"12"}),
-        (HEAD + b"\r\ncontent-length:7\r\nX-API-KEY:  k1 \r\nConnection: close",
-         {b"content-length": b"7", b"x-api-key": b"k1", b"connection": b"close"}),
-        (HEAD + b"\r\nContent-Length: 3\r\nX-ModelBridge-Tags: a=1, b=2",
-         {b"content-length": b"3", b"x-modelbridge-tags": b"a=1, b=2"}),
+        (
+            HEAD + b"\r\nAuthorization: Bearer AbC\r\nContent-Length: 12",
+            {b"authorization": b"Bearer AbC", b"content-length": b"12"},
+        ),
+        (
+            HEAD + b"\r\ncontent-length:7\r\nX-API-KEY:  k1 \r\nConnection: close",
+            {b"content-length": b"7", b"x-api-key": b"k1", b"connection": b"close"},
+        ),
+        (
+            HEAD + b"\r\nContent-Length: 3\r\nX-ModelBridge-Tags: a=1, b=2",
+            {b"content-length": b"3", b"x-modelbridge-tags": b"a=1, b=2"},
+        ),
         (HEAD + b"\r\nContent-Length: 3\r\nContent-Length: 3", None),  # twice
         (HEAD + b"\r\nContent-Length: 3\r\nTransfer-Encoding: chunked", None),
         (HEAD + b"\r\nContent-Length: 3\r\nExpect: 100-continue", None),
@@ -346,7 +354,7 @@ HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: applica
         (HEAD.replace(b"completions ", b"completions?x=1 ") + b"\r\nContent-Length: 3", None),
         (HEAD.replace(b"chat/", b"") + b"\r\nContent-Length: 3", "completion"),
     ],
-)  # fmt: skip
+)
 def test_read_head(head: bytes, expected: object) -> None:
     from gateway.proxy.head import HandOver, read_head
 

@@ -63,9 +63,12 @@ async def test_messages_plain_with_cache_prices(
     owner, team, secret = await api.funded_team_key("1.00")
     providers.anthropic.next(cache_read_tokens=100, cache_creation_tokens=20)
     raw = await claude(providers, secret).messages.with_raw_response.create(
-        model="claude", max_tokens=50, messages=MSG, extra_body={"metadata": {"user_id": "u1"}},
+        model="claude",
+        max_tokens=50,
+        messages=MSG,
+        extra_body={"metadata": {"user_id": "u1"}},
         extra_headers={"anthropic-beta": "prompt-caching-2024-07-31"},
-    )  # fmt: skip
+    )
     message = await raw.parse()
     assert message.content[0].text == TEXT  # type: ignore[union-attr]
     assert message.usage.input_tokens == 5
@@ -362,8 +365,10 @@ async def test_chat_stream_on_anthropic_upstream(
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TEXT
     args = "".join(
         t.function.arguments or ""  # type: ignore[union-attr]
-        for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []
-    )  # fmt: skip
+        for c in chunks
+        if c.choices
+        for t in c.choices[0].delta.tool_calls or []
+    )
     assert args == '{"city":"Oslo"}'
     assert chunks[-2].choices[0].finish_reason == "tool_calls"
     usage = chunks[-1].usage

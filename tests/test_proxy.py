@@ -103,9 +103,11 @@ async def test_stream_without_usage_request_strips_the_usage_chunk(
 async def test_stream_with_usage_request_keeps_the_usage_chunk(gateway: Gateway, api: Api) -> None:
     _, _, secret = await api.funded_team_key()
     stream = await client(gateway, secret).chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi there"}], stream=True,
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi there"}],
+        stream=True,
         stream_options={"include_usage": True},
-    )  # fmt: skip
+    )
     chunks = [chunk async for chunk in stream]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (5, 6)

@@ -24,9 +24,11 @@ async def post(
 ) -> tuple[int, Any, Any]:
     data = body if isinstance(body, bytes) else None
     async with http.post(
-        gateway.v1 + "/chat/completions", json=None if data is not None else body, data=data,
+        gateway.v1 + "/chat/completions",
+        json=None if data is not None else body,
+        data=data,
         headers={"Authorization": f"Bearer {key}", **kw.get("headers", {})},
-    ) as resp:  # fmt: skip
+    ) as resp:
         payload = await resp.json(content_type=None)
         return resp.status, payload, resp.headers
 
@@ -67,9 +69,16 @@ async def account_state(redis: Redis, team_id: str) -> dict[str, str]:
     ],
 )
 async def test_bad_input_is_a_clear_4xx_and_changes_nothing(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream, redis: Redis,
-    body: Any, status: int, code: str, param: str | None,
-) -> None:  # fmt: skip
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    redis: Redis,
+    body: Any,
+    status: int,
+    code: str,
+    param: str | None,
+) -> None:
     owner, team, secret = await api.funded_team_key("1.00")
     before = await api.overview(owner, team["id"])
     got_status, payload, _headers = await post(http, gateway, secret, body)

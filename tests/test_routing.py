@@ -204,15 +204,21 @@ async def test_a_failing_deployment_is_skipped_then_cools_down(
     assert (await record(db, headers["x-request-id"]))["attempts"] == 1
     after = await scrape(http, gateway)
     moved = {
-        (up, outcome): metric(after, "modelbridge_upstream_attempts_total", upstream=up,
-                              outcome=outcome)
+        (up, outcome): metric(
+            after, "modelbridge_upstream_attempts_total", upstream=up, outcome=outcome
+        )
         - metric(before, "modelbridge_upstream_attempts_total", upstream=up, outcome=outcome)
-        for up in ("east", "west") for outcome in ("ok", "retried", "failed")
-    }  # fmt: skip
+        for up in ("east", "west")
+        for outcome in ("ok", "retried", "failed")
+    }
     assert moved == {
-        ("east", "ok"): 0, ("east", "retried"): 3, ("east", "failed"): 0,
-        ("west", "ok"): 4, ("west", "retried"): 0, ("west", "failed"): 0,
-    }  # fmt: skip
+        ("east", "ok"): 0,
+        ("east", "retried"): 3,
+        ("east", "failed"): 0,
+        ("west", "ok"): 4,
+        ("west", "retried"): 0,
+        ("west", "failed"): 0,
+    }
     # 30 s later east is back.
     gateway.clock.offset = 31
     fakes.east.set_default()
@@ -258,9 +264,12 @@ async def test_a_blocked_fallback_is_skipped(
 ) -> None:
     owner, team, secret = await api.funded_team_key()
     await api.call(
-        "PATCH", f"/api/teams/{team['id']}", session=owner,
-        json={"model_restrictions": ["pricey"]}, expect=200,
-    )  # fmt: skip
+        "PATCH",
+        f"/api/teams/{team['id']}",
+        session=owner,
+        json={"model_restrictions": ["pricey"]},
+        expect=200,
+    )
     fakes.east.set_default(status=502)
     status, headers, _ = await chat(http, gateway, secret, "solo")
     assert (status, headers[SERVED_BY]) == (200, "west/gpt-4o-mini")

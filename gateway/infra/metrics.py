@@ -120,17 +120,26 @@ class Metrics:
             registry=None,
         )
         self.duration = Histogram(
-            "modelbridge_request_duration_seconds", "Request duration", ("endpoint", "model"),
-            buckets=_LATENCY_BUCKETS, registry=None,
-        )  # fmt: skip
+            "modelbridge_request_duration_seconds",
+            "Request duration",
+            ("endpoint", "model"),
+            buckets=_LATENCY_BUCKETS,
+            registry=None,
+        )
         self.ttfb = Histogram(
-            "modelbridge_upstream_ttfb_seconds", "Upstream time to first byte", ("model",),
-            buckets=_LATENCY_BUCKETS, registry=None,
-        )  # fmt: skip
+            "modelbridge_upstream_ttfb_seconds",
+            "Upstream time to first byte",
+            ("model",),
+            buckets=_LATENCY_BUCKETS,
+            registry=None,
+        )
         self.overhead = Histogram(
-            "modelbridge_gateway_overhead_seconds", "Time spent in the gateway, upstream excluded",
-            ("endpoint",), buckets=_OVERHEAD_BUCKETS, registry=None,
-        )  # fmt: skip
+            "modelbridge_gateway_overhead_seconds",
+            "Time spent in the gateway, upstream excluded",
+            ("endpoint",),
+            buckets=_OVERHEAD_BUCKETS,
+            registry=None,
+        )
         self.attempts = Counter(
             "modelbridge_upstream_attempts_total",
             "Upstream attempts, one per deployment tried (retried: another attempt followed)",
@@ -157,9 +166,11 @@ class Metrics:
             registry=None,
         )
         self.usage_pending = Gauge(
-            "modelbridge_usage_events_pending", "Usage records accepted but not yet in PostgreSQL",
-            multiprocess_mode="mostrecent", registry=None,
-        )  # fmt: skip
+            "modelbridge_usage_events_pending",
+            "Usage records accepted but not yet in PostgreSQL",
+            multiprocess_mode="mostrecent",
+            registry=None,
+        )
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: the hot path asks for the same few children."""

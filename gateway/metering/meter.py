@@ -182,9 +182,18 @@ class Metering:
     def _hold_call(self, ask: HoldAsk) -> tuple[list[str], list[str | int]]:
         keys = self._hold_keys(ask)
         args: list[str | int] = [
-            int(ask.now), ask.request_id, ask.key_id, ask.scope, ask.model, ask.worst_list_cost,
-            self.hold_ttl_s, rk.PERIOD_TTL_S, int(ask.now * 1000), ask.tokens, WINDOW_MS,
-        ]  # fmt: skip
+            int(ask.now),
+            ask.request_id,
+            ask.key_id,
+            ask.scope,
+            ask.model,
+            ask.worst_list_cost,
+            self.hold_ttl_s,
+            rk.PERIOD_TTL_S,
+            int(ask.now * 1000),
+            ask.tokens,
+            WINDOW_MS,
+        ]
         return keys, args
 
     def hold_result(self, account: str, raw: Any) -> HoldResult:
@@ -222,9 +231,16 @@ class Metering:
                 self._keys.clear()
             ak = rk.AccountKeys(ask.account)
             cached = [
-                ak.state, ak.period(ask.period), ak.cfg, ak.keys, ak.blocked(ask.blocked_scope),
-                ak.hold_expiry, ak.hold_values, ak.alerts, *ak.rate_keys(ask.key_id, ask.scope),
-            ]  # fmt: skip
+                ak.state,
+                ak.period(ask.period),
+                ak.cfg,
+                ak.keys,
+                ak.blocked(ask.blocked_scope),
+                ak.hold_expiry,
+                ak.hold_values,
+                ak.alerts,
+                *ak.rate_keys(ask.key_id, ask.scope),
+            ]
             self._keys[index] = cached
         return cached
 

@@ -46,15 +46,41 @@ from policies.slots import key_slot
 log = logging.getLogger("modelbridge.usage")
 
 _COLUMNS = (
-    "request_id", "account", "team_id", "user_id", "key_id", "model", "endpoint", "period",
-    "prompt_tokens", "completion_tokens", "cached_tokens", "list_cost", "discount", "charged",
-    "from_allowance", "from_credits", "usage_source", "encoding", "tags", "status",
-    "served_model", "attempts", "created_at",  # created_at last: _insert reads row[-1]
-)  # fmt: skip
+    "request_id",
+    "account",
+    "team_id",
+    "user_id",
+    "key_id",
+    "model",
+    "endpoint",
+    "period",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "list_cost",
+    "discount",
+    "charged",
+    "from_allowance",
+    "from_credits",
+    "usage_source",
+    "encoding",
+    "tags",
+    "status",
+    "served_model",
+    "attempts",
+    "created_at",  # created_at last: _insert reads row[-1]
+)
 _INT_COLUMNS = {
-    "prompt_tokens", "completion_tokens", "cached_tokens", "list_cost", "discount", "charged",
-    "from_allowance", "from_credits", "status",
-}  # fmt: skip
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "list_cost",
+    "discount",
+    "charged",
+    "from_allowance",
+    "from_credits",
+    "status",
+}
 # A batch goes in by COPY into a temporary table (emptied at commit), then one statement inserts
 # the rows not there yet and adds only those actually inserted to their day's rollup
 # (usage_daily), grouped, in one order (concurrent batches cannot deadlock). Measured against

@@ -238,12 +238,23 @@ def parse(
     route = router.route(plan, now)
     target = route.target
     call = Call(
-        app=app, endpoint=endpoint, secret=secret, key=key, model=target.model, body=body,
-        raw=raw, request_id=app[S.REQUEST_IDS].new(), now=now, period=period_of(now),
-        prompt_tokens=prompt_tokens, encoding=encoding, tags=tags,
+        app=app,
+        endpoint=endpoint,
+        secret=secret,
+        key=key,
+        model=target.model,
+        body=body,
+        raw=raw,
+        request_id=app[S.REQUEST_IDS].new(),
+        now=now,
+        period=period_of(now),
+        prompt_tokens=prompt_tokens,
+        encoding=encoding,
+        tags=tags,
         stream=body.get("stream") is True and endpoint.kind != "embedding",
-        exchange=target.exchange, route=route,
-    )  # fmt: skip
+        exchange=target.exchange,
+        route=route,
+    )
     target.exchange.prepare(call)
     return call
 
@@ -282,10 +293,17 @@ def worst_cost(call: Call) -> int:
 def hold_ask(call: Call, worst: int) -> HoldAsk:
     key = call.key
     return HoldAsk(
-        account=key.account, period=call.period, now=call.now, request_id=call.request_id,
-        key_id=key.key_id, scope=key.scope, model=call.model.name, worst_list_cost=worst,
-        blocked_scope=key.blocked_scope, tokens=call.prompt_tokens + output_cap(call),
-    )  # fmt: skip
+        account=key.account,
+        period=call.period,
+        now=call.now,
+        request_id=call.request_id,
+        key_id=key.key_id,
+        scope=key.scope,
+        model=call.model.name,
+        worst_list_cost=worst,
+        blocked_scope=key.blocked_scope,
+        tokens=call.prompt_tokens + output_cap(call),
+    )
 
 
 async def place_hold(call: Call) -> HoldResult:
@@ -356,14 +374,45 @@ def settle_ask(
     key = call.key
     prompt, completion = tokens.prompt_tokens, tokens.completion_tokens
     record: list[str | int] = [
-        "request_id", call.request_id, "account", key.account, "team_id", key.team_id or "",
-        "user_id", key.user_id, "key_id", key.key_id, "model", call.model.name,
-        "endpoint", call.endpoint.route, "period", call.period, "prompt_tokens", prompt,
-        "completion_tokens", completion, "cached_tokens", tokens.cached_tokens,
-        "list_cost", charge.list_cost, "discount", charge.discount, "charged", charge.charged,
-        "usage_source", source, "encoding", call.encoding, "tags", call.tags, "status", status,
-        "created_at", call.hold.stamp_ms or int(call.now * 1000),
-    ]  # fmt: skip
+        "request_id",
+        call.request_id,
+        "account",
+        key.account,
+        "team_id",
+        key.team_id or "",
+        "user_id",
+        key.user_id,
+        "key_id",
+        key.key_id,
+        "model",
+        call.model.name,
+        "endpoint",
+        call.endpoint.route,
+        "period",
+        call.period,
+        "prompt_tokens",
+        prompt,
+        "completion_tokens",
+        completion,
+        "cached_tokens",
+        tokens.cached_tokens,
+        "list_cost",
+        charge.list_cost,
+        "discount",
+        charge.discount,
+        "charged",
+        charge.charged,
+        "usage_source",
+        source,
+        "encoding",
+        call.encoding,
+        "tags",
+        call.tags,
+        "status",
+        status,
+        "created_at",
+        call.hold.stamp_ms or int(call.now * 1000),
+    ]
     route = call.route
     if route is not None:
         record += ["served_model", route.target.served.name, "attempts", route.attempts]
