@@ -88,7 +88,8 @@ async def fill(redis: Redis, records: int, accounts: int, run: str) -> None:
     pipe = redis.pipeline(transaction=False)
     for n in range(records):
         name = names[n % accounts]
-        pipe.xadd(rk.AccountKeys(name).usage_stream, _record(n, name, run))  # type: ignore[arg-type]
+        stream = rk.AccountKeys(name).usage_stream
+        pipe.xadd(stream, _record(n, name, run))  # type: ignore[arg-type]
         if len(pipe) >= 5000:
             await pipe.execute()
     await pipe.execute()

@@ -2,8 +2,8 @@
 
 Runs ``hold.lua`` (this checkout's, and optionally another revision's) many times on a private
 ``redis-server`` and reads the server's own CPU time (``INFO cpu``), so a busy machine's client
-side and scheduling noise stay out of it; cases interleave over several rounds (median). Every call takes the
-admitting path (a rich account, a clock that stands still).
+side and scheduling noise stay out of it; cases interleave over several rounds (median). Every
+call takes the admitting path (a rich account, a clock that stands still).
 
     python -m bench.hold_cost [--calls 20000] [--rounds 5] [--against <git revision>]
 

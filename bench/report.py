@@ -178,9 +178,10 @@ _TEST_TEXT = {
 def _figures_md(session: dict[str, Any], s: dict[str, Any], plan: dict[str, Any]) -> list[str]:
     label = session["label"]
     desc = {
-        "latency": f"moderate load: {plan['lat_conns']} conns, exp. think {plan['lat_think_ms']:g} ms, "
-        f"{plan['lat_duration']:g} s",
-        "saturation": f"saturation: {plan['sat_conns']} conns, no think time, {plan['duration']:g} s",
+        "latency": f"moderate load: {plan['lat_conns']} conns, exp. think "
+        f"{plan['lat_think_ms']:g} ms, {plan['lat_duration']:g} s",
+        "saturation": f"saturation: {plan['sat_conns']} conns, no think time, "
+        f"{plan['duration']:g} s",
         "stream": f"streaming: {plan['stream_conc']} streams, exp. think "
         f"{plan['stream_think_ms']:g} ms, {plan['duration']:g} s",
     }
@@ -256,8 +257,9 @@ def _verify_md(session: dict[str, Any], s: dict[str, Any]) -> list[str]:
         f"{session['label']} {s['errors'][session['label']]}; gateway responses by status: "
         f"{v['gateway_responses_by_status']}",
         f"- usage records in PostgreSQL: {v['usage_records']} "
-        f"({v['usage_records_by_source_status']}); the gateway served {v['gateway_responses_by_status'].get('200', 0)} "
-        f"× 200 (equal: {v['records_equal_served']}); responses counted by the clients "
+        f"({v['usage_records_by_source_status']}); the gateway served "
+        f"{v['gateway_responses_by_status'].get('200', 0)} × 200 "
+        f"(equal: {v['records_equal_served']}); responses counted by the clients "
         f"{v['client_ok_responses']} (records − client count = {v['records_minus_client_ok']}, "
         f"in-flight margin {v['in_flight_margin']})",
         f"- `modelbridge_usage_events_pending`: max seen after a run {v['pending_max_seen']}, "

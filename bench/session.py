@@ -263,7 +263,8 @@ def oneline(r: dict[str, Any]) -> str:
     s = f"rep{r['rep']} {r['test']:<10} {r['target']:<12} "
     if x["tool"] == "wrk":
         lat = x["latency_ms"]
-        s += f"{x['rps']:>8.1f} req/s p50 {lat['p50']:.3f} p90 {lat['p90']:.3f} p99 {lat['p99']:.3f} ms"
+        s += f"{x['rps']:>8.1f} req/s p50 {lat['p50']:.3f} p90 {lat['p90']:.3f}"
+        s += f" p99 {lat['p99']:.3f} ms"
     else:
         s += (
             f"{x['streams_per_s']:>6.1f} str/s ttfb {x['ttfb_ms']['p50']:.3f} "

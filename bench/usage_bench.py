@@ -111,8 +111,9 @@ async def fill(conn: asyncpg.Connection, rows: int, other_rows: int, start: date
     # The usage writer keeps usage_daily in step record by record; a bulk fill rolls up at once.
     await conn.execute(
         "INSERT INTO usage_daily SELECT account, (created_at AT TIME ZONE 'UTC')::date, user_id,"
-        " key_id, model, tags, count(*), sum(prompt_tokens), sum(completion_tokens), sum(list_cost),"
-        " sum(discount), sum(charged) FROM usage_records GROUP BY 1, 2, 3, 4, 5, 6"
+        " key_id, model, tags, count(*), sum(prompt_tokens), sum(completion_tokens),"
+        " sum(list_cost), sum(discount), sum(charged) FROM usage_records"
+        " GROUP BY 1, 2, 3, 4, 5, 6"
     )
     await conn.execute("VACUUM ANALYZE usage_records")
     await conn.execute("VACUUM ANALYZE usage_daily")

@@ -3,8 +3,9 @@
 Endpoints (under ``/v1``): ``POST /messages`` (plain, or SSE with ``"stream": true``) and
 ``POST /messages/count_tokens`` (``{"input_tokens": N}``); any other path is Anthropic's 404.
 Every request needs ``x-api-key`` or ``Authorization: Bearer`` (recent SDKs send the key so;
-when ``api_key`` is set: that key, else 401 ``authentication_error``) and an ``anthropic-version`` header (else 400); a Messages request
-needs ``model``, ``max_tokens`` (an integer >= 1) and ``messages``. Errors use Anthropic's envelope
+when ``api_key`` is set: that key, else 401 ``authentication_error``) and an
+``anthropic-version`` header (else 400); a Messages request needs ``model``, ``max_tokens`` (an
+integer >= 1) and ``messages``. Errors use Anthropic's envelope
 ``{"type": "error", "error": {"type", "message"}, "request_id"}`` with its statuses: 400
 ``invalid_request_error``, 401 ``authentication_error``, 403 ``permission_error``, 404
 ``not_found_error``, 413 ``request_too_large``, 429 ``rate_limit_error``, 500 ``api_error``, 529

@@ -162,8 +162,8 @@ async def _backlog(redis: Redis, accounts: list[str]) -> int:
 
 
 async def _probe_secret(api: Api, cluster: LocalCluster, master: int) -> str:
-    """A key of a team on ``master`` with no money: its hold is refused at once (429 insufficient_quota) while
-    its slot is served, and 503 while it is not."""
+    """A key of a team on ``master`` with no money: its hold is refused at once (429
+    insufficient_quota) while its slot is served, and 503 while it is not."""
     while True:
         owner = await api.signup()
         team = await api.team(owner)

@@ -1,8 +1,10 @@
-"""Tests of the fake Azure OpenAI server and the fake's Responses API, driven by the ``openai`` SDK."""
+"""Tests of the fake Azure OpenAI server and the fake's Responses API, driven by the ``openai``
+SDK."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import openai
@@ -13,7 +15,7 @@ from tests.fake_upstream import DEFAULT_PIECES, FakeUpstream
 
 KEY = "azure-key-0123456789"
 OPENAI_KEY = "sk-upstream-0123456789"
-MSG = [{"role": "user", "content": "say hello to me"}]
+MSG: Any = [{"role": "user", "content": "say hello to me"}]  # the SDK's message params
 WEATHER = {"name": "weather", "arguments": {"city": "Oslo"}}
 
 
@@ -58,7 +60,7 @@ async def client(upstream: FakeUpstream) -> AsyncIterator[openai.AsyncOpenAI]:
 
 async def test_azure_chat(azure: FakeAzure, azure_client: openai.AsyncAzureOpenAI) -> None:
     azure.next(cached_tokens=3)
-    resp = await azure_client.chat.completions.create(model="gpt4o-prod", messages=MSG)  # type: ignore[arg-type]
+    resp = await azure_client.chat.completions.create(model="gpt4o-prod", messages=MSG)
     assert resp.model == "gpt-4o-2024-08-06"
     assert resp.choices[0].message.content == "".join(DEFAULT_PIECES)
     assert resp.usage is not None and resp.usage.prompt_tokens == 7
@@ -79,7 +81,7 @@ async def test_azure_stream_starts_with_filter_chunk(
         model="mini",
         messages=MSG,
         stream=True,
-        stream_options={"include_usage": True},  # type: ignore[arg-type]
+        stream_options={"include_usage": True},
     )
     chunks = [c async for c in stream]
     assert chunks[0].choices == [] and chunks[0].id == ""
@@ -92,12 +94,13 @@ async def test_azure_stream_starts_with_filter_chunk(
 
 async def test_azure_tool_calls(azure: FakeAzure, azure_client: openai.AsyncAzureOpenAI) -> None:
     azure.next(tool_calls=[WEATHER], content_pieces=[])
-    resp = await azure_client.chat.completions.create(model="mini", messages=MSG)  # type: ignore[arg-type]
+    resp = await azure_client.chat.completions.create(model="mini", messages=MSG)
     choice = resp.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     assert choice.message.tool_calls is not None
     call = choice.message.tool_calls[0]
-    assert call.function.name == "weather" and call.function.arguments == '{"city":"Oslo"}'  # type: ignore[union-attr]
+    assert call.function.name == "weather"  # type: ignore[union-attr]
+    assert call.function.arguments == '{"city":"Oslo"}'  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
@@ -120,7 +123,7 @@ async def test_azure_errors(
 ) -> None:
     azure.next(status=status)
     with pytest.raises(exc_type) as exc:
-        await azure_client.chat.completions.create(model="mini", messages=MSG)  # type: ignore[arg-type]
+        await azure_client.chat.completions.create(model="mini", messages=MSG)
     assert exc.value.status_code == status and exc.value.code == code
     if status == 429:
         assert exc.value.response.headers["retry-after"] == "1"
@@ -128,7 +131,7 @@ async def test_azure_errors(
 
 async def test_azure_refusals(azure: FakeAzure, azure_client: openai.AsyncAzureOpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as exc:
-        await azure_client.chat.completions.create(model="nope", messages=MSG)  # type: ignore[arg-type]
+        await azure_client.chat.completions.create(model="nope", messages=MSG)
     assert exc.value.code == "DeploymentNotFound"
     url = f"{azure.base_url}/deployments/mini/chat/completions"
     body = {"messages": MSG}
@@ -153,10 +156,10 @@ async def test_azure_responses_and_embeddings(azure_client: openai.AsyncAzureOpe
 async def test_azure_hang_and_drop(azure: FakeAzure, azure_client: openai.AsyncAzureOpenAI) -> None:
     azure.next(hang=True)
     with pytest.raises(openai.APITimeoutError):
-        await azure_client.chat.completions.create(model="mini", messages=MSG, timeout=0.3)  # type: ignore[arg-type]
+        await azure_client.chat.completions.create(model="mini", messages=MSG, timeout=0.3)
     await azure.wait_until(lambda: azure.cancelled == 1)
     azure.next(drop_after=2)
-    stream = await azure_client.chat.completions.create(model="mini", messages=MSG, stream=True)  # type: ignore[arg-type]
+    stream = await azure_client.chat.completions.create(model="mini", messages=MSG, stream=True)
     with pytest.raises(openai.APIConnectionError):
         async for _ in stream:
             pass
@@ -256,11 +259,12 @@ async def test_responses_failures(upstream: FakeUpstream, client: openai.AsyncOp
 
 async def test_chat_tool_calls_stream(upstream: FakeUpstream, client: openai.AsyncOpenAI) -> None:
     upstream.next(tool_calls=[WEATHER, {"name": "time", "arguments": "{}"}], content_pieces=["k"])
-    stream = await client.chat.completions.create(model="m", messages=MSG, stream=True)  # type: ignore[arg-type]
+    stream = await client.chat.completions.create(model="m", messages=MSG, stream=True)
     chunks = [c async for c in stream]
     calls: dict[int, str] = {}
     for chunk in chunks:
         for call in chunk.choices[0].delta.tool_calls or []:
-            calls[call.index] = calls.get(call.index, "") + (call.function.arguments or "")  # type: ignore[union-attr]
+            arguments = call.function.arguments or ""  # type: ignore[union-attr]
+            calls[call.index] = calls.get(call.index, "") + arguments
     assert calls == {0: '{"city":"Oslo"}', 1: "{}"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"

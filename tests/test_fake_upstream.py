@@ -64,13 +64,13 @@ async def test_chat_non_stream(upstream: FakeUpstream, client: openai.AsyncOpenA
 
 
 async def test_prompt_token_rule(client: openai.AsyncOpenAI) -> None:
-    messages = [
+    messages: list[ChatCompletionMessageParam] = [
         {"role": "system", "content": "you are  terse"},  # 3 words
         {"role": "user", "content": [{"type": "text", "text": "one two"}]},  # 2 words
         {"role": "assistant", "content": None},  # 0 words
         {"role": "user", "content": ""},
     ]
-    resp = await client.chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
+    resp = await client.chat.completions.create(model="m", messages=messages)
     assert resp.usage is not None
     assert resp.usage.prompt_tokens == 3 + 2 + 4 * 3
 

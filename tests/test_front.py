@@ -1,5 +1,5 @@
-"""``gateway.proxy.front``: plain proxy calls served lean on raw connections, everything else handed to
-aiohttp at a request boundary, and both answer the same."""
+"""``gateway.proxy.front``: plain proxy calls served lean on raw connections, everything else
+handed to aiohttp at a request boundary, and both answer the same."""
 
 from __future__ import annotations
 

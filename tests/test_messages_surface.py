@@ -274,7 +274,8 @@ async def test_messages_on_openai_upstream(
         model="gpt-4o-mini", max_tokens=50, system="be terse", messages=MSG
     )
     message = await raw.parse()
-    assert message.content[0].text == TEXT and message.stop_reason == "end_turn"  # type: ignore[union-attr]
+    assert message.content[0].text == TEXT  # type: ignore[union-attr]
+    assert message.stop_reason == "end_turn"
     assert message.model == "gpt-4o-mini"
     # OpenAI's 2 + 3 + 2 = 10 prompt tokens (system 2 + 3, user 2 + 3), 2 of them cached
     assert (message.usage.input_tokens, message.usage.cache_read_input_tokens) == (8, 2)
@@ -299,7 +300,8 @@ async def test_messages_stream_tool_use_on_openai_upstream(
         final = await stream.get_final_message()
         request_id = stream.response.headers["x-request-id"]
     assert text == TEXT and final.stop_reason == "tool_use"
-    assert final.content[1].type == "tool_use" and final.content[1].input == {"city": "Oslo"}  # type: ignore[union-attr]
+    assert final.content[1].type == "tool_use"
+    assert final.content[1].input == {"city": "Oslo"}  # type: ignore[union-attr]
     assert (final.usage.input_tokens, final.usage.output_tokens) == (5, 7)
     row = await usage_row(db, request_id)
     assert row["charged"] == 5 * 150 + 7 * 600
@@ -347,7 +349,8 @@ async def test_chat_tool_calls_on_anthropic_upstream(providers: Providers, api: 
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls is not None
     call = choice.message.tool_calls[0]
-    assert call.function.name == "weather" and call.function.arguments == '{"city":"Oslo"}'  # type: ignore[union-attr]
+    assert call.function.name == "weather"  # type: ignore[union-attr]
+    assert call.function.arguments == '{"city":"Oslo"}'  # type: ignore[union-attr]
     assert providers.anthropic.last.body["tool_choice"] == {"type": "any"}
 
 

@@ -174,9 +174,10 @@ class Metering:
         raise StoreUnavailable("the billing account could not be loaded")
 
     def hold_now(self, ask: HoldAsk) -> Awaitable[Any] | None:
-        """Write ``hold.lua`` to Redis now, without awaiting (``gateway.proxy.front``); None when the
-        lean script connection is not open. Await the reply with :func:`guarded`, read it with
-        :meth:`hold_result` (``not_loaded`` included: then :meth:`hold` loads the account)."""
+        """Write ``hold.lua`` to Redis now, without awaiting (``gateway.proxy.front``); None when
+        the lean script connection is not open. Await the reply with :func:`guarded`, read it
+        with :meth:`hold_result` (``not_loaded`` included: then :meth:`hold` loads the
+        account)."""
         return self._send_now(self.scripts.hold, *self._hold_call(ask))
 
     def _hold_call(self, ask: HoldAsk) -> tuple[list[str], list[str | int]]:
@@ -310,7 +311,7 @@ class Metering:
         ]
         return SettleCall(ask.account, ask.request_id, keys, args)
 
-    # --- the kept settles ---------------------------------------------------------------------------
+    # --- the kept settles -------------------------------------------------------------------------
     async def replay(self) -> int:
         """Send the kept settles again, oldest first; how many are done with (settled now, settled
         before, or in the ledger already). Stops at the first one Redis does not take."""

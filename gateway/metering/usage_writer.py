@@ -440,8 +440,8 @@ class UsageWriter:
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError) as exc:
             log.error("usage record %s of %s rejected: %s", entry_id, stream, exc)
             await self.db.execute(
-                "INSERT INTO usage_rejects (stream, entry_id, fields, error) VALUES ($1, $2, $3::jsonb, $4)"
-                " ON CONFLICT DO NOTHING",
+                "INSERT INTO usage_rejects (stream, entry_id, fields, error)"
+                " VALUES ($1, $2, $3::jsonb, $4) ON CONFLICT DO NOTHING",
                 stream,
                 entry_id,
                 orjson.dumps(fields).decode(),

@@ -1,1 +1,2 @@
-"""The proxy: the lean front, the aiohttp handlers, streaming, the model catalog, the key cache, tokens."""
+"""The proxy: the lean front, the aiohttp handlers, streaming, the model catalog, the key cache,
+tokens."""

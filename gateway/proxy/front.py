@@ -1,11 +1,12 @@
 """The front of every connection: the common plain proxy call served lean, the rest by aiohttp.
 
 A client's connection starts on :class:`Front`. While it sends complete, well-formed
-``POST /v1/chat/completions`` (``/completions``, ``/embeddings``) requests with a ``Content-Length``
-body and no ``stream`` (framed by :mod:`gateway.proxy.head`), Front serves them itself, with the same code as aiohttp's path
-(:mod:`gateway.proxy.handlers` and :mod:`gateway.proxy.forwarding`: parse, hold, ask along the
-routing chain, answer, settle, count) minus aiohttp's request and
-response objects, which cost more than the rest of the gateway's work at low load. For a key
+``POST /v1/chat/completions`` (``/completions``, ``/embeddings``) requests with a
+``Content-Length`` body and no ``stream`` (framed by :mod:`gateway.proxy.head`), Front serves them
+itself, with the same code as aiohttp's path (:mod:`gateway.proxy.handlers` and
+:mod:`gateway.proxy.forwarding`: parse, hold, ask along the routing chain, answer, settle, count)
+minus aiohttp's request and response objects, which cost more than the rest of the gateway's work
+at low load. For a key
 this process has cached and a sound body, the hold goes to Redis straight from
 ``data_received`` (no task, no loop iteration before it) and the upstream request is built while
 Redis works; otherwise a task looks the key up first. Errors are answered in the OpenAI

@@ -157,7 +157,7 @@ class _Connection(asyncio.Protocol):
     def _too_large(self) -> OriginTooLarge:
         return OriginTooLarge(self.max_body)
 
-    # --- one request --------------------------------------------------------------------------------
+    # --- one request ------------------------------------------------------------------------------
     def request(self, data: bytes) -> asyncio.Future[Response]:
         assert self.transport is not None and self._waiter is None
         self._reset()
