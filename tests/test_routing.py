@@ -423,6 +423,40 @@ async def test_a_client_gone_during_a_failing_attempt_is_not_retried_for(
     assert count == 0
 
 
+async def test_a_stream_whose_client_left_before_its_first_byte_counts_its_attempt(
+    gateway: Gateway,
+    api: Api,
+    http: aiohttp.ClientSession,
+    fakes: Fakes,
+    redis: Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, team, secret = await api.funded_team_key()
+    start = await credits(redis, team)
+    fakes.east.next(delay_s=0.6)  # answers within east's 1 s timeout, after the client left
+    name = "modelbridge_upstream_attempts_total"
+    before = metric(await scrape(http, gateway), name, upstream="east", outcome="ok")
+    body = {"model": "duo", **BODY, "stream": True}
+    headers = {"Authorization": f"Bearer {secret}"}
+
+    async def leave() -> None:
+        async with http.post(gateway.v1 + "/chat/completions", json=body, headers=headers):
+            pass
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(leave(), 0.2)
+
+    async def east_ok() -> float:
+        return metric(await scrape(http, gateway), name, upstream="east", outcome="ok")
+
+    await eventually(east_ok, lambda n: n == before + 1)
+    state = rk.AccountKeys(rk.team_account(team["id"])).state
+    await eventually(lambda: redis.hget(state, "holds"), lambda h: h == "0")
+    assert await credits(redis, team) == start  # nothing streamed, nothing billed (as before)
+    assert (posts(fakes.east), posts(fakes.west)) == (1, 0)
+    assert "unhandled error" not in caplog.text  # a client gone is no gateway error
+
+
 async def test_the_hold_covers_the_dearest_model_of_the_chain(
     gateway: Gateway, api: Api, http: aiohttp.ClientSession, fakes: Fakes
 ) -> None:

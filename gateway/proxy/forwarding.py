@@ -24,7 +24,13 @@ import orjson
 from aiohttp import web
 
 from gateway import state as S
-from gateway.errors import GatewayError, InvalidRequest, UpstreamFailed, UpstreamTimeout
+from gateway.errors import (
+    ClientGone,
+    GatewayError,
+    InvalidRequest,
+    UpstreamFailed,
+    UpstreamTimeout,
+)
 from gateway.metering.meter import SettleResult
 from gateway.proxy import handlers
 from gateway.proxy.exchange import forwarded_headers, malformed
@@ -266,7 +272,12 @@ async def _relay_stream(
     client.content_type = "text/event-stream"
     client.headers["Cache-Control"] = "no-cache"
     assert call.request is not None  # streams are served by aiohttp
-    await client.prepare(call.request)
+    assert call.route is not None
+    try:
+        await client.prepare(call.request)
+    except (ConnectionError, RuntimeError) as exc:  # the client left as the answer began
+        count_attempt(call.app[S.METRICS], call.route.target, failed=False, last=True)
+        raise ClientGone("the client closed the connection before its stream began") from exc
     sse = SSERelay(not wants_usage) if call.exchange.native else call.exchange.relay(call)
     try:
         outcome = await relay(response, client, sse, _max_bytes(call), first)
@@ -276,7 +287,6 @@ async def _relay_stream(
         await settle(call, estimate(call, sse.outcome.text), "estimated", 499)
         raise
     call.upstream_s += time.perf_counter() - started
-    assert call.route is not None
     if outcome.upstream_failed:  # cut after its first byte: not retried, the target failed
         call.app[S.ROUTER].failed(call.route.target, call.app[S.CLOCK].now())
     count_attempt(call.app[S.METRICS], call.route.target, outcome.upstream_failed, last=True)
