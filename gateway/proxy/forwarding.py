@@ -115,11 +115,12 @@ async def forward(call: Call) -> web.StreamResponse:
     plain = await ask_upstream(call)
     answer = web.Response(body=plain.body, status=200, headers=plain.headers)
     settled = await settle_plain(call, plain)
-    with contextlib.suppress(ConnectionError, RuntimeError):  # a client gone is billed anyway
-        await answer.prepare(call.request)
-        await answer.write_eof()
-    if settled is not None:
-        await settled
+    try:
+        with contextlib.suppress(ConnectionError, RuntimeError):  # a client gone is billed anyway
+            await answer.prepare(call.request)
+            await answer.write_eof()
+    finally:
+        await settled  # sent already: its result is awaited (or it is kept) whatever happened
     return answer
 
 
@@ -165,22 +166,28 @@ async def ask_once(call: Call) -> Plain:
     return Plain(raw, headers, tokens, source, charge, response.ttfb_s)
 
 
-async def settle_plain(call: Call, plain: Plain) -> Awaitable[SettleResult] | None:
+async def settle_plain(call: Call, plain: Plain) -> Awaitable[None]:
     """Settle a plain call before its answer is written; the caller writes it, then awaits what
     this returns. The settle is sent on the open script connection first, so Redis has it before
     the client can send its next request, to this process or to any other replica: that request
     is held after this one's actual cost (a soft limit sees its spend, a hard one no longer its
-    worst case). With no lean connection open the settle is made here (None is returned), as for
-    streams. Never raises: a settle Redis does not take is kept and sent later."""
-    app = call.app
-    metering = app[S.METERING]
+    worst case). With no lean connection open the settle is made here, as for streams. Never
+    raises: a settle Redis does not take is kept and sent later."""
+    metering = call.app[S.METERING]
     ask = settle_ask(call, plain.tokens, plain.source, 200, plain.charge)
     pending = metering.settle_sent(ask)
     if pending is None:
         await metering.settle(ask)
+    return _settled(call, plain, pending)
+
+
+async def _settled(call: Call, plain: Plain, pending: Awaitable[SettleResult] | None) -> None:
+    """After the answer: the settle's result (kept when Redis did not take it), the metrics."""
+    if pending is not None:
+        await pending
+    app = call.app
     app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(plain.ttfb_s)
     count(call, plain.tokens, plain.charge)
-    return pending
 
 
 def _usage_of(raw: bytes) -> dict[str, Any] | None:

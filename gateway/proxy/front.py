@@ -303,8 +303,9 @@ class Front(asyncio.Protocol):
             else:
                 status = 200
                 settled = await forwarding.settle_plain(call, plain)  # sent before the answer
-                self._write(200, plain.headers, plain.body, keep_alive)
-                if settled is not None:
+                try:
+                    self._write(200, plain.headers, plain.body, keep_alive)
+                finally:
                     await settled
         finally:
             model = call.model.name if call is not None else "other"
