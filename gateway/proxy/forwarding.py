@@ -7,7 +7,8 @@ route on to another deployment, then to the fallback models, **only while nothin
 has reached the client**: a plain answer is read whole before anything is written, a stream's
 first bytes are read before the client's 200 goes out. Any other error status goes back as it
 is; a stream cut after its first byte is not retried (the client gets an error event and what was
-streamed is billed as estimated). However many attempts: one hold, one settle, one usage record.
+streamed is billed as estimated), nor is a request whose client has left (the hold is released).
+However many attempts: one hold, one settle, one usage record.
 """
 
 from __future__ import annotations
