@@ -128,11 +128,19 @@ async def main() -> None:
             sources = {"new": lua_source("hold")}
             if opts.against:
                 sources["old"] = old_source(opts.against)
-                cases.insert(0, (f"{opts.against}: before", SCOPE, {}))
+                if "ARGV[9]" in sources["old"]:  # rate limits there too: every case, both
+                    cases = [
+                        case
+                        for name, entry, cfg in cases
+                        for case in ((f"{opts.against}: {name}", entry, cfg), (name, entry, cfg))
+                    ]
+                else:  # from before rate limits: its own call shape, the common path only
+                    cases.insert(0, (f"{opts.against}: before", SCOPE, {}))
             timings: dict[str, list[float]] = {name: [] for name, _, _ in cases}
             for round_ in range(opts.rounds):
                 for i, (name, entry, cfg) in enumerate(cases):
                     old = name.endswith(": before")
+                    older = opts.against is not None and name.startswith(f"{opts.against}: ")
                     ak = rk.AccountKeys(f"t_bench{round_}_{i}")
                     await install(redis, ak, entry, cfg)
                     keys = [
@@ -147,11 +155,11 @@ async def main() -> None:
                     ]
                     if not old:
                         keys += ak.rate_keys("key_bench", SCOPE)
-                    source = sources["old" if old else "new"]
+                    source = sources["old" if older else "new"]
                     timings[name].append(await run(redis, source, keys, opts.calls, new=not old))
             for name, values in timings.items():
                 print(
-                    f"{name:40s} {statistics.median(values):6.2f} us of Redis CPU per hold"
+                    f"{name:50s} {statistics.median(values):6.2f} us of Redis CPU per hold"
                     f" (median of {len(values)})"
                 )
             await redis.aclose()

@@ -49,21 +49,14 @@ tok_remaining, tok_reset_ms} (-1: no such limit)
 Money is mutated only with HINCRBY (exact to 2^63); comparisons run on Lua doubles, exact for
 amounts below 2^53 nano-dollars (about 9 million USD). A key without controls, in an account
 without rate limits, costs one HGET where HEXISTS was, and four more fields in the cfg HMGET.
+The common path reads each hash once: HGET keys, HMGET state, ZRANGEBYSCORE hz, SISMEMBER blocked,
+HMGET period, HMGET cfg; then ZADD hz, HINCRBY state (2) and HSET hv: ten calls (twelve before).
 ]]
 local state, period, cfg, keys, blocked, hz, hv, alerts =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local now = tonumber(ARGV[1])
 local hold_id, key_id, scope, model = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local worst = tonumber(ARGV[6])
-
-if redis.call('HGET', state, 'loaded') ~= '1' then
-  return {'not_loaded', 0, 0, 0, 0}
-end
-
---#include expire
-
--- Expired holds (left by a crashed or timed-out request) stop counting.
-expire_holds(state, hz, hv, now, 100)
 
 local function num(v, default)
   if v == false or v == nil or v == '' then return default end
@@ -74,23 +67,49 @@ local function str(n) return string.format('%.0f', n) end
 
 local function refuse(code) return {code, 0, 0, 0, 0} end
 
--- The key and its controls: "<scope>" or "<scope>|<expires>|<limit>|<rpm>|<tpm>|<models>".
+-- The key and its controls: "<scope>" or "<scope>|<expires>|<limit>|<rpm>|<tpm>|<models>". Read
+-- first (no refusal before "not_loaded" below) to know which state fields to read.
 local entry = redis.call('HGET', keys, key_id)
-if not entry then return refuse('invalid_api_key') end
 local kscope, kexp, klimit, krpm, ktpm, kmodels
-if string.find(entry, '|', 1, true) then
+if entry and string.find(entry, '|', 1, true) then
   kscope, kexp, klimit, krpm, ktpm, kmodels = string.match(entry,
     '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+end
+klimit = num(klimit, -1)
+
+-- One HMGET per hash on the common path: the state hash's fields are read before expiry and read
+-- again only when a hold expired (which changes holds, mh:* and kh:*).
+local sfields = {'loaded', 'credits', 'holds', 'mh:' .. scope}
+local pfields = {'alw', 'aspent', 'spend', 'ms:' .. scope, 'mx:' .. scope}
+if klimit >= 0 then
+  sfields[5] = 'kh:' .. key_id
+  pfields[6] = 'ks:' .. key_id
+  pfields[7] = 'kx:' .. key_id
+end
+local s = redis.call('HMGET', state, unpack(sfields))
+if s[1] ~= '1' then
+  return {'not_loaded', 0, 0, 0, 0}
+end
+
+--#include expire
+
+-- Expired holds (left by a crashed or timed-out request) stop counting.
+if expire_holds(state, hz, hv, now, 100) > 0 then
+  s = redis.call('HMGET', state, unpack(sfields))
+end
+
+if not entry then return refuse('invalid_api_key') end
+if kexp ~= nil then
   if kexp ~= '' and now >= tonumber(kexp) then return refuse('key_expired') end
   if kmodels ~= '' and not string.find(kmodels, ',' .. model .. ',', 1, true) then
     return refuse('model_not_allowed')
   end
 end
-klimit = num(klimit, -1)
 if redis.call('SISMEMBER', blocked, model) == 1 then return refuse('model_not_allowed') end
 
 -- This period's allowance is fixed on the period's first request from the subscription.
-local alw = redis.call('HGET', period, 'alw')
+local p = redis.call('HMGET', period, unpack(pfields))
+local alw = p[1]
 if not alw then
   alw = redis.call('HGET', state, 'sub_alw') or '0'
   redis.call('HSET', period, 'alw', alw)
@@ -106,18 +125,9 @@ local keep = 10000 - disc
 -- floor(worst * keep / 10000), exact: split worst into whole ten-thousands and the rest.
 local hold = math.floor(worst / 10000) * keep + math.floor((worst % 10000) * keep / 10000)
 
-local sfields = {'credits', 'holds', 'mh:' .. scope}
-local pfields = {'aspent', 'spend', 'ms:' .. scope, 'mx:' .. scope}
-if klimit >= 0 then
-  sfields[4] = 'kh:' .. key_id
-  pfields[5] = 'ks:' .. key_id
-  pfields[6] = 'kx:' .. key_id
-end
-local s = redis.call('HMGET', state, unpack(sfields))
-local credits, holds, member_holds = num(s[1], 0), num(s[2], 0), num(s[3], 0)
-local p = redis.call('HMGET', period, unpack(pfields))
+local credits, holds, member_holds = num(s[2], 0), num(s[3], 0), num(s[4], 0)
 -- The member's spend in the team this period: here (ms) + billed to the other account (mx).
-local aspent, spend, member_spend = num(p[1], 0), num(p[2], 0), num(p[3], 0) + num(p[4], 0)
+local aspent, spend, member_spend = num(p[2], 0), num(p[3], 0), num(p[4], 0) + num(p[5], 0)
 
 -- Rate windows (policies/ratelimits.py): the key's, the member's, the team's log.
 local tokens, window, rt = tonumber(ARGV[10]), tonumber(ARGV[11]), KEYS[9]
@@ -239,7 +249,7 @@ if member_limit >= 0 then
 end
 
 -- Key limit: the key's spend here (ks) + billed to the other account (kx) + its holds.
-if klimit >= 0 and num(p[5], 0) + num(p[6], 0) + num(s[4], 0) + hold > klimit then
+if klimit >= 0 and num(p[6], 0) + num(p[7], 0) + num(s[5], 0) + hold > klimit then
   return refused('key_limit_reached', 0)
 end
 
@@ -279,12 +289,13 @@ if limited then
 end
 
 redis.call('ZADD', hz, now + tonumber(ARGV[7]), hold_id)
-redis.call('HINCRBY', state, 'holds', str(hold))
-redis.call('HINCRBY', state, 'mh:' .. scope, str(hold))
+local hold_s = str(hold)  -- formatted once (string.format is no small part of the script)
+redis.call('HINCRBY', state, 'holds', hold_s)
+redis.call('HINCRBY', state, 'mh:' .. scope, hold_s)
 local flags = ''
 if klimit >= 0 then
   flags = 'h'
-  redis.call('HINCRBY', state, 'kh:' .. key_id, str(hold))
+  redis.call('HINCRBY', state, 'kh:' .. key_id, hold_s)
 end
 if limited then
   local member = hold_id .. '|' .. str(tokens)
@@ -299,9 +310,9 @@ if limited then
   redis.call('PEXPIRE', rt, 2 * window)
 end
 if flags == '' then
-  redis.call('HSET', hv, hold_id, str(hold) .. '|' .. scope)
+  redis.call('HSET', hv, hold_id, hold_s .. '|' .. scope)
 else
-  redis.call('HSET', hv, hold_id, str(hold) .. '|' .. scope .. '|' .. flags .. '|' .. str(tokens)
+  redis.call('HSET', hv, hold_id, hold_s .. '|' .. scope .. '|' .. flags .. '|' .. str(tokens)
     .. '|' .. key_id)
 end
 if limited then return rate_reply('ok', hold, warn, 0, 0, true) end
