@@ -15,6 +15,8 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from redis.asyncio import Redis
 
+from policies import keyspace as rk
+
 T = TypeVar("T")
 PASSWORD = "correct-horse-battery"
 
@@ -208,3 +210,8 @@ async def forget_account(redis: Redis, account: str) -> None:
     keys = [k async for k in redis.scan_iter(match=f"{{acct:{account}}}:*")]
     if keys:
         await redis.delete(*keys)
+
+
+async def account_state(redis: Redis, team_id: str) -> dict[str, str]:
+    """A team account's Redis state hash (credits, holds, counters)."""
+    return dict(await redis.hgetall(rk.AccountKeys(rk.team_account(team_id)).state))

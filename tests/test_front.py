@@ -15,62 +15,12 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway import state as S
-from gateway.proxy.front import Front, Fronts, State
+from gateway.proxy.front import Front, State
 from gateway.proxy.tokens import TokenCounter
 from tests.conftest import ADMIN_TOKEN, Gateway, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, until
-from tests.test_proxy_errors import account_state
-
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-
-
-class Conn:
-    """A raw HTTP/1.1 client connection: what is sent and read is exactly what is written here."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    def send(self, raw: bytes) -> None:
-        self.writer.write(raw)
-
-    async def response(self) -> tuple[int, dict[str, str], bytes]:
-        line = await asyncio.wait_for(self.reader.readuntil(b"\r\n"), 10)
-        return await self.response_after_status_line(int(line.split(b" ")[1]))
-
-    async def response_after_status_line(self, status: int) -> tuple[int, dict[str, str], bytes]:
-        headers: dict[str, str] = {}
-        while line := (await asyncio.wait_for(self.reader.readuntil(b"\r\n"), 10))[:-2]:
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        if status < 200:
-            return status, headers, b""
-        if "content-length" in headers:
-            body = await self.reader.readexactly(int(headers["content-length"]))
-        else:  # chunked (aiohttp's streams) or until close
-            body = await asyncio.wait_for(self._chunked(), 10)
-        return status, headers, body
-
-    async def _chunked(self) -> bytes:
-        out = b""
-        while True:
-            size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
-            chunk = await self.reader.readexactly(size + 2)
-            if size == 0:
-                return out
-            out += chunk[:-2]
-
-    async def closed(self) -> bool:
-        return await asyncio.wait_for(self.reader.read(1), 10) == b""
-
-
-def post(secret: str, body: object, path: str = "/v1/chat/completions", **extra: str) -> bytes:
-    data = body if isinstance(body, bytes) else orjson.dumps(body)
-    headers = {"Host": "gw", "Authorization": f"Bearer {secret}", **extra}
-    if "Transfer-Encoding" not in extra:
-        headers["Content-Length"] = str(len(data))
-    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    return f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + data
+from tests.helpers import Api, account_state, until
+from tests.rawhttp import CHAT, Conn, counts, post
 
 
 @pytest.fixture
@@ -96,11 +46,6 @@ async def front_of(gateway: Gateway, conn: Conn) -> Front:
 
     await until(lambda: len(ours()) == 1)
     return ours()[0]
-
-
-def counts(gateway: Gateway) -> tuple[int, int]:
-    fronts: Fronts = gateway.app[S.FRONTS]
-    return fronts.served, fronts.handed_over
 
 
 async def test_plain_calls_and_their_errors_are_served_lean_on_one_connection(

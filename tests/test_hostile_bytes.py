@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from gateway import state as S
 from tests.conftest import Gateway
 from tests.helpers import Api
-from tests.test_front import CHAT, Conn, counts
+from tests.rawhttp import CHAT, Conn, counts
 
 HOSTILE = b"mb_\xff\xfe\xc3\x28 caf\xe9"
 

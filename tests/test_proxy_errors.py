@@ -11,10 +11,9 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.proxy.tokens import TokenCounter
-from policies import keyspace as rk
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, eventually
+from tests.helpers import Api, account_state, eventually
 
 CHAT = [{"role": "user", "content": "hi there"}]
 
@@ -31,10 +30,6 @@ async def post(
     ) as resp:
         payload = await resp.json(content_type=None)
         return resp.status, payload, resp.headers
-
-
-async def account_state(redis: Redis, team_id: str) -> dict[str, str]:
-    return dict(await redis.hgetall(rk.AccountKeys(rk.team_account(team_id)).state))
 
 
 @pytest.mark.parametrize(
