@@ -139,6 +139,10 @@ class RedisSetup:
     pids: tuple[int, ...] = ()  # the cluster's redis-server processes, for the CPU accounts
 
     def config(self) -> str:
+        """The config's ``redis`` section; none for the defaults, so that a checkout from before
+        the section existed (``--project``, ``bench.ab``) reads the same config."""
+        if self.script_client == "lean" and self.wait_replicas == 0:
+            return ""
         return (
             f"redis: {{script_client: {self.script_client}, wait_replicas: {self.wait_replicas}}}\n"
         )
