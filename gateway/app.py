@@ -164,9 +164,9 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
 
 def _longest_wait_s(config: Config) -> float:
     """The longest a request may wait on providers (its hold outlives it): the slowest routing
-    chain, each attempt up to its upstream's timeout."""
+    chain, each attempt up to its upstream's connect timeout and then its answer timeout."""
     fallbacks = {m.name: m.fallbacks for m in config.models.values()}
-    timeouts = {name: up.timeout_s for name, up in config.upstreams.items()}
+    timeouts = {name: up.connect_timeout_s + up.timeout_s for name, up in config.upstreams.items()}
     waits = [
         longest_wait_s(
             (m.retries, [timeouts[d.upstream] for d in m.deployments])

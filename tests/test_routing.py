@@ -610,8 +610,9 @@ async def test_the_hold_covers_only_the_models_that_can_serve_the_surface(
 
 
 def test_a_hold_outlives_the_slowest_routing_chain(gateway: Gateway) -> None:
-    # duo: east (1 s) then west (10 s), then claude-backup on ant (600 s, the default); + margin
-    assert gateway.app[S.METERING].hold_ttl_s == 1 + 10 + 600 + 60
+    # duo: east (1 s) then west (10 s), then claude-backup on ant (600 s, the default), each
+    # attempt after its connect timeout (10 s, the default); + the margin
+    assert gateway.app[S.METERING].hold_ttl_s == (10 + 1) + (10 + 10) + (10 + 600) + 60
 
 
 async def test_completions_and_embeddings_are_routed_too(
