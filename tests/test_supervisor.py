@@ -27,8 +27,6 @@ from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, eventually
 from tests.processes import GatewayProcess, write_config
 
-REPLACED_WITHIN_S = 2.0
-
 
 @pytest.mark.parametrize(
     ("crashes", "lived_s", "expected"),
@@ -132,6 +130,9 @@ async def test_a_killed_worker_and_writer_are_replaced(
     await eventually(lambda: asyncio.to_thread(gw.log.read_text), lambda t: "spare worker" in t, 60)
     before = await eventually(lambda: asyncio.to_thread(listening, gw), lambda p: len(p) == 2)
     victim = min(before)
+    # The spare: started, not listening, not the writer; the dead worker's place is its.
+    spares = {p.pid for p in children(gw)} - before - writers(gw)
+    assert len(spares) == 1, spares
     # Slow requests, each on its own connection, until the victim holds some in flight.
     slow = [asyncio.create_task(_quietly(chat(http, gw, secret, delay_s=3))) for _ in range(8)]
     await eventually(lambda: asyncio.to_thread(connected, victim, gw.port), lambda n: n >= 1)
@@ -140,12 +141,14 @@ async def test_a_killed_worker_and_writer_are_replaced(
     after = await eventually(
         lambda: asyncio.to_thread(listening, gw),
         lambda p: len(p) == 2 and victim not in p,
-        timeout=REPLACED_WITHIN_S + 3,
+        timeout=30,
         interval=0.01,
     )
     took = time.monotonic() - killed
     print(f"\nworker replaced {took:.3f} s after kill -9 (listening: {sorted(after)})")
-    assert took < REPLACED_WITHIN_S
+    # Replaced by the spare that had done its whole start (so within a second on an idle
+    # machine: make chaos measures it), not by a worker started from nothing.
+    assert after == (before - {victim}) | spares
     await asyncio.gather(*slow)
     # The dead worker's requests in flight left the gauge with it.
     assert await eventually(lambda: inflight(http, gw), lambda n: n == 0) == 0
