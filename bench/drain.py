@@ -106,16 +106,15 @@ def _cpu(procs: list[psutil.Process]) -> float:
     return total
 
 
-def _store_processes(data_dir: Path, redis_port: int) -> list[psutil.Process]:
+def _store_processes(data_dir: Path) -> list[psutil.Process]:
     """The embedded PostgreSQL's processes (its postmaster and children) and Redis."""
     found = []
     with contextlib.suppress(OSError, ValueError, psutil.Error):
         pid = int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
         main = psutil.Process(pid)
         found += [main, *main.children(recursive=True)]
-    for proc in psutil.process_iter(["cmdline"]):
-        if f"127.0.0.1:{redis_port}" in " ".join(proc.info["cmdline"] or []):
-            found.append(proc)
+    with contextlib.suppress(OSError, ValueError, psutil.Error):
+        found.append(psutil.Process(int((data_dir / "redis" / "redis.pid").read_text().split()[0])))
     return found
 
 
@@ -131,7 +130,7 @@ async def one_run(
         writer = UsageWriter(redis, pool, "bench")
         if batch:
             writer.batch = batch
-        stores = _store_processes(data_dir, int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+        stores = _store_processes(data_dir)
         me = [psutil.Process()]
         cpu_me, cpu_stores = _cpu(me), _cpu(stores)
         started = time.perf_counter()

