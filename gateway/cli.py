@@ -40,9 +40,9 @@ from gateway.infra.db import migrate_dsn
 from gateway.infra.redisconn import RedisUnusable, is_cluster
 from gateway.infra.startup import (
     STOP_SIGNALS,
-    Interrupted,
     StartError,
     StopSignals,
+    interrupted_by,
     lock_data_dir,
     reserve_port,
 )
@@ -246,7 +246,10 @@ def serve(args: argparse.Namespace) -> None:
     signals.install()
     try:
         _serve(args, signals)
-    except Interrupted as stopped:
+    except BaseException as exc:  # Interrupted is one; it may also come wrapped
+        stopped = interrupted_by(exc)
+        if stopped is None:
+            raise
         log.info("stopped by %s during start", signal.Signals(stopped.signum).name)
 
 

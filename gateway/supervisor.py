@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gateway.lifeline import PARENT_ENV
 from policies.restarts import Restart, after_death
 
 log = logging.getLogger("modelbridge.supervisor")
@@ -113,6 +114,7 @@ class Supervisor:
 
     def _spawn(self, child: Child) -> None:
         env = self._env_for(child)
+        env[PARENT_ENV] = str(os.getpid())  # it ends when we do, even by kill -9 (lifeline)
         pass_fds: tuple[int, ...] = ()
         if child.kind in (WORKER, SPARE):
             env[READY_FD_ENV] = str(self._ready_w)

@@ -34,8 +34,10 @@ class StartError(RuntimeError):
     """The gateway cannot start; the message is the one line the operator reads."""
 
 
-class Interrupted(BaseException):
-    """A stop signal during the start: unwinds to the cleanup."""
+class Interrupted(KeyboardInterrupt):
+    """A stop signal during the start: unwinds to the cleanup. A KeyboardInterrupt, because
+    asyncio lets those through wherever they are raised (a transport's write would otherwise
+    catch it as a fatal I/O error, log a traceback and raise a connection error in its place)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -58,6 +60,19 @@ class StopSignals:
         if first and self.raising:
             self.raising = False
             raise Interrupted(signum)
+
+
+def interrupted_by(exc: BaseException) -> Interrupted | None:
+    """The :class:`Interrupted` behind ``exc``, if any: raised from a signal handler in the
+    middle of a library's I/O (asyncpg's socket write, say), it can come out wrapped."""
+    seen: set[int] = set()
+    found: BaseException | None = exc
+    while found is not None and id(found) not in seen:
+        if isinstance(found, Interrupted):
+            return found
+        seen.add(id(found))
+        found = found.__cause__ or found.__context__
+    return None
 
 
 def lock_data_dir(directory: Path) -> int:
