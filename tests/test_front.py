@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from gateway import state as S
 from gateway.proxy.front import Front, State
 from gateway.proxy.tokens import TokenCounter
+from policies.money import format_usd
 from tests.conftest import ADMIN_TOKEN, Gateway, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, account_state, until
@@ -75,6 +76,37 @@ async def test_plain_calls_and_their_errors_are_served_lean_on_one_connection(
     assert counts(gateway) == (served + 5, handed)
     state = await account_state(redis, team["id"])
     assert state["holds"] == "0"
+
+
+async def test_a_plain_responses_call_is_served_lean_and_its_stream_by_aiohttp(
+    gateway: Gateway, api: Api, conn: Conn, redis: Redis
+) -> None:
+    _, team, secret = await api.funded_team_key("1.00")
+    served, handed = counts(gateway)
+    body = {"model": "gpt-4o-mini", "input": "hi", "max_output_tokens": 20}
+    conn.send(post(secret, body, "/v1/responses"))
+    status, headers, raw = await conn.response()
+    answer = orjson.loads(raw)
+    assert (status, answer["object"], answer["status"]) == (200, "response", "completed")
+    assert headers["x-modelbridge-served-by"] == "fake/gpt-4o-mini"
+    assert headers["x-modelbridge-cost-usd"] == format_usd(
+        answer["usage"]["input_tokens"] * 150 + answer["usage"]["output_tokens"] * 600
+    )
+    conn.send(post(secret, {"model": "gpt-4o-mini", "input": 7}, "/v1/responses"))
+    status, headers, raw = await conn.response()
+    error = orjson.loads(raw)["error"]
+    assert (status, error["type"], headers["x-modelbridge-error-code"]) == (
+        400,
+        "invalid_request_error",
+        error["code"],
+    )
+    assert counts(gateway) == (served + 2, handed)
+    conn.send(post(secret, {**body, "stream": True}, "/v1/responses"))
+    status, headers, raw = await conn.response()
+    assert (status, headers["content-type"].split(";")[0]) == (200, "text/event-stream")
+    assert b"event: response.completed" in raw
+    assert counts(gateway) == (served + 2, handed + 1)
+    assert (await account_state(redis, team["id"]))["holds"] == "0"
 
 
 async def test_pipelined_requests_are_answered_in_order(

@@ -1,7 +1,7 @@
 """The front of every connection: the common plain proxy call served lean, the rest by aiohttp.
 
 A client's connection starts on :class:`Front`. While it sends complete, well-formed
-``POST /v1/chat/completions`` (``/completions``, ``/embeddings``) requests with a
+``POST /v1/chat/completions`` (``/completions``, ``/embeddings``, ``/responses``) requests with a
 ``Content-Length`` body and no ``stream`` (framed by :mod:`gateway.proxy.head`), Front serves them
 itself, with the same code as aiohttp's path (:mod:`gateway.proxy.handlers` and
 :mod:`gateway.proxy.forwarding`: parse, hold, ask along the routing chain, answer, settle, count)
@@ -57,6 +57,7 @@ ROUTES = {
     b"/v1/chat/completions": proxy.CHAT,
     b"/v1/completions": proxy.COMPLETION,
     b"/v1/embeddings": proxy.EMBEDDING,
+    b"/v1/responses": proxy.RESPONSES,  # OpenAI's envelope and Bearer keys too
 }
 assert set(ROUTES) == PATHS
 KEEPALIVE_S = 3630.0  # as aiohttp's server

@@ -18,7 +18,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-PATHS = frozenset((b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings"))
+PATHS = frozenset(
+    (b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings", b"/v1/responses")
+)
 MAX_HEAD = 16 * 1024  # a longer head goes to aiohttp (which refuses past 8190 per line)
 # The request line, then "name: value" lines: token names, printable ASCII values (a C match).
 _HEAD = re.compile(rb"[^\r\n]+(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*)*")
