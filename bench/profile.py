@@ -106,6 +106,7 @@ def main() -> int:
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--py-spy", default=shutil.which("py-spy") or "/tmp/pyspy-venv/bin/py-spy")
+    p.add_argument("--project", type=Path, default=None, help="profile another checkout's gateway")
     a = p.parse_args()
     if not Path(a.py_spy).exists():
         sys.exit(f"py-spy not found at {a.py_spy}: install it outside the project venv")
@@ -116,7 +117,7 @@ def main() -> int:
         body = load.write_body(Path(tmp))
         fake = FakeUpstream(Path(tmp))
         fake.start()
-        gw = Gateway(1, fake.url)
+        gw = Gateway(1, fake.url, a.project)
         try:
             gw.start()
             gw.provision()
