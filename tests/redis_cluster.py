@@ -220,11 +220,24 @@ class LocalCluster:
             time.sleep(0.05)
 
     def _replicated(self, masters: tuple[int, ...]) -> bool:
-        """Every live node that is not a master replicates one, online."""
+        """Every live node that is not a master replicates one, online: past its first full
+        sync (ROLE lists a replica from its first contact; until its sync is done it confirms
+        no WAIT, and a test with ``wait_replicas`` would see a ReplicaTimeout)."""
         online = 0
         for port in masters:
             with self._client(port) as c:
-                online += len(c.execute_command("ROLE")[2])
+                info = c.info("replication")
+                replicas = sum(
+                    1
+                    for name, value in info.items()
+                    if name.startswith("slave")
+                    and isinstance(value, dict)
+                    and value.get("state") == "online"
+                )
+                # and they acknowledge: WAIT answers how many have the master's offset
+                if replicas and int(c.execute_command("WAIT", replicas, 1000)) < replicas:
+                    return False
+                online += replicas
         return online == len(self.live()) - len(masters)
 
     def master_ports(self, via: int | None = None) -> list[int]:
