@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import aiohttp
 import asyncpg
-import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -215,8 +214,8 @@ async def test_a_settle_sent_again_counts_once_though_the_ledger_has_it(
     account = rk.team_account(team["id"])
     ak = rk.AccountKeys(account)
     await redis.delete(ak.settled_marker(rid))  # as a Redis that lost it
-    assert await metering.resend(account, [(rid, orjson.loads(sent.record))]) == 1
-    assert await metering.resend(account, [(rid, orjson.loads(sent.record))]) == 0  # marker back
+    assert await metering.resend(account, [(rid, sent.record)]) == 1
+    assert await metering.resend(account, [(rid, sent.record)]) == 0  # marker back
     assert await redis.hget(ak.state, "loaded") == "0"
 
     assert (await chat(http, gateway, secret, BODY)).status == 200  # rebuilds the account

@@ -30,7 +30,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-import orjson
 from redis import exceptions as redis_errors
 
 from gateway.errors import StoreUnavailable
@@ -419,7 +418,7 @@ class Metering:
         by_account: dict[str, list[tuple[str, list[str | int]]]] = {}
         for s in settles:
             if s.request_id not in in_ledger:
-                by_account.setdefault(s.account, []).append((s.request_id, orjson.loads(s.record)))
+                by_account.setdefault(s.account, []).append((s.request_id, s.record))
         appended = 0
         for account, items in by_account.items():
             appended += await self.resend(account, items)

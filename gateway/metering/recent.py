@@ -49,8 +49,6 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import orjson
-
 from gateway.metering.journal import SettleCall
 from policies import keyspace as rk
 
@@ -59,10 +57,26 @@ RECORD_AT = 10  # settle.lua's ARGV[11..]: the usage record's fields
 
 @dataclass(frozen=True, slots=True)
 class RecentSettle:
-    account: str
-    request_id: str
-    record: bytes  # JSON list: the fields appended to the usage stream, split included
+    """A settle Redis acknowledged: the call as sent and the split Redis answered. Its usage
+    record is built only if it has to be sent again (:attr:`record`), never on the hot path."""
+
+    call: SettleCall
+    from_allowance: int
+    from_credits: int
     at: float  # monotonic seconds, when it was acknowledged
+
+    @property
+    def account(self) -> str:
+        return self.call.account
+
+    @property
+    def request_id(self) -> str:
+        return self.call.request_id
+
+    @property
+    def record(self) -> list[str | int]:
+        """The fields ``settle.lua`` appended to the usage stream, split included."""
+        return record_of(self.call, self.from_allowance, self.from_credits)
 
 
 def record_of(call: SettleCall, from_allowance: int, from_credits: int) -> list[str | int]:
@@ -93,8 +107,7 @@ class RecentSettles:
         return len(self.entries)
 
     def add(self, call: SettleCall, from_allowance: int, from_credits: int, now: float) -> None:
-        record = orjson.dumps(record_of(call, from_allowance, from_credits))
-        self.entries.append(RecentSettle(call.account, call.request_id, record, now))
+        self.entries.append(RecentSettle(call, from_allowance, from_credits, now))
         if len(self.entries) > self.max_entries:
             self.entries.popleft()
 
@@ -108,7 +121,7 @@ class RecentSettles:
         """Redis was away (or not asked) for ``seconds``: that time does not count."""
         if seconds > 0:
             self.entries = deque(
-                RecentSettle(e.account, e.request_id, e.record, e.at + seconds)
+                RecentSettle(e.call, e.from_allowance, e.from_credits, e.at + seconds)
                 for e in self.entries
             )
 
