@@ -91,7 +91,7 @@ if s[1] ~= '1' then
   return {'not_loaded', 0, 0, 0, 0}
 end
 
---#include expire
+--#include holds
 
 -- Expired holds (left by a crashed or timed-out request) stop counting.
 if expire_holds(state, hz, hv, now, 100) > 0 then

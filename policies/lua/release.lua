@@ -12,20 +12,12 @@ ARGV[1]  hold id
 Returns the amount released (0 when the hold was gone already). The request stays counted in
 the rate logs it was admitted to (it was sent upstream), with 0 tokens.
 ]]
--- Negate a decimal string for HINCRBY ("-0" is not an integer to Redis).
-local function neg(a) if a == '0' then return '0' end return '-' .. a end
+--#include holds
 
 local hold_id = ARGV[1]
 local v = redis.call('HGET', KEYS[3], hold_id)
 if not v then return 0 end
-local amount, rest = string.match(v, '^([^|]*)|(.*)$')
-local hscope, flags, worst, hkey = string.match(rest, '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
-if not hscope then hscope, flags = rest, '' end
-redis.call('HINCRBY', KEYS[1], 'holds', neg(amount))
-redis.call('HINCRBY', KEYS[1], 'mh:' .. hscope, neg(amount))
-if string.find(flags, 'h', 1, true) then
-  redis.call('HINCRBY', KEYS[1], 'kh:' .. hkey, neg(amount))
-end
+local amount, hscope, flags, worst, hkey = unhold(KEYS[1], v)
 local logs = {k = {KEYS[5], 'k:' .. (hkey or '')}, m = {KEYS[6], 'm:' .. hscope}, t = {KEYS[7], 't'}}
 for f in string.gmatch(flags, '[kmt]') do
   local old = hold_id .. '|' .. worst

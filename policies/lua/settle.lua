@@ -45,8 +45,7 @@ if not redis.call('SET', marker, '1', 'NX', 'EX', tonumber(ARGV[7])) then
   return {0, 0, 0, 0}
 end
 
--- Negate a decimal string for HINCRBY ("-0" is not an integer to Redis).
-local function neg(a) if a == '0' then return '0' end return '-' .. a end
+--#include holds
 local function str(n) return string.format('%.0f', n) end
 local function num(v, default)
   if v == false or v == nil or v == '' then return default end
@@ -55,15 +54,7 @@ end
 
 local v = redis.call('HGET', hv, hold_id)
 if v then
-  -- "<amount>|<scope>" or "<amount>|<scope>|<flags>|<tokens>|<key>" (hold.lua)
-  local amount, rest = string.match(v, '^([^|]*)|(.*)$')
-  local hscope, flags, worst, hkey = string.match(rest, '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
-  if not hscope then hscope, flags = rest, '' end
-  redis.call('HINCRBY', state, 'holds', neg(amount))
-  redis.call('HINCRBY', state, 'mh:' .. hscope, neg(amount))
-  if string.find(flags, 'h', 1, true) then
-    redis.call('HINCRBY', state, 'kh:' .. hkey, neg(amount))
-  end
+  local _, hscope, flags, worst, hkey = unhold(state, v)
   -- Rate logs: the entry's worst-case tokens become the actual ones (unless it aged out).
   local logs = {k = {KEYS[10], 'k:' .. (hkey or '')}, m = {KEYS[11], 'm:' .. hscope},
     t = {KEYS[12], 't'}}

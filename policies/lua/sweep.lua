@@ -11,6 +11,6 @@ ARGV[2]  the most holds to clear in this call (the rest on the next)
 
 Returns the number of holds cleared.
 ]]
---#include expire
+--#include holds
 
 return expire_holds(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[2]))
