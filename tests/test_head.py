@@ -17,7 +17,15 @@ from hypothesis import strategies as st
 from gateway.proxy.head import MAX_HEAD, PATHS, Framed, HandOver, frame
 
 MAX_BODY = 1000
-READ = (b"content-length", b"authorization", b"x-api-key", b"connection", b"x-modelbridge-tags")
+READ = (
+    b"content-length",
+    b"authorization",
+    b"x-api-key",
+    b"connection",
+    b"x-modelbridge-tags",
+    b"anthropic-version",
+    b"anthropic-beta",
+)
 
 
 @dataclass
@@ -44,7 +52,7 @@ class _Llhttp:
             for i in range(len(data)):  # a byte at a time: each message's end is exact
                 self._fed = i + 1
                 self._parser.feed_data(data[i : i + 1])
-        except httptools.HttpParserError as exc:  # HttpParserUpgrade included
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # not a subclass
             self.error = exc
 
     def on_message_begin(self) -> None:
@@ -125,6 +133,9 @@ _ODD_PATHS = [
     b"http://gw/v1/completions",
     b"/v1/chat%2Fcompletions",
     b"/v1/emb\x00",
+    b"/v1/messages/count_tokens",
+    b"/v1/messages?beta=true",
+    b"/v1/Messages",
     b"/v1/chat/completions#f",
     b"",
 ]
@@ -142,6 +153,8 @@ _PLAIN_NAMES = [
     b"Connection",
     b"connection",
     b"X-ModelBridge-Tags",
+    b"anthropic-version",
+    b"Anthropic-Beta",
     b"Host",
     b"Content-Type",
     b"X-Other",
@@ -178,6 +191,8 @@ _PLAIN_VALUES = [
     b"application/json",
     b"Bearer  spaced ",
     b"k1",
+    b"2023-06-01",
+    b"prompt-caching-2024-07-31,  tools-2024-04-04 ",
 ]
 _ODD_VALUES = [
     b"chunked",
@@ -310,6 +325,8 @@ def test_many_more_random_requests_agree() -> None:
         (_post(b"/v1/completions") + _post(b"/v1/embeddings", body=b"[1]"), 2),
         (_post(b"/v1/completions", b"Connection: Close"), 1),
         (_post(b"/v1/completions", b"X-ModelBridge-Tags: a=1", b"X-ModelBridge-Tags: b=2"), 1),
+        (_post(b"/v1/messages", b"x-api-key: k", b"anthropic-version: 2023-06-01"), 1),
+        (_post(b"/v1/messages", b"anthropic-beta: a", b"Anthropic-Beta: b"), 1),  # the first
         (_post(b"/v1/completions")[:-1], 0),  # the body is still coming
         (_post(b"/v1/completions", b"X-Pad: " + b"p" * MAX_HEAD), 0),  # aiohttp's
     ],

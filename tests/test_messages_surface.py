@@ -21,6 +21,7 @@ from tests.conftest import (
     start_gateway,
 )
 from tests.helpers import Api, eventually
+from tests.rawhttp import counts
 
 MSG: Any = [{"role": "user", "content": "hi there"}]  # 3 + 2 = 5 input tokens in the fakes
 WEATHER_TOOL: Any = {
@@ -62,6 +63,7 @@ async def test_messages_plain_with_cache_prices(
 ) -> None:
     owner, team, secret = await api.funded_team_key("1.00")
     providers.anthropic.next(cache_read_tokens=100, cache_creation_tokens=20)
+    served, handed = counts(providers.gateway)
     raw = await claude(providers, secret).messages.with_raw_response.create(
         model="claude",
         max_tokens=50,
@@ -70,6 +72,7 @@ async def test_messages_plain_with_cache_prices(
         extra_headers={"anthropic-beta": "prompt-caching-2024-07-31"},
     )
     message = await raw.parse()
+    assert counts(providers.gateway) == (served + 1, handed)  # served by the lean front
     assert message.content[0].text == TEXT  # type: ignore[union-attr]
     assert message.usage.input_tokens == 5
     assert message.usage.cache_read_input_tokens == 100
@@ -139,6 +142,7 @@ async def test_messages_upstream_errors_come_back_unmodified(
 async def test_messages_gateway_errors_in_anthropic_envelope(
     providers: Providers, api: Api, http: aiohttp.ClientSession
 ) -> None:
+    served = counts(providers.gateway)[0]
     with pytest.raises(anthropic.AuthenticationError) as auth:
         await claude(providers, "mb_wrong").messages.create(
             model="claude", max_tokens=5, messages=MSG
@@ -167,6 +171,7 @@ async def test_messages_gateway_errors_in_anthropic_envelope(
     body = {"model": "claude", "max_tokens": 5, "messages": MSG}
     async with http.post(providers.gateway.v1 + "/messages", json=body, headers=headers) as r:
         assert r.status == 200 and (await r.json())["type"] == "message"
+    assert counts(providers.gateway)[0] == served + 5  # every one by the lean front
 
 
 async def test_messages_malformed_answer_is_502_and_free(
@@ -270,10 +275,12 @@ async def test_messages_on_openai_upstream(
 ) -> None:
     _, _, secret = await api.funded_team_key("1.00")
     providers.openai.next(cached_tokens=2)
+    served, handed = counts(providers.gateway)
     raw = await claude(providers, secret).messages.with_raw_response.create(
         model="gpt-4o-mini", max_tokens=50, system="be terse", messages=MSG
     )
     message = await raw.parse()
+    assert counts(providers.gateway) == (served + 1, handed)  # served by the lean front
     assert message.content[0].text == TEXT  # type: ignore[union-attr]
     assert message.stop_reason == "end_turn"
     assert message.model == "gpt-4o-mini"

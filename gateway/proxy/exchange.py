@@ -225,9 +225,12 @@ def exchange_for(surface: str, protocol: str) -> Exchange:
 
 def forwarded_headers(call: Call) -> dict[str, str]:
     """The client's headers that travel upstream (Anthropic's ``anthropic-version``/``-beta``)."""
-    if not call.exchange.forwards_headers or call.request is None:
+    if not call.exchange.forwards_headers:
         return {}
-    return call.app[S.UPSTREAMS].providers[call.model.upstream].forward(call.request.headers)
+    headers = call.request.headers if call.request is not None else call.client_headers
+    if not headers:
+        return {}
+    return call.app[S.UPSTREAMS].providers[call.model.upstream].forward(headers)
 
 
 def count_texts(tokens: TokenCounter, surface: str, encoding: str, body: dict[str, Any]) -> int:

@@ -1,16 +1,17 @@
 """The front of every connection: the common plain proxy call served lean, the rest by aiohttp.
 
 A client's connection starts on :class:`Front`. While it sends complete, well-formed
-``POST /v1/chat/completions`` (``/completions``, ``/embeddings``, ``/responses``) requests with a
-``Content-Length`` body and no ``stream`` (framed by :mod:`gateway.proxy.head`), Front serves them
-itself, with the same code as aiohttp's path (:mod:`gateway.proxy.handlers` and
+``POST /v1/chat/completions`` (``/completions``, ``/embeddings``, ``/responses``, ``/messages``)
+requests with a ``Content-Length`` body and no ``stream`` (framed by :mod:`gateway.proxy.head`),
+Front serves them itself, with the same code as aiohttp's path (:mod:`gateway.proxy.handlers` and
 :mod:`gateway.proxy.forwarding`: parse, hold, ask along the routing chain, answer, settle, count)
 minus aiohttp's request and response objects, which cost more than the rest of the gateway's work
 at low load. For a key
 this process has cached and a sound body, the hold goes to Redis straight from
 ``data_received`` (no task, no loop iteration before it) and the upstream request is built while
-Redis works; otherwise a task looks the key up first. Errors are answered in the OpenAI
-envelope, as on aiohttp's path, with the provider's status whatever it is (a 524 too); an
+Redis works; otherwise a task looks the key up first. Errors are answered in the surface's
+envelope (:func:`gateway.proxy.surfaces.error_envelope`: Anthropic's for ``/v1/messages``, OpenAI's
+for the others), as on aiohttp's path, with the provider's status whatever it is (a 524 too); an
 upstream failure after the hold releases it. One request at most is in service on a connection
 (:class:`State`); the next waits until the answer is out and the client reads. An exception
 that escapes all that is a bug: logged, and the connection closed, never left unanswered.
@@ -38,7 +39,6 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 
-import orjson
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.web_protocol import RequestHandler
@@ -47,9 +47,9 @@ from gateway import state as S
 from gateway.errors import GatewayError
 from gateway.infra import bodies
 from gateway.metering.meter import guarded
-from gateway.proxy import forwarding
+from gateway.proxy import forwarding, surfaces
 from gateway.proxy import handlers as proxy
-from gateway.proxy.head import MAX_HEAD, PATHS, HandOver, Head, frame
+from gateway.proxy.head import FORWARDED, MAX_HEAD, PATHS, HandOver, Head, frame
 
 log = logging.getLogger("modelbridge.front")
 
@@ -58,6 +58,7 @@ ROUTES = {
     b"/v1/completions": proxy.COMPLETION,
     b"/v1/embeddings": proxy.EMBEDDING,
     b"/v1/responses": proxy.RESPONSES,  # OpenAI's envelope and Bearer keys too
+    b"/v1/messages": proxy.MESSAGES,  # Anthropic's envelope, x-api-key, anthropic-* forwarded
 }
 assert set(ROUTES) == PATHS
 KEEPALIVE_S = 3630.0  # as aiohttp's server
@@ -226,6 +227,7 @@ class Front(asyncio.Protocol):
             call = proxy.parse(app, endpoint, secret, key, raw, body, _tags(headers))
         except GatewayError:
             return None
+        call.client_headers = _forwardable(headers)
         sent = app[S.METERING].hold_now(proxy.hold_ask(call, proxy.worst_cost(call)))
         if sent is None:
             return None
@@ -240,7 +242,9 @@ class Front(asyncio.Protocol):
         key = await app[S.KEYS].lookup(secret)
         assert secret is not None  # lookup refuses a missing key
         body = proxy.decode_json(request.raw)
-        return proxy.parse(app, request.endpoint, secret, key, request.raw, body, _tags(headers))
+        call = proxy.parse(app, request.endpoint, secret, key, request.raw, body, _tags(headers))
+        call.client_headers = _forwardable(headers)
+        return call
 
     async def _hold(self, call: proxy.Call, sent: Awaitable[Any] | None) -> None:
         """Place the hold as :func:`gateway.proxy.handlers.place_hold` does (refusals raise),
@@ -295,12 +299,11 @@ class Front(asyncio.Protocol):
                 proxy.count_refusal(app, exc)
                 if call is not None:
                     proxy.annotate(exc, call)
-                self._write_error(exc, keep_alive)
+                self._write_error(request.endpoint, exc, keep_alive)
             except Exception:
                 log.exception("unhandled error on POST %s", request.endpoint.route)
-                self._write_error(
-                    GatewayError("The gateway failed to handle the request."), keep_alive
-                )
+                failed = GatewayError("The gateway failed to handle the request.")
+                self._write_error(request.endpoint, failed, keep_alive)
             else:
                 status = 200
                 settled = await forwarding.settle_plain(call, plain)  # sent before the answer
@@ -330,9 +333,9 @@ class Front(asyncio.Protocol):
         else:
             self._take_next()
 
-    def _write_error(self, exc: GatewayError, keep_alive: bool) -> None:
+    def _write_error(self, endpoint: proxy.Endpoint, exc: GatewayError, keep_alive: bool) -> None:
         headers = {**exc.response_headers(), "Content-Type": "application/json"}
-        self._write(exc.status, headers, orjson.dumps(exc.body()), keep_alive)
+        self._write(exc.status, headers, surfaces.error_envelope(endpoint, exc), keep_alive)
 
     def _write(
         self, status: int, headers: dict[str, str], body: bytes, keep_alive: bool = True
@@ -394,6 +397,11 @@ class Request:
 def _tags(headers: dict[bytes, bytes]) -> str | None:
     tags = headers.get(proxy.TAGS_HEADER.encode())
     return tags.decode() if tags is not None else None
+
+
+def _forwardable(headers: dict[bytes, bytes]) -> dict[str, str]:
+    """The client's headers an upstream may get (:data:`gateway.proxy.head.FORWARDED`)."""
+    return {name.decode(): headers[name].decode() for name in FORWARDED if name in headers}
 
 
 def _bearer(headers: dict[bytes, bytes]) -> str | None:

@@ -104,6 +104,7 @@ class Call:
     translated: dict[str, Any] | None = None  # the upstream body, when translated
     route: Route | None = None  # the deployments tried (gateway.proxy.routing); set by parse
     left: Callable[[], bool] | None = None  # the lean front's "the client closed" (no request)
+    client_headers: dict[str, str] | None = None  # the lean front's headers for upstream
 
 
 @dataclass(frozen=True, slots=True)

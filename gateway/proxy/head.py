@@ -19,8 +19,16 @@ import re
 from dataclasses import dataclass
 
 PATHS = frozenset(
-    (b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings", b"/v1/responses")
+    (
+        b"/v1/chat/completions",
+        b"/v1/completions",
+        b"/v1/embeddings",
+        b"/v1/responses",
+        b"/v1/messages",
+    )
 )
+# the client's headers that travel upstream (every provider kind's ``forwarded_headers``)
+FORWARDED = (b"anthropic-version", b"anthropic-beta")
 MAX_HEAD = 16 * 1024  # a longer head goes to aiohttp (which refuses past 8190 per line)
 # The request line, then "name: value" lines: token names, printable ASCII values (a C match).
 _HEAD = re.compile(rb"[^\r\n]+(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*)*")
@@ -34,7 +42,8 @@ _HANDED_OVER = (
     b"\r\n\t",
     b"\r\ncontent-encoding",
 )
-_READ = (b"content-length", b"authorization", b"x-api-key", b"connection", b"x-modelbridge-tags")
+_OWN = (b"content-length", b"authorization", b"x-api-key", b"connection", b"x-modelbridge-tags")
+_READ = (*_OWN, *FORWARDED)  # what the front reads itself, and passes on
 _NEEDLES = tuple((name, b"\r\n" + name + b":") for name in _READ)
 # read once or not at all: twice is ambiguous
 _SINGLE = frozenset((b"content-length", b"authorization", b"x-api-key", b"connection"))

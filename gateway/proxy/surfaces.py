@@ -34,21 +34,35 @@ class UpgradeRequired(GatewayError):
 
 def anthropic_error(exc: GatewayError) -> web.Response:
     """A gateway error in Anthropic's envelope; a provider's own Anthropic error as it came."""
+    return web.Response(
+        body=anthropic_error_body(exc),
+        status=exc.status,
+        content_type="application/json",
+        headers=exc.response_headers(),
+    )
+
+
+def anthropic_error_body(exc: GatewayError) -> bytes:
+    """The body of :func:`anthropic_error`."""
     raw = exc.upstream_body if isinstance(exc, UpstreamFailed) else b""
     try:
         parsed = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
         parsed = None
     if isinstance(parsed, dict) and parsed.get("type") == "error":
-        data = raw  # unmodified
-    elif parsed is not None:
-        data = orjson.dumps(envelopes.to_anthropic(exc.status, parsed))
-    else:
-        data = orjson.dumps(envelopes.anthropic_error(exc.status, exc.message))
-    headers = exc.response_headers()
-    return web.Response(
-        body=data, status=exc.status, content_type="application/json", headers=headers
-    )
+        return raw  # unmodified
+    if parsed is not None:
+        return orjson.dumps(envelopes.to_anthropic(exc.status, parsed))
+    return orjson.dumps(envelopes.anthropic_error(exc.status, exc.message))
+
+
+def error_envelope(endpoint: handlers.Endpoint, exc: GatewayError) -> bytes:
+    """A proxy error's body in its surface's envelope: Anthropic's for the Messages API,
+    OpenAI's for every other (the lean front's answers; aiohttp's path picks the same by route:
+    :func:`messages` here, the app's error middleware for the others)."""
+    if endpoint is handlers.MESSAGES:
+        return anthropic_error_body(exc)
+    return orjson.dumps(exc.body())
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
