@@ -23,7 +23,7 @@ from gateway import state as S
 from gateway.api import csrf
 from gateway.api import routes as api_routes
 from gateway.config import Config
-from gateway.errors import GatewayError, NotFound, PayloadTooLarge, StoreUnavailable
+from gateway.errors import GatewayError, NotFound, PayloadTooLarge
 from gateway.infra import health, outages
 from gateway.infra.db import create_pool, migrate
 from gateway.infra.metrics import Metrics
@@ -87,17 +87,15 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        store = outages.store_of(exc)
-        if store is None:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            error = GatewayError("The gateway failed to handle the request.", status=500)
-            return error_response(error)
         # A store unreachable while answering (a management read; a committed change's Redis
         # write is left to the account outbox): the store is down, not the request wrong. One
         # line per outage, not per request.
-        request.app[S.OUTAGES].failed(store, exc)
-        log.debug("%s unreachable on %s %s: %r", store, request.method, request.path, exc)
-        return error_response(StoreUnavailable("The gateway's store is unreachable; retry."))
+        unavailable = outages.unavailable(request.app[S.OUTAGES], exc)
+        if unavailable is None:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            error = GatewayError("The gateway failed to handle the request.", status=500)
+            return error_response(error)
+        return error_response(unavailable)
 
 
 async def _stores(app: web.Application) -> AsyncIterator[None]:

@@ -17,7 +17,7 @@ import pytest
 from gateway.proxy import forwarding
 from tests.conftest import ANTHROPIC_KEY, Providers
 from tests.helpers import Api
-from tests.rawhttp import Conn, counts
+from tests.rawhttp import CHAT, Conn, counts, post
 
 MSG = [{"role": "user", "content": "hi there"}]
 BODY = {"model": "claude", "max_tokens": 50, "messages": MSG}
@@ -198,8 +198,12 @@ async def test_errors_are_anthropics_envelope_on_the_lean_path_as_on_aiohttps(
     assert overview["credits_usd"] == "1.000000000"  # nothing charged, every hold released
 
 
-async def test_a_bug_is_a_500_in_anthropics_envelope_on_the_lean_path(
-    providers: Providers, api: Api, pair: Pair, monkeypatch: pytest.MonkeyPatch
+async def test_a_bug_is_a_logged_500_in_anthropics_envelope_on_both_paths(
+    providers: Providers,
+    api: Api,
+    pair: Pair,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     _, _, secret = await api.funded_team_key("1.00")
 
@@ -207,8 +211,10 @@ async def test_a_bug_is_a_500_in_anthropics_envelope_on_the_lean_path(
         raise RuntimeError("an injected bug")
 
     monkeypatch.setattr(forwarding, "ask_upstream", broken)
-    pair.lean.send(messages(secret, BODY))
-    assert _error(await pair.lean.response()) == (
+    answer = await pair.ask(messages(secret, BODY))
+    bugs = [r for r in caplog.records if r.exc_info and "injected" in str(r.exc_info[1])]
+    assert len(bugs) == 2  # one traceback per request
+    assert _error(answer) == (
         500,
         "api_error",
         "internal_error",
@@ -224,3 +230,30 @@ def test_the_front_reads_every_header_a_provider_forwards() -> None:
 
     forwarded = {name for kind in KINDS.values() for name in kind.forwarded_headers}
     assert forwarded == {name.decode() for name in FORWARDED}
+
+
+async def test_postgresql_down_for_a_key_lookup_is_a_503_as_on_aiohttp(
+    providers: Providers, pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key this process has not seen is looked up in PostgreSQL: its connection failing is the
+    store down (503 ``gateway_unavailable``, a warning once), not a bug (500, a traceback), on
+    the lean path as on aiohttp's (where the lean front answered 500)."""
+    from gateway import state as S
+    from gateway.credentials import new_api_key
+
+    async def down(*args: object) -> None:
+        raise ConnectionRefusedError("PostgreSQL is down")
+
+    monkeypatch.setattr(providers.gateway.app[S.KEYS], "_fetch", down)
+    served = counts(providers.gateway)[0]
+    answer = await pair.ask(messages(new_api_key(), BODY))
+    assert providers.gateway.app[S.OUTAGES].down() == ["postgresql"]
+    assert _error(answer) == (
+        503,
+        "api_error",
+        "gateway_unavailable",
+        "The gateway's store is unreachable; retry.",
+    )
+    chat = await pair.ask(post(new_api_key(), CHAT))  # the same on every lean route
+    assert (chat[0], orjson.loads(chat[2])["error"]["code"]) == (503, "gateway_unavailable")
+    assert counts(providers.gateway)[0] == served + 2

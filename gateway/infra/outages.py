@@ -20,6 +20,8 @@ import aiohttp
 import asyncpg
 from redis import exceptions as redis_errors
 
+from gateway.errors import GatewayError, StoreUnavailable
+
 log = logging.getLogger("modelbridge.stores")
 
 NAMES = {"postgresql": "PostgreSQL", "redis": "Redis"}
@@ -42,6 +44,18 @@ def store_of(exc: BaseException) -> str | None:
     if isinstance(exc, _POSTGRES_DOWN):
         return "postgresql"
     return None
+
+
+def unavailable(outages: Outages, exc: BaseException) -> GatewayError | None:
+    """What a store's connection failure that escaped a handler answers: the store is down, not
+    the request wrong (503 ``gateway_unavailable``; one log line per outage). None for any
+    other exception: a bug, for the caller to log and answer 500."""
+    store = store_of(exc)
+    if store is None:
+        return None
+    outages.failed(store, exc)
+    log.debug("%s unreachable: %r", store, exc)
+    return StoreUnavailable("The gateway's store is unreachable; retry.")
 
 
 def _brief(exc: BaseException) -> str:

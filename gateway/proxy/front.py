@@ -45,7 +45,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from gateway import state as S
 from gateway.errors import GatewayError
-from gateway.infra import bodies
+from gateway.infra import bodies, outages
 from gateway.metering.meter import guarded
 from gateway.proxy import forwarding, surfaces
 from gateway.proxy import handlers as proxy
@@ -300,9 +300,12 @@ class Front(asyncio.Protocol):
                 if call is not None:
                     proxy.annotate(exc, call)
                 self._write_error(request.endpoint, exc, keep_alive)
-            except Exception:
-                log.exception("unhandled error on POST %s", request.endpoint.route)
-                failed = GatewayError("The gateway failed to handle the request.")
+            except Exception as exc:  # a store down (503, as on aiohttp's path), else a bug
+                failed = outages.unavailable(app[S.OUTAGES], exc)
+                if failed is None:
+                    log.exception("unhandled error on POST %s", request.endpoint.route)
+                    failed = GatewayError("The gateway failed to handle the request.")
+                status = failed.status
                 self._write_error(request.endpoint, failed, keep_alive)
             else:
                 status = 200

@@ -11,6 +11,8 @@ back unmodified (clients match on its wording).
 
 from __future__ import annotations
 
+import logging
+
 import aiohttp
 import orjson
 from aiohttp import web
@@ -18,12 +20,15 @@ from aiohttp import web
 from gateway import state as S
 from gateway.credentials import bearer
 from gateway.errors import GatewayError, NotFound, UpstreamFailed, UpstreamTimeout
+from gateway.infra import outages
 from gateway.proxy import forwarding, handlers
 from gateway.proxy.exchange import count_texts
 from gateway.proxy.streaming import error_body
 from gateway.upstream.provider import ANTHROPIC
 from gateway.upstream.upstreams import UpstreamRequest
 from policies.translate import errors as envelopes
+
+log = logging.getLogger("modelbridge.proxy")
 
 
 class UpgradeRequired(GatewayError):
@@ -66,10 +71,18 @@ def error_envelope(endpoint: handlers.Endpoint, exc: GatewayError) -> bytes:
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
+    """Every error in Anthropic's envelope, as on the lean front (:mod:`gateway.proxy.front`):
+    a store down too (503), and a bug (logged, 500)."""
     try:
         return await forwarding.proxy(request, handlers.MESSAGES)
     except GatewayError as exc:
         return anthropic_error(exc)
+    except Exception as exc:
+        failed = outages.unavailable(request.app[S.OUTAGES], exc)
+        if failed is None:
+            log.exception("unhandled error on POST %s", request.path)
+            failed = GatewayError("The gateway failed to handle the request.")
+        return anthropic_error(failed)
 
 
 async def count_tokens(request: web.Request) -> web.StreamResponse:
