@@ -152,6 +152,8 @@ class Metering:
         self._away_from: float | None = None
         self.on_alert: Callable[[str], None] | None = None
         self._keys: dict[tuple[str, ...], list[str]] = {}  # hold keys, built once
+        # settle keys, built once: those before the request's marker, its prefix, those after
+        self._settle_keys: dict[tuple[str, ...], tuple[tuple[str, ...], str, tuple[str, ...]]] = {}
 
     def _alerted(self, account: str) -> None:
         if self.on_alert is not None:
@@ -266,35 +268,35 @@ class Metering:
 
     async def _settled_or_kept(self, call: SettleCall, sent: Awaitable[Any]) -> SettleResult:
         try:
-            raw = await guarded(sent)
+            raw = await sent  # not through guarded(): whatever fails is kept either way
         except asyncio.CancelledError:
             self.journal.keep(call)  # it may or may not have run: replaying is safe
             raise
-        except Exception as exc:
-            return self._keep(call, exc)
+        except Exception as exc:  # guarded() would wrap these, and _keep name the cause
+            return self._keep(call, exc, isinstance(exc, (*_REDIS_DOWN, ScriptError)))
         return self._settled(call, raw)
 
-    def _keep(self, call: SettleCall, exc: Exception) -> SettleResult:
-        reason = repr(exc.__cause__ or exc)
+    def _keep(self, call: SettleCall, exc: Exception, unwrapped: bool = False) -> SettleResult:
+        reason = repr(exc if unwrapped else exc.__cause__ or exc)
         if self.journal.keep(call):
             log.warning("settle of %s kept for later: %s", call.request_id, reason)
             self._kept.set()
         return SettleResult(True, 0, 0, kept=True)
 
-    @staticmethod
-    def _settle_call(ask: SettleAsk) -> SettleCall:
-        ak = rk.AccountKeys(ask.account)
-        keys = [
-            ak.state,
-            ak.period(ask.period),
-            ak.hold_expiry,
-            ak.hold_values,
-            ak.settled_marker(ask.request_id),
-            ak.usage_stream,
-            ak.cfg,
-            ak.alerts,
-            *ak.rate_keys(ask.key_id, ask.scope),
-        ]
+    def _settle_call(self, ask: SettleAsk) -> SettleCall:
+        index = (ask.account, ask.period, ask.key_id, ask.scope)
+        cached = self._settle_keys.get(index)
+        if cached is None:
+            if len(self._settle_keys) >= KEY_CACHE_MAX:
+                self._settle_keys.clear()
+            ak = rk.AccountKeys(ask.account)
+            cached = self._settle_keys[index] = (
+                (ak.state, ak.period(ask.period), ak.hold_expiry, ak.hold_values),
+                ak.settled_marker(""),
+                (ak.usage_stream, ak.cfg, ak.alerts, *ak.rate_keys(ask.key_id, ask.scope)),
+            )
+        before, marker, after = cached
+        keys = [*before, marker + ask.request_id, *after]  # each call its own list (kept)
         args: list[str | int] = [
             ask.request_id,
             ask.charged,
