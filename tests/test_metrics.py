@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import secrets
 from pathlib import Path
@@ -11,7 +12,7 @@ import asyncpg
 import pytest
 
 from gateway.config import MetricsConfig
-from gateway.infra.metrics import REJECTION_REASONS
+from gateway.infra.metrics import REJECTION_REASONS, Metrics
 from gateway.infra.stores import Stores, StoreURLs
 from tests.conftest import ADMIN_TOKEN, Gateway, _with_database, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
@@ -189,3 +190,29 @@ async def test_every_family_is_there_from_the_start_over_two_workers(
         assert f'modelbridge_tokens_total{{kind="{kind}",model="gpt-4o-mini"}} 0.0' in text
     assert 'modelbridge_spend_usd_total{model="gpt-4o-mini"} 0.0' in text
     assert "modelbridge_inflight_requests 0.0" in text
+
+
+async def test_folded_updates_land_at_the_end_of_the_loop_step_as_direct_ones_would() -> None:
+    folded, direct = Metrics(), Metrics()
+    amounts = (0.0, 0.0001, 0.0003, 0.001, 0.1, 7.0)  # on bounds, between them, past the last
+
+    def figures(m: Metrics) -> list[float]:
+        hist, spend = m.child(m.overhead, "/v1/x"), m.child(m.spend, "m")
+        buckets = [b.get() for b in hist._buckets]
+        return [hist._sum.get(), *buckets, spend._value.get(), m.inflight._value.get()]
+
+    for amount in amounts:
+        direct.child(direct.overhead, "/v1/x").observe(amount)
+        direct.child(direct.spend, "m").inc(amount)
+        folded.observe(folded.child(folded.overhead, "/v1/x"), amount)
+        folded.add(folded.child(folded.spend, "m"), amount)
+    direct.inflight.inc()
+    folded.add(folded.inflight)
+    folded.add(folded.inflight)
+    folded.add(folded.inflight, -1)
+    assert set(figures(folded)) == {0.0}  # nothing written within the step
+    await asyncio.sleep(0)
+    assert figures(folded) == figures(direct)
+    folded.add(folded.inflight)
+    folded.render()  # /metrics writes what is pending first
+    assert folded.inflight._value.get() == 2

@@ -8,9 +8,11 @@ Metric objects live on a :class:`Metrics` instance held in the app, never in mod
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import tempfile
+from bisect import bisect_left
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,7 @@ class Metrics:
         self._instance = _PER_PROCESS.get(pid, 0)
         _PER_PROCESS[pid] = self._instance + 1
         self._values: Any = None
+        self._pending: dict[Any, float] = {}  # folded increments: value -> amount (see add)
         if self._instance:
             name = f"{pid}-{self._instance}"
             self._values = values.MultiProcessValue(process_identifier=lambda: name)
@@ -183,6 +186,37 @@ class Metrics:
                 found = self._children[key] = metric.labels(*labels)
         return found
 
+    # --- folded updates ----------------------------------------------------------------------
+    # A metric update writes the process's file (a lock, a struct, an mmap store): about a dozen
+    # per request. The hot path's updates are folded instead: summed per value in a dict and
+    # written once per event-loop step (at the end of it, before any I/O of the next one), so
+    # requests finishing in the same step share the writes. /metrics in this process writes them
+    # first; another process sees them one loop step later at most.
+    def add(self, child: Any, amount: float = 1.0) -> None:
+        """``child.inc(amount)`` for a counter's child (``amount >= 0``) or a gauge (any sign)."""
+        self._fold(child._value, amount)
+
+    def observe(self, child: Any, amount: float) -> None:
+        """``child.observe(amount)`` for a histogram's child: its sum and its bucket."""
+        self._fold(child._sum, amount)
+        self._fold(child._buckets[bisect_left(child._upper_bounds, amount)], 1.0)
+
+    def _fold(self, value: Any, amount: float) -> None:
+        pending = self._pending
+        if not pending:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop: written at once
+                value.inc(amount)
+                return
+        pending[value] = pending.get(value, 0.0) + amount
+
+    def flush(self) -> None:
+        """Write the folded updates."""
+        pending, self._pending = self._pending, {}
+        for value, amount in pending.items():
+            value.inc(amount)
+
     def preset(self, endpoints: list[str], models: list[str]) -> None:
         """Every family with its known label values at 0, so that a fresh gateway's /metrics
         (and a dashboard or alert reading it) shows 0, not "no data": with several processes a
@@ -217,6 +251,7 @@ class Metrics:
         return (team_id or "",) if self.team_labels else ()
 
     def render(self) -> bytes:
+        self.flush()
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)

@@ -186,8 +186,8 @@ async def _settled(call: Call, plain: Plain, pending: Awaitable[SettleResult] | 
     """After the answer: the settle's result (kept when Redis did not take it), the metrics."""
     if pending is not None:
         await pending
-    app = call.app
-    app[S.METRICS].child(app[S.METRICS].ttfb, call.model.name).observe(plain.ttfb_s)
+    metrics = call.app[S.METRICS]
+    metrics.observe(metrics.child(metrics.ttfb, call.model.name), plain.ttfb_s)
     count(call, plain.tokens, plain.charge)
 
 
@@ -345,7 +345,7 @@ async def finish_stream(call: Call, client: web.StreamResponse, outcome: StreamO
 async def proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     app = request.app
     started = time.perf_counter()
-    app[S.METRICS].inflight.inc()
+    app[S.METRICS].add(app[S.METRICS].inflight)
     model_label = "other"
     status = 500
     call: Call | None = None

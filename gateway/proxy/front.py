@@ -278,7 +278,7 @@ class Front(asyncio.Protocol):
         self, request: Request, fast: tuple[proxy.Call, Awaitable[Any]] | None
     ) -> None:
         app = self.app
-        app[S.METRICS].inflight.inc()
+        app[S.METRICS].add(app[S.METRICS].inflight)
         self.fronts.served += 1
         keep_alive = request.head.keep_alive
         call: proxy.Call | None = fast[0] if fast is not None else None

@@ -436,9 +436,9 @@ def count(call: Call, tokens: TokenUsage, charge: pricing.Charge) -> None:
     metrics = call.app[S.METRICS]
     team = metrics.team_label(call.key.team_id)
     model = call.model.name
-    metrics.child(metrics.tokens, model, "prompt", *team).inc(tokens.prompt_tokens)
-    metrics.child(metrics.tokens, model, "completion", *team).inc(tokens.completion_tokens)
-    metrics.child(metrics.spend, model, *team).inc(charge.charged / 1e9)  # metrics, not money
+    metrics.add(metrics.child(metrics.tokens, model, "prompt", *team), tokens.prompt_tokens)
+    metrics.add(metrics.child(metrics.tokens, model, "completion", *team), tokens.completion_tokens)
+    metrics.add(metrics.child(metrics.spend, model, *team), charge.charged / 1e9)  # not money
 
 
 async def settle(call: Call, tokens: TokenUsage, source: str, status: int) -> pricing.Charge:
@@ -526,10 +526,11 @@ def observe(
 ) -> None:
     """A proxied request is over: count it (the in-flight gauge was raised as it began)."""
     metrics = app[S.METRICS]
-    metrics.inflight.dec()
+    metrics.add(metrics.inflight, -1)
     elapsed = time.perf_counter() - started
     team = metrics.team_label(call.key.team_id if call is not None else None)
-    metrics.child(metrics.requests, endpoint.route, model_label, str(status), *team).inc()
-    metrics.child(metrics.duration, endpoint.route, model_label).observe(elapsed)
+    metrics.add(metrics.child(metrics.requests, endpoint.route, model_label, str(status), *team))
+    metrics.observe(metrics.child(metrics.duration, endpoint.route, model_label), elapsed)
     upstream_s = call.upstream_s if call is not None else 0.0
-    metrics.child(metrics.overhead, endpoint.route).observe(max(0.0, elapsed - upstream_s))
+    overhead = metrics.child(metrics.overhead, endpoint.route)
+    metrics.observe(overhead, max(0.0, elapsed - upstream_s))

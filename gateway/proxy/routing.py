@@ -206,7 +206,7 @@ async def allowed_models(call: Call) -> frozenset[str]:
 
 def count_attempt(metrics: Metrics, target: Target, failed: bool, last: bool) -> None:
     upstream = target.deployment.upstream
-    metrics.child(metrics.attempts, upstream, rp.outcome(failed, last)).inc()
+    metrics.add(metrics.child(metrics.attempts, upstream, rp.outcome(failed, last)))
 
 
 def count_fallback(metrics: Metrics, requested: str, target: Target) -> None:
