@@ -223,6 +223,8 @@ class Gateway:
         self.external_redis = self.redis.url or os.environ.get("MODELBRIDGE_BENCH_REDIS_URL", "")
         self.key = ""
         self.key_id = ""
+        self.limited_key = ""  # provision(limited=...): a second key of the team, with controls
+        self.limited_key_id = ""
 
     @property
     def label(self) -> str:
@@ -273,8 +275,9 @@ class Gateway:
     def _post(self, what: str, path: str, body: Any, token: str | None = None) -> Any:
         return _expect(what, http("POST", self.base + path, body, token), 200, 201)
 
-    def provision(self) -> None:
-        """A user, a team with operator credits, and a team key (full metering path)."""
+    def provision(self, limited: dict[str, Any] | None = None) -> None:
+        """A user, a team with operator credits, and a team key (full metering path); with
+        ``limited``, a second key of the same team with those controls (e.g. rpm and tpm)."""
         user = {
             "email": f"bench-{secrets.token_hex(4)}@example.com",
             "name": "bench",
@@ -288,6 +291,10 @@ class Gateway:
         body = {"name": "bench", "team": team["id"], **self.key_controls}
         key = self._post("key", "/api/keys", body, token)
         self.key, self.key_id = key["secret"], key["id"]
+        if limited is not None:
+            body = {"name": "bench-limited", "team": team["id"], **limited}
+            key = self._post("limited key", "/api/keys", body, token)
+            self.limited_key, self.limited_key_id = key["secret"], key["id"]
 
     # --- the processes whose CPU is accounted -----------------------------------------------
     @property
@@ -353,7 +360,7 @@ class Gateway:
         return out
 
     def usage_records(self) -> dict[str, int]:
-        """Usage rows in PostgreSQL for the bench key, by usage_source and status."""
+        """Usage rows in PostgreSQL for the bench keys, by usage_source and status."""
         import asyncpg
 
         async def query() -> dict[str, int]:
@@ -361,8 +368,8 @@ class Gateway:
             try:
                 rows = await conn.fetch(
                     "SELECT usage_source, status, count(*) AS n FROM usage_records"
-                    " WHERE key_id = $1 GROUP BY 1, 2",
-                    self.key_id,
+                    " WHERE key_id = ANY($1::text[]) GROUP BY 1, 2",
+                    [k for k in (self.key_id, self.limited_key_id) if k],
                 )
             finally:
                 await conn.close()

@@ -1,7 +1,7 @@
 """What each client surface adds, measured in one run: ``python -m bench.surfaces``
 (and ``make bench``'s ``surfaces`` test).
 
-    python -m bench.surfaces [--quick] [--duration S] [--repeats N]
+    python -m bench.surfaces [--quick] [--duration S] [--repeats N] [--only chat-limited,...]
 
 One gateway (1 worker, embedded stores, a funded team key: every request fully metered) in
 front of the fake OpenAI upstream and, in the same process, the fake Anthropic upstream. Per
@@ -16,11 +16,17 @@ responses       ``/v1/responses`` → openai                   the fake's ``/v1/
 messages        ``/v1/messages`` → anthropic (native)        the Anthropic fake's ``/v1/messages``
 messages→chat   ``/v1/messages`` → openai (translated)       the fake's ``/v1/chat/completions``
 chat→messages   ``/v1/chat/completions`` → anthropic         the Anthropic fake's ``/v1/messages``
+chat-limited    ``/v1/chat/completions`` → openai, with a     the fake's ``/v1/chat/completions``
+                second key of the same team that has
+                ``rpm`` and ``tpm`` set (never reached)
 ==============  ==========================================  =====================================
 
 The figure per surface is the added p50 (gateway p50 − direct p50, paired per repetition; the
 median over repetitions), and its difference from chat's in the same repetition: issue 11's
-target is within 0.2 ms. Every gateway response must be a 200 that left one usage record.
+target is within 0.2 ms. For ``chat-limited`` that difference is what a key's rate limits add
+(the hold keeps the key's rate log, the settle corrects its tokens, the answer carries the
+``x-ratelimit-*`` headers), measured on the same gateway process as chat, interleaved: issue 12's
+target is at most 0.05 ms. Every gateway response must be a 200 that left one usage record.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ _CHAT_MESSAGES = cast(list[dict[str, str]], load.CHAT_BODY["messages"])
 SYSTEM, QUESTION = _CHAT_MESSAGES[0]["content"], _CHAT_MESSAGES[1]["content"]
 MAX_TOKENS = 128
 ANTHROPIC_HEADERS = "anthropic-version: 2023-06-01"
+KEY_LIMITS = {"rpm": 10**9, "tpm": 10**15}  # never reached: every request pays for the rate logs
 
 
 def chat_body(model: str) -> dict[str, Any]:
@@ -72,7 +79,7 @@ def responses_body(model: str) -> dict[str, Any]:
 class Leg:
     """One side of a pair: where the request goes and what it is."""
 
-    base: str  # "openai", "anthropic" or "gateway"
+    base: str  # "openai", "anthropic", "gateway" or "gateway-limited" (the key with rpm and tpm)
     path: str
     body: dict[str, Any]
 
@@ -110,6 +117,11 @@ SURFACES = (
         Leg("anthropic", "/messages", messages_body(ANTHROPIC_MODEL)),
         Leg("gateway", "/v1/chat/completions", chat_body(ANTHROPIC_MODEL)),
     ),
+    Surface(
+        "chat-limited",
+        Leg("openai", "/v1/chat/completions", chat_body(MODEL)),
+        Leg("gateway-limited", "/v1/chat/completions", chat_body(MODEL)),
+    ),
 )
 
 
@@ -125,8 +137,9 @@ class Bench:
     def target(self, leg: Leg, label: str) -> tuple[load.Target, Path]:
         body = self.workdir / f"{label}.json"
         body.write_text(json.dumps(leg.body))
-        if leg.base == "gateway":
-            url, key = self.gateway.base + leg.path, self.gateway.key
+        if leg.base.startswith("gateway"):
+            key = self.gateway.limited_key if leg.base == "gateway-limited" else self.gateway.key
+            url = self.gateway.base + leg.path
             headers = ANTHROPIC_HEADERS if leg.path == "/v1/messages" else ""
         elif leg.base == "anthropic":
             url, key = self.fake.anthropic_url + leg.path, ""
@@ -152,11 +165,22 @@ class Bench:
         return out
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def chosen(only: str) -> tuple[Surface, ...]:
+    """The surfaces named (comma-separated; chat always, first: the others are paired with it)."""
+    names = {n.strip() for n in only.split(",") if n.strip()} | {"chat"}
+    unknown = names - {s.name for s in SURFACES}
+    if unknown:
+        raise SystemExit(f"unknown surface(s): {', '.join(sorted(unknown))}")
+    return tuple(s for s in SURFACES if s.name in names)
+
+
+def summarize(
+    runs: list[dict[str, Any]], surfaces: tuple[Surface, ...] = SURFACES
+) -> dict[str, Any]:
     """Per surface: median p50s, the added p50 and its difference from chat's, both paired
     per repetition, and the error count."""
     table: dict[str, Any] = {}
-    for s in SURFACES:
+    for s in surfaces:
         mine = [r for r in runs if r["surface"] == s.name]
         added = [r["gateway"]["latency_ms"]["p50"] - r["direct"]["latency_ms"]["p50"] for r in mine]
         chat = [r for r in runs if r["surface"] == "chat"]
@@ -184,7 +208,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(table: dict[str, Any], verify: dict[str, Any]) -> str:
     lines = [
-        "| surface | direct p50 | gateway p50 | added p50 | added p99 | vs chat (≤ 0.2) | errors |",
+        "| surface | direct p50 | gateway p50 | added p50 | added p99 | added minus chat's | errors |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, t in table.items():
@@ -202,11 +226,13 @@ def markdown(table: dict[str, Any], verify: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def verify(gw: Gateway, table: dict[str, Any], runs: int, conns: int) -> dict[str, Any]:
+def verify(
+    gw: Gateway, table: dict[str, Any], runs: int, conns: int, sanity: int
+) -> dict[str, Any]:
     """Every gateway 200 left one usage record: the count in PostgreSQL (after the writer has
     drained) is the 200s wrk saw plus the sanity requests, plus at most one in-flight request
     per connection per run (wrk does not count those)."""
-    ok = sum(t["gateway_ok"] for t in table.values()) + len(SURFACES)
+    ok = sum(t["gateway_ok"] for t in table.values()) + sanity
     margin = runs * conns
     deadline = time.monotonic() + 30
     while True:
@@ -222,26 +248,32 @@ def verify(gw: Gateway, table: dict[str, Any], runs: int, conns: int) -> dict[st
     }
 
 
-def run(workdir: Path, duration: float, repeats: int, log: Any = print) -> dict[str, Any]:
+def run(
+    workdir: Path,
+    duration: float,
+    repeats: int,
+    log: Any = print,
+    surfaces: tuple[Surface, ...] = SURFACES,
+) -> dict[str, Any]:
     fake = FakeUpstream(workdir, anthropic=True)
     fake.start()
     gw = Gateway(1, fake.url, anthropic_url=fake.anthropic_url)
     try:
         gw.start()
-        gw.provision()
+        gw.provision(limited=KEY_LIMITS)
         bench = Bench(fake, gw, workdir, duration)
-        for s in SURFACES:
+        for s in surfaces:
             bench.sanity(s)
-        log(f"surfaces: sanity OK on {gw.base}; {repeats} × {len(SURFACES)} pairs of {duration} s")
+        log(f"surfaces: sanity OK on {gw.base}; {repeats} × {len(surfaces)} pairs of {duration} s")
         runs = []
         for rep in range(1, repeats + 1):
-            for s in SURFACES:
+            for s in surfaces:
                 r = bench.pair(s) | {"rep": rep, "surface": s.name}
                 d, g = r["direct"]["latency_ms"]["p50"], r["gateway"]["latency_ms"]["p50"]
                 log(f"  rep{rep} {s.name:<14} direct {d:.3f} gateway {g:.3f} ms (+{g - d:.3f})")
                 runs.append(r)
-        table = summarize(runs)
-        checked = verify(gw, table, len(runs), bench.conns)
+        table = summarize(runs, surfaces)
+        checked = verify(gw, table, len(runs), bench.conns, len(surfaces))
     finally:
         gw.stop()
         fake.stop()
@@ -253,13 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="1 repetition of 3 s runs")
     p.add_argument("--duration", type=float, default=None, help="seconds per run (default 10)")
     p.add_argument("--repeats", type=int, default=None, help="repetitions (default 3)")
+    p.add_argument("--only", default="", help="these surfaces (and chat), comma-separated")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     duration = a.duration or (3 if a.quick else 10)
     repeats = a.repeats or (1 if a.quick else 3)
     load.ensure_wrk()
     with tempfile.TemporaryDirectory(prefix="mb-surfaces-") as tmp:
-        result = run(Path(tmp), duration, repeats)
+        result = run(Path(tmp), duration, repeats, surfaces=chosen(a.only) if a.only else SURFACES)
     md = markdown(result["table"], result["verify"])
     a.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
