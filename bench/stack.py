@@ -223,6 +223,7 @@ class Gateway:
         self.external_redis = self.redis.url or os.environ.get("MODELBRIDGE_BENCH_REDIS_URL", "")
         self.key = ""
         self.key_id = ""
+        self.wrapper: list[str] = []  # a command serve runs under (bench.instructions: valgrind)
         self.limited_key = ""  # provision(limited=...): a second key of the team, with controls
         self.limited_key_id = ""
 
@@ -256,6 +257,7 @@ class Gateway:
             cmd = [sys.executable, "-m", "gateway", "serve"]
         cmd += ["--config", str(self.config_path), "--port", str(self.port)]
         cmd += ["--workers", str(self.workers)]
+        cmd = [*self.wrapper, *cmd]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 cmd, cwd=self.dir, env=self._env(), stdout=log, stderr=subprocess.STDOUT
