@@ -1,7 +1,7 @@
 """A/B: two checkouts' gateways measured interleaved, to tell a hot-path change's effect from
 the drift of a shared machine.
 
-    python -m bench.ab --a DIR --b DIR [--test saturation|latency] [--rounds 6] [--duration 8]
+    python -m bench.ab --a DIR --b DIR [--test saturation|latency|stream] [--rounds 6] [--duration 8]
                        [--b-key-limits]
 
 DIR is a checkout (or a copy of its ``gateway/``, ``policies/`` and ``tests/``); both run on this
@@ -46,14 +46,17 @@ def _plan(a: argparse.Namespace) -> Plan:
 
 
 def _figures(run: dict[str, Any]) -> dict[str, float]:
-    cpu = run["cpu"]
-    return {
-        "gateway_ms": cpu["gateway_ms_per_req"],
+    cpu, result = run["cpu"], run["load"]
+    figures = {
+        "gateway_ms": cpu["gateway_ms_per_req"],  # per stream in the stream test
         "stores_ms": cpu.get("redis_ms_per_req", 0) + cpu.get("postgres_ms_per_req", 0),
-        "rps": run["load"]["rps"],
-        "p50_ms": run["load"]["latency_ms"]["p50"],
-        "foreign": cpu["foreign_cores"],
     }
+    if "ttfb_ms" in result:  # the stream test: streams/s and the p50 of TTFB, TTFT, total
+        figures["rps"] = result["streams_per_s"]
+        figures |= {f"{k}_p50_ms": result[f"{k}_ms"]["p50"] for k in ("ttfb", "ttft", "total")}
+    else:
+        figures |= {"rps": result["rps"], "p50_ms": result["latency_ms"]["p50"]}
+    return figures | {"foreign": cpu["foreign_cores"]}
 
 
 def compare(sessions: dict[str, Session], a: argparse.Namespace) -> dict[str, list[dict]]:
@@ -76,7 +79,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--a", type=Path, required=True, help="the base checkout")
     p.add_argument("--b", type=Path, required=True, help="the changed checkout")
-    p.add_argument("--test", choices=("saturation", "latency"), default="saturation")
+    p.add_argument("--test", choices=("saturation", "latency", "stream"), default="saturation")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--duration", type=int, default=8)
     p.add_argument(
@@ -115,7 +118,7 @@ def main() -> int:
     limited = " (B's key with rpm and tpm)" if a.b_key_limits else ""
     print(f"\n{a.test}, {a.rounds} rounds of {a.duration} s; A = {a.a}, B = {a.b}{limited}\n")
     print("| figure | A | B | B / A (paired) | B − A (paired) |\n|---|---|---|---|---|")
-    for key in ("gateway_ms", "stores_ms", "rps", "p50_ms"):
+    for key in [k for k in rows["A"][0] if k != "foreign"]:
         va, vb = [r[key] for r in rows["A"]], [r[key] for r in rows["B"]]
         ratio = report.med([y / x for x, y in zip(va, vb, strict=True) if x])
         diff = report.med([y - x for x, y in zip(va, vb, strict=True)])

@@ -322,6 +322,14 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
+async def lean() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client whose every request opens a connection of its own, so that the lean front serves
+    it (a connection that asked for anything else, the management API say, is aiohttp's)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        yield session
+
+
+@pytest.fixture
 def api(http: aiohttp.ClientSession, gateway: Gateway) -> Api:
     return Api(http, gateway.base, ADMIN_TOKEN)
 

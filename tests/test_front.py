@@ -10,6 +10,7 @@ import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 from redis.asyncio import Redis
@@ -20,7 +21,7 @@ from gateway.proxy.tokens import TokenCounter
 from policies.money import format_usd
 from tests.conftest import ADMIN_TOKEN, Gateway, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, account_state, until
+from tests.helpers import Api, account_state, eventually, until
 from tests.rawhttp import CHAT, Conn, counts, post
 
 
@@ -78,7 +79,7 @@ async def test_plain_calls_and_their_errors_are_served_lean_on_one_connection(
     assert state["holds"] == "0"
 
 
-async def test_a_plain_responses_call_is_served_lean_and_its_stream_by_aiohttp(
+async def test_a_responses_call_and_its_stream_are_served_lean(
     gateway: Gateway, api: Api, conn: Conn, redis: Redis
 ) -> None:
     _, team, secret = await api.funded_team_key("1.00")
@@ -105,7 +106,7 @@ async def test_a_plain_responses_call_is_served_lean_and_its_stream_by_aiohttp(
     status, headers, raw = await conn.response()
     assert (status, headers["content-type"].split(";")[0]) == (200, "text/event-stream")
     assert b"event: response.completed" in raw
-    assert counts(gateway) == (served + 2, handed + 1)
+    assert counts(gateway) == (served + 3, handed)
     assert (await account_state(redis, team["id"]))["holds"] == "0"
 
 
@@ -154,6 +155,34 @@ async def test_an_upstream_failure_after_the_hold_releases_it(
     assert (await account_state(redis, team["id"]))["holds"] == "0"
 
 
+@pytest.mark.parametrize("upstream_status", [503, 429, 400])
+async def test_a_stream_the_provider_refuses_is_answered_in_openais_envelope(
+    gateway: Gateway, api: Api, conn: Conn, fake: FakeUpstream, redis: Redis, upstream_status: int
+) -> None:
+    owner, team, secret = await api.funded_team_key("1.00")
+    rpm = {"rpm_limit": 1000}  # a rate limit, for its headers on the error too
+    await api.call("PATCH", f"/api/teams/{team['id']}", session=owner, json=rpm, expect=200)
+    served, handed = counts(gateway)
+    fake.next(status=upstream_status)
+    conn.send(post(secret, {**CHAT, "stream": True}))
+    status, headers, body = await conn.response()
+    error = orjson.loads(body)["error"]
+    assert (status, error["code"], headers["content-type"]) == (
+        upstream_status,
+        "upstream_error",
+        "application/json",
+    )
+    assert headers["x-modelbridge-error-code"] == "upstream_error"
+    assert headers["x-request-id"].startswith("req_")
+    assert headers["x-ratelimit-limit-requests"] == "1000"
+    assert (await account_state(redis, team["id"]))["holds"] == "0"
+    assert counts(gateway) == (served + 1, handed)
+    conn.send(post(secret, {**CHAT, "stream": True}))  # the connection goes on
+    status, headers, body = await conn.response()
+    assert (status, headers["x-ratelimit-limit-requests"]) == (200, "1000")
+    assert body.rstrip().endswith(b"data: [DONE]")
+
+
 @pytest.mark.parametrize(
     "first",
     [
@@ -175,7 +204,7 @@ async def test_other_requests_go_to_aiohttp_for_the_rest_of_the_connection(
     assert counts(gateway) == (served, handed + 1)
 
 
-async def test_a_stream_after_lean_calls_is_handed_over_with_the_bytes_already_read(
+async def test_a_stream_and_the_call_pipelined_behind_it_are_served_lean(
     gateway: Gateway, api: Api, conn: Conn
 ) -> None:
     _, _, secret = await api.funded_team_key()
@@ -184,7 +213,25 @@ async def test_a_stream_after_lean_calls_is_handed_over_with_the_bytes_already_r
     served, handed = counts(gateway)
     conn.send(post(secret, {**CHAT, "stream": True}) + post(secret, CHAT))
     status, headers, body = await conn.response()
-    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert status == 200 and headers["content-type"] == "text/event-stream"
+    assert (headers["transfer-encoding"], headers["cache-control"]) == ("chunked", "no-cache")
+    assert body.rstrip().endswith(b"data: [DONE]")
+    assert (await conn.response())[0] == 200  # the pipelined one
+    assert counts(gateway) == (served + 2, handed)
+
+
+async def test_a_stream_after_lean_calls_is_handed_over_with_the_bytes_already_read(
+    gateway: Gateway, api: Api, conn: Conn
+) -> None:
+    _, _, secret = await api.funded_team_key()
+    conn.send(post(secret, CHAT))
+    assert (await conn.response())[0] == 200
+    served, handed = counts(gateway)
+    data = orjson.dumps({**CHAT, "stream": True})  # a chunked body: aiohttp's
+    chunked = f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n"
+    conn.send(post(secret, chunked, **{"Transfer-Encoding": "chunked"}) + post(secret, CHAT))
+    status, headers, body = await conn.response()
+    assert status == 200 and headers["content-type"] == "text/event-stream"
     assert body.rstrip().endswith(b"data: [DONE]")
     assert (await conn.response())[0] == 200  # the pipelined one, now aiohttp's
     assert counts(gateway) == (served, handed + 1)
@@ -525,18 +572,25 @@ async def test_a_provider_body_over_max_response_bytes_is_a_502_and_charges_noth
             assert await account_state(redis, team["id"]) == before  # released, not charged
         assert gw.app[S.FRONTS].served == served + 1  # one lean, one on aiohttp's path
         # a stream past the bound ends as a stream the provider cut: the error event, no [DONE]
-        fake.next(content_pieces=["x" * 1000] * 6)
-        handed.send(post(secret, {**CHAT, "stream": True}))
-        status, headers, body = await handed.response()
-        assert (status, headers["content-type"]) == (200, "text/event-stream")
-        assert b'"code":"upstream_error"' in body and b"[DONE]" not in body
-        assert body.count(b"x" * 1000) == 2  # the events within the first 4000 bytes
-        state = await account_state(redis, team["id"])
         counter = TokenCounter()  # billed as a cut stream: tiktoken on what was relayed
         prompt = counter.count_chat_prompt(CHAT, "o200k_base")
         completion = counter.count_text("x" * 2000, "o200k_base")
-        assert state["holds"] == "0"
-        assert int(before["credits"]) - int(state["credits"]) == prompt * 150 + completion * 600
+        for conn in (lean, handed):
+            served, handed_over = counts(gw)
+            fake.next(content_pieces=["x" * 1000] * 6)
+            conn.send(post(secret, {**CHAT, "stream": True}))
+            status, headers, body = await conn.response()
+            assert (status, headers["content-type"]) == (200, "text/event-stream")
+            assert b'"code":"upstream_error"' in body and b"[DONE]" not in body
+            assert body.count(b"x" * 1000) == 2  # the events within the first 4000 bytes
+            state = await account_state(redis, team["id"])
+            assert state["holds"] == "0"
+            charged = int(before["credits"]) - int(state["credits"])
+            assert charged == prompt * 150 + completion * 600
+            before = state
+            assert counts(gw) == (
+                (served + 1, handed_over) if conn is lean else (served, handed_over)
+            )
     finally:
         for conn in (lean, handed):
             conn.writer.close()
@@ -615,3 +669,79 @@ async def test_edge_heads_on_a_real_socket_are_read_as_llhttp_reads_them(
         finally:
             other.writer.close()
     assert counts(gateway) == (served + 3, handed + 2)
+
+
+async def test_shutdown_past_its_deadline_cuts_a_lean_stream_and_bills_what_was_streamed(
+    fake: FakeUpstream,
+    database_url: str,
+    redis_url: str,
+    http: aiohttp.ClientSession,
+    db: asyncpg.Connection,
+    redis: Redis,
+) -> None:
+    config = gateway_config(fake.base_url)
+    server = dataclasses.replace(config.server, shutdown_timeout_s=0.3)
+    gw, runner = await start_gateway(
+        dataclasses.replace(config, server=server), database_url, redis_url
+    )
+    port = int(gw.base.rsplit(":", 1)[1])
+    conn = Conn(*await asyncio.open_connection("127.0.0.1", port))
+    pieces = ["alpha", " beta", " gamma", " delta", " epsilon", " zeta"]
+    try:
+        _, team, secret = await Api(http, gw.base, ADMIN_TOKEN).funded_team_key()
+        served, handed = counts(gw)
+        fake.next(chunk_delay_s=0.4, content_pieces=pieces)  # 2.4 s: longer than shutdown waits
+        conn.send(post(secret, {**CHAT, "stream": True}))
+        seen = await conn.reader.readuntil(b"alpha")
+        request_id = seen.split(b"x-request-id: ", 1)[1].split(b"\r\n", 1)[0].decode()
+        await runner.cleanup()
+        rest = await asyncio.wait_for(conn.reader.read(), 10)  # until the gateway closes
+        assert counts(gw) == (served + 1, handed)
+    finally:
+        conn.writer.close()
+    assert b"[DONE]" not in rest and not rest.endswith(b"0\r\n\r\n")  # cut, not ended
+    row = await eventually(
+        lambda: db.fetchrow("SELECT * FROM usage_records WHERE request_id = $1", request_id),
+        lambda r: r is not None,
+    )
+    counter = TokenCounter()
+    prefixes = {counter.count_text("".join(pieces[:n]), "o200k_base") for n in range(1, 7)}
+    assert (row["usage_source"], row["status"]) == ("estimated", 499)
+    assert row["completion_tokens"] in prefixes
+    prompt = counter.count_chat_prompt(CHAT, "o200k_base")
+    assert row["charged"] == prompt * 150 + row["completion_tokens"] * 600
+    assert (await account_state(redis, team["id"]))["holds"] == "0"
+
+
+async def test_a_client_that_does_not_read_its_stream_pauses_the_provider(
+    gateway: Gateway, api: Api, fake: FakeUpstream
+) -> None:
+    _, _, secret = await api.funded_team_key("100.00")
+    port = int(gateway.base.rsplit(":", 1)[1])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: pushback soon
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    slow = Conn(*await asyncio.open_connection(sock=sock))
+    try:
+        front = await front_of(gateway, slow)
+        assert front.transport is not None
+        gateway_side = front.transport.get_extra_info("socket")
+        gateway_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        served, handed = counts(gateway)
+        pieces = [f"piece {i} " + "lorem ipsum dolor " * 800 for i in range(100)]  # ~1.4 MB
+        fake.next(content_pieces=pieces)
+        slow.send(post(secret, {**CHAT, "stream": True}))
+
+        def provider_paused() -> bool:
+            stream = front._stream
+            upstream = stream.upstream if stream is not None else None
+            return upstream is not None and upstream._live and upstream._conn.paused
+
+        await until(provider_paused)
+        status, _, body = await slow.response()
+    finally:
+        slow.writer.close()
+    assert status == 200 and body.rstrip().endswith(b"data: [DONE]")
+    assert all(piece.encode() in body for piece in pieces)
+    assert counts(gateway) == (served + 1, handed)

@@ -398,3 +398,140 @@ def test_only_http_urls() -> None:
         .head("/x")
         .startswith(b"POST /v1/x HTTP/1.1\r\nHost: api.openai.com\r\n")
     )
+
+
+# --- streamed answers (Origin.stream) -------------------------------------------------------------
+@dataclass
+class Sink:
+    """A :class:`gateway.upstream.http1.BodySink` that records what it hears."""
+
+    bodies: list[bytes] = field(default_factory=list)
+    ends: list[OriginError | None] = field(default_factory=list)
+
+    def on_body(self, data: bytes) -> None:
+        self.bodies.append(data)
+
+    def on_end(self, error: OriginError | None) -> None:
+        self.ends.append(error)
+
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+async def test_a_stream_gives_its_head_then_each_read_as_it_comes(server: Scripted) -> None:
+    sink = Sink()
+
+    async def events(writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + b"5\r\nhello\r\n")
+        await writer.drain()
+        await until(lambda: sink.bodies == [b"hello"])  # read before the rest is sent
+        writer.write(b"1\r\n \r\n5\r\nworld\r\n")  # two chunks in one read: one on_body
+        await writer.drain()
+        await until(lambda: len(sink.bodies) == 2)
+        writer.write(b"0\r\n\r\n")
+
+    server.answers.append(events)
+    client = origin(server.url())
+    try:
+        streamed = await client.stream(client.encode("/chat/completions", b"{}"), sink)
+        assert (streamed.status, sink.ends) == (200, [])  # the body is still coming
+        assert (b"Transfer-Encoding", b"chunked") in streamed.headers
+        await until(lambda: sink.ends == [None])
+        assert sink.bodies == [b"hello", b" world"]
+        assert (await client.post(client.encode("/x", b""))).status == 200
+    finally:
+        client.close()
+    assert server.connections == 1  # back in the pool once the stream ended
+
+
+async def test_a_streamed_error_answer_goes_to_the_sink_whole(server: Scripted) -> None:
+    server.answers.append(fixed(b"HTTP/1.1 429 Too Many\r\nContent-Length: 4\r\n\r\nslow"))
+    sink = Sink()
+    client = origin(server.url())
+    try:
+        streamed = await client.stream(client.encode("/x", b""), sink)
+        await until(lambda: sink.ends == [None])
+    finally:
+        client.close()
+    assert (streamed.status, b"".join(sink.bodies)) == (429, b"slow")
+
+
+async def test_a_stream_over_the_bound_gives_what_is_within_it_then_fails(
+    server: Scripted,
+) -> None:
+    server.answers.append(fixed(HEAD + b"6\r\nhello \r\n6\r\nworld!\r\n0\r\n\r\n"))
+    sink = Sink()
+    client = origin(server.url(), max_body_bytes=10)
+    try:
+        await client.stream(client.encode("/x", b""), sink)
+        await until(lambda: len(sink.ends) == 1)
+    finally:
+        client.close()
+    assert b"".join(sink.bodies) == b"hello worl"
+    assert isinstance(sink.ends[0], OriginTooLarge)
+    assert not client._idle  # the connection was dropped
+
+
+async def test_a_stalled_stream_times_out_unless_its_reader_paused_it(server: Scripted) -> None:
+    read_timeout = 0.5
+    loop = asyncio.get_running_loop()
+    sink, paused = Sink(), Sink()
+    client = origin(server.url(), read_timeout=read_timeout)
+    waited = asyncio.Event()
+
+    async def stalls(writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + b"1\r\na\r\n")
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    async def waits(writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + b"1\r\na\r\n")
+        await writer.drain()
+        await waited.wait()  # the rest once the reader was paused past the read timeout
+        writer.write(b"1\r\nb\r\n0\r\n\r\n")
+
+    server.answers += [stalls]
+    try:
+        started = loop.time()
+        await client.stream(client.encode("/x", b""), sink)
+        await until(lambda: len(sink.ends) == 1)
+        assert isinstance(sink.ends[0], OriginTimeout)
+        assert loop.time() - started >= read_timeout
+        server.answers.append(waits)
+        streamed = await client.stream(client.encode("/x", b""), paused)
+        streamed.pause()
+        paused_at = loop.time()
+        await until(lambda: loop.time() - paused_at > read_timeout * 3)
+        assert paused.ends == []  # no timeout while paused
+        streamed.resume()
+        waited.set()
+        await until(lambda: paused.ends == [None])
+    finally:
+        client.close()
+    assert b"".join(paused.bodies) == b"ab"
+
+
+async def test_an_aborted_stream_drops_its_connection_and_hears_no_more(server: Scripted) -> None:
+    async def endless(writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(500):
+                writer.write(b"1\r\nx\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.01)
+
+    server.answers.append(endless)
+    sink = Sink()
+    client = origin(server.url())
+    try:
+        streamed = await client.stream(client.encode("/x", b""), sink)
+        await until(lambda: len(sink.bodies) >= 2)
+        streamed.abort()
+        heard = len(sink.bodies)
+        assert (await client.post(client.encode("/x", b""))).status == 200
+        streamed.abort()  # a second abort touches nothing: the connection serves others now
+        assert (await client.post(client.encode("/x", b""))).status == 200
+    finally:
+        client.close()
+    assert (len(sink.bodies), sink.ends) == (heard, [])
+    assert server.connections == 2

@@ -237,7 +237,7 @@ async def test_rpm_per_key_with_openai_headers_on_both_paths(
         gateway.v1 + "/chat/completions",
         json={**BODY, "stream": True},
         headers={"Authorization": f"Bearer {key['secret']}"},
-    ) as resp:  # aiohttp's path
+    ) as resp:  # a stream (the lean front's too)
         await resp.read()
         assert resp.status == 200
         assert resp.headers["x-ratelimit-remaining-requests"] == "1"

@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import UPSTREAM_KEY, Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, eventually
+from tests.rawhttp import counts
 from tests.replicas import Endpoint, Replicas
 
 pytestmark = pytest.mark.cluster
@@ -102,6 +103,7 @@ async def test_stream_without_usage_request_strips_the_usage_chunk(
 
 async def test_stream_with_usage_request_keeps_the_usage_chunk(gateway: Gateway, api: Api) -> None:
     _, _, secret = await api.funded_team_key()
+    served, handed = counts(gateway)
     stream = await client(gateway, secret).chat.completions.create(
         model="gpt-4o-mini",
         messages=[{"role": "user", "content": "hi there"}],
@@ -111,6 +113,7 @@ async def test_stream_with_usage_request_keeps_the_usage_chunk(gateway: Gateway,
     chunks = [chunk async for chunk in stream]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (5, 6)
+    assert counts(gateway) == (served + 1, handed)  # the lean front's
 
 
 async def test_completions_and_embeddings(

@@ -14,6 +14,7 @@ from gateway.proxy.tokens import TokenCounter
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, account_state, eventually
+from tests.rawhttp import counts
 
 CHAT = [{"role": "user", "content": "hi there"}]
 
@@ -191,7 +192,7 @@ async def test_missing_usage_is_estimated_with_tiktoken(
 async def test_client_leaving_mid_stream_cancels_upstream_and_bills_what_was_streamed(
     gateway: Gateway,
     api: Api,
-    http: aiohttp.ClientSession,
+    lean: aiohttp.ClientSession,
     fake: FakeUpstream,
     db: asyncpg.Connection,
     redis: Redis,
@@ -203,7 +204,8 @@ async def test_client_leaving_mid_stream_cancels_upstream_and_bills_what_was_str
     )
     body = {"model": "gpt-4o-mini", "messages": CHAT, "stream": True}
     seen = b""
-    async with http.post(
+    served, handed = counts(gateway)
+    async with lean.post(
         gateway.v1 + "/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
     ) as resp:
         request_id = resp.headers["x-request-id"]
@@ -225,19 +227,21 @@ async def test_client_leaving_mid_stream_cancels_upstream_and_bills_what_was_str
         counter.count_text("alpha beta gamma", "o200k_base"),
     )
     assert (await account_state(redis, team["id"]))["holds"] == "0"
+    assert counts(gateway) == (served + 1, handed)  # served by the lean front
 
 
 async def test_upstream_dropping_mid_stream_bills_what_was_streamed(
     gateway: Gateway,
     api: Api,
-    http: aiohttp.ClientSession,
+    lean: aiohttp.ClientSession,
     fake: FakeUpstream,
     db: asyncpg.Connection,
 ) -> None:
     _, _, secret = await api.funded_team_key()
     fake.next(drop_after=3, content_pieces=["one", " two", " three", " four"])
     body = {"model": "gpt-4o-mini", "messages": CHAT, "stream": True}
-    async with http.post(
+    served, handed = counts(gateway)
+    async with lean.post(
         gateway.v1 + "/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
     ) as resp:
         request_id = resp.headers["x-request-id"]
@@ -249,6 +253,7 @@ async def test_upstream_dropping_mid_stream_bills_what_was_streamed(
     )
     assert row["usage_source"] == "estimated"
     assert row["completion_tokens"] == TokenCounter().count_text("one two", "o200k_base")
+    assert counts(gateway) == (served + 1, handed)
 
 
 async def test_redis_down_is_503_and_never_forwarded(

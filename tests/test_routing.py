@@ -28,6 +28,7 @@ from tests.conftest import ANTHROPIC_KEY, UPSTREAM_KEY, Gateway, start_gateway
 from tests.fake_anthropic import FakeAnthropic
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, eventually, metric
+from tests.rawhttp import counts
 
 pytestmark = pytest.mark.cluster  # make test-cluster runs it too (fallback checks read Redis)
 
@@ -340,11 +341,13 @@ async def test_a_cooldown_runs_from_the_failure_not_from_the_request_start(
 
 
 async def test_a_stream_is_retried_before_its_first_byte(
-    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fakes: Fakes, db: asyncpg.Connection
+    gateway: Gateway, api: Api, lean: aiohttp.ClientSession, fakes: Fakes, db: asyncpg.Connection
 ) -> None:
     _, _, secret = await api.funded_team_key()
     fakes.east.next(status=503)
-    status, headers, text = await chat(http, gateway, secret, "duo", stream=True)
+    served, handed = counts(gateway)
+    status, headers, text = await chat(lean, gateway, secret, "duo", stream=True)
+    assert counts(gateway) == (served + 1, handed)  # the lean front's
     assert (status, headers[SERVED_BY]) == (200, "west/gpt-4o-mini")
     assert text.endswith("data: [DONE]\n\n") and '"error"' not in text
     row = await record(db, headers["x-request-id"])
@@ -354,7 +357,7 @@ async def test_a_stream_is_retried_before_its_first_byte(
 async def test_a_stream_cut_after_its_first_byte_is_not_retried_and_bills_what_was_streamed(
     gateway: Gateway,
     api: Api,
-    http: aiohttp.ClientSession,
+    lean: aiohttp.ClientSession,
     fakes: Fakes,
     db: asyncpg.Connection,
     redis: Redis,
@@ -362,7 +365,9 @@ async def test_a_stream_cut_after_its_first_byte_is_not_retried_and_bills_what_w
     _, team, secret = await api.funded_team_key()
     start = await credits(redis, team)
     fakes.east.next(drop_after=3)  # the role chunk, "Hello", " from": then the connection closes
-    status, headers, text = await chat(http, gateway, secret, "duo", stream=True)
+    served, handed = counts(gateway)
+    status, headers, text = await chat(lean, gateway, secret, "duo", stream=True)
+    assert counts(gateway) == (served + 1, handed)  # the lean front's
     assert (status, headers[SERVED_BY]) == (200, "east/gpt-4o-mini")
     assert "[DONE]" not in text and text.rstrip().splitlines()[-1].startswith('data: {"error"')
     assert (posts(fakes.east), posts(fakes.west), posts(fakes.ant)) == (1, 0, 0)
@@ -384,6 +389,7 @@ async def test_a_client_gone_during_a_failing_attempt_is_not_retried_for(
     gateway: Gateway,
     api: Api,
     http: aiohttp.ClientSession,
+    lean: aiohttp.ClientSession,
     fakes: Fakes,
     db: asyncpg.Connection,
     redis: Redis,
@@ -395,13 +401,14 @@ async def test_a_client_gone_during_a_failing_attempt_is_not_retried_for(
     headers = {"Authorization": f"Bearer {secret}"}
     name = "modelbridge_upstream_attempts_total"
     state = rk.AccountKeys(rk.team_account(team["id"])).state
-    for stream in (False, True):  # the lean front's plain call, aiohttp's stream
+    served, handed = counts(gateway)
+    for stream in (False, True):  # both on the lean front
         fakes.east.next(hang=True)
         before = await scrape(http, gateway)
         body = {"model": "duo", **BODY, "stream": stream}
 
         async def leave(body: dict[str, Any] = body) -> None:
-            async with http.post(gateway.v1 + "/chat/completions", json=body, headers=headers):
+            async with lean.post(gateway.v1 + "/chat/completions", json=body, headers=headers):
                 pass
 
         with pytest.raises(TimeoutError):
@@ -419,6 +426,7 @@ async def test_a_client_gone_during_a_failing_attempt_is_not_retried_for(
         assert metric(after, name) - metric(before, name) == 1
         assert metric(after, name, **east_failed) - metric(before, name, **east_failed) == 1
     assert await credits(redis, team) == start
+    assert counts(gateway) == (served + 2, handed)
     count = await db.fetchval("SELECT count(*) FROM usage_records WHERE team_id = $1", team["id"])
     assert count == 0
 
@@ -427,6 +435,7 @@ async def test_a_stream_whose_client_left_before_its_first_byte_counts_its_attem
     gateway: Gateway,
     api: Api,
     http: aiohttp.ClientSession,
+    lean: aiohttp.ClientSession,
     fakes: Fakes,
     redis: Redis,
     caplog: pytest.LogCaptureFixture,
@@ -439,8 +448,10 @@ async def test_a_stream_whose_client_left_before_its_first_byte_counts_its_attem
     body = {"model": "duo", **BODY, "stream": True}
     headers = {"Authorization": f"Bearer {secret}"}
 
+    served, handed = counts(gateway)
+
     async def leave() -> None:
-        async with http.post(gateway.v1 + "/chat/completions", json=body, headers=headers):
+        async with lean.post(gateway.v1 + "/chat/completions", json=body, headers=headers):
             pass
 
     with pytest.raises(TimeoutError):
@@ -454,6 +465,7 @@ async def test_a_stream_whose_client_left_before_its_first_byte_counts_its_attem
     await eventually(lambda: redis.hget(state, "holds"), lambda h: h == "0")
     assert await credits(redis, team) == start  # nothing streamed, nothing billed (as before)
     assert (posts(fakes.east), posts(fakes.west)) == (1, 0)
+    assert counts(gateway) == (served + 1, handed)  # the lean front's
     assert "unhandled error" not in caplog.text  # a client gone is no gateway error
 
 

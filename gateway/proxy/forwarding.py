@@ -292,7 +292,7 @@ async def _relay_stream(
     except asyncio.CancelledError:
         # Shutdown cancelled the stream: bill what was streamed, then let the cancel go on.
         response.close()
-        await settle(call, estimate(call, sse.outcome.text), "estimated", 499)
+        await settle(call, estimate(call, sse.outcome.streamed_text()), "estimated", 499)
         raise
     call.upstream_s += time.perf_counter() - started
     if outcome.upstream_failed:  # cut after its first byte: not retried, the target failed
@@ -311,7 +311,7 @@ async def finish_stream(call: Call, client: web.StreamResponse, outcome: StreamO
     metering = call.app[S.METERING]
     tokens = None if outcome.client_gone else outcome.tokens or usage_mod.from_chat(outcome.usage)
     pending: Awaitable[SettleResult] | None = None
-    if tokens is None and outcome.upstream_failed and not outcome.text:
+    if tokens is None and outcome.upstream_failed and not outcome.streamed_text():
         try:
             await metering.release(
                 account=call.key.account,
@@ -324,7 +324,7 @@ async def finish_stream(call: Call, client: web.StreamResponse, outcome: StreamO
         call.hold = None
     else:
         source = "upstream" if tokens is not None else "estimated"
-        tokens = tokens or estimate(call, outcome.text)
+        tokens = tokens or estimate(call, outcome.streamed_text())
         charge = price(call, tokens)
         ask = settle_ask(call, tokens, source, 499 if outcome.client_gone else 200, charge)
         pending = metering.settle_sent(ask)

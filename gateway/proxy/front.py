@@ -1,8 +1,8 @@
-"""The front of every connection: the common plain proxy call served lean, the rest by aiohttp.
+"""The front of every connection: the common proxy calls served lean, the rest by aiohttp.
 
 A client's connection starts on :class:`Front`. While it sends complete, well-formed
 ``POST /v1/chat/completions`` (``/completions``, ``/embeddings``, ``/responses``, ``/messages``)
-requests with a ``Content-Length`` body and no ``stream`` (framed by :mod:`gateway.proxy.head`),
+requests with a ``Content-Length`` body (framed by :mod:`gateway.proxy.head`), streamed or not,
 Front serves them itself, with the same code as aiohttp's path (:mod:`gateway.proxy.handlers` and
 :mod:`gateway.proxy.forwarding`: parse, hold, ask along the routing chain, answer, settle, count)
 minus aiohttp's request and response objects, which cost more than the rest of the gateway's work
@@ -16,14 +16,23 @@ upstream failure after the hold releases it. One request at most is in service o
 (:class:`State`); the next waits until the answer is out and the client reads. An exception
 that escapes all that is a bug: logged, and the connection closed, never left unanswered.
 
-Anything else, at a request boundary, hands the connection to aiohttp for good: the bytes read
-so far go to a fresh ``RequestHandler``, which serves them as if it had read them itself. That
-covers every other route, streams, ``Expect``, chunked or compressed bodies, HTTP/1.0, folded or
-duplicate framing headers, non-ASCII heads and bodies over the size cap.
+Streams (``"stream": true``) are served from end to end (:mod:`gateway.proxy.stream_front`: the
+provider's SSE read with the lean client and relayed one write per read, retried before the first
+byte, billed in the loop step of the last write), whatever the model's upstream protocol: a
+translated stream (a Chat Completions stream on an Anthropic model, a Messages stream on an
+OpenAI one) goes through its exchange's relay, as on aiohttp's path.
+
+The hand-over rule: anything else, at a request boundary, hands the connection to aiohttp for
+good: the bytes read so far go to a fresh ``RequestHandler``, which serves them as if it had read
+them itself. That covers every other route (``/v1/messages/count_tokens``, the management API...)
+and, on these routes, ``Expect``, chunked or compressed bodies, HTTP/1.0, folded or duplicate
+framing headers, non-ASCII heads and bodies over the size cap — streams included: a stream sent
+that way is aiohttp's, relayed with aiohttp's client (:func:`gateway.proxy.forwarding.forward_stream`).
 
 Shutdown (``app.on_shutdown``, after the listening socket is closed): idle connections are
-closed, requests in flight get ``shutdown_timeout_s`` to finish, then are cancelled (a hold
-already placed is released; one still on its way to Redis expires on its own).
+closed, requests in flight (streams too) get ``shutdown_timeout_s`` to finish, then are cancelled
+(a hold already placed is released; one still on its way to Redis expires on its own; a stream
+cut is billed on what it streamed, 499).
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from gateway import state as S
 from gateway.errors import GatewayError
 from gateway.infra import bodies, outages
 from gateway.metering.meter import guarded
-from gateway.proxy import forwarding, surfaces
+from gateway.proxy import forwarding, stream_front, surfaces
 from gateway.proxy import handlers as proxy
 from gateway.proxy.head import FORWARDED, MAX_HEAD, PATHS, HandOver, Head, frame
 
@@ -136,6 +145,8 @@ class Front(asyncio.Protocol):
         self._read_paused = False
         self._idle_since = self.loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._stream: stream_front.LeanStream | None = None  # a stream past its first byte
+        self._keep_alive = True  # the request in service's
 
     @property
     def closed(self) -> bool:
@@ -160,12 +171,18 @@ class Front(asyncio.Protocol):
         self.fronts.connections.discard(self)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        if self._stream is not None:  # a stream stops at once, billed on what was streamed
+            self._stream.client_lost()
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self._stream is not None:  # the provider waits for the client
+            self._stream.pause()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._stream is not None:
+            self._stream.resume()
         if self.state is State.DRAINING:
             self._take_next()
 
@@ -216,8 +233,6 @@ class Front(asyncio.Protocol):
             body = proxy.decode_json(raw)
         except GatewayError:
             return None
-        if body.get("stream") is True and endpoint.kind != "embedding":
-            raise HandOver
         app = self.app
         secret = _bearer(headers)
         key = app[S.KEYS].cached(secret) if secret else None
@@ -290,6 +305,14 @@ class Front(asyncio.Protocol):
                 call.left = self._left
                 await self._hold(call, fast[1] if fast is not None else None)
                 try:
+                    if call.stream:
+                        self._keep_alive = keep_alive
+                        try:
+                            await stream_front.serve(call, self)
+                        finally:
+                            self._stream = None
+                        status = 200
+                        return
                     plain = await forwarding.ask_upstream(call)
                 except BaseException:
                     await proxy.release_quietly(call)
@@ -339,6 +362,19 @@ class Front(asyncio.Protocol):
     def _write_error(self, endpoint: proxy.Endpoint, exc: GatewayError, keep_alive: bool) -> None:
         headers = {**exc.response_headers(), "Content-Type": "application/json"}
         self._write(exc.status, headers, surfaces.error_envelope(endpoint, exc), keep_alive)
+
+    # --- a stream (gateway.proxy.stream_front) ---------------------------------------------------
+    def write_raw(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def stream_head(self, headers: dict[str, str]) -> bytes:
+        return stream_front.head(headers, self.fronts.date(), self._keep_alive)
+
+    def streaming(self, stream: stream_front.LeanStream | None) -> None:
+        self._stream = stream
+        if stream is not None and self._write_paused:
+            stream.pause()
 
     def _write(
         self, status: int, headers: dict[str, str], body: bytes, keep_alive: bool = True

@@ -261,11 +261,14 @@ def parse(
 
 
 def prepare_upstream(call: Call) -> None:
-    """Build a plain call's upstream request (run while the hold is in flight)."""
-    if not call.stream:
+    """Build the call's upstream request for the lean client (run while the hold is in
+    flight): a plain call's, or a stream's on the lean front (aiohttp's client sends the
+    streams of aiohttp's path)."""
+    stream = call.stream
+    if not stream or call.request is None:
         upstreams, model, exchange = call.app[S.UPSTREAMS], call.model, call.exchange
         path = upstreams.path(model.upstream, exchange.route, model.upstream_model)
-        body = upstream_body(call, False) if exchange.native else exchange.body(call, False)
+        body = upstream_body(call, stream) if exchange.native else exchange.body(call, stream)
         call.wire = upstreams.encode(model.upstream, path, body, forwarded_headers(call))
 
 

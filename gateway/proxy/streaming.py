@@ -1,16 +1,22 @@
 """Relaying a server-sent-event stream from the provider to the client, event by event.
 
-Each upstream read is split into complete SSE events; every event is written to the client as
-soon as it is complete (never buffered whole). On the way the relay notes the ``usage`` the
-provider reports and the text it streamed (to estimate usage with tiktoken when the client goes
-away or the provider reports none), and drops the usage-only chunk that the gateway asked for
-when the client did not (``stream_options.include_usage``).
+Each upstream read is cut after its last complete SSE event; the complete events are written to
+the client at once (never buffered whole). On the way the relay notes the ``usage`` the provider
+reports and what it streamed (to estimate usage with tiktoken when the client goes away or the
+provider reports none), and drops the usage-only chunk that the gateway asked for when the client
+did not (``stream_options.include_usage``).
+
+Without a JSON parse per event: a read whose events hold no ``"usage"`` object and no ``[DONE]``
+(one regex search and one ``in``, in C) goes on as it is, and is kept raw; only a read that holds
+one is split into events and those parsed. The text streamed is read from the raw events only
+when it is needed (:meth:`StreamOutcome.streamed_text`: the client left, the provider reported no
+usage or failed).
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +28,7 @@ from aiohttp import web
 from policies.translate.usage import TokenUsage
 
 _DONE = b"[DONE]"
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')  # not "usage":null, as every chunk has
 BROKEN_MESSAGE = "The upstream connection failed mid-stream."
 _BROKEN_ERROR = {"message": BROKEN_MESSAGE, "type": "upstream_error", "code": "upstream_error"}
 CHAT_BROKEN = b"data: " + orjson.dumps({"error": {**_BROKEN_ERROR, "param": None}}) + b"\n\n"
@@ -34,10 +41,26 @@ class StreamOutcome:
     done: bool = False  # the provider sent [DONE]
     client_gone: bool = False
     upstream_failed: bool = False
-    events: int = 0
-    first_event_at: float | None = None
+    events: int = 0  # a translating relay's count
     tokens: TokenUsage | None = None  # a translating relay's reading of the usage
     broken: bytes = CHAT_BROKEN  # what the client gets when the provider fails mid-stream
+    raw: list[bytes] = field(default_factory=list)  # events relayed, their text not read yet
+
+    def streamed_text(self) -> list[str]:
+        """The text streamed so far (content, tool-call arguments, completion text)."""
+        raw, self.raw = self.raw, []
+        for block in raw:
+            for event in block.split(b"\n\n"):
+                data = _data_of(event)
+                if not data or data == _DONE:
+                    continue
+                try:
+                    payload = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(payload, dict):
+                    _collect_text(payload, self.text)
+        return self.text
 
 
 def _collect_text(payload: dict[str, Any], text: list[str]) -> None:
@@ -65,18 +88,26 @@ class SSERelay:
 
     def feed(self, chunk: bytes) -> bytes:
         """Take upstream bytes; return the complete events to send to the client now."""
-        buf = self._buffer + chunk
+        buf = self._buffer + chunk if self._buffer else chunk
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self._buffer = buf
+            return b""
+        if end + 2 == len(buf):
+            whole, self._buffer = buf, b""
+        else:
+            whole, self._buffer = buf[: end + 2], buf[end + 2 :]
+        if _DONE not in whole and _USAGE_OBJECT.search(whole) is None:
+            self.outcome.raw.append(whole)  # nothing to read in it now
+            return whole
         out: list[bytes] = []
         start = 0
-        while True:
-            end = buf.find(b"\n\n", start)
-            if end < 0:
-                break
-            event = buf[start : end + 2]
-            start = end + 2
+        while start < len(whole):
+            end = whole.find(b"\n\n", start) + 2
+            event = whole[start:end]
+            start = end
             if self._keep(event):
                 out.append(event)
-        self._buffer = buf[start:]
         return b"".join(out)
 
     def flush(self) -> bytes:
@@ -88,14 +119,14 @@ class SSERelay:
         return rest
 
     def _keep(self, event: bytes) -> bool:
-        self.outcome.events += 1
-        if self.outcome.first_event_at is None:
-            self.outcome.first_event_at = time.perf_counter()
         data = _data_of(event)
         if data is None:
             return True
         if data == _DONE:
             self.outcome.done = True
+            return True
+        if _USAGE_OBJECT.search(data) is None:
+            self.outcome.raw.append(event)
             return True
         try:
             payload = orjson.loads(data)
@@ -108,12 +139,14 @@ class SSERelay:
             self.outcome.usage = usage
             if self.strip_usage_chunk and not payload.get("choices"):
                 return False
-        _collect_text(payload, self.outcome.text)
+        self.outcome.raw.append(event)  # its text in order with the others', when needed
         return True
 
 
 def _data_of(event: bytes) -> bytes | None:
     """The ``data:`` payload of one event (single-line data, as OpenAI sends)."""
+    if event.startswith(b"data: ") and event.find(b"\n") >= len(event) - 2:
+        return event[6:].strip()  # the usual one-line event
     for line in event.split(b"\n"):
         line = line.rstrip(b"\r")
         if line.startswith(b"data:"):

@@ -1,11 +1,16 @@
-"""A lean keep-alive HTTP/1.1 client for the provider calls whose answer is read whole.
+"""A lean keep-alive HTTP/1.1 client for the provider calls: answers read whole, and streams.
 
 aiohttp's client spends more CPU on a request than the rest of the gateway's path does (request
 and response objects, tracing hooks, cookie handling, per-read timers, a task per connect). A
 non-streamed chat completion needs none of that: one ``POST`` with a JSON body, one JSON answer.
 :class:`Origin` writes the whole request in one ``write`` (its head is prepared once per path) on a
 pooled connection and parses the answer with ``httptools`` (llhttp, as Node.js uses) as it
-arrives, chunked or not. Streams and everything else keep aiohttp's ``ClientSession``.
+arrives, chunked or not. :meth:`Origin.stream` sends the same request and returns once the
+answer's head is in: the body then goes, as it arrives (its chunked framing decoded), to a
+:class:`BodySink` — one ``on_body`` per read of the socket, whatever the number of chunks in it,
+then one ``on_end`` (``None``, or the error that cut it). The sink may pause the socket's reading
+(backpressure); the read timeout does not run while it is paused. Everything else (listings,
+``count_tokens``, handed-over streams) keeps aiohttp's ``ClientSession``.
 
 Interim answers (``100 Continue``, ``103 Early Hints``) are skipped: the answer is the first final
 one. The body is bounded (``max_body_bytes``, the upstream's ``max_response_bytes``): past it the
@@ -31,8 +36,9 @@ from __future__ import annotations
 import asyncio
 import ssl as ssl_module
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import httptools
@@ -65,6 +71,46 @@ class Response:
     ttfb_s: float  # from the request's write to the end of the response head
 
 
+class BodySink(Protocol):
+    """Where a streamed answer's body goes (called from the event loop's reading of the socket)."""
+
+    def on_body(self, data: bytes) -> None:
+        """The bytes of the body read from one read of the socket."""
+
+    def on_end(self, error: OriginError | None) -> None:
+        """The body is over: whole (``None``), or cut by ``error``. Called once."""
+
+
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    """A streamed answer's head; its body goes to the sink it was asked with."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    ttfb_s: float
+    _conn: _Connection
+    _serial: int  # the connection's request this is (after its end, it serves others)
+
+    @property
+    def _live(self) -> bool:
+        return self._conn.serial == self._serial and self._conn.busy
+
+    def pause(self) -> None:
+        """Stop reading the provider's socket (the reader is behind)."""
+        if self._live:
+            self._conn.pause()
+
+    def resume(self) -> None:
+        if self._live:
+            self._conn.resume()
+
+    def abort(self) -> None:
+        """Drop the stream, if it is still going: the connection is closed and the sink hears
+        nothing more."""
+        if self._live:
+            self._conn.abort()
+
+
 class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection: at most one request in flight."""
 
@@ -78,6 +124,12 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[Response] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # a streamed answer: its sink once the head is in, and what to do when it ends
+        self._sink: BodySink | None = None
+        self._streaming = False  # the head went to the waiter; the body goes to _sink
+        self._on_done: Callable[[_Connection], None] | None = None
+        self.paused = False
+        self.serial = 0  # requests made on this connection
         self._reset()
 
     def _reset(self) -> None:
@@ -95,7 +147,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
 
     def data_received(self, data: bytes) -> None:
-        if self._waiter is None:  # bytes nobody asked for: the connection is out of step
+        if not self.busy:  # bytes nobody asked for: the connection is out of step
             self._fail(OriginError("unexpected data from the provider"))
             return
         self._last_read = self.loop.time()
@@ -104,10 +156,13 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             cause = exc.__context__  # what a callback below raised
             self._fail(cause if isinstance(cause, OriginError) else _malformed(str(exc)))
+            return
+        if self._streaming and self._chunks:
+            self._deliver()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._waiter is None or self._waiter.done():
+        if not self._streaming and (self._waiter is None or self._waiter.done()):
             return
         if self._status and not self._length_known:  # the body ran until the close
             self._complete(keep_alive=False)
@@ -140,10 +195,21 @@ class _Connection(asyncio.Protocol):
             raise _malformed("101 Switching Protocols to a request that asked for no upgrade")
         self._status = status
         self._head_at = self.loop.time()
+        if self._sink is not None and status >= 200:  # a stream: its head now, its body later
+            waiter, self._waiter = self._waiter, None
+            self._streaming = True
+            if waiter is not None and not waiter.done():
+                ttfb = self._head_at - self._sent_at
+                waiter.set_result(Response(status, self._headers, b"", ttfb))
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
         if self._size > self.max_body:
+            if self._streaming:  # what is within the bound goes on, then the stream fails
+                room = self.max_body - self._size + len(body)
+                if room > 0:
+                    self._chunks.append(body[:room])
+                self._deliver()
             raise self._too_large()
         self._chunks.append(body)
 
@@ -158,9 +224,18 @@ class _Connection(asyncio.Protocol):
         return OriginTooLarge(self.max_body)
 
     # --- one request ------------------------------------------------------------------------------
-    def request(self, data: bytes) -> asyncio.Future[Response]:
-        assert self.transport is not None and self._waiter is None
+    def request(
+        self,
+        data: bytes,
+        sink: BodySink | None = None,
+        on_done: Callable[[_Connection], None] | None = None,
+    ) -> asyncio.Future[Response]:
+        """Send ``data``; the whole answer, or with a ``sink`` its head only (the body goes to
+        the sink, and ``on_done`` is called when it has ended)."""
+        assert self.transport is not None and not self.busy
         self._reset()
+        self.serial += 1
+        self._sink, self._on_done, self._streaming = sink, on_done, False
         self._waiter = waiter = self.loop.create_future()
         self._sent_at = self._last_read = self.loop.time()
         self._timer = self.loop.call_at(self._sent_at + self.read_timeout, self._check_timeout)
@@ -169,15 +244,22 @@ class _Connection(asyncio.Protocol):
 
     def _check_timeout(self) -> None:
         self._timer = None
-        if self._waiter is None or self._waiter.done():
+        if not self.busy:
             return
+        now = self.loop.time()
+        if self.paused:  # the sink does not read: no timeout meanwhile
+            self._last_read = now
         due = self._last_read + self.read_timeout
-        if self.loop.time() >= due:
+        if now >= due:
             self._fail(OriginTimeout(f"no answer from the provider in {self.read_timeout:g} s"))
         else:
             self._timer = self.loop.call_at(due, self._check_timeout)
 
     def _complete(self, keep_alive: bool) -> None:
+        if self._streaming:
+            self._deliver()
+            self._end(None, keep_alive)
+            return
         waiter, self._waiter = self._waiter, None
         self._stop_timer()
         if not keep_alive:
@@ -188,11 +270,57 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(Response(self._status, self._headers, body, ttfb))
 
     def _fail(self, exc: OriginError) -> None:
+        if self._streaming:
+            self._end(exc, False)
+            return
         waiter, self._waiter = self._waiter, None
         self._stop_timer()
         self.close()
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
+        self._done()
+
+    # --- a streamed body --------------------------------------------------------------------------
+    def _deliver(self) -> None:
+        chunks, self._chunks = self._chunks, []
+        if chunks and self._sink is not None:
+            self._sink.on_body(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def _end(self, error: OriginError | None, keep_alive: bool) -> None:
+        sink, self._sink, self._streaming = self._sink, None, False
+        self._stop_timer()
+        if not keep_alive or self.paused:
+            self.close()
+        self._done()
+        if sink is not None:
+            sink.on_end(error)
+
+    def _done(self) -> None:
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done(self)
+
+    def abort(self) -> None:
+        """Stop a stream (its reader left): the connection is closed, the sink hears nothing
+        more."""
+        self._sink = None
+        self._streaming = False
+        self._waiter = None
+        self._stop_timer()
+        self.close()
+        self._done()
+
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._last_read = self.loop.time()
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
@@ -201,7 +329,7 @@ class _Connection(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
-        return self._waiter is not None
+        return self._waiter is not None or self._streaming
 
     def close(self) -> None:
         self.closed = True
@@ -275,6 +403,21 @@ class Origin:
             self._busy.discard(conn)
             self._release(conn)
         return response
+
+    async def stream(self, data: bytes, sink: BodySink) -> Streamed:
+        """Send a request made by :meth:`encode`; its answer's head, whatever its status, once
+        it is in. The body goes to ``sink`` (the connection back to the pool when it ends)."""
+        conn = await self._acquire()
+        try:
+            head = await conn.request(data, sink, self._ended)
+        except asyncio.CancelledError:
+            conn.abort()
+            raise
+        return Streamed(head.status, head.headers, head.ttfb_s, conn, conn.serial)
+
+    def _ended(self, conn: _Connection) -> None:
+        self._busy.discard(conn)
+        self._release(conn)
 
     async def _acquire(self) -> _Connection:
         while self._idle:

@@ -2,8 +2,8 @@
 listings, and one lean keep-alive :class:`gateway.upstream.http1.Origin` for the answers read whole.
 
 ``Upstreams`` is the single seam for provider I/O (tests plug fake providers in through config,
-nothing else): ``send(request)`` starts a stream (or any call read by aiohttp), ``encode`` +
-``call`` make a plain call. What differs between kinds of upstream (URL paths, key headers, the
+nothing else): ``send(request)`` starts a call read by aiohttp (a handed-over stream, a
+listing), ``encode`` + ``call`` make a plain call, ``encode`` + ``stream`` a lean stream. What differs between kinds of upstream (URL paths, key headers, the
 protocol spoken) is each kind's :class:`gateway.upstream.provider.Provider`, in its own module.
 Both clients' exceptions are translated here, and only here: connection failures become
 :class:`UpstreamFailed` (502) and timeouts :class:`UpstreamTimeout` (504). The client's key never
@@ -20,7 +20,15 @@ import aiohttp
 
 from gateway.config import Config
 from gateway.errors import UpstreamFailed, UpstreamTimeout
-from gateway.upstream.http1 import Origin, OriginError, OriginTimeout, OriginTooLarge, Response
+from gateway.upstream.http1 import (
+    BodySink,
+    Origin,
+    OriginError,
+    OriginTimeout,
+    OriginTooLarge,
+    Response,
+    Streamed,
+)
 from gateway.upstream.kinds import provider_for
 from gateway.upstream.provider import Provider
 
@@ -111,6 +119,19 @@ class Upstreams:
             ) from exc
         except OriginError as exc:
             log.warning("upstream %s: %s", upstream, exc)  # the detail stays in the log
+            raise _retryable(UpstreamFailed(f"upstream {upstream} unreachable or broken")) from exc
+
+    async def stream(self, upstream: str, data: bytes, sink: BodySink) -> Streamed:
+        """Send a request made by :meth:`encode` and return once its answer's head is in (any
+        status); the body goes to ``sink`` as it arrives (the lean front's streams)."""
+        try:
+            return await self.origins[upstream].stream(data, sink)
+        except OriginTimeout as exc:
+            raise _retryable(
+                UpstreamTimeout(f"upstream {upstream} did not answer in time")
+            ) from exc
+        except OriginError as exc:
+            log.warning("upstream %s: %s", upstream, exc)
             raise _retryable(UpstreamFailed(f"upstream {upstream} unreachable or broken")) from exc
 
     async def send(self, request: UpstreamRequest) -> aiohttp.ClientResponse:
