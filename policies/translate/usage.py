@@ -46,12 +46,14 @@ def _count(value: Any) -> int | None:
 
 def _detail(obj: Mapping[str, Any], section: str, key: str) -> int:
     details = obj.get(section)
+    if details is None:  # the common case, without the ABC check below
+        return 0
     return (_count(details.get(key)) or 0) if isinstance(details, Mapping) else 0
 
 
 def from_chat(usage: Any) -> TokenUsage | None:
     """Read a Chat Completions (or legacy completions / embeddings) ``usage`` object."""
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, dict) and not isinstance(usage, Mapping):  # dict: no ABC check
         return None
     prompt = _count(usage.get("prompt_tokens"))
     if prompt is None:
