@@ -1,13 +1,14 @@
 """Instructions per request: the serving process's cost counted by callgrind, not timed.
 
-    python -m bench.instructions DIR [DIR ...] [--requests N] [--repeats R] [--key-limits]
+    python -m bench.instructions DIR [DIR ...] [--requests N] [--repeats R] [--key-limits] [--stream]
 
 Wall-clock and CPU-time figures on a shared 2-core machine move by more than the changes they
 are meant to judge. Counted instructions do not: the gateway (``modelbridge serve``, 1 worker,
 embedded stores, a funded team key: the full metering path) runs under ``valgrind
 --tool=callgrind`` with instrumentation off until it has started and served a warm-up; then
 instrumentation is switched on (``callgrind_control -i on``) for ``N`` plain chat completions sent
-one at a time on one keep-alive connection, and off again. The instructions the serving process
+one at a time on one keep-alive connection (``--stream``: streamed ones, read to their end), and
+off again. The instructions the serving process
 executed in that span, less what it executes with no request over the same wall time (counted
 first, ``IDLE_S`` seconds: the timers and ticks, whose share per request depends on how slowly
 callgrind and the machine run), divided by ``N``, are what one request costs it — the Python interpreter,
@@ -83,7 +84,9 @@ class Count:
     raw_per_request: float  # the requests' span, all of it
 
 
-def measure(project: Path, requests: int, key_limits: bool, workdir: Path) -> Count:
+def measure(
+    project: Path, requests: int, key_limits: bool, workdir: Path, stream: bool = False
+) -> Count:
     out = workdir / f"callgrind-{project.name}-{time.monotonic_ns()}.out"
     fake = FakeUpstream(workdir)
     fake.start()
@@ -95,7 +98,7 @@ def measure(project: Path, requests: int, key_limits: bool, workdir: Path) -> Co
         gw.provision()
         conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=120)
         headers = {"Authorization": f"Bearer {gw.key}", "Content-Type": "application/json"}
-        body = json.dumps(BODY)
+        body = json.dumps({**BODY, "stream": True} if stream else BODY)
 
         def one() -> None:
             conn.request("POST", "/v1/chat/completions", body, headers)
@@ -134,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--key-limits", action="store_true", help="the key has rpm and tpm set")
+    p.add_argument("--stream", action="store_true", help="streamed chat completions")
     a = p.parse_args(argv)
     results: dict[str, list[Count]] = {}
     with tempfile.TemporaryDirectory(prefix="mb-instr-") as tmp:
         for _ in range(a.repeats):
             for project in a.dirs:
-                c = measure(project.resolve(), a.requests, a.key_limits, Path(tmp))
+                c = measure(project.resolve(), a.requests, a.key_limits, Path(tmp), a.stream)
                 results.setdefault(str(project), []).append(c)
                 print(
                     f"{project}: {c.per_request:,.0f} instructions per request"

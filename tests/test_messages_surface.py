@@ -98,6 +98,7 @@ async def test_messages_stream_with_tool_use(
     _, _, secret = await api.funded_team_key("1.00")
     providers.anthropic.next(tool_calls=[{"name": "weather", "input": {"city": "Oslo"}}])
     client = claude(providers, secret)
+    served, handed = counts(providers.gateway)
     async with client.messages.stream(
         model="claude", max_tokens=50, messages=MSG, tools=[WEATHER_TOOL]
     ) as stream:
@@ -107,6 +108,7 @@ async def test_messages_stream_with_tool_use(
     assert text == TEXT and final.stop_reason == "tool_use"
     assert final.content[1].input == {"city": "Oslo"}  # type: ignore[union-attr]
     assert final.usage.output_tokens == 7
+    assert counts(providers.gateway) == (served + 1, handed)  # the lean front's
     row = await usage_row(db, request_id)
     assert row["charged"] == 5 * 3000 + 7 * 15000 and row["usage_source"] == "upstream"
 
@@ -368,10 +370,12 @@ async def test_chat_stream_on_anthropic_upstream(
     providers.anthropic.next(
         tool_calls=[{"name": "weather", "input": {"city": "Oslo"}}], cache_read_tokens=3
     )
+    served, handed = counts(providers.gateway)
     raw = await oai(providers, secret).chat.completions.with_raw_response.create(
         model="claude", messages=MSG, stream=True, stream_options={"include_usage": True}
     )
     chunks = [c async for c in raw.parse()]
+    assert counts(providers.gateway) == (served + 1, handed)  # translated on the lean front
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TEXT
     args = "".join(
         t.function.arguments or ""  # type: ignore[union-attr]

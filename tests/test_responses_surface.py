@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import Providers
 from tests.helpers import Api, eventually
+from tests.rawhttp import counts
 
 TEXT = "Hello from the fake upstream."
 
@@ -68,10 +69,12 @@ async def test_responses_stream_billed_on_its_terminal_event(
 ) -> None:
     _, _, secret = await api.funded_team_key("1.00")
     providers.openai.next(**behaviour)
+    served, handed = counts(providers.gateway)
     raw = await oai(providers, secret).responses.with_raw_response.create(
         model="gpt-4o-mini", input="hello there", stream=True, **request_kw
     )
     events = [e async for e in raw.parse()]
+    assert counts(providers.gateway) == (served + 1, handed)  # the lean front's
     assert events[0].type == "response.created" and events[-1].type == terminal
     assert [e.sequence_number for e in events] == list(range(len(events)))
     row = await usage_row(db, raw.headers["x-request-id"])
