@@ -115,3 +115,13 @@ def test_a_read_without_usage_or_done_goes_on_unparsed(monkeypatch: pytest.Monke
     assert relay.feed(data) is data  # the same bytes object: nothing copied
     monkeypatch.undo()
     assert relay.outcome.streamed_text() == ["a", "b"]
+
+
+def test_a_long_stream_keeps_its_text_not_its_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streaming, "RAW_KEPT", 300)
+    reads = [chunk(f" piece {i}") for i in range(40)] + [chunk(None, USAGE), event("[DONE]")]
+    relay, reference = SSERelay(True), Reference(True)
+    for read in reads:
+        assert relay.feed(read) == reference.feed(read)
+        assert relay.outcome.raw_bytes <= 300 + len(read)
+    assert relay.outcome.streamed_text() == reference.text

@@ -10,7 +10,8 @@ Without a JSON parse per event: a read whose events hold no ``"usage"`` object a
 (one regex search and one ``in``, in C) goes on as it is, and is kept raw; only a read that holds
 one is split into events and those parsed. The text streamed is read from the raw events only
 when it is needed (:meth:`StreamOutcome.streamed_text`: the client left, the provider reported no
-usage or failed).
+usage or failed), or once they pass ``RAW_KEPT`` bytes (a long stream keeps its text, not its
+events).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from aiohttp import web
 from policies.translate.usage import TokenUsage
 
 _DONE = b"[DONE]"
+RAW_KEPT = 256 * 1024  # raw events kept before their text is read
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')  # not "usage":null, as every chunk has
 BROKEN_MESSAGE = "The upstream connection failed mid-stream."
 _BROKEN_ERROR = {"message": BROKEN_MESSAGE, "type": "upstream_error", "code": "upstream_error"}
@@ -45,10 +47,11 @@ class StreamOutcome:
     tokens: TokenUsage | None = None  # a translating relay's reading of the usage
     broken: bytes = CHAT_BROKEN  # what the client gets when the provider fails mid-stream
     raw: list[bytes] = field(default_factory=list)  # events relayed, their text not read yet
+    raw_bytes: int = 0
 
     def streamed_text(self) -> list[str]:
         """The text streamed so far (content, tool-call arguments, completion text)."""
-        raw, self.raw = self.raw, []
+        raw, self.raw, self.raw_bytes = self.raw, [], 0
         for block in raw:
             for event in block.split(b"\n\n"):
                 data = _data_of(event)
@@ -98,7 +101,11 @@ class SSERelay:
         else:
             whole, self._buffer = buf[: end + 2], buf[end + 2 :]
         if _DONE not in whole and _USAGE_OBJECT.search(whole) is None:
-            self.outcome.raw.append(whole)  # nothing to read in it now
+            outcome = self.outcome
+            outcome.raw.append(whole)  # nothing to read in it now
+            outcome.raw_bytes += len(whole)
+            if outcome.raw_bytes > RAW_KEPT:
+                outcome.streamed_text()
             return whole
         out: list[bytes] = []
         start = 0
