@@ -36,6 +36,8 @@ key                    type    contents
                                period (shown with the key; not rebuilt after a Redis loss)
 mb:usage:streams:{rN}  set     names of the usage streams of the accounts whose slot is N
                                modulo 16 (for the writer): 16 registry shards
+mb:usage:doorbell      stream  a stream registered (wakes an idle writer, which waits on the
+                               streams it knows; trimmed to about 100 entries)
 mb:keys:invalidate     pubsub  key ids whose cached auth entries must be dropped
 mb:seq:invalidate      string  counter bumped on every invalidation (cache epoch)
 mb:{guess}:K:S:I:n     string  attempts of kind K (login, invite, join, signup) in the bucket of
@@ -69,6 +71,7 @@ USAGE_REGISTRY_SHARDS = 16
 INVALIDATE_CHANNEL = "mb:keys:invalidate"
 INVALIDATE_SEQ = "mb:seq:invalidate"
 USAGE_GROUP = "usage-writers"
+USAGE_DOORBELL = "mb:usage:doorbell"
 PERIOD_TTL_S = 100 * 24 * 3600
 RID_TTL_S = 24 * 3600
 

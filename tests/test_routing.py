@@ -646,7 +646,8 @@ async def test_completions_and_embeddings_are_routed_too(
 
 
 def test_a_record_from_before_routing_is_written_as_served_by_its_model_in_one_attempt() -> None:
-    from gateway.metering.usage_writer import _COLUMNS, record_row
+    from gateway.metering.usage_rows import COLUMNS as _COLUMNS
+    from gateway.metering.usage_rows import record_row
 
     old = {"model": "gpt-4o-mini", "created_at": "1700000000000", "status": "200"}
     row = dict(zip(_COLUMNS, record_row(old), strict=True))

@@ -68,10 +68,21 @@ async def migrations_pending(conn: asyncpg.Connection) -> list[int]:
     return [v for v, _, _ in migration_files() if v not in done]
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+async def create_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 10, reset: bool = True
+) -> asyncpg.Pool:
+    """``reset=False``: a connection goes back to the pool as it is (an open transaction still
+    rolled back) without asyncpg's reset query (advisory locks, cursors, LISTEN, settings): a
+    round trip per release, for a pool whose users leave none of these behind."""
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, reset=None if reset else _keep_session
+    )
     assert pool is not None
     return pool
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    return None
 
 
 async def migrate_dsn(dsn: str, until: int | None = None) -> list[int]:

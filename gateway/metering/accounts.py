@@ -160,11 +160,13 @@ class Accounts:
 
     async def ensure_stream(self, account: str) -> None:
         """Register the account's usage stream and consumer group (again: after a Redis loss
-        both are gone, and every account passes through ``load`` first)."""
+        both are gone, and every account passes through ``load`` first), then ring the doorbell:
+        an idle writer waits on the streams it knows, and reads this one at once."""
         stream = rk.AccountKeys(account).usage_stream
         pipe = self.redis.pipeline(transaction=False)
         pipe.sadd(rk.usage_registry(account), stream)
         pipe.xgroup_create(stream, rk.USAGE_GROUP, id="0", mkstream=True)
+        pipe.xadd(rk.USAGE_DOORBELL, {"stream": stream}, maxlen=100, approximate=True)
         try:
             await pipe.execute()
         except Exception as exc:  # BUSYGROUP: the group exists already

@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -39,117 +39,20 @@ from redis.asyncio import Redis, RedisCluster
 
 from gateway.config import MeteringConfig
 from gateway.infra.partitions import Partitions, is_missing_partition
+from gateway.metering.usage_rows import (
+    BATCH_TABLE,
+    COLUMNS,
+    INSERT_BATCH,
+    INSERT_ROWS,
+    LAST_USED,
+    arrays,
+    record_row,
+)
 from policies import drain, partitions
 from policies import keyspace as rk
 from policies.slots import key_slot
 
 log = logging.getLogger("modelbridge.usage")
-
-_COLUMNS = (
-    "request_id",
-    "account",
-    "team_id",
-    "user_id",
-    "key_id",
-    "model",
-    "endpoint",
-    "period",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "list_cost",
-    "discount",
-    "charged",
-    "from_allowance",
-    "from_credits",
-    "usage_source",
-    "encoding",
-    "tags",
-    "status",
-    "served_model",
-    "attempts",
-    "created_at",  # created_at last: _insert reads row[-1]
-)
-_INT_COLUMNS = {
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "list_cost",
-    "discount",
-    "charged",
-    "from_allowance",
-    "from_credits",
-    "status",
-}
-# A batch goes in by COPY into a temporary table (emptied at commit), then one statement inserts
-# the rows not there yet and adds only those actually inserted to their day's rollup
-# (usage_daily), grouped, in one order (concurrent batches cannot deadlock). Measured against
-# executemany of one row at a time and a multi-row INSERT from unnest(): bench/drain.py, README.
-_BATCH_TABLE = (
-    "CREATE TEMP TABLE IF NOT EXISTS usage_batch (LIKE usage_records INCLUDING DEFAULTS) "
-    "ON COMMIT DELETE ROWS"
-)
-_INSERT_BATCH = (
-    f"WITH new AS (INSERT INTO usage_records ({', '.join(_COLUMNS)}) "
-    f"SELECT {', '.join(_COLUMNS)} FROM usage_batch ORDER BY request_id "
-    "ON CONFLICT DO NOTHING RETURNING *) "
-    "INSERT INTO usage_daily AS d SELECT account, (created_at AT TIME ZONE 'UTC')::date AS day, "
-    "user_id, key_id, model, tags, count(*), sum(prompt_tokens), sum(completion_tokens), "
-    "sum(list_cost), sum(discount), sum(charged) FROM new GROUP BY 1, 2, 3, 4, 5, 6 "
-    "ORDER BY 1, 2, 3, 4, 5, 6 "
-    "ON CONFLICT (account, day, user_id, key_id, model, tags) DO UPDATE SET "
-    "requests = d.requests + excluded.requests, "
-    "prompt_tokens = d.prompt_tokens + excluded.prompt_tokens, "
-    "completion_tokens = d.completion_tokens + excluded.completion_tokens, "
-    "list_cost = d.list_cost + excluded.list_cost, discount = d.discount + excluded.discount, "
-    "charged = d.charged + excluded.charged"
-)
-_LAST_USED = (
-    "UPDATE api_keys k SET last_used_at = greatest(coalesce(k.last_used_at, u.at), u.at) "
-    "FROM unnest($1::text[], $2::timestamptz[]) AS u(id, at) WHERE k.id = u.id"
-)
-
-
-def _integer(value: str) -> int:
-    return int(value or 0)
-
-
-def _team(value: str) -> str | None:
-    return value or None
-
-
-def _tags(value: str) -> list[str]:
-    return [t for t in value.split(",") if t] if value else []
-
-
-def _created(value: str) -> datetime:
-    return datetime.fromtimestamp(int(value) / 1000, UTC)
-
-
-def _text(value: str) -> str:
-    return value
-
-
-def _attempts(value: str) -> int:
-    return int(value or 1)  # a record from before routing: one attempt
-
-
-def _converter(column: str) -> Callable[[str], Any]:
-    if column in _INT_COLUMNS:
-        return _integer
-    special = {"team_id": _team, "tags": _tags, "created_at": _created, "attempts": _attempts}
-    return special.get(column, _text)
-
-
-_CONVERT = tuple((column, _converter(column)) for column in _COLUMNS)
-
-
-def record_row(fields: dict[str, str]) -> tuple[Any, ...]:
-    """A stream entry -> the values of one usage_records row (a record from before routing
-    names no served model: the requested one served it)."""
-    if not fields.get("served_model"):
-        fields = {**fields, "served_model": fields.get("model", "")}
-    return tuple(convert(fields.get(column, "")) for column, convert in _CONVERT)
 
 
 class UsageWriter:
@@ -171,6 +74,7 @@ class UsageWriter:
         self.db = db
         self.consumer = consumer
         self.batch = batch
+        self.copy_from = 500  # a batch of this many rows or more goes in by COPY (bench.drain)
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
         self.on_pending = on_pending
@@ -192,6 +96,13 @@ class UsageWriter:
         self.partitions = Partitions()
         self._next_ahead = 0.0  # monotonic time of the next making of partitions ahead
         self._lengths: dict[str, int] = {}  # each stream's length at the end of the last step
+        # Idle (a step moved nothing): one XREADGROUP BLOCK over the streams known and the
+        # doorbell (a stream registered) instead of a step every block_ms; what it reads is
+        # written by the next step, at once. Not on a cluster (one slot per read): it polls.
+        self.wait_ms = 2000
+        self._streams: list[str] = []  # the streams of the last step
+        self._woken: list[tuple[str, str, dict[str, str]]] = []  # read by the wait
+        self._bell_ready = False
         self._turn = 0  # which window of streams a read names when there are more than its budget
 
     @classmethod
@@ -228,8 +139,10 @@ class UsageWriter:
                 took = time.monotonic() - self._failing_since
                 log.info("usage writer: writing again after %.1fs (%d records)", took, moved)
                 self._failing_since = None
-            if moved < self.batch:  # no backlog: let records gather, one batch a tick
-                await self._idle()
+            if moved >= self.batch:  # a backlog: the next batch at once
+                continue
+            if moved or not await self._wait_for_records():
+                await self._idle()  # records coming in: let them gather, one batch a tick
         with contextlib.suppress(Exception):
             await self.drain()
 
@@ -273,22 +186,26 @@ class UsageWriter:
             self._report(0)
             return 0
         self._turn += 1
+        self._streams = streams
         if time.monotonic() >= self._next_ahead:
             await self._partitions_ahead()
         if not self._unwritten and not self._own_checked:
+            self._woken = []  # read again with the rest of this consumer's pending entries
             self._unwritten = await self._own_pending(streams)
             self._own_checked = not self._unwritten
         if not self._unwritten:
-            self._unwritten = await self._read(streams)
+            self._unwritten = [*self._woken, *await self._read(streams)]
+            self._woken = []
             now = time.monotonic()
             if now - self._last_claim >= self.claim_every_s:
                 self._last_claim = now
                 self._unwritten += await self._claim(streams)
         entries = self._unwritten[: self.batch]
+        measured = None
         if entries:
-            await self._write(entries)
+            measured = await self._write(entries)
             del self._unwritten[: len(entries)]
-        self._report(await self.pending(streams))
+        self._report(await self.pending(streams) if measured is None else measured)
         return len(entries)
 
     async def _partitions_ahead(self) -> None:
@@ -314,6 +231,75 @@ class UsageWriter:
         if made:
             log.info("usage writer: made usage_records partitions for %s", ", ".join(made))
         self._next_ahead = time.monotonic() + partitions.ENSURE_EVERY_S
+
+    async def _wait_for_records(self) -> bool:
+        """Idle: wait up to ``wait_ms`` for a record in a stream of the last step (or a stream
+        registered), keeping what the read took for the next step. False when it cannot wait
+        (a cluster, no streams yet, Redis failing): the caller polls."""
+        if self.cluster or not self._streams or self._stopping.is_set():
+            return False
+        try:
+            if not self._bell_ready:
+                await self._doorbell()
+            names = [rk.USAGE_DOORBELL, *self._streams]
+            reading = asyncio.ensure_future(
+                self.redis.xreadgroup(
+                    rk.USAGE_GROUP,
+                    self.consumer,
+                    dict.fromkeys(names, ">"),
+                    count=1,
+                    block=self._wait_limit_ms(),
+                )
+            )
+            stopping = asyncio.ensure_future(self._stopping.wait())
+            cut = True
+            try:
+                await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                cut = not reading.done()
+            finally:
+                stopping.cancel()
+                if cut:  # stopping: what the read took is read again (the final drain)
+                    reading.cancel()
+                    self._own_checked = False
+            if cut:
+                with contextlib.suppress(BaseException):
+                    await reading
+                return True
+            rung: list[str] = []
+            reply: Any = reading.result()
+            for stream, items in reply or ():
+                if stream == rk.USAGE_DOORBELL:
+                    rung.extend(eid for eid, _ in items)
+                else:
+                    self._woken.extend((stream, eid, fields) for eid, fields in items if fields)
+            if rung:
+                await self.redis.xack(rk.USAGE_DOORBELL, rk.USAGE_GROUP, *rung)
+        except redis_errors.RedisError as exc:
+            if "NOGROUP" in str(exc):  # the doorbell's group made again (a stream's: by _read)
+                self._bell_ready = False
+            return False
+        return True
+
+    def _wait_limit_ms(self) -> int:
+        """``wait_ms``, but a second short of the client's socket timeout (redis-py's default:
+        5 s), which would fail the read."""
+        timeout = self.redis.connection_pool.connection_kwargs.get("socket_timeout", 5.0)
+        if timeout is None:
+            return self.wait_ms
+        return max(1, min(self.wait_ms, int(timeout * 1000) - 1000))
+
+    async def _doorbell(self) -> None:
+        """The doorbell's consumer group, and what this consumer read of it before (it was
+        killed) acknowledged."""
+        with contextlib.suppress(redis_errors.ResponseError):  # BUSYGROUP
+            await self.redis.xgroup_create(rk.USAGE_DOORBELL, rk.USAGE_GROUP, id="$", mkstream=True)
+        reply: Any = await self.redis.xreadgroup(
+            rk.USAGE_GROUP, self.consumer, {rk.USAGE_DOORBELL: "0"}, count=1000
+        )
+        rung = [eid for _, items in reply or () for eid, _ in items]
+        if rung:
+            await self.redis.xack(rk.USAGE_DOORBELL, rk.USAGE_GROUP, *rung)
+        self._bell_ready = True
 
     def _counts(self, streams: list[str], measured: bool = True) -> list[int]:
         """Each stream's share of one read's budget (policies/drain.py)."""
@@ -389,7 +375,8 @@ class UsageWriter:
             with contextlib.suppress(redis_errors.ResponseError):
                 await self.redis.xgroup_create(stream, rk.USAGE_GROUP, id="0", mkstream=True)
 
-    async def _write(self, entries: list[tuple[str, str, dict[str, str]]]) -> None:
+    async def _write(self, entries: list[tuple[str, str, dict[str, str]]]) -> int | None:
+        """Insert, then acknowledge; the streams' length after it when measured with the acks."""
         try:
             await self._insert([record_row(fields) for _, _, fields in entries])
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError):
@@ -397,7 +384,7 @@ class UsageWriter:
             # whatever still fails in usage_rejects, whole.
             for entry in entries:
                 await self._write_one(*entry)
-        await self._ack(entries)
+        return await self._ack(entries)
 
     async def _insert(self, rows: list[tuple[Any, ...]]) -> None:
         """Insert a batch of records (and their rollup) in one transaction: the one place the
@@ -416,13 +403,18 @@ class UsageWriter:
                 try:
                     async with asyncio.timeout(self.write_timeout_s):
                         await self.partitions.ensure(conn, months)  # a new month: made first
-                        async with conn.transaction():
-                            await conn.execute(_BATCH_TABLE)
-                            await conn.copy_records_to_table(
-                                "usage_batch", records=rows, columns=list(_COLUMNS)
+                        if len(rows) < self.copy_from:
+                            await conn.fetchval(
+                                INSERT_ROWS, *arrays(rows), keys, [last_used[k] for k in keys]
                             )
-                            await conn.execute(_INSERT_BATCH)
-                            await conn.execute(_LAST_USED, keys, [last_used[k] for k in keys])
+                            return
+                        async with conn.transaction():
+                            await conn.execute(BATCH_TABLE)
+                            await conn.copy_records_to_table(
+                                "usage_batch", records=rows, columns=list(COLUMNS)
+                            )
+                            await conn.execute(INSERT_BATCH)
+                            await conn.execute(LAST_USED, keys, [last_used[k] for k in keys])
                     return
                 except asyncpg.CheckViolationError as exc:
                     if attempt == 2 or not is_missing_partition(exc):
@@ -449,12 +441,17 @@ class UsageWriter:
             )
             self.rejected += 1
 
-    async def _ack(self, entries: list[tuple[str, str, dict[str, str]]]) -> None:
-        """One ack script per stream, ``drain.ACK_AT_ONCE`` streams at a time: each one at once
-        takes a connection of its own, and hundreds of streams exhausted the client's pool."""
+    async def _ack(self, entries: list[tuple[str, str, dict[str, str]]]) -> int | None:
+        """One ack script per stream. On one Redis: all in one pipeline (one connection) with
+        the XLEN of every stream of the step after them, whose sum is returned (the pending
+        gauge, measured in the same round trip). On a cluster: ``drain.ACK_AT_ONCE`` streams at
+        a time (each one at once takes a connection of its own, and hundreds of streams
+        exhausted the client's pool), and None: the lengths are measured apart."""
         by_stream: dict[str, list[str]] = {}
         for stream, eid, _ in entries:
             by_stream.setdefault(stream, []).append(eid)
+        if not self.cluster:
+            return await self._ack_measured(by_stream)
         for group in drain.groups(list(by_stream.items())):
             await asyncio.gather(
                 *(
@@ -463,6 +460,29 @@ class UsageWriter:
                 )
             )
         self.written += len(entries)
+        return None
+
+    async def _ack_measured(self, by_stream: dict[str, list[str]]) -> int | None:
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, ids in by_stream.items():  # EVALSHA: a script in a pipeline costs a check
+            pipe.evalsha(self._ack_script.sha, 1, stream, rk.USAGE_GROUP, " ".join(ids))
+        streams = self._streams
+        for stream in streams:
+            pipe.xlen(stream)
+        replies = await pipe.execute(raise_on_error=False)
+        acks, lengths = replies[: len(by_stream)], replies[len(by_stream) :]
+        missing = False
+        for (stream, ids), reply in zip(by_stream.items(), acks, strict=True):
+            if isinstance(reply, redis_errors.NoScriptError):  # Redis restarted: loaded again
+                await self._ack_script(keys=[stream], args=[rk.USAGE_GROUP, " ".join(ids)])
+                missing = True
+            elif isinstance(reply, Exception):
+                raise reply
+        self.written += sum(len(ids) for ids in by_stream.values())
+        if missing or any(isinstance(n, Exception) for n in lengths):
+            return None
+        self._lengths = dict(zip(streams, (int(n) for n in lengths), strict=True))
+        return sum(self._lengths.values())
 
     async def pending(self, streams: list[str] | None = None) -> int:
         streams = await self.streams() if streams is None else streams
@@ -484,6 +504,43 @@ def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+class _ParentWatch:
+    """Calls ``on_exit`` when process ``parent`` exits: its pidfd becomes readable (no wake-up
+    until then); where pidfd_open is missing, os.getppid() is polled every second."""
+
+    def __init__(self, parent: int, on_exit: Callable[[], None]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.on_exit = on_exit
+        self.fd: int | None = None
+        self.task: asyncio.Task[None] | None = None
+        try:
+            self.fd = os.pidfd_open(parent)
+        except (AttributeError, OSError):
+            self.task = asyncio.create_task(self._poll(parent))
+            return
+        if os.getppid() != parent:  # exited before the pidfd was opened
+            self.loop.call_soon(on_exit)
+        self.loop.add_reader(self.fd, self._exited)
+
+    def _exited(self) -> None:
+        if self.fd is not None:
+            self.loop.remove_reader(self.fd)
+        self.on_exit()
+
+    async def _poll(self, parent: int) -> None:
+        while os.getppid() == parent:
+            await asyncio.sleep(1.0)
+        self.on_exit()
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        if self.fd is not None:
+            self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
+
 async def serve_writer(
     database_url: str, redis_url: str, consumer: str, settings: MeteringConfig | None = None
 ) -> None:
@@ -499,7 +556,9 @@ async def serve_writer(
     settings = settings or MeteringConfig()
     metrics = Metrics()
     link = await open_redis(redis_url, script_client="redis-py")
-    db = await create_pool(database_url, min_size=1, max_size=2)
+    # No reset query on release (a round trip and four statements per batch): the writer leaves
+    # no session state behind (its locks and settings are the transaction's).
+    db = await create_pool(database_url, min_size=1, max_size=2, reset=False)
     writer = UsageWriter.configured(link.client, db, consumer, settings, metrics.usage_pending.set)
     sweeper = HoldSweeper(link.client, settings.sweep_every_s)
     stop_sweeping = asyncio.Event()
@@ -512,20 +571,12 @@ async def serve_writer(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
-    parent = os.getppid()
-
-    async def orphaned() -> None:  # the serving process died without stopping us
-        while os.getppid() == parent:
-            await asyncio.sleep(1.0)
-        writer.stop()
-        stop_sweeping.set()
-
-    watch = asyncio.create_task(orphaned())
+    watch = _ParentWatch(os.getppid(), stop)  # the serving process died without stopping us
     try:
         await writer.run()
     finally:
         stop_sweeping.set()
-        watch.cancel()
+        watch.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(sweeping, 5)
         await link.close()

@@ -1,0 +1,151 @@
+"""A usage record's row in PostgreSQL: the columns of ``usage_records``, a stream entry's fields
+converted to them, and the writer's statements that insert a batch of rows with their daily
+rollup (usage_daily) and the keys' last use (gateway/metering/usage_writer.py runs them)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+COLUMNS = (
+    "request_id",
+    "account",
+    "team_id",
+    "user_id",
+    "key_id",
+    "model",
+    "endpoint",
+    "period",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "list_cost",
+    "discount",
+    "charged",
+    "from_allowance",
+    "from_credits",
+    "usage_source",
+    "encoding",
+    "tags",
+    "status",
+    "served_model",
+    "attempts",
+    "created_at",  # created_at last: _insert reads row[-1]
+)
+_INT_COLUMNS = {
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "list_cost",
+    "discount",
+    "charged",
+    "from_allowance",
+    "from_credits",
+    "status",
+}
+# A batch goes in by COPY into a temporary table (emptied at commit), then one statement inserts
+# the rows not there yet and adds only those actually inserted to their day's rollup
+# (usage_daily), grouped, in one order (concurrent batches cannot deadlock). Measured against
+# executemany of one row at a time and a multi-row INSERT from unnest(): bench/drain.py, README.
+BATCH_TABLE = (
+    "CREATE TEMP TABLE IF NOT EXISTS usage_batch (LIKE usage_records INCLUDING DEFAULTS) "
+    "ON COMMIT DELETE ROWS"
+)
+_ROLLUP = (
+    "INSERT INTO usage_daily AS d SELECT account, (created_at AT TIME ZONE 'UTC')::date AS day, "
+    "user_id, key_id, model, tags, count(*), sum(prompt_tokens), sum(completion_tokens), "
+    "sum(list_cost), sum(discount), sum(charged) FROM new GROUP BY 1, 2, 3, 4, 5, 6 "
+    "ORDER BY 1, 2, 3, 4, 5, 6 "
+    "ON CONFLICT (account, day, user_id, key_id, model, tags) DO UPDATE SET "
+    "requests = d.requests + excluded.requests, "
+    "prompt_tokens = d.prompt_tokens + excluded.prompt_tokens, "
+    "completion_tokens = d.completion_tokens + excluded.completion_tokens, "
+    "list_cost = d.list_cost + excluded.list_cost, discount = d.discount + excluded.discount, "
+    "charged = d.charged + excluded.charged"
+)
+INSERT_BATCH = (
+    f"WITH new AS (INSERT INTO usage_records ({', '.join(COLUMNS)}) "
+    f"SELECT {', '.join(COLUMNS)} FROM usage_batch ORDER BY request_id "
+    f"ON CONFLICT DO NOTHING RETURNING *) {_ROLLUP}"
+)
+_LAST_USED_FROM = (
+    "UPDATE api_keys k SET last_used_at = greatest(coalesce(k.last_used_at, u.at), u.at) "
+    "FROM unnest(${}::text[], ${}::timestamptz[]) AS u(id, at) WHERE k.id = u.id"
+)
+LAST_USED = _LAST_USED_FROM.format(1, 2)
+
+
+def _array_type(column: str) -> str:
+    if column in _INT_COLUMNS or column == "attempts":
+        return "bigint[]"
+    return "timestamptz[]" if column == "created_at" else "text[]"  # tags: comma-joined
+
+
+_N = len(COLUMNS)
+# A small batch (the writer at low load) goes in as one prepared statement: the same writes as
+# COPY + INSERT_BATCH + LAST_USED, from arrays, in one round trip and one implicit transaction.
+INSERT_ROWS = (
+    "WITH batch AS (SELECT * FROM unnest("
+    + ", ".join(f"${i}::{_array_type(c)}" for i, c in enumerate(COLUMNS, 1))
+    + f") AS b({', '.join(COLUMNS)})), "
+    f"new AS (INSERT INTO usage_records ({', '.join(COLUMNS)}) SELECT "
+    + ", ".join(
+        "array_remove(string_to_array(tags, ','), '')" if c == "tags" else c for c in COLUMNS
+    )
+    + " FROM batch ORDER BY request_id ON CONFLICT DO NOTHING RETURNING *), "
+    f"daily AS ({_ROLLUP}), used AS ({_LAST_USED_FROM.format(_N + 1, _N + 2)}) "
+    "SELECT count(*) FROM new"
+)
+
+
+def _integer(value: str) -> int:
+    return int(value or 0)
+
+
+def _team(value: str) -> str | None:
+    return value or None
+
+
+def _tags(value: str) -> list[str]:
+    return [t for t in value.split(",") if t] if value else []
+
+
+def _created(value: str) -> datetime:
+    return datetime.fromtimestamp(int(value) / 1000, UTC)
+
+
+def _text(value: str) -> str:
+    return value
+
+
+def _attempts(value: str) -> int:
+    return int(value or 1)  # a record from before routing: one attempt
+
+
+def _converter(column: str) -> Callable[[str], Any]:
+    if column in _INT_COLUMNS:
+        return _integer
+    special = {"team_id": _team, "tags": _tags, "created_at": _created, "attempts": _attempts}
+    return special.get(column, _text)
+
+
+_CONVERT = tuple((column, _converter(column)) for column in COLUMNS)
+
+
+def record_row(fields: dict[str, str]) -> tuple[Any, ...]:
+    """A stream entry -> the values of one usage_records row (a record from before routing
+    names no served model: the requested one served it)."""
+    if not fields.get("served_model"):
+        fields = {**fields, "served_model": fields.get("model", "")}
+    return tuple(convert(fields.get(column, "")) for column, convert in _CONVERT)
+
+
+_TAGS_AT = COLUMNS.index("tags")
+
+
+def arrays(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    """The rows as one array per column (INSERT_ROWS's parameters; tags comma-joined)."""
+    columns = [list(column) for column in zip(*rows, strict=True)]
+    columns[_TAGS_AT] = [",".join(tags) for tags in columns[_TAGS_AT]]
+    return columns
