@@ -1,14 +1,18 @@
 """Usage writer drain benchmark: how fast a backlog of usage records reaches PostgreSQL.
 
-    python -m bench.drain [--records 50000] [--accounts 50] [--batch N] [--repeat 3]
+    python -m bench.drain [--records 50000] [--accounts 50] [--batch N[,N...]] [--repeat 3]
                           [--layouts partitioned,unpartitioned] [--prefill ROWS]
+                          [--methods writer,copy,statement]
 
 ``make bench`` runs it as its ``writer`` test (bench/run.py). ``--layouts``: usage_records as
 the migrations make it (partitioned by month, migrations/014_partitions.sql) and as it was before
 (one table, migrations up to 013), each in a database of its own, the repetitions interleaved
 (partitioned, unpartitioned, partitioned, ...) so both see the same machine. ``--prefill``
 first puts that many older records in the table, spread over the year before the drained ones
-(the sustained case: inserts into a table that already holds a year).
+(the sustained case: inserts into a table that already holds a year). ``--batch`` and
+``--methods`` (``copy``: every batch by COPY into a temporary table and one INSERT ... SELECT;
+``statement``: every batch as one prepared INSERT from unnest() of arrays; ``writer``: as the
+writer chooses by batch size) add variants, every combination interleaved with the layouts.
 
 Starts embedded stores in a temporary directory (or uses ``MODELBRIDGE_BENCH_DATABASE_URL`` /
 ``MODELBRIDGE_BENCH_REDIS_URL``: a scratch database is created there and dropped), fills the
@@ -106,43 +110,61 @@ def _cpu(procs: list[psutil.Process]) -> float:
     return total
 
 
-def _store_processes(data_dir: Path) -> list[psutil.Process]:
-    """The embedded PostgreSQL's processes (its postmaster and children) and Redis."""
-    found = []
+def _store_processes(data_dir: Path) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """The embedded PostgreSQL's processes (its postmaster and children), and Redis."""
+    pg, redis = [], []
     with contextlib.suppress(OSError, ValueError, psutil.Error):
         pid = int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
         main = psutil.Process(pid)
-        found += [main, *main.children(recursive=True)]
+        pg += [main, *main.children(recursive=True)]
     with contextlib.suppress(OSError, ValueError, psutil.Error):
-        found.append(psutil.Process(int((data_dir / "redis" / "redis.pid").read_text().split()[0])))
-    return found
+        redis.append(psutil.Process(int((data_dir / "redis" / "redis.pid").read_text().split()[0])))
+    return pg, redis
+
+
+METHODS = {"writer": None, "copy": 1, "statement": 10**9}  # UsageWriter.copy_from
 
 
 async def one_run(
-    db_url: str, redis_url: str, records: int, accounts: int, batch: int | None, data_dir: Path
-) -> tuple[float, float, float]:
-    """(records/s, writer CPU s, store CPU s)."""
+    db_url: str,
+    redis_url: str,
+    records: int,
+    accounts: int,
+    batch: int | None,
+    data_dir: Path,
+    method: str = "writer",
+) -> tuple[float, float, float, float]:
+    """(records/s, writer CPU s, PostgreSQL CPU s, Redis CPU s)."""
     redis = Redis.from_url(redis_url, decode_responses=True)
-    pool = await create_pool(db_url, min_size=1, max_size=2)
+    pool = await create_pool(db_url, min_size=1, max_size=2, reset=False)  # as serve_writer's
     run = secrets.token_hex(3)
     try:
         await fill(redis, records, accounts, run)
         writer = UsageWriter(redis, pool, "bench")
         if batch:
             writer.batch = batch
-        stores = _store_processes(data_dir)
+        copy_from = METHODS[method]
+        if copy_from is not None:
+            writer.copy_from = copy_from
+        pg, redis_procs = _store_processes(data_dir)
         me = [psutil.Process()]
-        cpu_me, cpu_stores = _cpu(me), _cpu(stores)
+        cpu_me, cpu_pg, cpu_redis = _cpu(me), _cpu(pg), _cpu(redis_procs)
         started = time.perf_counter()
         moved = await writer.drain()
         took = time.perf_counter() - started
-        cpu_me, cpu_stores = _cpu(me) - cpu_me, _cpu(stores) - cpu_stores
+        cpu_me, cpu_pg = _cpu(me) - cpu_me, _cpu(pg) - cpu_pg
+        cpu_redis = _cpu(redis_procs) - cpu_redis
         count = await pool.fetchval(
             "SELECT count(*) FROM usage_records WHERE request_id LIKE $1", f"req_{run}_%"
         )
         assert moved == records == count, (moved, records, count)
-        return records / took, cpu_me, cpu_stores
+        return records / took, cpu_me, cpu_pg, cpu_redis
     finally:
+        with contextlib.suppress(Exception):  # the next run's writer reads only its own streams
+            names = [f"t_bench{run}{i:04d}" for i in range(accounts)]
+            for name in names:
+                await redis.srem(rk.usage_registry(name), rk.AccountKeys(name).usage_stream)
+            await redis.delete(*(rk.AccountKeys(name).usage_stream for name in names))
         await redis.aclose()
         await pool.close()
 
@@ -202,16 +224,29 @@ async def measure(
     repeat: int,
     layouts: Sequence[str] = LAYOUTS,
     prefill: int = 0,
-    batch: int | None = None,
+    batches: Sequence[int | None] = (None,),
     data_dir: Path | None = None,
     log: Callable[..., None] = print,
+    methods: Sequence[str] = ("writer",),
 ) -> dict[str, Any]:
-    """Drain ``records`` over ``accounts`` streams ``repeat`` times into each layout, interleaved.
-    {"table": {layout: {"rates": [...], "per_cpu_s": [...]}}, "verify": {"ok", "errors"}}."""
+    """Drain ``records`` over ``accounts`` streams ``repeat`` times into each layout (with each
+    batch size and method), interleaved. {"table": {variant: {"rates": [...], "per_cpu_s":
+    [...]}}, "verify": {"ok", "errors"}}; a variant is its layout, then its batch and method
+    when more than one was asked for."""
+    variants = {
+        _label(layout, batch if len(batches) > 1 else None, method if len(methods) > 1 else ""): (
+            layout,
+            batch,
+            method,
+        )
+        for layout in layouts
+        for batch in batches
+        for method in methods
+    }
     db_url = os.environ.get("MODELBRIDGE_BENCH_DATABASE_URL")
     redis_url = os.environ.get("MODELBRIDGE_BENCH_REDIS_URL")
     table: dict[str, dict[str, list[float]]] = {
-        layout: {"rates": [], "per_cpu_s": []} for layout in layouts
+        label: {"rates": [], "per_cpu_s": [], "pg_us": []} for label in variants
     }
     errors: list[str] = []
     with contextlib.ExitStack() as stack:
@@ -226,22 +261,24 @@ async def measure(
                 await admin.execute(f'CREATE DATABASE "{name}"')
                 await prepare(_scratch(urls.database_url, name), layout, prefill)
             for i in range(repeat):
-                for layout, name in names.items():
-                    scratch = _scratch(urls.database_url, name)
+                for label, (layout, batch, method) in variants.items():
+                    scratch = _scratch(urls.database_url, names[layout])
                     try:
-                        rate, cpu_me, cpu_stores = await one_run(
-                            scratch, urls.redis_url, records, accounts, batch, tmp
+                        rate, cpu_me, cpu_pg, cpu_redis = await one_run(
+                            scratch, urls.redis_url, records, accounts, batch, tmp, method
                         )
                     except AssertionError as exc:
-                        errors.append(f"{layout}: records missing {exc}")
+                        errors.append(f"{label}: records missing {exc}")
                         continue
-                    per_cpu = records / (cpu_me + cpu_stores)
-                    table[layout]["rates"].append(rate)
-                    table[layout]["per_cpu_s"].append(per_cpu)
+                    per_cpu = records / (cpu_me + cpu_pg + cpu_redis)
+                    table[label]["rates"].append(rate)
+                    table[label]["per_cpu_s"].append(per_cpu)
+                    table[label]["pg_us"].append(cpu_pg * 1e6 / records)
                     log(
-                        f"writer run {i + 1} {layout}: {records} records in {accounts} streams: "
+                        f"writer run {i + 1} {label}: {records} records in {accounts} streams: "
                         f"{rate:,.0f} records/s; CPU writer {cpu_me:.2f}s + stores "
-                        f"{cpu_stores:.2f}s = {per_cpu:,.0f} records per CPU-second"
+                        f"{cpu_pg + cpu_redis:.2f}s (PostgreSQL {cpu_pg:.2f}s) = "
+                        f"{per_cpu:,.0f} records per CPU-second"
                     )
         finally:
             for name in names.values():
@@ -263,14 +300,21 @@ def markdown(found: dict[str, Any]) -> str:
         "median [min – max]. Per CPU-second: records / (writer + PostgreSQL + Redis CPU time), "
         "what one writer drains with the CPUs to itself.",
         "",
-        "| usage_records | records/s | records per CPU-second |",
-        "|---|---|---|",
+        "| usage_records | records/s | records per CPU-second | PostgreSQL CPU µs per record |",
+        "|---|---|---|---|",
     ]
     for layout, cells in found["table"].items():
-        lines.append(f"| {layout} | {_cell(cells['rates'])} | {_cell(cells['per_cpu_s'])} |")
+        lines.append(
+            f"| {layout} | {_cell(cells['rates'])} | {_cell(cells['per_cpu_s'])} "
+            f"| {_cell(cells.get('pg_us', []))} |"
+        )
     if not found["verify"]["ok"]:
         lines += ["", "FAILED: " + "; ".join(found["verify"]["errors"])]
     return "\n".join(lines) + "\n"
+
+
+def _label(layout: str, batch: int | None, method: str) -> str:
+    return " ".join([layout] + ([f"batch {batch}"] if batch else []) + ([method] if method else []))
 
 
 def _cell(values: list[float]) -> str:
@@ -289,8 +333,10 @@ def run(
 
 async def main_async(args: argparse.Namespace) -> None:
     layouts = [layout for layout in args.layouts.split(",") if layout]
+    batches = [int(b) for b in args.batch.split(",")] if args.batch else [None]
+    methods = [m for m in args.methods.split(",") if m]
     found = await measure(
-        args.records, args.accounts, args.repeat, layouts, args.prefill, args.batch
+        args.records, args.accounts, args.repeat, layouts, args.prefill, batches, methods=methods
     )
     print(markdown(found))
 
@@ -299,13 +345,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.drain")
     parser.add_argument("--records", type=int, default=50_000)
     parser.add_argument("--accounts", type=int, default=50)
-    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--batch", default="", help="records per step, or several: 20,2000")
+    parser.add_argument("--methods", default="writer", help="writer, copy, statement")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
     parser.add_argument("--prefill", type=int, default=0, help="older records in the table first")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if set(args.layouts.split(",")) - set(LAYOUTS):
         parser.error(f"--layouts: choose from {', '.join(LAYOUTS)}")
+    if set(args.methods.split(",")) - set(METHODS):
+        parser.error(f"--methods: choose from {', '.join(METHODS)}")
     asyncio.run(main_async(args))
 
 
