@@ -235,6 +235,19 @@ async def test_a_stream_after_lean_calls_is_handed_over_with_the_bytes_already_r
     assert body.rstrip().endswith(b"data: [DONE]")
     assert (await conn.response())[0] == 200  # the pipelined one, now aiohttp's
     assert counts(gateway) == (served, handed + 1)
+    # the lean front's stream head is aiohttp's: the same headers in the same order
+    port = int(gateway.base.rsplit(":", 1)[1])
+    lean = Conn(*await asyncio.open_connection("127.0.0.1", port))
+    try:
+        lean.send(post(secret, {**CHAT, "stream": True}))
+        status, lean_headers, body = await lean.response()
+    finally:
+        lean.writer.close()
+    assert status == 200 and body.rstrip().endswith(b"data: [DONE]")
+    assert list(lean_headers) == list(headers)
+    same = {"content-type", "cache-control", "transfer-encoding", "server"}
+    assert {k: lean_headers[k] for k in same} == {k: headers[k] for k in same}
+    assert counts(gateway) == (served + 1, handed + 1)
 
 
 @pytest.mark.parametrize(
@@ -745,3 +758,34 @@ async def test_a_client_that_does_not_read_its_stream_pauses_the_provider(
     assert status == 200 and body.rstrip().endswith(b"data: [DONE]")
     assert all(piece.encode() in body for piece in pieces)
     assert counts(gateway) == (served + 1, handed)
+
+
+async def test_shutdown_lets_a_lean_stream_finish_and_bills_it(
+    fake: FakeUpstream,
+    database_url: str,
+    redis_url: str,
+    http: aiohttp.ClientSession,
+    db: asyncpg.Connection,
+) -> None:
+    gw, runner = await start_gateway(gateway_config(fake.base_url), database_url, redis_url)
+    port = int(gw.base.rsplit(":", 1)[1])
+    conn = Conn(*await asyncio.open_connection("127.0.0.1", port))
+    try:
+        _, _, secret = await Api(http, gw.base, ADMIN_TOKEN).funded_team_key()
+        served, handed = counts(gw)
+        fake.next(chunk_delay_s=0.2)  # ~1.6 s, within the 5 s shutdown_timeout_s
+        conn.send(post(secret, {**CHAT, "stream": True}))
+        head = await conn.reader.readuntil(b"\r\n\r\n")  # the stream has begun
+        request_id = head.split(b"x-request-id: ", 1)[1].split(b"\r\n", 1)[0].decode()
+        stopping = asyncio.ensure_future(runner.cleanup())
+        body = await asyncio.wait_for(conn._chunked(), 10)
+        await asyncio.wait_for(stopping, 10)
+        assert counts(gw) == (served + 1, handed)
+    finally:
+        conn.writer.close()
+    assert body.rstrip().endswith(b"data: [DONE]")
+    row = await eventually(
+        lambda: db.fetchrow("SELECT * FROM usage_records WHERE request_id = $1", request_id),
+        lambda r: r is not None,
+    )
+    assert (row["usage_source"], row["completion_tokens"], row["status"]) == ("upstream", 6, 200)
