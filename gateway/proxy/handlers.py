@@ -74,7 +74,7 @@ class Endpoint:
 CHAT = Endpoint("/v1/chat/completions", "/chat/completions", "chat")
 COMPLETION = Endpoint("/v1/completions", "/completions", "completion")
 EMBEDDING = Endpoint("/v1/embeddings", "/embeddings", "embedding")
-MESSAGES = Endpoint("/v1/messages", "/messages", "messages")  # served by gateway.proxy.surfaces
+MESSAGES = Endpoint("/v1/messages", "/messages", "messages")  # aiohttp: gateway.proxy.surfaces
 RESPONSES = Endpoint("/v1/responses", "/responses", "responses")
 
 

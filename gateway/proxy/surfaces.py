@@ -6,7 +6,9 @@ Each generating surface goes the one way of :func:`gateway.proxy.forwarding.prox
 hold, upstream call, settle, one usage record — with the exchange that suits the model's upstream
 (:mod:`gateway.proxy.exchange`). Messages errors are in Anthropic's envelope, with the status and
 ``x-modelbridge-error-code`` of the gateway's error; an Anthropic upstream's own error answer goes
-back unmodified (clients match on its wording).
+back unmodified (clients match on its wording). A plain (not streamed) call of either is served
+by the lean front (:mod:`gateway.proxy.front`) with the same code and :func:`error_envelope`; the
+handlers here serve what it hands over (streams, anything unusual).
 """
 
 from __future__ import annotations
