@@ -30,10 +30,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import uvloop
-from aiohttp import web
 
 from gateway.config import Config, ConfigError, load_config
 from gateway.infra.db import migrate_dsn
@@ -47,8 +46,21 @@ from gateway.infra.startup import (
     reserve_port,
 )
 from gateway.infra.stores import StoreError
-from gateway.state import Runtime
-from gateway.supervisor import GO, SPARE, WORKER, WRITER, Child, Supervisor, report, standby
+from gateway.supervisor import (
+    GO,
+    SPARE,
+    WORKER,
+    WRITER,
+    Child,
+    ChildSignals,
+    ExitWatch,
+    Supervisor,
+    report,
+    standby,
+)
+
+if TYPE_CHECKING:
+    from gateway.state import Runtime
 
 log = logging.getLogger("modelbridge")
 
@@ -139,24 +151,32 @@ async def serve_app(
     *,
     reuse_port: bool,
     on_listening: Callable[[], None] = lambda: None,
-    tick: Callable[[], None] | None = None,
+    supervisor: Supervisor | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
     spare: bool = False,
     parent: int | None = None,
 ) -> None:
     """Serve until SIGTERM, SIGINT or SIGHUP. ``on_listening`` runs once the socket is bound;
-    ``tick`` (the supervisor's, with one worker) every 50 ms while serving. A ``spare`` worker
-    starts everything but the socket, says so, and binds when it gets GO (SIGUSR1)."""
+    with one worker the ``supervisor``'s tick runs while serving, when a child ends (SIGCHLD),
+    when a restart is due, and at the latest every second. A ``spare`` worker starts everything
+    but the socket, says so, and binds when it gets GO (SIGUSR1)."""
+    from aiohttp import web  # not in the usage writer (README, performance: its memory)
+
     from gateway.app import build_app  # after the metrics directory is set
     from gateway.proxy.front import FrontSite
 
     app = build_app(config, runtime, usage_writer=False)  # the writer runs as its own process
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_timeout_s)
     await runner.setup()
-    stop = asyncio.Event()
+    stop, wake = asyncio.Event(), asyncio.Event()  # wake: look at the children now
     loop = asyncio.get_running_loop()
+
+    def halt() -> None:
+        stop.set()
+        wake.set()
+
     for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, halt)
     if stop_requested():  # a signal came before the handlers above
         stop.set()
     if parent is not None:
@@ -181,11 +201,10 @@ async def serve_app(
         # collector's scans, which otherwise walk it again and again between requests.
         gc.collect()
         gc.freeze()
-        while not stop.is_set():
-            if tick is not None:
-                tick()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.05 if tick is not None else None)
+        if supervisor is None:
+            await stop.wait()
+        else:
+            await _supervise(supervisor, stop, wake)
         log.info(
             "shutting down: no new connections; waiting up to %ss for streams",
             config.server.shutdown_timeout_s,
@@ -194,6 +213,28 @@ async def serve_app(
         await runner.cleanup()
         if parent is not None:
             watching.cancel()
+
+
+async def _supervise(supervisor: Supervisor, stop: asyncio.Event, wake: asyncio.Event) -> None:
+    """Keep the children alive from the serving loop until ``stop``: a tick when a child ends
+    (its pidfd), when the ready pipe has a line, when a restart is due, at the latest every
+    second; no timer of its own otherwise (it was a tick every 50 ms: 20 wake-ups a second)."""
+    loop = asyncio.get_running_loop()
+    exits = ExitWatch(loop, wake.set)
+    loop.add_reader(supervisor.ready_fd, wake.set)
+    try:
+        while not stop.is_set():
+            wake.clear()
+            supervisor.tick()
+            exits.sync(supervisor.pids())
+            wait_s = (
+                min(supervisor.next_due_s(), 0.05) if exits.polling else supervisor.next_due_s()
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), wait_s)
+    finally:
+        loop.remove_reader(supervisor.ready_fd)
+        exits.close()
 
 
 async def _orphaned(parent: int, stop: asyncio.Event) -> None:
@@ -256,6 +297,7 @@ def serve(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace, signals: StopSignals) -> None:
     from gateway.infra.metrics import prepare_multiproc_dir
     from gateway.infra.stores import Stores
+    from gateway.state import Runtime
 
     config = _with_cli(load_config(args.config), args)
     directory = data_dir()
@@ -328,7 +370,7 @@ def _supervised(
                         runtime,
                         reuse_port=True,
                         on_listening=banner,
-                        tick=supervisor.tick,
+                        supervisor=supervisor,
                         stop_requested=lambda: signals.received is not None,
                     )
                 )
@@ -354,20 +396,30 @@ def _run_workers(
 ) -> None:
     """Wait until every worker listens (one that dies first stops the start), print the banner,
     start the spare, then keep them alive until a stop signal, which goes on to them."""
-    while not supervisor.all_ready() and signals.received is None:
-        for child in supervisor.workers():
-            if child.proc is None or child.proc.poll() is not None:
-                code = child.proc.returncode if child.proc is not None else "?"
-                raise StartError(f"{child.name} exited during start (exit code {code})")
-        supervisor.tick()
-        select.select([supervisor.ready_fd], [], [], 0.05)
-    if signals.received is None:
-        banner()
-        supervisor.keep_spare(spare)
-    while signals.received is None:
-        supervisor.tick()
-        select.select([supervisor.ready_fd], [], [], 0.05)
+    woken = ChildSignals()  # a child's end or a stop signal wakes the select below at once
+    try:
+        while not supervisor.all_ready() and signals.received is None:
+            for child in supervisor.workers():
+                if child.proc is None or child.proc.poll() is not None:
+                    code = child.proc.returncode if child.proc is not None else "?"
+                    raise StartError(f"{child.name} exited during start (exit code {code})")
+            supervisor.tick()
+            _wait(supervisor, woken)
+        if signals.received is None:
+            banner()
+            supervisor.keep_spare(spare)
+        while signals.received is None:
+            supervisor.tick()
+            _wait(supervisor, woken)
+    finally:
+        woken.close()
     supervisor.signal_workers(signals.received)
+
+
+def _wait(supervisor: Supervisor, woken: ChildSignals) -> None:
+    """Until a readiness line, a signal (a child's end, a stop) or the next restart due."""
+    select.select([supervisor.ready_fd, woken.fd], [], [], supervisor.next_due_s())
+    woken.drain()
 
 
 def _child_env(runtime: Runtime) -> dict[str, str]:
@@ -400,6 +452,8 @@ def worker_child(
 
 
 def worker(args: argparse.Namespace) -> None:
+    from gateway.state import Runtime
+
     config = _with_cli(load_config(args.config), args)
     runtime = Runtime(
         os.environ["MODELBRIDGE_DATABASE_URL"],

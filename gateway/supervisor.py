@@ -19,13 +19,18 @@ GO handler is in place: only then may it be signalled) and ``listens <pid>`` (it
 bound). The parent prints its banner once every worker listens, and logs how long a replacement
 took from the death to that line.
 
-Nothing here blocks: :meth:`Supervisor.tick` looks at every child and starts what is due, and
-the caller calls it every few tens of milliseconds (the parent's loop with several workers, an
-asyncio task with one).
+Nothing here blocks: :meth:`Supervisor.tick` looks at every child and starts what is due. The
+caller calls it when something happened, not on a fast timer (each wake-up of an idle process
+costs the machine; README, performance): when a child ended (SIGCHLD), when the ready pipe has a
+line, when a restart is due (:meth:`Supervisor.next_due_s`), and at the latest every
+``SLOW_TICK_S``. The parent's loop with several workers waits in ``select`` on the ready pipe
+and a :class:`ChildSignals` pipe; with one worker the serving (uv)loop, which keeps SIGCHLD for
+itself, watches each child's pidfd (:class:`ExitWatch`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -46,6 +51,7 @@ WORKER = "worker"
 WRITER = "usage writer"
 SPARE = "spare worker"
 GO = signal.SIGUSR1  # to a spare: bind and serve
+SLOW_TICK_S = 1.0  # the longest wait between two looks at the children when no signal comes
 
 
 @dataclass
@@ -142,6 +148,23 @@ class Supervisor:
             if child.kind == WORKER and self._promote(child):
                 continue
             self._spawn(child)
+
+    def pids(self) -> set[int]:
+        """The children's processes, as far as the last tick knows them alive."""
+        return {child.proc.pid for child in self._all() if child.proc is not None}
+
+    def next_due_s(self) -> float:
+        """How long the caller may wait before the next :meth:`tick` when no child ends and no
+        line comes: until the next restart due, at most ``SLOW_TICK_S``."""
+        now = self._clock()
+        waits = [
+            child.due - now
+            for child in self._all()
+            if child.proc is None
+            and child.due is not None
+            and not (self.stopping and child.kind != WRITER)
+        ]
+        return max(0.0, min([SLOW_TICK_S, *waits]))
 
     def _promote(self, child: Child) -> bool:
         """Put the spare, if it waits, in ``child``'s slot; a new spare starts at once."""
@@ -244,6 +267,72 @@ class Supervisor:
 
     def close(self) -> None:
         for fd in (self._ready_r, self._ready_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class ExitWatch:
+    """The children's ends in an asyncio loop: a reader on each child's pidfd (readable once it
+    has ended) calls ``on_exit``. :meth:`sync` after each tick follows the children the
+    supervisor has now. Where pidfds are missing (Linux < 5.3) :attr:`polling` is set: the caller
+    falls back to a short timer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_exit: Callable[[], None]) -> None:
+        self._loop = loop
+        self._on_exit = on_exit
+        self._fds: dict[int, int] = {}  # pid -> pidfd
+        self.polling = not hasattr(os, "pidfd_open")
+
+    def sync(self, pids: set[int]) -> None:
+        for pid in [p for p in self._fds if p not in pids]:
+            self._drop(pid)
+        for pid in pids - self._fds.keys():
+            if self.polling:
+                return
+            try:  # not reaped yet (only the supervisor reaps): the pid is still this child's
+                fd = os.pidfd_open(pid)
+            except OSError:
+                self.polling = True
+                return
+            self._fds[pid] = fd
+            self._loop.add_reader(fd, self._on_exit)
+
+    def _drop(self, pid: int) -> None:
+        fd = self._fds.pop(pid)
+        self._loop.remove_reader(fd)
+        os.close(fd)
+
+    def close(self) -> None:
+        for pid in list(self._fds):
+            self._drop(pid)
+
+
+class ChildSignals:
+    """SIGCHLD, and the stop signals, as a readable pipe (``signal.set_wakeup_fd``) for a loop
+    that waits in ``select``: a child's end wakes it at once instead of at its next poll. Only in
+    the main thread; :meth:`close` puts back what was there."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        # A handler, even one that does nothing, is what makes the signal reach the pipe.
+        self._old_handler = signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+    @property
+    def fd(self) -> int:
+        return self._r
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._r, 512):
+                pass
+
+    def close(self) -> None:
+        signal.signal(signal.SIGCHLD, self._old_handler)
+        signal.set_wakeup_fd(self._old_fd)
+        for fd in (self._r, self._w):
             with contextlib.suppress(OSError):
                 os.close(fd)
 

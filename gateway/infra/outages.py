@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 
-import aiohttp
 import asyncpg
 from redis import exceptions as redis_errors
 
@@ -39,7 +39,9 @@ def store_of(exc: BaseException) -> str | None:
     """The store whose connection failure ``exc`` is, if it is one (an upstream's is not)."""
     if isinstance(exc, _REDIS_DOWN):
         return "redis"
-    if isinstance(exc, aiohttp.ClientError):
+    # aiohttp is not imported where it is not used (the usage writer): none of its errors there
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None and isinstance(exc, aiohttp.ClientError):
         return None
     if isinstance(exc, _POSTGRES_DOWN):
         return "postgresql"
