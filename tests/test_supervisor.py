@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ import asyncpg
 import psutil
 import pytest
 
-from gateway.supervisor import WRITER, Child, Supervisor
+from gateway.supervisor import SLOW_TICK_S, WRITER, Child, ExitWatch, Supervisor
 from policies.restarts import Backoff, Restart, after_death
 from tests.chaos import body
 from tests.conftest import ADMIN_TOKEN
@@ -220,3 +221,42 @@ def test_a_crash_loop_backs_off(caplog: pytest.LogCaptureFixture) -> None:
     assert waits[0].endswith("died (exit code 3): starting it again")
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert gaps[1] >= 0.5 and gaps[2] >= 1.0, gaps
+
+
+def test_the_wait_until_the_next_look_is_the_next_restart_due_at_most_a_second() -> None:
+    """Between two ticks the caller waits for a signal or a line, and at most until the next
+    restart due (a crash loop's delay), at most ``SLOW_TICK_S``: no 50 ms timer."""
+    now = [100.0]
+    supervisor = Supervisor(clock=lambda: now[0])
+    try:
+        assert supervisor.next_due_s() == SLOW_TICK_S == 1.0
+        child = Child(WRITER, "usage writer", [sys.executable, "-c", "pass"], {})
+        supervisor.children.append(child)  # waiting in its slot: no process
+        child.due = 100.25
+        assert supervisor.next_due_s() == 0.25
+        child.due = 99.0  # overdue
+        assert supervisor.next_due_s() == 0.0
+        child.due = 130.0  # the longest backoff
+        assert supervisor.next_due_s() == 1.0
+    finally:
+        supervisor.close()
+
+
+async def test_a_child_s_end_wakes_the_serving_loop() -> None:
+    """With one worker the supervisor's tick runs in the serving (uv)loop, which keeps SIGCHLD
+    for itself: each child's pidfd, watched by ExitWatch, wakes it when the child ends."""
+    ended = asyncio.Event()
+    watch = ExitWatch(asyncio.get_running_loop(), ended.set)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        watch.sync({proc.pid})
+        assert not watch.polling
+        proc.kill()
+        await asyncio.wait_for(ended.wait(), 10)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        watch.sync(set())  # reaped: no longer watched
+    finally:
+        watch.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
