@@ -157,8 +157,8 @@ async def serve_app(
     parent: int | None = None,
 ) -> None:
     """Serve until SIGTERM, SIGINT or SIGHUP. ``on_listening`` runs once the socket is bound;
-    with one worker the ``supervisor``'s tick runs while serving, when a child ends (SIGCHLD),
-    when a restart is due, and at the latest every second. A ``spare`` worker starts everything
+    with one worker the ``supervisor``'s tick runs while serving, when a child ends (its
+    pidfd), when a restart is due, and at the latest every second. A ``spare`` worker starts everything
     but the socket, says so, and binds when it gets GO (SIGUSR1)."""
     from aiohttp import web  # not in the usage writer (README, performance: its memory)
 
