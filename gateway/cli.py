@@ -158,8 +158,8 @@ async def serve_app(
 ) -> None:
     """Serve until SIGTERM, SIGINT or SIGHUP. ``on_listening`` runs once the socket is bound;
     with one worker the ``supervisor``'s tick runs while serving, when a child ends (its
-    pidfd), when a restart is due, and at the latest every second. A ``spare`` worker starts everything
-    but the socket, says so, and binds when it gets GO (SIGUSR1)."""
+    pidfd), when a restart is due, and at the latest every second. A ``spare`` worker starts
+    everything but the socket, says so, and binds when it gets GO (SIGUSR1)."""
     from aiohttp import web  # not in the usage writer (README, performance: its memory)
 
     from gateway.app import build_app  # after the metrics directory is set
