@@ -238,9 +238,23 @@ async def _supervise(supervisor: Supervisor, stop: asyncio.Event, wake: asyncio.
 
 
 async def _orphaned(parent: int, stop: asyncio.Event) -> None:
-    """A worker whose ``serve`` died (``kill -9``, OOM) stops instead of serving on, orphaned."""
-    while os.getppid() == parent:
-        await asyncio.sleep(1.0)
+    """A worker whose ``serve`` died (``kill -9``, OOM) stops instead of serving on, orphaned.
+    The parent's pidfd wakes it when the parent ends (no wake-up until then); without pidfds,
+    ``getppid()`` every second."""
+    try:
+        fd = os.pidfd_open(parent)
+    except (AttributeError, OSError):
+        while os.getppid() == parent:
+            await asyncio.sleep(1.0)
+    else:
+        loop, gone = asyncio.get_running_loop(), asyncio.Event()
+        loop.add_reader(fd, gone.set)
+        try:
+            if os.getppid() == parent:  # else it ended before the pidfd was opened
+                await gone.wait()
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
     log.warning("the serving process (pid %d) is gone: stopping", parent)
     stop.set()
 
