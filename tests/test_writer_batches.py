@@ -12,9 +12,10 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from bench.drain import fill
+from bench.drain import _record, fill
 from gateway.infra.db import create_pool, migrate_dsn
 from gateway.metering.usage_writer import UsageWriter
+from policies import keyspace as rk
 from tests.faults import RedisServer
 
 
@@ -70,6 +71,37 @@ async def test_acknowledging_600_streams_fits_the_connection_pool(
         writer = UsageWriter(redis, pool, "test-ack")
         assert await writer.step() == 600
         assert await _records(db, run) == 600
+        assert await writer.pending() == 0
+    finally:
+        await redis.aclose()
+        await pool.close()
+
+
+@pytest.mark.parametrize("copy_from", [1, 10**9], ids=["copy", "statement"])
+async def test_records_postgresql_refuses_are_kept_whole_by_either_insert(
+    copy_from: int, database_url: str, own_redis: str, db: asyncpg.Connection
+) -> None:
+    redis = Redis.from_url(own_redis, decode_responses=True)
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    run = secrets.token_hex(3)
+    try:
+        await fill(redis, 6, 1, run)  # and three records PostgreSQL refuses:
+        account = f"t_bench{run}0000"
+        stream = rk.AccountKeys(account).usage_stream
+        too_big = {**_record(100, account, run), "prompt_tokens": str(2**40)}  # beyond integer
+        unknown = {**_record(101, account, run), "usage_source": "guessed"}  # the CHECK refuses
+        huge = {**_record(102, account, run), "list_cost": str(2**70)}  # beyond bigint
+        for fields in (too_big, unknown, huge):
+            await redis.xadd(stream, fields)  # type: ignore[arg-type]
+        writer = UsageWriter(redis, pool, "test-refused")
+        writer.copy_from = copy_from
+        assert await writer.step() == 9
+        assert await _records(db, run) == 6
+        refused = await db.fetch(
+            "SELECT fields->>'request_id' AS id FROM usage_rejects WHERE stream = $1 ORDER BY 1",
+            stream,
+        )
+        assert [r["id"] for r in refused] == [f"req_{run}_{n}" for n in (100, 101, 102)]
         assert await writer.pending() == 0
     finally:
         await redis.aclose()

@@ -53,6 +53,9 @@ from policies import keyspace as rk
 from policies.slots import key_slot
 
 log = logging.getLogger("modelbridge.usage")
+# What a malformed record raises: asyncpg's encoding of a number beyond its column (COPY's binary
+# rows: OverflowError), PostgreSQL refusing a value, or its conversion from the stream's text.
+_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError, OverflowError)
 
 
 class UsageWriter:
@@ -379,7 +382,7 @@ class UsageWriter:
         """Insert, then acknowledge; the streams' length after it when measured with the acks."""
         try:
             await self._insert([record_row(fields) for _, _, fields in entries])
-        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError):
+        except _REFUSED:
             # One malformed record must not block the others: insert one by one, and keep
             # whatever still fails in usage_rejects, whole.
             for entry in entries:
@@ -429,7 +432,7 @@ class UsageWriter:
     async def _write_one(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
         try:
             await self._insert([record_row(fields)])
-        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError) as exc:
+        except _REFUSED as exc:
             log.error("usage record %s of %s rejected: %s", entry_id, stream, exc)
             await self.db.execute(
                 "INSERT INTO usage_rejects (stream, entry_id, fields, error)"
