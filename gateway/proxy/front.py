@@ -425,7 +425,7 @@ class Front(asyncio.Protocol):
             self.transport.close()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per request: not frozen, as gateway.proxy.head's Head
 class Request:
     endpoint: proxy.Endpoint
     head: Head

@@ -34,17 +34,18 @@ MAX_HEAD = 16 * 1024  # a longer head goes to aiohttp (which refuses past 8190 p
 _HEAD = re.compile(rb"[^\r\n]+(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*)*")
 # aiohttp's business: other framing, interim answers, protocol switches, folded header lines,
 # coded bodies (decoded with a bound on aiohttp's path: gateway.infra.bodies)
-_HANDED_OVER = (
-    b"\r\ntransfer-encoding",
-    b"\r\nexpect",
-    b"\r\nupgrade",
-    b"\r\n ",
-    b"\r\n\t",
-    b"\r\ncontent-encoding",
-)
+_HANDED_OVER = (b"transfer-encoding", b"expect", b"upgrade", b" ", b"\t", b"content-encoding")
 _OWN = (b"content-length", b"authorization", b"x-api-key", b"connection", b"x-modelbridge-tags")
 _READ = (*_OWN, *FORWARDED)  # what the front reads itself, and passes on
-_NEEDLES = tuple((name, b"\r\n" + name + b":") for name in _READ)
+# One pass over the lower-cased head finds both, line starts only: group 1 a line that hands the
+# request over (any name starting so, or a folded line), group 2 a header read here.
+_SCAN = re.compile(
+    rb"\r\n(?:("
+    + b"|".join(re.escape(marker) for marker in _HANDED_OVER)
+    + rb")|("
+    + b"|".join(re.escape(name) for name in _READ)
+    + rb"):)"
+)
 # read once or not at all: twice is ambiguous
 _SINGLE = frozenset((b"content-length", b"authorization", b"x-api-key", b"connection"))
 
@@ -53,7 +54,9 @@ class HandOver(Exception):
     """This request is aiohttp's to serve."""
 
 
-@dataclass(frozen=True, slots=True)
+# Built per request and never changed after: slots, not frozen (a frozen dataclass's __init__
+# sets each field through object.__setattr__, three times the instructions).
+@dataclass(slots=True)
 class Head:
     path: bytes  # one of PATHS
     headers: dict[bytes, bytes]  # the headers of _READ that are present, lower-case names
@@ -61,7 +64,7 @@ class Head:
     keep_alive: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Framed:
     head: Head
     body_start: int  # the body is buffer[body_start:end]
@@ -94,21 +97,18 @@ def read_head(head: bytes) -> Head:
         raise HandOver
     if parts[1] not in PATHS or _HEAD.fullmatch(head) is None:
         raise HandOver
-    lower = head.lower()
-    for marker in _HANDED_OVER:
-        if marker in lower:
-            raise HandOver
     headers: dict[bytes, bytes] = {}
-    for name, needle in _NEEDLES:
-        at = lower.find(needle)
-        if at < 0:
-            continue
-        start = at + len(needle)
-        end = head.find(b"\r\n", start)
-        end = end if end >= 0 else len(head)
-        if name in _SINGLE and lower.find(needle, end) >= 0:
+    for found in _SCAN.finditer(head.lower()):
+        name = found.group(2)
+        if name is None:
             raise HandOver
-        headers[name] = head[start:end].strip(b" \t")
+        if name in headers:
+            if name in _SINGLE:
+                raise HandOver
+            continue  # the first of several, as aiohttp's headers.get
+        start = found.end()
+        end = head.find(b"\r\n", start)
+        headers[name] = head[start : end if end >= 0 else len(head)].strip(b" \t")
     length = headers.get(b"content-length")
     if length is None or not length.isdigit() or len(length) > 18:
         raise HandOver
