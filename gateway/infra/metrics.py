@@ -83,6 +83,7 @@ class Metrics:
         _PER_PROCESS[pid] = self._instance + 1
         self._values: Any = None
         self._pending: dict[Any, float] = {}  # folded increments: value -> amount (see add)
+        self._sets: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}  # children used together
         if self._instance:
             name = f"{pid}-{self._instance}"
             self._values = values.MultiProcessValue(process_identifier=lambda: name)
@@ -194,22 +195,65 @@ class Metrics:
     # first; another process sees them one loop step later at most.
     def add(self, child: Any, amount: float = 1.0) -> None:
         """``child.inc(amount)`` for a counter's child (``amount >= 0``) or a gauge (any sign)."""
-        self._fold(child._value, amount)
+        pending, value = self._pending, child._value
+        if value in pending:
+            pending[value] += amount
+        elif pending or self._flush_soon():
+            pending[value] = amount
+        else:  # no loop: written at once
+            value.inc(amount)
 
     def observe(self, child: Any, amount: float) -> None:
         """``child.observe(amount)`` for a histogram's child: its sum and its bucket."""
-        self._fold(child._sum, amount)
-        self._fold(child._buckets[bisect_left(child._upper_bounds, amount)], 1.0)
-
-    def _fold(self, value: Any, amount: float) -> None:
         pending = self._pending
-        if not pending:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-            except RuntimeError:  # no loop: written at once
-                value.inc(amount)
-                return
-        pending[value] = pending.get(value, 0.0) + amount
+        if not pending and not self._flush_soon():
+            child.observe(amount)
+            return
+        total, bucket = child._sum, child._buckets[bisect_left(child._upper_bounds, amount)]
+        pending[total] = pending.get(total, 0.0) + amount
+        pending[bucket] = pending.get(bucket, 0.0) + 1.0
+
+    def _flush_soon(self) -> bool:
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:
+            return False
+        return True
+
+    def usage_children(self, model: str, team_id: str | None) -> tuple[Any, Any, Any]:
+        """The prompt-token, completion-token and spend children of ``model`` (and team)."""
+        key = ("usage", model, team_id if self.team_labels else None)
+        found = self._sets.get(key)
+        if found is None:
+            team = self.team_label(team_id)
+            found = (
+                self.child(self.tokens, model, "prompt", *team),
+                self.child(self.tokens, model, "completion", *team),
+                self.child(self.spend, model, *team),
+            )
+            self._keep_set(key, found)
+        return found
+
+    def request_children(
+        self, endpoint: str, model: str, status: int, team_id: str | None
+    ) -> tuple[Any, Any, Any]:
+        """The requests, duration and overhead children of a request that ended so."""
+        key = (endpoint, model, status, team_id if self.team_labels else None)
+        found = self._sets.get(key)
+        if found is None:
+            team = self.team_label(team_id)
+            found = (
+                self.child(self.requests, endpoint, model, str(status), *team),
+                self.child(self.duration, endpoint, model),
+                self.child(self.overhead, endpoint),
+            )
+            self._keep_set(key, found)
+        return found
+
+    def _keep_set(self, key: tuple[Any, ...], found: tuple[Any, Any, Any]) -> None:
+        if len(self._sets) > 10_000:  # per-team labels: bound the cache
+            self._sets.clear()
+        self._sets[key] = found
 
     def flush(self) -> None:
         """Write the folded updates."""

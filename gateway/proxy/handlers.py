@@ -437,11 +437,10 @@ def settle_ask(
 
 def count(call: Call, tokens: TokenUsage, charge: pricing.Charge) -> None:
     metrics = call.app[S.METRICS]
-    team = metrics.team_label(call.key.team_id)
-    model = call.model.name
-    metrics.add(metrics.child(metrics.tokens, model, "prompt", *team), tokens.prompt_tokens)
-    metrics.add(metrics.child(metrics.tokens, model, "completion", *team), tokens.completion_tokens)
-    metrics.add(metrics.child(metrics.spend, model, *team), charge.charged / 1e9)  # not money
+    prompt, completion, spend = metrics.usage_children(call.model.name, call.key.team_id)
+    metrics.add(prompt, tokens.prompt_tokens)
+    metrics.add(completion, tokens.completion_tokens)
+    metrics.add(spend, charge.charged / 1e9)  # metrics, not money
 
 
 async def settle(call: Call, tokens: TokenUsage, source: str, status: int) -> pricing.Charge:
@@ -531,9 +530,11 @@ def observe(
     metrics = app[S.METRICS]
     metrics.add(metrics.inflight, -1)
     elapsed = time.perf_counter() - started
-    team = metrics.team_label(call.key.team_id if call is not None else None)
-    metrics.add(metrics.child(metrics.requests, endpoint.route, model_label, str(status), *team))
-    metrics.observe(metrics.child(metrics.duration, endpoint.route, model_label), elapsed)
+    team_id = call.key.team_id if call is not None else None
+    requests, duration, overhead = metrics.request_children(
+        endpoint.route, model_label, status, team_id
+    )
+    metrics.add(requests)
+    metrics.observe(duration, elapsed)
     upstream_s = call.upstream_s if call is not None else 0.0
-    overhead = metrics.child(metrics.overhead, endpoint.route)
     metrics.observe(overhead, max(0.0, elapsed - upstream_s))

@@ -63,7 +63,7 @@ class OriginTooLarge(OriginError):
 MAX_BODY_BYTES = 64 * 1024 * 1024  # the default bound of a provider's body
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per request: frozen's __init__ is ~5x slower
 class Response:
     status: int
     headers: list[tuple[bytes, bytes]]
