@@ -789,3 +789,56 @@ async def test_shutdown_lets_a_lean_stream_finish_and_bills_it(
         lambda r: r is not None,
     )
     assert (row["usage_source"], row["completion_tokens"], row["status"]) == ("upstream", 6, 200)
+
+
+async def test_a_stream_ends_for_its_client_at_done_before_the_providers_end_of_body(
+    database_url: str, redis_url: str, http: aiohttp.ClientSession, db: asyncpg.Connection
+) -> None:
+    release = asyncio.Event()
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    events = [
+        {"id": "c1", "object": "chat.completion.chunk", "choices": [{"delta": {"content": "Hi"}}]},
+        {"id": "c1", "object": "chat.completion.chunk", "choices": [], "usage": usage},
+    ]
+    sse = [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+
+    async def provider(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+        await reader.readexactly(length)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        for data in sse:
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+        await writer.drain()
+        await release.wait()  # the end of body only once the client has its whole stream
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    server = await asyncio.start_server(provider, "127.0.0.1", 0)
+    upstream_port = server.sockets[0].getsockname()[1]
+    gw, runner = await start_gateway(
+        gateway_config(f"http://127.0.0.1:{upstream_port}/v1"), database_url, redis_url
+    )
+    port = int(gw.base.rsplit(":", 1)[1])
+    conn = Conn(*await asyncio.open_connection("127.0.0.1", port))
+    try:
+        _, _, secret = await Api(http, gw.base, ADMIN_TOKEN).funded_team_key()
+        conn.send(post(secret, {**CHAT, "stream": True}))
+        status, headers, body = await conn.response()
+        assert not release.is_set()  # the provider has not ended its body yet
+        release.set()
+    finally:
+        conn.writer.close()
+        await runner.cleanup()
+        server.close()
+    assert status == 200 and body == sse[0] + sse[2]  # the usage chunk stripped
+    row = await eventually(
+        lambda: db.fetchrow(
+            "SELECT * FROM usage_records WHERE request_id = $1", headers["x-request-id"]
+        ),
+        lambda r: r is not None,
+    )
+    assert (row["usage_source"], row["status"], row["charged"]) == ("upstream", 200, 1950)

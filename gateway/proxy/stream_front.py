@@ -90,6 +90,7 @@ class LeanStream:
         self.unsent: SettleAsk | None = None  # a settle to make (no open script connection)
         self.release = False  # the hold goes back (failed before any text)
         self.tail = b""  # what the client still gets after the settle (when not written yet)
+        self._head = b""  # the 200 head, when the whole stream came in its first read
 
     # --- BodySink -------------------------------------------------------------------------------
     def on_body(self, data: bytes) -> None:
@@ -101,8 +102,21 @@ class LeanStream:
         if self.concluded:
             return
         out = relay.feed(data)
-        if out:
+        if relay.outcome.done:  # its proper end ([DONE], message_stop...): billed, then ended
+            self._end_early(out + relay.flush())
+        elif out:
             self._send(out)
+
+    def _end_early(self, last: bytes) -> None:
+        """The stream's proper end is in: the settle is sent and the client's answer ended with
+        its last events in one write, without waiting for the provider's end of body (read and
+        dropped: the connection goes back to the pool)."""
+        if self.client.closed:
+            self.client_lost()
+            return
+        self._conclude(last)
+        if self.upstream is not None:
+            self.upstream.resume()  # the rest of the body is read (and dropped) whatever comes
 
     def on_end(self, error: OriginError | None) -> None:
         self.ended, self.error = True, error
@@ -182,6 +196,10 @@ class LeanStream:
         self.client.streaming(self)
         out = relay.feed(first)
         head = self.client.stream_head(base_headers(self.call))
+        if relay.outcome.done:  # the whole stream at once: the settle first, then one write
+            self._head = head
+            self._end_early(out + relay.flush())
+            return
         self.client.write_raw(head + _chunk(out) if out else head)
         if self._early:  # what came while the task was waking
             more, self._early = b"".join(self._early), []
@@ -189,10 +207,12 @@ class LeanStream:
         if self.ended and not self.concluded:
             self.on_end(self.error)
 
-    def _conclude(self) -> None:
-        """Bill the stream and end the client's answer, in this loop step when the settle can
-        be sent now (else the task does it). The task is woken either way."""
+    def _conclude(self, last: bytes = b"") -> None:
+        """Bill the stream and end the client's answer (``last``: events not written yet), in
+        this loop step when the settle can be sent now (else the task does it). The task is
+        woken either way."""
         self.concluded = True
+        data, self._head = self._head + (_chunk(last) if last else b""), b""
         call, relay = self.call, self.relay
         assert relay is not None and call.route is not None
         outcome = relay.outcome
@@ -205,7 +225,7 @@ class LeanStream:
         )
         if not outcome.client_gone:  # SDKs raise on an event carrying "error": never a clean end
             broken = outcome.upstream_failed and outcome.broken
-            self.tail = _chunk(outcome.broken) + _END if broken else _END
+            self.tail = data + (_chunk(outcome.broken) + _END if broken else _END)
         if tokens is None and outcome.upstream_failed and not outcome.streamed_text():
             self.release = True
         else:
@@ -220,6 +240,9 @@ class LeanStream:
                 self.unsent = ask
             else:
                 self._write_tail()
+        if self.tail and data:  # the events go now; the end waits for the settle
+            self.tail = self.tail[len(data) :]
+            self.client.write_raw(data)
         if not self.over.done():
             self.over.set_result(None)
 
