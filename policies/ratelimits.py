@@ -68,7 +68,9 @@ class Window:
         return self.rpm is not None or self.tpm is not None
 
 
-@dataclass(frozen=True, slots=True)
+# Usage and RateView are built on every hold of a rate-limited key: slots, not frozen (a frozen
+# __init__ sets each field through object.__setattr__, three times the instructions).
+@dataclass(slots=True)
 class Usage:
     """The tightest limit of one kind: what ``x-ratelimit-{limit,remaining,reset}-*`` say."""
 
@@ -77,7 +79,7 @@ class Usage:
     reset_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RateView:
     requests: Usage | None
     tokens: Usage | None
