@@ -106,3 +106,29 @@ async def test_records_postgresql_refuses_are_kept_whole_by_either_insert(
     finally:
         await redis.aclose()
         await pool.close()
+
+
+async def test_a_stream_gone_from_redis_is_not_made_again_from_the_list_kept(
+    database_url: str, own_redis: str, db: asyncpg.Connection
+) -> None:
+    # The stream list is asked for once a second, not on every step; a stream that disappeared
+    # meanwhile (a Redis that lost its state) must not come back with an empty group.
+    redis = Redis.from_url(own_redis, decode_responses=True)
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    run = secrets.token_hex(3)
+    try:
+        await fill(redis, 2, 2, run)
+        writer = UsageWriter(redis, pool, "test-gone")
+        writer.list_every_s = 3600.0
+        assert await writer.step() == 2
+        gone = rk.AccountKeys(f"t_bench{run}0001").usage_stream
+        await redis.srem(rk.usage_registry(f"t_bench{run}0001"), gone)
+        await redis.delete(gone)
+        assert await writer.step() == 0  # read from the list kept: NOGROUP, the list asked again
+        assert await redis.exists(gone) == 0
+        assert await writer.step() == 0
+        assert gone not in writer._streams
+        assert await redis.exists(gone) == 0
+    finally:
+        await redis.aclose()
+        await pool.close()

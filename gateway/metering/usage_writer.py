@@ -106,6 +106,11 @@ class UsageWriter:
         self._streams: list[str] = []  # the streams of the last step
         self._woken: list[tuple[str, str, dict[str, str]]] = []  # read by the wait
         self._bell_ready = False
+        # On one Redis the stream list is asked for every ``list_every_s`` (or at once after the
+        # doorbell rang, or a read found a stream without its group), not on every step.
+        self.list_every_s = 1.0
+        self._listed_at = -1.0e9
+        self._listed_now = False  # the last streams() asked the registry (not its copy)
         self._turn = 0  # which window of streams a read names when there are more than its budget
 
     @classmethod
@@ -155,6 +160,7 @@ class UsageWriter:
 
     async def drain(self) -> int:
         total = 0
+        self._listed_at = -1.0e9  # every stream registered until now
         while (moved := await self.step()) > 0:
             total += moved
         return total
@@ -163,7 +169,13 @@ class UsageWriter:
         now = time.monotonic()
         if now - self._last_scan >= self.scan_every_s:
             self._last_scan = now
+            self._listed_at = -1.0e9
             await self.discover()
+        kept = not self.cluster and self._streams and now - self._listed_at < self.list_every_s
+        self._listed_now = not kept
+        if kept:
+            return self._streams
+        self._listed_at = now
         pipe = self.redis.pipeline(transaction=False)
         for registry in rk.usage_registries():
             pipe.smembers(registry)
@@ -273,6 +285,7 @@ class UsageWriter:
             for stream, items in reply or ():
                 if stream == rk.USAGE_DOORBELL:
                     rung.extend(eid for eid, _ in items)
+                    self._listed_at = -1.0e9  # a stream registered: the list asked for again
                 else:
                     self._woken.extend((stream, eid, fields) for eid, fields in items if fields)
             if rung:
@@ -351,6 +364,9 @@ class UsageWriter:
             if isinstance(reply, Exception):
                 if "NOGROUP" not in str(reply):
                     raise reply
+                if not self._listed_now:  # a list from steps before: the stream may be gone
+                    self._listed_at = -1.0e9  # (a Redis lost), not to be made: asked again
+                    continue
                 await self._create_groups(group)
                 continue
             for stream, items in reply or ():
