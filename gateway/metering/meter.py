@@ -356,7 +356,7 @@ class Metering:
         return {r["request_id"] for r in rows}
 
     async def run(
-        self, stop: asyncio.Event, every_s: float = 0.25, watch_every_s: float = 0.5
+        self, stop: asyncio.Event, every_s: float = 0.25, watch_every_s: float = 2.0
     ) -> None:
         """Watch Redis's run id and replay kept settles until ``stop``; a last replay before
         returning. A kept settle is replayed only once the watch has seen whether Redis is
