@@ -74,6 +74,11 @@ USAGE_GROUP = "usage-writers"
 USAGE_DOORBELL = "mb:usage:doorbell"
 PERIOD_TTL_S = 100 * 24 * 3600
 RID_TTL_S = 24 * 3600
+#: A settle marker's life once the writer has its record in PostgreSQL (ack.lua). From then on
+#: a replay of that settle is dropped by the ledger check every replay makes first; the marker
+#: only has to outlive a replay whose check came just before the record landed and whose
+#: settle is still on its way (seconds: the script call's timeout).
+RID_AFTER_LEDGER_S = 120
 
 
 def account_slot(account: str) -> int:
@@ -146,7 +151,12 @@ class AccountKeys:
         return f"{self.tag}:hv"
 
     def settled_marker(self, request_id: str) -> str:
-        return f"{self.tag}:rid:{request_id}"
+        return f"{self.settled_marker_prefix}{request_id}"
+
+    @property
+    def settled_marker_prefix(self) -> str:
+        """What ack.lua puts before a request id to name its marker."""
+        return f"{self.tag}:rid:"
 
     @property
     def usage_stream(self) -> str:

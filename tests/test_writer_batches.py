@@ -132,3 +132,36 @@ async def test_a_stream_gone_from_redis_is_not_made_again_from_the_list_kept(
     finally:
         await redis.aclose()
         await pool.close()
+
+
+async def test_a_settle_marker_lives_only_a_short_while_once_its_record_is_in_postgresql(
+    database_url: str, own_redis: str, db: asyncpg.Connection
+) -> None:
+    """settle.lua's marker (a day) guards against a settle sent twice; once the writer has the
+    record in PostgreSQL, every replay is dropped by its ledger check, so ack.lua leaves the
+    marker RID_AFTER_LEDGER_S, never more; a marker whose record is not written keeps its day."""
+    redis = Redis.from_url(own_redis, decode_responses=True)
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    run = secrets.token_hex(3)
+    try:
+        await fill(redis, 6, 2, run)  # req_<run>_0..5 over two accounts
+        accounts = [f"t_bench{run}{i:04d}" for i in range(2)]
+        markers = [
+            rk.AccountKeys(accounts[n % 2]).settled_marker(f"req_{run}_{n}") for n in range(6)
+        ]
+        unwritten = rk.AccountKeys(accounts[0]).settled_marker(f"req_{run}_none")
+        short = rk.AccountKeys(accounts[1]).settled_marker(f"req_{run}_5")
+        for marker in [*markers, unwritten]:
+            await redis.set(marker, "1", ex=rk.RID_TTL_S)
+        await redis.expire(short, 30)  # shorter already: never lengthened
+        writer = UsageWriter(redis, pool, "test-markers", batch=100)
+        while await writer.step():
+            pass
+        assert await _records(db, run) == 6
+        for marker in markers[:5]:
+            assert 0 < await redis.ttl(marker) <= rk.RID_AFTER_LEDGER_S, marker
+        assert 0 < await redis.ttl(short) <= 30
+        assert await redis.ttl(unwritten) > rk.RID_TTL_S - 60
+    finally:
+        await redis.aclose()
+        await pool.close()

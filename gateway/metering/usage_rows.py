@@ -1,12 +1,15 @@
 """A usage record's row in PostgreSQL: the columns of ``usage_records``, a stream entry's fields
-converted to them, and the writer's statements that insert a batch of rows with their daily
-rollup (usage_daily) and the keys' last use (gateway/metering/usage_writer.py runs them)."""
+converted to them, the writer's statements that insert a batch of rows with their daily rollup
+(usage_daily) and the keys' last use, and the arguments of ``ack.lua`` once they are in
+(gateway/metering/usage_writer.py runs them)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+
+from policies import keyspace as rk
 
 COLUMNS = (
     "request_id",
@@ -149,3 +152,24 @@ def arrays(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
     columns = [list(column) for column in zip(*rows, strict=True)]
     columns[_TAGS_AT] = [",".join(tags) for tags in columns[_TAGS_AT]]
     return columns
+
+
+def ack_args(entries: list[tuple[str, str, dict[str, str]]]) -> dict[str, list[str | int]]:
+    """``ack.lua``'s ARGV per stream for entries (stream, entry id, fields) now in PostgreSQL:
+    the group, the entry ids, and the request ids whose settle markers may now expire."""
+    ids: dict[str, list[str]] = {}
+    rids: dict[str, list[str]] = {}
+    for stream, entry_id, fields in entries:
+        ids.setdefault(stream, []).append(entry_id)
+        if fields.get("request_id"):
+            rids.setdefault(stream, []).append(fields["request_id"])
+    return {
+        stream: [
+            rk.USAGE_GROUP,
+            " ".join(entry_ids),
+            rk.AccountKeys(rk.account_of_stream(stream)).settled_marker_prefix,
+            " ".join(rids.get(stream, ())),
+            rk.RID_AFTER_LEDGER_S,
+        ]
+        for stream, entry_ids in ids.items()
+    }

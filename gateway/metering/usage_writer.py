@@ -45,6 +45,7 @@ from gateway.metering.usage_rows import (
     INSERT_BATCH,
     INSERT_ROWS,
     LAST_USED,
+    ack_args,
     arrays,
     record_row,
 )
@@ -466,38 +467,31 @@ class UsageWriter:
         gauge, measured in the same round trip). On a cluster: ``drain.ACK_AT_ONCE`` streams at
         a time (each one at once takes a connection of its own, and hundreds of streams
         exhausted the client's pool), and None: the lengths are measured apart."""
-        by_stream: dict[str, list[str]] = {}
-        for stream, eid, _ in entries:
-            by_stream.setdefault(stream, []).append(eid)
+        by_stream = ack_args(entries)
         if not self.cluster:
-            return await self._ack_measured(by_stream)
+            return await self._ack_measured(by_stream, len(entries))
         for group in drain.groups(list(by_stream.items())):
-            await asyncio.gather(
-                *(
-                    self._ack_script(keys=[stream], args=[rk.USAGE_GROUP, " ".join(ids)])
-                    for stream, ids in group
-                )
-            )
+            await asyncio.gather(*(self._ack_script(keys=[s], args=a) for s, a in group))
         self.written += len(entries)
         return None
 
-    async def _ack_measured(self, by_stream: dict[str, list[str]]) -> int | None:
+    async def _ack_measured(self, by_stream: dict[str, list[str | int]], n: int) -> int | None:
         pipe = self.redis.pipeline(transaction=False)
-        for stream, ids in by_stream.items():  # EVALSHA: a script in a pipeline costs a check
-            pipe.evalsha(self._ack_script.sha, 1, stream, rk.USAGE_GROUP, " ".join(ids))
+        for stream, args in by_stream.items():  # EVALSHA: a script in a pipeline costs a check
+            pipe.evalsha(self._ack_script.sha, 1, stream, *args)
         streams = self._streams
         for stream in streams:
             pipe.xlen(stream)
         replies = await pipe.execute(raise_on_error=False)
         acks, lengths = replies[: len(by_stream)], replies[len(by_stream) :]
         missing = False
-        for (stream, ids), reply in zip(by_stream.items(), acks, strict=True):
+        for (stream, args), reply in zip(by_stream.items(), acks, strict=True):
             if isinstance(reply, redis_errors.NoScriptError):  # Redis restarted: loaded again
-                await self._ack_script(keys=[stream], args=[rk.USAGE_GROUP, " ".join(ids)])
+                await self._ack_script(keys=[stream], args=args)
                 missing = True
             elif isinstance(reply, Exception):
                 raise reply
-        self.written += sum(len(ids) for ids in by_stream.values())
+        self.written += n
         if missing or any(isinstance(n, Exception) for n in lengths):
             return None
         self._lengths = dict(zip(streams, (int(n) for n in lengths), strict=True))
