@@ -1,8 +1,8 @@
 """A/B: two checkouts' gateways measured interleaved, to tell a hot-path change's effect from
 the drift of a shared machine.
 
-    python -m bench.ab --a DIR --b DIR [--test saturation|latency|stream] [--rounds 6] [--duration 8]
-                       [--b-key-limits]
+    python -m bench.ab --a DIR --b DIR [--test saturation|latency|stream] [--rounds 6]
+                       [--duration 8] [--b-key-limits]
 
 DIR is a checkout (or a copy of its ``gateway/``, ``policies/`` and ``tests/``); both run on this
 venv, each with its own embedded stores, against one fake upstream. Runs go A B B A A B ... (the

@@ -1,6 +1,7 @@
 """Instructions per request: the serving process's cost counted by callgrind, not timed.
 
-    python -m bench.instructions DIR [DIR ...] [--requests N] [--repeats R] [--key-limits] [--stream]
+    python -m bench.instructions DIR [DIR ...] [--requests N] [--repeats R] [--key-limits]
+                                 [--stream]
 
 Wall-clock and CPU-time figures on a shared 2-core machine move by more than the changes they
 are meant to judge. Counted instructions do not: the gateway (``modelbridge serve``, 1 worker,
@@ -11,10 +12,10 @@ one at a time on one keep-alive connection (``--stream``: streamed ones, read to
 off again. The instructions the serving process
 executed in that span, less what it executes with no request over the same wall time (counted
 first, ``IDLE_S`` seconds: the timers and ticks, whose share per request depends on how slowly
-callgrind and the machine run), divided by ``N``, are what one request costs it — the Python interpreter,
-the C extensions (uvloop, orjson, hiredis, httptools) and the kernel entries it makes, whatever
-else runs on the machine. The stores and the usage writer are not counted (their CPU is
-``bench.hold_cost``'s and ``bench.drain``'s business).
+callgrind and the machine run), divided by ``N``, are what one request costs it — the Python
+interpreter, the C extensions (uvloop, orjson, hiredis, httptools) and the kernel entries it
+makes, whatever else runs on the machine. The stores and the usage writer are not counted
+(their CPU is ``bench.hold_cost``'s and ``bench.drain``'s business).
 
 Each DIR is a checkout run on this venv (``PYTHONPATH``, as ``bench.ab`` does), so two commits
 can be compared in one sitting. Repeats of one checkout differ by under 1 % when the process is

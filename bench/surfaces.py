@@ -208,7 +208,8 @@ def summarize(
 
 def markdown(table: dict[str, Any], verify: dict[str, Any]) -> str:
     lines = [
-        "| surface | direct p50 | gateway p50 | added p50 | added p99 | added minus chat's | errors |",
+        "| surface | direct p50 | gateway p50 | added p50 | added p99 "
+        "| added minus chat's | errors |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, t in table.items():

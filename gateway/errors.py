@@ -20,8 +20,9 @@
     └── ClientGone                     499     (not sent: the client left mid-request)
 
 Third-party exceptions (redis, asyncpg, aiohttp client) are translated into this tree in one place
-each, with ``raise ... from exc``: :func:`gateway.metering.meter` for Redis, :mod:`gateway.upstream.upstreams` for
-the provider. Anything else that escapes a handler is a bug and becomes a logged 500.
+each, with ``raise ... from exc``: :func:`gateway.metering.meter` for Redis,
+:mod:`gateway.upstream.upstreams` for the provider. Anything else that escapes a handler is a
+bug and becomes a logged 500.
 """
 
 from __future__ import annotations

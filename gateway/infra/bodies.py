@@ -1,10 +1,10 @@
 """Request bodies and malformed requests on aiohttp's path, the same for every route.
 
 :func:`read_body` reads a body whole: its content coding checked (415 when not served), capped at
-``server.max_body_bytes`` as sent *and* as decoded (413), decoded by :func:`policies.codings.decode`,
-which never holds more than the cap (a zip bomb stops there, whatever its ratio); a body that
-does not decode is 400; a client that leaves mid-body is :class:`~gateway.errors.ClientGone` (no
-answer, no traceback).
+``server.max_body_bytes`` as sent *and* as decoded (413), decoded by
+:func:`policies.codings.decode`, which never holds more than the cap (a zip bomb stops there,
+whatever its ratio); a body that does not decode is 400; a client that leaves mid-body is
+:class:`~gateway.errors.ClientGone` (no answer, no traceback).
 
 :class:`Handler` is aiohttp's connection handler with two changes: it leaves bodies coded (aiohttp
 would decode them in steps of its own, several times the cap in memory), and a request it cannot

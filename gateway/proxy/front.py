@@ -27,7 +27,8 @@ good: the bytes read so far go to a fresh ``RequestHandler``, which serves them 
 them itself. That covers every other route (``/v1/messages/count_tokens``, the management API...)
 and, on these routes, ``Expect``, chunked or compressed bodies, HTTP/1.0, folded or duplicate
 framing headers, non-ASCII heads and bodies over the size cap — streams included: a stream sent
-that way is aiohttp's, relayed with aiohttp's client (:func:`gateway.proxy.forwarding.forward_stream`).
+that way is aiohttp's, relayed with aiohttp's client
+(:func:`gateway.proxy.forwarding.forward_stream`).
 
 Shutdown (``app.on_shutdown``, after the listening socket is closed): idle connections are
 closed, requests in flight (streams too) get ``shutdown_timeout_s`` to finish, then are cancelled

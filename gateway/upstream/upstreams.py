@@ -3,8 +3,9 @@ listings, and one lean keep-alive :class:`gateway.upstream.http1.Origin` for the
 
 ``Upstreams`` is the single seam for provider I/O (tests plug fake providers in through config,
 nothing else): ``send(request)`` starts a call read by aiohttp (a handed-over stream, a
-listing), ``encode`` + ``call`` make a plain call, ``encode`` + ``stream`` a lean stream. What differs between kinds of upstream (URL paths, key headers, the
-protocol spoken) is each kind's :class:`gateway.upstream.provider.Provider`, in its own module.
+listing), ``encode`` + ``call`` make a plain call, ``encode`` + ``stream`` a lean stream.
+What differs between kinds of upstream (URL paths, key headers, the protocol spoken) is each
+kind's :class:`gateway.upstream.provider.Provider`, in its own module.
 Both clients' exceptions are translated here, and only here: connection failures become
 :class:`UpstreamFailed` (502) and timeouts :class:`UpstreamTimeout` (504). The client's key never
 travels upstream; the upstream's key never reaches a client.
