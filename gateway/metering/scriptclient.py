@@ -6,8 +6,8 @@ none of that: this client keeps one connection open, writes each ``EVALSHA`` at 
 hiredis; under load, the commands of one loop iteration in one write), and matches replies to
 callers in order, so any number of requests share the connection with no pool, no lock and no
 timer per call. One connection also orders every script a process sends: a settle written
-before a client is answered runs before that client's next hold. Everything else (management writes, the usage
-writer, pub/sub) stays on redis-py.
+before a client is answered runs before that client's next hold. Everything else (management
+writes, the usage writer, pub/sub) stays on redis-py.
 
 Errors: a lost or refused connection fails every waiting call with :class:`ConnectionError`, a
 silent server with :class:`TimeoutError` (both ``OSError``: :func:`gateway.metering.meter.guarded`
