@@ -225,6 +225,10 @@ async def _teams_background(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
 
 
+async def _flush_metrics(app: web.Application) -> None:
+    app[S.METRICS].flush()
+
+
 def build_app(
     config: Config, runtime: S.Runtime, clock: S.Clock | None = None, *, usage_writer: bool = True
 ) -> web.Application:
@@ -243,6 +247,7 @@ def build_app(
     app[S.FRONTS] = Fronts()
     app[S.WEBHOOKS] = WebhookGuard(config.alerts.allow_private_urls)
     app.on_shutdown.append(front.on_shutdown)
+    app.on_cleanup.append(_flush_metrics)  # the folded updates of the last loop step
     app.cleanup_ctx.extend([_stores, _metering, _upstreams])
     if usage_writer:
         app.cleanup_ctx.append(_usage_writer)
