@@ -474,3 +474,23 @@ async def test_admins_see_a_short_status_never_the_error(
         tid,
     )
     assert [r["last_error"] for r in stored] == ["connection failed", ""]
+
+
+async def test_an_idle_worker_asks_postgresql_nothing_between_its_sweeps(gateway: Gateway) -> None:
+    """With nothing notified and no delivery pending, the loop wakes (every ``poll_s``) without a
+    query: before, each wake claimed due deliveries from PostgreSQL (a query and a connection
+    reset a second per process)."""
+    worker = gateway.app[S.ALERTS]
+    saved = worker.poll_s
+    worker.poll_s = 0.01
+    try:
+        polls, rounds = worker.polls, worker.rounds
+
+        async def looked() -> int:
+            return worker.polls
+
+        await eventually(looked, lambda n: n >= polls + 40, timeout=20)
+        # a sweep (every sweep_s) may fall in the window: one round, not one per poll
+        assert worker.rounds - rounds <= 1, (worker.polls - polls, worker.rounds - rounds)
+    finally:
+        worker.poll_s = saved

@@ -13,7 +13,10 @@ hash (once per period and limit value) and append it to the account's stream ``{
 2. **delivers**: claims due deliveries with a lease (``FOR UPDATE SKIP LOCKED``, next attempt
    pushed past the request timeout, so several processes never send one delivery at once and a
    dead process's claim runs out), POSTs the event's stored body signed with the team's secret,
-   and records success, or schedules the retry with exponential backoff until it gives up.
+   and records success, or schedules the retry with exponential backoff until it gives up. It
+   looks for due deliveries when it collected something, when the earliest pending one it saw
+   is due, and at every sweep (which also finds a dead process's deliveries once their lease
+   runs out); an idle worker asks PostgreSQL nothing in between.
 
 Delivery is at least once: receivers dedupe on ``x-modelbridge-event-id``.
 
@@ -32,6 +35,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import socket
 import time
@@ -268,6 +272,10 @@ _FAN_OUT = """
 INSERT INTO alert_deliveries (event_id, webhook_id, next_attempt_at)
 SELECT $1, id, $3 FROM webhooks WHERE team_id = $2 AND deleted_at IS NULL
 """
+_NEXT_DUE = (
+    "SELECT extract(epoch FROM min(next_attempt_at)) FROM alert_deliveries"
+    " WHERE delivered_at IS NULL AND failed_at IS NULL"
+)
 _CLAIM = """
 WITH due AS (
     SELECT id FROM alert_deliveries
@@ -309,7 +317,10 @@ class AlertWorker:
         self.max_attempts = max_attempts
         self.batch = batch
         self.delivered = 0
+        self.polls = 0  # times the loop looked whether there is work
+        self.rounds = 0  # times it collected and asked PostgreSQL for due deliveries
         self._notified: set[str] = set()
+        self._collected = False  # deliveries were made outside the loop's step (a sweep's)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._http: aiohttp.ClientSession | None = None
@@ -332,19 +343,27 @@ class AlertWorker:
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
             self._http = http
             last_sweep = float("-inf")
+            due_at = 0.0  # when (app clock) the next delivery this worker knows of is due
             failing = False  # a store outage is one line, not one every retry
             while not self._stopping.is_set():
+                self.polls += 1
                 try:
                     if time.monotonic() - last_sweep >= self.sweep_s:
                         last_sweep = time.monotonic()
                         await self.sweep()
-                    await self.step()
+                        due_at = 0.0  # and look: another process's deliveries (a dead one's)
+                    if self._notified or self._collected or self.now() >= due_at:
+                        self.rounds += 1
+                        self._collected = False
+                        await self.step()
+                        due_at = await self.next_due()
                     if failing:
                         log.info("alert worker: working again")
                     failing = False
                 except (redis_errors.RedisError, OSError, asyncpg.PostgresError) as exc:
                     (log.debug if failing else log.warning)("alert worker: %s; retrying", exc)
                     failing = True
+                    due_at = 0.0
                     await asyncio.sleep(1.0)
                 self._wake.clear()
                 if not self._notified:
@@ -376,6 +395,9 @@ class AlertWorker:
         for account in sorted(set(accounts)):
             while moved := await self._collect_one(account):
                 total += moved
+        if total:  # their deliveries are due now: the loop looks
+            self._collected = True
+            self._wake.set()
         return total
 
     async def _collect_one(self, account: str) -> int:
@@ -415,6 +437,13 @@ class AlertWorker:
         return datetime.fromtimestamp(self.now(), UTC)
 
     # --- delivering -----------------------------------------------------------------------------
+    async def next_due(self) -> float:
+        """When the next pending delivery is due (app clock, seconds; infinity for none). An idle
+        worker asks PostgreSQL nothing until then, a notification or its sweep (it asked every
+        ``poll_s``: a query and a connection reset a second per process, for nothing)."""
+        due = await self.db.fetchval(_NEXT_DUE)
+        return float(due) if due is not None else math.inf
+
     async def deliver_due(self) -> int:
         rows = await self.db.fetch(_CLAIM, self.batch, self.timeout_s + 5.0, self._now())
         if rows:
