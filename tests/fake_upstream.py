@@ -35,7 +35,8 @@ no response at all]; headers [{}: extra response headers]; tool_calls [(): funct
 ``tool_calls``; each counts one completion token]; malformed [False: a plain answer is cut JSON
 (status 200), a stream's second event is not JSON]; fail_response [False: a Responses stream ends
 with ``response.failed``, a plain one has status ``failed``]; no_done [False: a chat stream ends
-cleanly but without ``data: [DONE]``, as a provider that cut it].
+cleanly but without ``data: [DONE]``, as a provider that cut it]; gated [False: answer only once
+the test calls ``fake.open_gate()`` (after any ``delay_s``), whatever time that takes].
 
 Each POST request takes the next ``fake.next(**kw)`` queued overrides (else none) on top of
 ``fake.default`` (``fake.set_default(**kw)``), then the JSON of its ``x-fake-behaviour`` header,
@@ -122,6 +123,7 @@ class Behaviour:
     malformed: bool = False
     fail_response: bool = False
     no_done: bool = False
+    gated: bool = False
 
 
 MALFORMED_BODY = b'{"id": "chatcmpl-cut", "object": "chat.completion", "choices": [{"ind'
@@ -305,8 +307,13 @@ class FakeUpstream:
         self.peak_inflight = 0
         self.default = Behaviour()
         self._queue: deque[dict[str, Any]] = deque()
+        self._gate = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._stopping = False
+
+    def open_gate(self) -> None:
+        """Let the ``gated`` requests answer (this one and any later, until :meth:`reset`)."""
+        self._gate.set()
 
     def next(self, **behaviour: Any) -> None:
         """Queue overrides (on top of ``default``) for the next POST request."""
@@ -323,6 +330,7 @@ class FakeUpstream:
         self.cancelled = 0
         self.peak_inflight = self.inflight
         self._queue.clear()
+        self._gate.clear()
         self.default = Behaviour()
 
     @property
@@ -419,6 +427,8 @@ class FakeUpstream:
         """Apply delay / hang / error status / non-streaming drop (raising ``_Reply``)."""
         if beh.delay_s:
             await asyncio.sleep(beh.delay_s)
+        if beh.gated:
+            await self._gate.wait()
         if beh.hang:
             await asyncio.get_running_loop().create_future()  # until the client goes away
         if beh.status >= 400:

@@ -109,7 +109,7 @@ class Fronts:
             self._date = (now, formatdate(now, usegmt=True))
         return self._date[1]
 
-    def _serving(self) -> list[Front]:
+    def serving(self) -> list[Front]:
         return [c for c in self.connections if c.state is State.SERVING]
 
     async def shutdown(self, timeout: float) -> None:
@@ -118,9 +118,9 @@ class Fronts:
             if conn.state is not State.SERVING:
                 conn.close()
         deadline = time.monotonic() + timeout
-        while self._serving() and time.monotonic() < deadline:
+        while self.serving() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        tasks = [c.task for c in self._serving() if c.task is not None]
+        tasks = [c.task for c in self.serving() if c.task is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
