@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
+import threading
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 import pytest
 
+from gateway import state as S
 from gateway.config import MetricsConfig
+from gateway.infra import metrics as metrics_module
 from gateway.infra.metrics import REJECTION_REASONS, Metrics
 from gateway.infra.stores import Stores, StoreURLs
 from tests.conftest import ADMIN_TOKEN, Gateway, _with_database, gateway_config, start_gateway
@@ -216,3 +219,25 @@ async def test_folded_updates_land_at_the_end_of_the_loop_step_as_direct_ones_wo
     folded.add(folded.inflight)
     folded.render()  # /metrics writes what is pending first
     assert folded.inflight._value.get() == 2
+
+
+async def test_a_scrape_merges_the_files_off_the_event_loop(
+    gateway: Gateway, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The merge reads and parses every process's files: hundreds of milliseconds once per-team
+    # labels and past workers pile up (seen stalling a test's loop for 0.72 s), which on the loop
+    # would hold every request in flight. It runs in a thread; what is pending is written first.
+    merged_on: list[int] = []
+    merge = metrics_module._merged
+
+    def recording() -> bytes:
+        merged_on.append(threading.get_ident())
+        return merge()
+
+    monkeypatch.setattr(metrics_module, "_merged", recording)
+    found = gateway.app[S.METRICS]
+    found.add(found.child(found.fallbacks, "pending-model", "other"))
+    text = await scrape(http, gateway.base)
+    assert merged_on and threading.get_ident() not in merged_on
+    labels = {"model": "pending-model", "to": "other"}
+    assert metric(text, "modelbridge_fallbacks_total", **labels) == 1.0

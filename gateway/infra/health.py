@@ -79,5 +79,5 @@ async def metrics(request: web.Request) -> web.Response:
     for store, problem in zip(("redis", "postgresql"), problems, strict=True):
         down = problem is not None and problem.startswith(store + ":")
         found.child(found.store_up, store).set(0 if down else 1)
-    body = found.render()
+    body = await found.render_off_loop()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -295,10 +295,22 @@ class Metrics:
         return (team_id or "",) if self.team_labels else ()
 
     def render(self) -> bytes:
+        """The merged exposition of every process's files (what is pending written first)."""
         self.flush()
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
+        return _merged()
+
+    async def render_off_loop(self) -> bytes:
+        """:meth:`render` with the merge in a thread: it reads and parses every process's files
+        (with per-team labels and workers that came and went, hundreds of milliseconds), which on
+        the event loop would stall every request in flight for as long."""
+        self.flush()  # the folded updates belong to the loop's thread
+        return await asyncio.to_thread(_merged)
+
+
+def _merged() -> bytes:
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry)
 
 
 def mark_worker_dead(pid: int) -> None:
