@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import aiohttp
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from gateway import state as S
+from gateway.proxy.handlers import Call, release_quietly
 from gateway.proxy.tokens import TokenCounter
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
@@ -278,3 +281,37 @@ async def test_redis_down_is_503_and_never_forwarded(
     assert (status, payload["error"]["code"]) == (503, "gateway_unavailable")
     assert fake.requests == []
     await asyncio.sleep(0)
+
+
+class _Metering:
+    """A metering whose release fails as when Redis went away after the hold."""
+
+    def __init__(self) -> None:
+        self.released: list[str] = []
+
+    async def release(self, *, account: str, request_id: str, key_id: str, scope: str) -> int:
+        self.released.append(request_id)
+        raise ConnectionError("redis went away")
+
+
+async def test_a_release_that_fails_is_logged_never_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The one release of every path (plain, aiohttp's stream, the lean front's stream):
+    a failure leaves the hold to expire, is one warning naming the request, and the hold's
+    figures stay on the call (its error answer still carries the rate-limit headers)."""
+    metering = _Metering()
+    key = SimpleNamespace(account="acct", key_id="k1", scope="s")
+    hold = object()
+    call = cast(Call, SimpleNamespace(app={S.METERING: metering}, key=key, request_id="r1"))
+    call.hold = None
+    await release_quietly(call)  # no hold: nothing to give back
+    assert metering.released == []
+    call.hold = hold  # type: ignore[assignment]
+    with caplog.at_level("WARNING", logger="modelbridge.proxy"):
+        await release_quietly(call)
+    assert metering.released == ["r1"]
+    assert call.hold is hold
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "request r1: hold not released: ConnectionError('redis went away')")
+    ]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -56,8 +55,6 @@ from gateway.proxy.streaming import SSERelay, StreamOutcome, error_body, relay
 from gateway.upstream.upstreams import UpstreamRequest
 from policies.money import format_usd
 from policies.translate import usage as usage_mod
-
-log = logging.getLogger("modelbridge.proxy")
 
 
 # --- routing: the next attempt ----------------------------------------------------------------
@@ -312,15 +309,7 @@ async def finish_stream(call: Call, client: web.StreamResponse, outcome: StreamO
     tokens = None if outcome.client_gone else outcome.tokens or usage_mod.from_chat(outcome.usage)
     pending: Awaitable[SettleResult] | None = None
     if tokens is None and outcome.upstream_failed and not outcome.streamed_text():
-        try:
-            await metering.release(
-                account=call.key.account,
-                request_id=call.request_id,
-                key_id=call.key.key_id,
-                scope=call.key.scope,
-            )
-        except Exception as exc:  # the hold expires on its own
-            log.warning("stream %s: hold not released: %r", call.request_id, exc)
+        await handlers.release_quietly(call)
         call.hold = None
     else:
         source = "upstream" if tokens is not None else "estimated"

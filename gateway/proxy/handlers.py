@@ -507,15 +507,20 @@ def upstream_error(status: int, raw: bytes, upstream: str = "") -> UpstreamFaile
 
 
 async def release_quietly(call: Call) -> None:
-    """Give the hold back (the request failed or was cancelled before it settled)."""
-    if call.hold is not None:
-        with contextlib.suppress(Exception):
-            await call.app[S.METERING].release(
-                account=call.key.account,
-                request_id=call.request_id,
-                key_id=call.key.key_id,
-                scope=call.key.scope,
-            )
+    """Give the hold back (the request failed or was cancelled before it settled, or its stream
+    failed before any text). Never raises: a release that fails is logged, and the hold expires
+    on its own. ``call.hold`` is kept (an error answer still carries its rate-limit figures)."""
+    if call.hold is None:
+        return
+    try:
+        await call.app[S.METERING].release(
+            account=call.key.account,
+            request_id=call.request_id,
+            key_id=call.key.key_id,
+            scope=call.key.scope,
+        )
+    except Exception as exc:  # the hold expires on its own
+        log.warning("request %s: hold not released: %r", call.request_id, exc)
 
 
 def observe(

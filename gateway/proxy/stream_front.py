@@ -21,7 +21,6 @@ when the provider failed before any text; shutdown's cancel bills what was strea
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable
 from typing import Protocol
@@ -39,6 +38,7 @@ from gateway.proxy.handlers import (
     estimate,
     prepare_upstream,
     price,
+    release_quietly,
     settle,
     settle_ask,
     upstream_error,
@@ -47,8 +47,6 @@ from gateway.proxy.routing import count_attempt
 from gateway.proxy.streaming import SSERelay
 from gateway.upstream.http1 import OriginError, OriginTimeout, Streamed
 from policies.translate import usage as usage_mod
-
-log = logging.getLogger("modelbridge.proxy")
 
 _END = b"0\r\n\r\n"  # the client's chunked answer is over
 
@@ -256,15 +254,7 @@ class LeanStream:
         call = self.call
         metering = call.app[S.METERING]
         if self.release:
-            try:
-                await metering.release(
-                    account=call.key.account,
-                    request_id=call.request_id,
-                    key_id=call.key.key_id,
-                    scope=call.key.scope,
-                )
-            except Exception as exc:  # the hold expires on its own
-                log.warning("stream %s: hold not released: %r", call.request_id, exc)
+            await release_quietly(call)
             call.hold = None
             self._write_tail()
         elif self.unsent is not None:
