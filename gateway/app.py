@@ -51,11 +51,12 @@ log = logging.getLogger("modelbridge.app")
 
 
 def error_response(
-    exc: GatewayError, extra_headers: Mapping[str, str] | None = None
+    exc: GatewayError, extra_headers: Mapping[str, str] | None = None, *, anthropic: bool = False
 ) -> web.Response:
-    """An error of the tree in :mod:`gateway.errors`, as a JSON response in OpenAI's envelope."""
+    """An error of the tree in :mod:`gateway.errors`, as a JSON response in OpenAI's envelope,
+    or Anthropic's (``anthropic``: a path of the Messages API, :func:`surfaces.anthropic_path`)."""
     return web.Response(
-        body=orjson.dumps(exc.body()),
+        body=surfaces.anthropic_error_body(exc) if anthropic else orjson.dumps(exc.body()),
         status=exc.status,
         content_type="application/json",
         headers={**exc.response_headers(), **(extra_headers or {})},
@@ -67,35 +68,40 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error in the envelope of its path's protocol: Anthropic's on the Messages API's
+    (``/v1/messages``, ``/v1/messages/count_tokens``, any other below it), OpenAI's elsewhere."""
     if not request.path.startswith("/v1/"):  # the proxy makes its own request ids
         request[S.REQUEST_ID] = request.app[S.REQUEST_IDS].new()
     try:
         return await handler(request)
-    except GatewayError as exc:
-        return error_response(exc)
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(PayloadTooLarge("request body too large"))
-    except web.HTTPException as exc:
-        if exc.status < 400:
+    except Exception as exc:  # a cancel (BaseException) goes on
+        if isinstance(exc, web.HTTPException) and exc.status < 400:
             raise
+        error, headers = _as_error(request, exc)
+        return error_response(error, headers, anthropic=surfaces.anthropic_path(request.path))
+
+
+def _as_error(request: web.Request, exc: Exception) -> tuple[GatewayError, dict[str, str]]:
+    """What the error middleware answers for ``exc``, and the headers it adds."""
+    if isinstance(exc, GatewayError):
+        return exc, {}
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return PayloadTooLarge("request body too large"), {}
+    if isinstance(exc, web.HTTPException):
         if exc.status == 404:
-            return error_response(NotFound(f"Unknown route {request.method} {request.path}"))
+            return NotFound(f"Unknown route {request.method} {request.path}"), {}
         error = GatewayError(
             exc.reason, code=exc.reason.lower().replace(" ", "_"), status=exc.status
         )
-        return error_response(error, {k: v for k, v in exc.headers.items() if k.lower() == "allow"})
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        # A store unreachable while answering (a management read; a committed change's Redis
-        # write is left to the account outbox): the store is down, not the request wrong. One
-        # line per outage, not per request.
-        unavailable = outages.unavailable(request.app[S.OUTAGES], exc)
-        if unavailable is None:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            error = GatewayError("The gateway failed to handle the request.", status=500)
-            return error_response(error)
-        return error_response(unavailable)
+        return error, {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+    # A store unreachable while answering (a management read; a committed change's Redis write
+    # is left to the account outbox): the store is down, not the request wrong. One line per
+    # outage, not per request.
+    unavailable = outages.unavailable(request.app[S.OUTAGES], exc)
+    if unavailable is None:
+        log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+        return GatewayError("The gateway failed to handle the request.", status=500), {}
+    return unavailable, {}
 
 
 async def _stores(app: web.Application) -> AsyncIterator[None]:

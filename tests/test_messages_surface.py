@@ -11,6 +11,7 @@ import aiohttp
 import anthropic
 import asyncpg
 import openai
+import orjson
 import pytest
 
 from tests.conftest import (
@@ -220,6 +221,169 @@ async def test_count_tokens(providers: Providers, api: Api) -> None:
     assert local.input_tokens > 0  # tiktoken's
     with pytest.raises(anthropic.AuthenticationError):
         await claude(providers, "mb_wrong").messages.count_tokens(model="claude", messages=MSG)
+
+
+COUNT = orjson.dumps({"model": "claude", "messages": MSG})
+AUTH = {"type": "authentication_error", "message": "Incorrect API key provided."}
+KEY = "the team's key"  # in a case's headers: replaced by a valid key
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "data", "status", "code", "error"),
+    [
+        ("POST", "", {}, COUNT, 401, "invalid_api_key", AUTH),
+        ("POST", "", {"x-api-key": "mb_wrong"}, COUNT, 401, "invalid_api_key", AUTH),
+        ("POST", "", {"Authorization": "Bearer mb_wrong"}, COUNT, 401, "invalid_api_key", AUTH),
+        (
+            "POST",
+            "",
+            {"x-api-key": KEY},
+            b'{"model": "claude", "messages": [',
+            400,
+            "invalid_request_error",
+            {"type": "invalid_request_error", "message": "The request body is not valid JSON."},
+        ),
+        (
+            "POST",
+            "",
+            {"x-api-key": KEY},
+            b"[1, 2]",
+            400,
+            "invalid_request_error",
+            {"type": "invalid_request_error", "message": "The request body must be a JSON object."},
+        ),
+        (
+            "POST",
+            "",
+            {"x-api-key": KEY},
+            b'{"model": "nope", "messages": []}',
+            404,
+            "model_not_found",
+            {"type": "not_found_error", "message": "The model 'nope' does not exist."},
+        ),
+        (
+            "GET",
+            "",
+            {"x-api-key": KEY},
+            b"",
+            405,
+            "method_not_allowed",
+            {"type": "invalid_request_error", "message": "Method Not Allowed"},
+        ),
+        (
+            "GET",
+            "/v1/messages",
+            {"x-api-key": KEY},
+            b"",
+            405,
+            "method_not_allowed",
+            {"type": "invalid_request_error", "message": "Method Not Allowed"},
+        ),
+        (
+            "POST",
+            "/v1/messages/batches",
+            {"x-api-key": KEY},
+            COUNT,
+            404,
+            "not_found",
+            {"type": "not_found_error", "message": "Unknown route POST /v1/messages/batches"},
+        ),
+    ],
+    ids=[
+        "missing-key",
+        "wrong-key",
+        "wrong-bearer",
+        "malformed-json",
+        "not-an-object",
+        "unknown-model",
+        "get-count-tokens",
+        "get-messages",
+        "unknown-messages-route",
+    ],
+)
+async def test_count_tokens_and_every_messages_path_answer_in_anthropics_envelope(
+    providers: Providers,
+    api: Api,
+    http: aiohttp.ClientSession,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    data: bytes,
+    status: int,
+    code: str,
+    error: dict[str, str],
+) -> None:
+    """Errors decided before the handler or outside it (the key, the body, the router) are in
+    Anthropic's envelope on every /v1/messages* path, with the gateway's status and code."""
+    if KEY in headers.values():
+        _, _, secret = await api.funded_team_key("1.00")
+        headers = {name: secret if value == KEY else value for name, value in headers.items()}
+    url = providers.gateway.base + (path or "/v1/messages/count_tokens")
+    sent = {"Content-Type": "application/json", "anthropic-version": "2023-06-01", **headers}
+    async with http.request(method, url, data=data, headers=sent) as r:
+        answer = (r.status, r.headers["x-modelbridge-error-code"], orjson.loads(await r.read()))
+        allow = r.headers.get("Allow")
+    assert answer == (status, code, {"type": "error", "error": error})
+    assert allow == ("POST" if status == 405 else None)
+
+
+async def test_count_tokens_wrong_key_through_the_sdk(providers: Providers) -> None:
+    with pytest.raises(anthropic.AuthenticationError) as caught:
+        await claude(providers, "mb_wrong").messages.count_tokens(model="claude", messages=MSG)
+    assert caught.value.status_code == 401
+    assert caught.value.body == {"type": "error", "error": AUTH}
+
+
+async def test_count_tokens_store_down_or_a_bug_is_in_anthropics_envelope(
+    providers: Providers,
+    api: Api,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What the error middleware answers for count_tokens (PostgreSQL down for a key lookup: 503
+    ``gateway_unavailable``; a bug: 500, its traceback logged) is in Anthropic's envelope too."""
+    from gateway import state as S
+    from gateway.credentials import new_api_key
+    from gateway.proxy import surfaces
+
+    _, _, secret = await api.funded_team_key("1.00")
+
+    async def count(key: str, model: str) -> tuple[int, str, Any]:
+        async with http.post(
+            providers.gateway.base + "/v1/messages/count_tokens",
+            json={"model": model, "messages": MSG},
+            headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+        ) as r:
+            return r.status, r.headers["x-modelbridge-error-code"], await r.json()
+
+    def broken(*args: object) -> int:
+        raise RuntimeError("an injected bug")
+
+    monkeypatch.setattr(surfaces, "count_texts", broken)  # an OpenAI model's count is tiktoken's
+    assert await count(secret, "gpt-4o-mini") == (
+        500,
+        "internal_error",
+        {
+            "type": "error",
+            "error": {"type": "api_error", "message": "The gateway failed to handle the request."},
+        },
+    )
+    bugs = [r for r in caplog.records if r.exc_info and "injected" in str(r.exc_info[1])]
+    assert len(bugs) == 1
+
+    async def down(*args: object) -> None:
+        raise ConnectionRefusedError("PostgreSQL is down")
+
+    monkeypatch.setattr(providers.gateway.app[S.KEYS], "_fetch", down)
+    assert await count(new_api_key(), "claude") == (
+        503,
+        "gateway_unavailable",
+        {
+            "type": "error",
+            "error": {"type": "api_error", "message": "The gateway's store is unreachable; retry."},
+        },
+    )
 
 
 async def test_count_tokens_reads_at_most_max_response_bytes(

@@ -5,15 +5,14 @@
 Each generating surface goes the one way of :func:`gateway.proxy.forwarding.proxy` — key check,
 hold, upstream call, settle, one usage record — with the exchange that suits the model's upstream
 (:mod:`gateway.proxy.exchange`). Messages errors are in Anthropic's envelope, with the status and
-``x-modelbridge-error-code`` of the gateway's error; an Anthropic upstream's own error answer goes
-back unmodified (clients match on its wording). A plain (not streamed) call of either is served
+``x-modelbridge-error-code`` of the gateway's error, on every path below ``/v1/messages`` (the app's
+error middleware, :func:`anthropic_path`); an Anthropic upstream's own error answer goes back
+unmodified (clients match on its wording). A plain (not streamed) call of either is served
 by the lean front (:mod:`gateway.proxy.front`) with the same code and :func:`error_envelope`; the
 handlers here serve what it hands over (streams, anything unusual).
 """
 
 from __future__ import annotations
-
-import logging
 
 import aiohttp
 import orjson
@@ -22,15 +21,12 @@ from aiohttp import web
 from gateway import state as S
 from gateway.credentials import bearer
 from gateway.errors import GatewayError, NotFound, UpstreamFailed, UpstreamTimeout
-from gateway.infra import outages
 from gateway.proxy import forwarding, handlers
 from gateway.proxy.exchange import count_texts
 from gateway.proxy.streaming import error_body
 from gateway.upstream.provider import ANTHROPIC
 from gateway.upstream.upstreams import UpstreamRequest
 from policies.translate import errors as envelopes
-
-log = logging.getLogger("modelbridge.proxy")
 
 
 class UpgradeRequired(GatewayError):
@@ -39,18 +35,14 @@ class UpgradeRequired(GatewayError):
     code = "websocket_not_supported"
 
 
-def anthropic_error(exc: GatewayError) -> web.Response:
-    """A gateway error in Anthropic's envelope; a provider's own Anthropic error as it came."""
-    return web.Response(
-        body=anthropic_error_body(exc),
-        status=exc.status,
-        content_type="application/json",
-        headers=exc.response_headers(),
-    )
+def anthropic_path(path: str) -> bool:
+    """A path of Anthropic's Messages API, whose errors are in Anthropic's envelope (the app's
+    error middleware answers them, whatever raised: the key check, the body, the router)."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 def anthropic_error_body(exc: GatewayError) -> bytes:
-    """The body of :func:`anthropic_error`."""
+    """A gateway error in Anthropic's envelope; a provider's own Anthropic error as it came."""
     raw = exc.upstream_body if isinstance(exc, UpstreamFailed) else b""
     try:
         parsed = orjson.loads(raw) if raw else None
@@ -65,8 +57,8 @@ def anthropic_error_body(exc: GatewayError) -> bytes:
 
 def error_envelope(endpoint: handlers.Endpoint, exc: GatewayError) -> bytes:
     """A proxy error's body in its surface's envelope: Anthropic's for the Messages API,
-    OpenAI's for every other (the lean front's answers; aiohttp's path picks the same by route:
-    :func:`messages` here, the app's error middleware for the others)."""
+    OpenAI's for every other (the lean front's answers; on aiohttp's path the app's error
+    middleware picks the same by path, :func:`anthropic_path`)."""
     if endpoint is handlers.MESSAGES:
         return anthropic_error_body(exc)
     return orjson.dumps(exc.body())
@@ -74,51 +66,41 @@ def error_envelope(endpoint: handlers.Endpoint, exc: GatewayError) -> bytes:
 
 async def messages(request: web.Request) -> web.StreamResponse:
     """Every error in Anthropic's envelope, as on the lean front (:mod:`gateway.proxy.front`):
-    a store down too (503), and a bug (logged, 500)."""
-    try:
-        return await forwarding.proxy(request, handlers.MESSAGES)
-    except GatewayError as exc:
-        return anthropic_error(exc)
-    except Exception as exc:
-        failed = outages.unavailable(request.app[S.OUTAGES], exc)
-        if failed is None:
-            log.exception("unhandled error on POST %s", request.path)
-            failed = GatewayError("The gateway failed to handle the request.")
-        return anthropic_error(failed)
+    a store down too (503), and a bug (logged, 500), by the app's error middleware
+    (:func:`anthropic_path`)."""
+    return await forwarding.proxy(request, handlers.MESSAGES)
 
 
 async def count_tokens(request: web.Request) -> web.StreamResponse:
-    """``{"input_tokens": N}``: the Anthropic upstream's count, else tiktoken's. Not charged."""
+    """``{"input_tokens": N}``: the Anthropic upstream's count, else tiktoken's. Not charged.
+    Errors in Anthropic's envelope, as for :func:`messages`."""
     app = request.app
+    secret = bearer(request)
+    await app[S.KEYS].lookup(secret)
+    _, body = await handlers.read_json(request, app[S.CONFIG].server.max_body_bytes)
+    name = body.get("model")
+    model = app[S.CONFIG].models.get(name) if isinstance(name, str) else None
+    if model is None:
+        raise NotFound(f"The model '{name}' does not exist.", code="model_not_found")
+    upstreams = app[S.UPSTREAMS]
+    provider = upstreams.providers[model.upstream]
+    if provider.protocol != ANTHROPIC:
+        tokens = app[S.TOKENS]
+        count = count_texts(tokens, "messages", model.encoding, body)
+        return web.json_response({"input_tokens": count})
+    path = upstreams.path(model.upstream, "/messages/count_tokens", model.upstream_model)
+    data = orjson.dumps({**body, "model": model.upstream_model})
+    ask = UpstreamRequest(model.upstream, path, data, False, provider.forward(request.headers))
+    limit = app[S.CONFIG].upstreams[model.upstream].max_response_bytes
+    response = await upstreams.send(ask)
     try:
-        secret = bearer(request)
-        await app[S.KEYS].lookup(secret)
-        _, body = await handlers.read_json(request, app[S.CONFIG].server.max_body_bytes)
-        name = body.get("model")
-        model = app[S.CONFIG].models.get(name) if isinstance(name, str) else None
-        if model is None:
-            raise NotFound(f"The model '{name}' does not exist.", code="model_not_found")
-        upstreams = app[S.UPSTREAMS]
-        provider = upstreams.providers[model.upstream]
-        if provider.protocol != ANTHROPIC:
-            tokens = app[S.TOKENS]
-            count = count_texts(tokens, "messages", model.encoding, body)
-            return web.json_response({"input_tokens": count})
-        path = upstreams.path(model.upstream, "/messages/count_tokens", model.upstream_model)
-        data = orjson.dumps({**body, "model": model.upstream_model})
-        ask = UpstreamRequest(model.upstream, path, data, False, provider.forward(request.headers))
-        limit = app[S.CONFIG].upstreams[model.upstream].max_response_bytes
-        response = await upstreams.send(ask)
-        try:
-            if response.status >= 400:
-                raw = await error_body(response, limit)
-                raise handlers.upstream_error(response.status, raw, model.upstream)
-            answer = await _bounded(response, model.upstream, limit)
-        finally:
-            response.release()
-        return web.Response(body=answer, content_type="application/json")
-    except GatewayError as exc:
-        return anthropic_error(exc)
+        if response.status >= 400:
+            raw = await error_body(response, limit)
+            raise handlers.upstream_error(response.status, raw, model.upstream)
+        answer = await _bounded(response, model.upstream, limit)
+    finally:
+        response.release()
+    return web.Response(body=answer, content_type="application/json")
 
 
 async def _bounded(response: aiohttp.ClientResponse, upstream: str, limit: int) -> bytes:
