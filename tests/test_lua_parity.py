@@ -9,6 +9,7 @@ is compared with ``policies.limits.decide``, ``policies.holds.split_debit``,
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -38,8 +39,37 @@ KEY = "key_parity"
 RICH = 2**62
 
 
+_MADE: list[rk.AccountKeys] = []  # this test's accounts, deleted after it
+
+
 def fresh() -> rk.AccountKeys:
-    return rk.AccountKeys(f"t_parity{secrets.token_hex(8)}")
+    ak = rk.AccountKeys(f"t_parity{secrets.token_hex(8)}")
+    _MADE.append(ak)
+    return ak
+
+
+# The streams the scripts write here: the account's slot, but not the names a gateway's workers
+# find by scanning (the usage writer's ``{acct:*}:usage``, the alert worker's ``{acct:*}:alerts``).
+# A gateway of the same test session would otherwise take these accounts' records and alerts,
+# which no team in PostgreSQL owns: rejected, logged at ERROR in whatever test runs then.
+def usage_stream(ak: rk.AccountKeys) -> str:
+    return f"{ak.tag}:usage-parity"
+
+
+def alerts_stream(ak: rk.AccountKeys) -> str:
+    return f"{ak.tag}:alerts-parity"
+
+
+@pytest.fixture(autouse=True)
+async def _own_keys(redis: Redis) -> AsyncIterator[None]:
+    """Every key a test wrote for its accounts is gone after it; none was a gateway's stream."""
+    yield
+    made, _MADE[:] = list(_MADE), []
+    for ak in made:
+        keys = [key async for key in redis.scan_iter(match=f"{ak.tag}:*", count=1000)]
+        assert ak.usage_stream not in keys and ak.alerts not in keys
+        if keys:
+            await redis.delete(*keys)  # one slot: the account's hash tag
 
 
 def hold_keys(ak: rk.AccountKeys) -> list[str]:
@@ -51,7 +81,7 @@ def hold_keys(ak: rk.AccountKeys) -> list[str]:
         ak.blocked(""),
         ak.hold_expiry,
         ak.hold_values,
-        ak.alerts,
+        alerts_stream(ak),
         *ak.rate_keys(KEY, SCOPE),
     ]
 
@@ -63,9 +93,9 @@ def settle_keys(ak: rk.AccountKeys, request_id: str) -> list[str]:
         ak.hold_expiry,
         ak.hold_values,
         ak.settled_marker(request_id),
-        ak.usage_stream,
+        usage_stream(ak),
         ak.cfg,
-        ak.alerts,
+        alerts_stream(ak),
         *ak.rate_keys(KEY, SCOPE),
     ]
 
@@ -255,7 +285,7 @@ async def test_settle_splits_like_policies(
 
 
 async def _thresholds(redis: Redis, ak: rk.AccountKeys) -> list[tuple[str, str]]:
-    return [(f["kind"], f["threshold"]) for _, f in await redis.xrange(ak.alerts)]
+    return [(f["kind"], f["threshold"]) for _, f in await redis.xrange(alerts_stream(ak))]
 
 
 @pytest.mark.parametrize(("before", "after", "limit", "soft", "warned", "crossed"), CROSSINGS)
@@ -315,7 +345,7 @@ async def test_limit_refusal_queues_one_reached_alert(redis: Redis) -> None:
     assert [(r[0], r[4]) for r in replies] == [("team_spending_limit_reached", 1)] + [
         ("team_spending_limit_reached", 0)
     ] * 2
-    entries = await redis.xrange(ak.alerts)
+    entries = await redis.xrange(alerts_stream(ak))
     assert len(entries) == 1
     fields = entries[0][1]
     assert (fields["kind"], fields["threshold"], fields["trigger"]) == ("team", "100", "refusal")
