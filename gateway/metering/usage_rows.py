@@ -11,42 +11,66 @@ from typing import Any
 
 from policies import keyspace as rk
 
-COLUMNS = (
-    "request_id",
-    "account",
-    "team_id",
-    "user_id",
-    "key_id",
-    "model",
-    "endpoint",
-    "period",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "list_cost",
-    "discount",
-    "charged",
-    "from_allowance",
-    "from_credits",
-    "usage_source",
-    "encoding",
-    "tags",
-    "status",
-    "served_model",
-    "attempts",
-    "created_at",  # created_at last: _insert reads row[-1]
+
+def _integer(value: str) -> int:
+    return int(value or 0)
+
+
+def _team(value: str) -> str | None:
+    return value or None
+
+
+def _tags(value: str) -> list[str]:
+    return [t for t in value.split(",") if t] if value else []
+
+
+def _created(value: str) -> datetime:
+    return datetime.fromtimestamp(int(value) / 1000, UTC)
+
+
+def _text(value: str) -> str:
+    return value
+
+
+def _attempts(value: str) -> int:
+    return int(value or 1)  # a record from before routing: one attempt
+
+
+# The columns of usage_records a record fills, in order, each with what makes its value of the
+# stream entry's field: the one list COLUMNS, record_row and INSERT_ROWS's array types come from.
+_CONVERT: tuple[tuple[str, Callable[[str], Any]], ...] = (
+    ("request_id", _text),
+    ("account", _text),
+    ("team_id", _team),
+    ("user_id", _text),
+    ("key_id", _text),
+    ("model", _text),
+    ("endpoint", _text),
+    ("period", _text),
+    ("prompt_tokens", _integer),
+    ("completion_tokens", _integer),
+    ("cached_tokens", _integer),
+    ("list_cost", _integer),
+    ("discount", _integer),
+    ("charged", _integer),
+    ("from_allowance", _integer),
+    ("from_credits", _integer),
+    ("usage_source", _text),
+    ("encoding", _text),
+    ("tags", _tags),
+    ("status", _integer),
+    ("served_model", _text),
+    ("attempts", _attempts),
+    ("created_at", _created),  # created_at last: _insert reads row[-1]
 )
-_INT_COLUMNS = {
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "list_cost",
-    "discount",
-    "charged",
-    "from_allowance",
-    "from_credits",
-    "status",
+COLUMNS = tuple(column for column, _ in _CONVERT)
+# INSERT_ROWS's parameter of each column: text[] unless said here (tags go comma-joined)
+_ARRAYS: dict[Callable[[str], Any], str] = {
+    _integer: "bigint[]",
+    _attempts: "bigint[]",
+    _created: "timestamptz[]",
 }
+
 # A batch goes in by COPY into a temporary table (emptied at commit), then one statement inserts
 # the rows not there yet and adds only those actually inserted to their day's rollup
 # (usage_daily), grouped, in one order (concurrent batches cannot deadlock). Measured against
@@ -79,18 +103,12 @@ _LAST_USED_FROM = (
 LAST_USED = _LAST_USED_FROM.format(1, 2)
 
 
-def _array_type(column: str) -> str:
-    if column in _INT_COLUMNS or column == "attempts":
-        return "bigint[]"
-    return "timestamptz[]" if column == "created_at" else "text[]"  # tags: comma-joined
-
-
 _N = len(COLUMNS)
 # A small batch (the writer at low load) goes in as one prepared statement: the same writes as
 # COPY + INSERT_BATCH + LAST_USED, from arrays, in one round trip and one implicit transaction.
 INSERT_ROWS = (
     "WITH batch AS (SELECT * FROM unnest("
-    + ", ".join(f"${i}::{_array_type(c)}" for i, c in enumerate(COLUMNS, 1))
+    + ", ".join(f"${i}::{_ARRAYS.get(f, 'text[]')}" for i, (_, f) in enumerate(_CONVERT, 1))
     + f") AS b({', '.join(COLUMNS)})), "
     f"new AS (INSERT INTO usage_records ({', '.join(COLUMNS)}) SELECT "
     + ", ".join(
@@ -100,40 +118,6 @@ INSERT_ROWS = (
     f"daily AS ({_ROLLUP}), used AS ({_LAST_USED_FROM.format(_N + 1, _N + 2)}) "
     "SELECT count(*) FROM new"
 )
-
-
-def _integer(value: str) -> int:
-    return int(value or 0)
-
-
-def _team(value: str) -> str | None:
-    return value or None
-
-
-def _tags(value: str) -> list[str]:
-    return [t for t in value.split(",") if t] if value else []
-
-
-def _created(value: str) -> datetime:
-    return datetime.fromtimestamp(int(value) / 1000, UTC)
-
-
-def _text(value: str) -> str:
-    return value
-
-
-def _attempts(value: str) -> int:
-    return int(value or 1)  # a record from before routing: one attempt
-
-
-def _converter(column: str) -> Callable[[str], Any]:
-    if column in _INT_COLUMNS:
-        return _integer
-    special = {"team_id": _team, "tags": _tags, "created_at": _created, "attempts": _attempts}
-    return special.get(column, _text)
-
-
-_CONVERT = tuple((column, _converter(column)) for column in COLUMNS)
 
 
 def record_row(fields: dict[str, str]) -> tuple[Any, ...]:
