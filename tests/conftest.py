@@ -41,6 +41,7 @@ from tests.redis_cluster import LocalCluster
 
 if TYPE_CHECKING:
     from tests.replicas import Replicas
+    from tests.writer_support import OwnRedis
 
 ADMIN_TOKEN = "test-admin-token"
 UPSTREAM_KEY = "sk-upstream-test"
@@ -350,6 +351,15 @@ async def redis(redis_url: str, redis_cluster: LocalCluster | None) -> AsyncIter
         client = Redis.from_url(redis_url, decode_responses=True)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path, database_url: str) -> AsyncIterator[OwnRedis]:
+    """A Redis of this test's own: no gateway's writer takes its streams (the writer's tests)."""
+    from tests.writer_support import own_redis_server  # it needs tests.faults, which needs us
+
+    async with own_redis_server(tmp_path, database_url) as own:
+        yield own
 
 
 # --- several kinds of provider: OpenAI, Azure OpenAI and Anthropic fakes behind one gateway -----

@@ -8,7 +8,6 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -21,8 +20,8 @@ from gateway.infra.db import create_pool, migrate_dsn
 from gateway.metering.usage_writer import UsageWriter
 from policies import keyspace as rk
 from policies import partitions
-from tests.faults import RedisServer
 from tests.helpers import ts
+from tests.writer_support import OwnRedis
 
 
 @pytest.mark.parametrize(
@@ -145,18 +144,6 @@ _INDEXES = (
 )
 
 
-@pytest.fixture
-async def own_redis(tmp_path: Path, database_url: str) -> AsyncIterator[Redis]:
-    """A Redis of this test's own: no gateway's writer takes its streams."""
-    await migrate_dsn(database_url)
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    client = Redis.from_url(server.url, decode_responses=True)
-    yield client
-    await client.aclose()
-    server.stop()
-
-
 def _at_ms(at: datetime) -> str:
     return str(int(at.timestamp() * 1000))
 
@@ -170,7 +157,7 @@ async def _add(redis: Redis, fields: dict[str, str]) -> None:
 
 
 async def test_a_record_delivered_twice_across_a_month_boundary_is_one_row(
-    database_url: str, own_redis: Redis, db: asyncpg.Connection
+    database_url: str, own_redis: OwnRedis, db: asyncpg.Connection
 ) -> None:
     run = secrets.token_hex(3)
     account = f"t_part{run}"
@@ -180,15 +167,15 @@ async def test_a_record_delivered_twice_across_a_month_boundary_is_one_row(
     }
     first = _record(2, account, run) | {"created_at": _at_ms(datetime(2033, 6, 1, tzinfo=UTC))}
     pool = await create_pool(database_url, min_size=1, max_size=2)
-    writer = UsageWriter(own_redis, pool, "test-part")
+    writer = UsageWriter(own_redis.client, pool, "test-part")
     try:
         for fields in (last, first):
-            await _add(own_redis, fields)
+            await _add(own_redis.client, fields)
         assert await writer.drain() == 2
         # Delivered again (a crash between the commit and the acknowledgement, or a replay: the
         # record carries the created_at of its admission, so it is the same row again).
         for fields in (last, first):
-            await _add(own_redis, fields)
+            await _add(own_redis.client, fields)
         assert await writer.drain() == 2
         rows = await db.fetch(
             "SELECT request_id, tableoid::regclass::text AS part FROM usage_records"
@@ -215,19 +202,19 @@ async def test_a_record_delivered_twice_across_a_month_boundary_is_one_row(
 
 
 async def test_a_partition_dropped_after_it_was_seen_is_made_again_by_the_insert(
-    database_url: str, own_redis: Redis, db: asyncpg.Connection
+    database_url: str, own_redis: OwnRedis, db: asyncpg.Connection
 ) -> None:
     run = secrets.token_hex(3)
     account = f"t_part{run}"
     pool = await create_pool(database_url, min_size=1, max_size=2)
-    writer = UsageWriter(own_redis, pool, "test-part")
+    writer = UsageWriter(own_redis.client, pool, "test-part")
     writer._next_ahead = float("inf")  # the hourly check (which checks again) is not due
     try:
         async with pool.acquire() as conn:
             await writer.partitions.ensure(conn, ["2034-07"])
         await db.execute("DROP TABLE usage_records_2034_07")  # empty: dropped by hand
         fields = _record(1, account, run) | {"created_at": _at_ms(datetime(2034, 7, 4, tzinfo=UTC))}
-        await _add(own_redis, fields)
+        await _add(own_redis.client, fields)
         assert await writer.drain() == 1
         assert (
             await db.fetchval(

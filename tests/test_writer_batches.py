@@ -5,42 +5,22 @@ not need hundreds of Redis connections at once."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 
 from bench.drain import _record, fill
-from gateway.infra.db import create_pool, migrate_dsn
+from gateway.infra.db import create_pool
 from gateway.metering.usage_writer import UsageWriter
 from policies import keyspace as rk
-from tests.faults import RedisServer
-
-
-@pytest.fixture
-async def own_redis(tmp_path: Path, database_url: str) -> AsyncIterator[str]:
-    """A Redis of this test's own: no gateway's writer takes its streams."""
-    await migrate_dsn(database_url)
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server.url
-    server.stop()
-
-
-async def _records(db: asyncpg.Connection, run: str) -> int:
-    return int(
-        await db.fetchval(
-            "SELECT count(*) FROM usage_records WHERE request_id LIKE $1", f"req_{run}_%"
-        )
-    )
+from tests.writer_support import OwnRedis, run_records
 
 
 async def test_one_read_takes_at_most_a_batch_whatever_the_number_of_streams(
-    database_url: str, own_redis: str, db: asyncpg.Connection
+    database_url: str, own_redis: OwnRedis, db: asyncpg.Connection
 ) -> None:
-    redis = Redis.from_url(own_redis, decode_responses=True)
+    redis = Redis.from_url(own_redis.url, decode_responses=True)
     pool = await create_pool(database_url, min_size=1, max_size=2)
     run = secrets.token_hex(3)
     try:
@@ -52,7 +32,7 @@ async def test_one_read_takes_at_most_a_batch_whatever_the_number_of_streams(
             assert len(steps) <= 20, steps
         # Not 2000 at once (COUNT 200 for each of the 20 streams named): 200 a step, 10 steps.
         assert steps == [200] * 10
-        assert await _records(db, run) == 2000
+        assert await run_records(db, run) == 2000
         assert await writer.pending() == 0
     finally:
         await redis.aclose()
@@ -60,17 +40,17 @@ async def test_one_read_takes_at_most_a_batch_whatever_the_number_of_streams(
 
 
 async def test_acknowledging_600_streams_fits_the_connection_pool(
-    database_url: str, own_redis: str, db: asyncpg.Connection
+    database_url: str, own_redis: OwnRedis, db: asyncpg.Connection
 ) -> None:
     # The gateway's Redis client has a pool of 512 connections (gateway/infra/redisconn.py).
-    redis = Redis.from_url(own_redis, decode_responses=True, max_connections=512)
+    redis = Redis.from_url(own_redis.url, decode_responses=True, max_connections=512)
     pool = await create_pool(database_url, min_size=1, max_size=2)
     run = secrets.token_hex(3)
     try:
         await fill(redis, 600, 600, run)  # one record in each of 600 streams
         writer = UsageWriter(redis, pool, "test-ack")
         assert await writer.step() == 600
-        assert await _records(db, run) == 600
+        assert await run_records(db, run) == 600
         assert await writer.pending() == 0
     finally:
         await redis.aclose()
@@ -79,9 +59,9 @@ async def test_acknowledging_600_streams_fits_the_connection_pool(
 
 @pytest.mark.parametrize("copy_from", [1, 10**9], ids=["copy", "statement"])
 async def test_records_postgresql_refuses_are_kept_whole_by_either_insert(
-    copy_from: int, database_url: str, own_redis: str, db: asyncpg.Connection
+    copy_from: int, database_url: str, own_redis: OwnRedis, db: asyncpg.Connection
 ) -> None:
-    redis = Redis.from_url(own_redis, decode_responses=True)
+    redis = Redis.from_url(own_redis.url, decode_responses=True)
     pool = await create_pool(database_url, min_size=1, max_size=2)
     run = secrets.token_hex(3)
     try:
@@ -96,7 +76,7 @@ async def test_records_postgresql_refuses_are_kept_whole_by_either_insert(
         writer = UsageWriter(redis, pool, "test-refused")
         writer.copy_from = copy_from
         assert await writer.step() == 9
-        assert await _records(db, run) == 6
+        assert await run_records(db, run) == 6
         refused = await db.fetch(
             "SELECT fields->>'request_id' AS id FROM usage_rejects WHERE stream = $1 ORDER BY 1",
             stream,
@@ -109,11 +89,11 @@ async def test_records_postgresql_refuses_are_kept_whole_by_either_insert(
 
 
 async def test_a_stream_gone_from_redis_is_not_made_again_from_the_list_kept(
-    database_url: str, own_redis: str, db: asyncpg.Connection
+    database_url: str, own_redis: OwnRedis, db: asyncpg.Connection
 ) -> None:
     # The stream list is asked for once a second, not on every step; a stream that disappeared
     # meanwhile (a Redis that lost its state) must not come back with an empty group.
-    redis = Redis.from_url(own_redis, decode_responses=True)
+    redis = Redis.from_url(own_redis.url, decode_responses=True)
     pool = await create_pool(database_url, min_size=1, max_size=2)
     run = secrets.token_hex(3)
     try:
@@ -135,12 +115,12 @@ async def test_a_stream_gone_from_redis_is_not_made_again_from_the_list_kept(
 
 
 async def test_a_settle_marker_lives_only_a_short_while_once_its_record_is_in_postgresql(
-    database_url: str, own_redis: str, db: asyncpg.Connection
+    database_url: str, own_redis: OwnRedis, db: asyncpg.Connection
 ) -> None:
     """settle.lua's marker (a day) guards against a settle sent twice; once the writer has the
     record in PostgreSQL, every replay is dropped by its ledger check, so ack.lua leaves the
     marker RID_AFTER_LEDGER_S, never more; a marker whose record is not written keeps its day."""
-    redis = Redis.from_url(own_redis, decode_responses=True)
+    redis = Redis.from_url(own_redis.url, decode_responses=True)
     pool = await create_pool(database_url, min_size=1, max_size=2)
     run = secrets.token_hex(3)
     try:
@@ -157,7 +137,7 @@ async def test_a_settle_marker_lives_only_a_short_while_once_its_record_is_in_po
         writer = UsageWriter(redis, pool, "test-markers", batch=100)
         while await writer.step():
             pass
-        assert await _records(db, run) == 6
+        assert await run_records(db, run) == 6
         for marker in markers[:5]:
             assert 0 < await redis.ttl(marker) <= rk.RID_AFTER_LEDGER_S, marker
         assert 0 < await redis.ttl(short) <= 30

@@ -9,31 +9,19 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 
 from bench.drain import fill
-from gateway.infra.db import create_pool, migrate_dsn
+from gateway.infra.db import create_pool
 from gateway.metering.usage_writer import UsageWriter
-from tests.faults import RedisServer, TcpProxy
+from tests.faults import TcpProxy
 from tests.helpers import eventually
+from tests.writer_support import OwnRedis, run_records
 
 RECORDS = 300
-
-
-@pytest.fixture
-async def own_redis(tmp_path: Path, database_url: str) -> AsyncIterator[tuple[str, Redis]]:
-    """A Redis of this test's own: no gateway's writer takes its streams."""
-    await migrate_dsn(database_url)
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    client = Redis.from_url(server.url, decode_responses=True)
-    yield server.url, client
-    await client.aclose()
-    server.stop()
 
 
 @pytest.fixture
@@ -46,14 +34,12 @@ async def pg_proxy(database_url: str) -> AsyncIterator[TcpProxy]:
 
 async def _written(db: asyncpg.Connection, run: str) -> tuple[int, int]:
     """(records, requests in the rollup) of this run's accounts."""
-    records = await db.fetchval(
-        "SELECT count(*) FROM usage_records WHERE request_id LIKE $1", f"req_{run}_%"
-    )
+    records = await run_records(db, run)
     rollup = await db.fetchval(
         "SELECT coalesce(sum(requests), 0) FROM usage_daily WHERE account LIKE $1",
         f"t_bench{run}%",
     )
-    return int(records), int(rollup)
+    return records, int(rollup)
 
 
 async def _writer(pool: asyncpg.Pool, redis_url: str, consumer: str) -> UsageWriter:
@@ -67,7 +53,7 @@ async def test_backlog_is_written_within_seconds_of_postgresql_coming_back(
     fault: str,
     pg_proxy: TcpProxy,
     database_url: str,
-    own_redis: tuple[str, Redis],
+    own_redis: OwnRedis,
     db: asyncpg.Connection,
 ) -> None:
     redis_url, redis = own_redis
@@ -102,7 +88,7 @@ async def _async(value: object) -> object:
 
 
 async def test_a_writer_back_under_its_name_writes_what_it_had_read_at_once(
-    database_url: str, own_redis: tuple[str, Redis], db: asyncpg.Connection
+    database_url: str, own_redis: OwnRedis, db: asyncpg.Connection
 ) -> None:
     redis_url, redis = own_redis
     pool = await create_pool(database_url, min_size=1, max_size=2)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -17,26 +16,14 @@ from redis.asyncio import Redis
 
 from bench.drain import _record, fill
 from gateway.config import Config
-from gateway.infra.db import create_pool, migrate_dsn
+from gateway.infra.db import create_pool
 from gateway.metering.accounts import Accounts
 from gateway.metering.usage_writer import UsageWriter
 from policies import keyspace as rk
-from tests.faults import RedisServer
 from tests.helpers import eventually
+from tests.writer_support import OwnRedis, run_records
 
 HOUR_MS = 3_600_000  # no poll, claim or wait timeout could explain what a test sees
-
-
-@pytest.fixture
-async def own_redis(tmp_path: Path, database_url: str) -> AsyncIterator[tuple[str, Redis]]:
-    """A Redis of this test's own: no gateway's writer takes its streams."""
-    await migrate_dsn(database_url)
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    client = Redis.from_url(server.url, decode_responses=True)
-    yield server.url, client
-    await client.aclose()
-    server.stop()
 
 
 @pytest.fixture
@@ -53,14 +40,6 @@ def _writer(redis_url: str, pool: asyncpg.Pool, consumer: str) -> UsageWriter:
     return writer
 
 
-async def _records(db: asyncpg.Connection, run: str) -> int:
-    return int(
-        await db.fetchval(
-            "SELECT count(*) FROM usage_records WHERE request_id LIKE $1", f"req_{run}_%"
-        )
-    )
-
-
 async def _blocked(redis: Redis) -> int:
     """Clients blocked in a command (the writer's wait)."""
     clients: list[dict[str, Any]] = await redis.client_list()
@@ -73,7 +52,7 @@ async def _add(redis: Redis, run: str, account: str, n: int) -> None:
 
 
 async def test_an_idle_writer_writes_a_record_as_soon_as_it_arrives_and_a_new_stream_rings(
-    own_redis: tuple[str, Redis], pool: asyncpg.Pool, db: asyncpg.Connection
+    own_redis: OwnRedis, pool: asyncpg.Pool, db: asyncpg.Connection
 ) -> None:
     redis_url, redis = own_redis
     run = secrets.token_hex(3)
@@ -83,7 +62,7 @@ async def test_an_idle_writer_writes_a_record_as_soon_as_it_arrives_and_a_new_st
     try:
         await eventually(lambda: _blocked(redis), lambda n: n == 1)  # waiting, for an hour
         await _add(redis, run, f"t_bench{run}0000", 1)
-        await eventually(lambda: _records(db, run), lambda n: n == 1)
+        await eventually(lambda: run_records(db, run), lambda n: n == 1)
         # A stream the wait does not name (registered after it began): the doorbell wakes it.
         await eventually(lambda: _blocked(redis), lambda n: n == 1)
         fresh = f"t_bench{run}fresh"
@@ -91,7 +70,7 @@ async def test_an_idle_writer_writes_a_record_as_soon_as_it_arrives_and_a_new_st
         await redis.xgroup_create(stream, rk.USAGE_GROUP, id="0", mkstream=True)
         await _add(redis, run, fresh, 2)
         await Accounts(Config(), pool, redis, None).ensure_stream(fresh)  # type: ignore[arg-type]
-        await eventually(lambda: _records(db, run), lambda n: n == 2)
+        await eventually(lambda: run_records(db, run), lambda n: n == 2)
         assert await redis.xlen(stream) == 0
         assert await redis.xpending(rk.USAGE_DOORBELL, rk.USAGE_GROUP) == {
             "pending": 0,
@@ -106,7 +85,7 @@ async def test_an_idle_writer_writes_a_record_as_soon_as_it_arrives_and_a_new_st
 
 
 async def test_what_the_wait_read_is_written_once_after_a_kill_or_a_stop(
-    own_redis: tuple[str, Redis], pool: asyncpg.Pool, db: asyncpg.Connection
+    own_redis: OwnRedis, pool: asyncpg.Pool, db: asyncpg.Connection
 ) -> None:
     redis_url, redis = own_redis
     run = secrets.token_hex(3)
@@ -118,7 +97,7 @@ async def test_what_the_wait_read_is_written_once_after_a_kill_or_a_stop(
     await killed.redis.aclose()
     again = _writer(redis_url, pool, "test-killed")
     assert await again.drain() == 3
-    assert await _records(db, run) == 3
+    assert await run_records(db, run) == 3
     assert await again.pending() == 0
     await again.redis.aclose()
 
@@ -130,5 +109,5 @@ async def test_what_the_wait_read_is_written_once_after_a_kill_or_a_stop(
     await asyncio.wait_for(task, 10)
     await _add(redis, run, f"t_bench{run}0000", 4)
     assert await stopping.drain() == 1
-    assert await _records(db, run) == 4
+    assert await run_records(db, run) == 4
     await stopping.redis.aclose()
