@@ -4,9 +4,7 @@ handed to aiohttp at a request boundary, and both answer the same."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -16,38 +14,30 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway import state as S
-from gateway.proxy.front import Front, State
+from gateway.proxy.front import State
 from gateway.proxy.tokens import TokenCounter
 from policies.money import format_usd
 from tests.conftest import ADMIN_TOKEN, Gateway, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, account_state, eventually, until
-from tests.rawhttp import CHAT, Conn, counts, post
+from tests.rawhttp import (
+    CHAT,
+    Conn,
+    chunked,
+    connect,
+    counts,
+    front_of,
+    post,
+    request_id_of,
+    slow_client,
+)
 
 
 @pytest.fixture
 async def conn(gateway: Gateway) -> AsyncIterator[Conn]:
-    port = int(gateway.base.rsplit(":", 1)[1])
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    yield Conn(reader, writer)
-    writer.close()
-    with contextlib.suppress(Exception):
-        await writer.wait_closed()
-
-
-async def front_of(gateway: Gateway, conn: Conn) -> Front:
-    """The gateway's end of a client connection."""
-    sockname = conn.writer.get_extra_info("sockname")
-
-    def ours() -> list[Front]:
-        return [
-            c
-            for c in gateway.app[S.FRONTS].connections
-            if c.transport is not None and c.transport.get_extra_info("peername") == sockname
-        ]
-
-    await until(lambda: len(ours()) == 1)
-    return ours()[0]
+    conn = await connect(gateway)
+    yield conn
+    await conn.aclose()
 
 
 async def test_plain_calls_and_their_errors_are_served_lean_on_one_connection(
@@ -227,17 +217,15 @@ async def test_a_stream_after_lean_calls_is_handed_over_with_the_bytes_already_r
     conn.send(post(secret, CHAT))
     assert (await conn.response())[0] == 200
     served, handed = counts(gateway)
-    data = orjson.dumps({**CHAT, "stream": True})  # a chunked body: aiohttp's
-    chunked = f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n"
-    conn.send(post(secret, chunked, **{"Transfer-Encoding": "chunked"}) + post(secret, CHAT))
+    body = chunked(orjson.dumps({**CHAT, "stream": True}))  # a chunked body: aiohttp's
+    conn.send(post(secret, body, **{"Transfer-Encoding": "chunked"}) + post(secret, CHAT))
     status, headers, body = await conn.response()
     assert status == 200 and headers["content-type"] == "text/event-stream"
     assert body.rstrip().endswith(b"data: [DONE]")
     assert (await conn.response())[0] == 200  # the pipelined one, now aiohttp's
     assert counts(gateway) == (served, handed + 1)
     # the lean front's stream head is aiohttp's: the same headers in the same order
-    port = int(gateway.base.rsplit(":", 1)[1])
-    lean = Conn(*await asyncio.open_connection("127.0.0.1", port))
+    lean = await connect(gateway)
     try:
         lean.send(post(secret, {**CHAT, "stream": True}))
         status, lean_headers, body = await lean.response()
@@ -279,9 +267,7 @@ async def test_framing_front_does_not_take_is_aiohttps(
 
 async def test_a_chunked_body_is_served_by_aiohttp(gateway: Gateway, api: Api, conn: Conn) -> None:
     _, _, secret = await api.funded_team_key()
-    data = orjson.dumps(CHAT)
-    chunked = f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n"
-    conn.send(post(secret, chunked, **{"Transfer-Encoding": "chunked"}))
+    conn.send(post(secret, chunked(orjson.dumps(CHAT)), **{"Transfer-Encoding": "chunked"}))
     assert (await conn.response())[0] == 200
 
 
@@ -308,9 +294,7 @@ async def test_shutdown_lets_a_lean_request_finish_and_closes_idle_connections(
     fake: FakeUpstream, database_url: str, redis_url: str, http: aiohttp.ClientSession
 ) -> None:
     gw, runner = await start_gateway(gateway_config(fake.base_url), database_url, redis_url)
-    port = int(gw.base.rsplit(":", 1)[1])
-    idle = Conn(*await asyncio.open_connection("127.0.0.1", port))
-    busy = Conn(*await asyncio.open_connection("127.0.0.1", port))
+    idle, busy = await connect(gw), await connect(gw)
     try:
         _, _, secret = await Api(http, gw.base, ADMIN_TOKEN).funded_team_key()
         idle.send(post(secret, CHAT))
@@ -347,8 +331,7 @@ async def test_an_idle_connection_is_closed_after_the_keepalive_time(
 
     _, _, secret = await api.funded_team_key()
     monkeypatch.setattr(front, "KEEPALIVE_S", 0.3)
-    port = int(gateway.base.rsplit(":", 1)[1])
-    conn = Conn(*await asyncio.open_connection("127.0.0.1", port))
+    conn = await connect(gateway)
     try:
         conn.send(post(secret, CHAT))
         assert (await conn.response())[0] == 200
@@ -526,18 +509,8 @@ async def test_one_request_in_service_while_a_slow_reader_drains_pipelined_answe
             secret, {**CHAT, "messages": [{"role": "user", "content": f"[[fake:{marker}]]"}]}
         )
 
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, not read
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", int(gateway.base.rsplit(":", 1)[1])))
-    slow = Conn(*await asyncio.open_connection(sock=sock))
+    slow, front = await slow_client(gateway)
     try:
-        front = await front_of(gateway, slow)
-        assert front.transport is not None  # and its kernel buffer small too, not autotuned
-        front.transport.get_extra_info("socket").setsockopt(
-            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
-        )
         slow.send(ask(1) + ask(2, delay_s=0.5))
         # answer 1 is out but stuck in the buffers: the front waits for the client to read
         await until(lambda: front._write_paused and front.task is None)
@@ -561,9 +534,7 @@ async def test_a_provider_body_over_max_response_bytes_is_a_502_and_charges_noth
     bounded = dataclasses.replace(config.upstreams["fake"], max_response_bytes=4000)
     config = dataclasses.replace(config, upstreams={"fake": bounded})
     gw, runner = await start_gateway(config, database_url, redis_url)
-    port = int(gw.base.rsplit(":", 1)[1])
-    lean = Conn(*await asyncio.open_connection("127.0.0.1", port))
-    handed = Conn(*await asyncio.open_connection("127.0.0.1", port))
+    lean, handed = await connect(gw), await connect(gw)
     try:
         _, team, secret = await Api(http, gw.base, ADMIN_TOKEN).funded_team_key("1.00")
         handed.send(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")  # aiohttp's from now on
@@ -669,12 +640,11 @@ async def test_edge_heads_on_a_real_socket_are_read_as_llhttp_reads_them(
     assert await conn.closed()
     assert counts(gateway) == (served + 3, handed)
 
-    port = int(gateway.base.rsplit(":", 1)[1])
     for raw, expected in (
         (post(secret, CHAT).replace(b"\r\n", b"\n"), 400),  # bare LF line ends: refused
         (post(secret, CHAT, Connection="close", connection="keep-alive"), 200),
     ):
-        other = Conn(*await asyncio.open_connection("127.0.0.1", port))
+        other = await connect(gateway)
         try:
             other.send(raw)
             assert (await other.response())[0] == expected  # aiohttp's answer
@@ -697,8 +667,7 @@ async def test_shutdown_past_its_deadline_cuts_a_lean_stream_and_bills_what_was_
     gw, runner = await start_gateway(
         dataclasses.replace(config, server=server), database_url, redis_url
     )
-    port = int(gw.base.rsplit(":", 1)[1])
-    conn = Conn(*await asyncio.open_connection("127.0.0.1", port))
+    conn = await connect(gw)
     pieces = ["alpha", " beta", " gamma", " delta", " epsilon", " zeta"]
     try:
         _, team, secret = await Api(http, gw.base, ADMIN_TOKEN).funded_team_key()
@@ -706,7 +675,7 @@ async def test_shutdown_past_its_deadline_cuts_a_lean_stream_and_bills_what_was_
         fake.next(chunk_delay_s=0.4, content_pieces=pieces)  # 2.4 s: longer than shutdown waits
         conn.send(post(secret, {**CHAT, "stream": True}))
         seen = await conn.reader.readuntil(b"alpha")
-        request_id = seen.split(b"x-request-id: ", 1)[1].split(b"\r\n", 1)[0].decode()
+        request_id = request_id_of(seen)
         await runner.cleanup()
         rest = await asyncio.wait_for(conn.reader.read(), 10)  # until the gateway closes
         assert counts(gw) == (served + 1, handed)
@@ -730,17 +699,8 @@ async def test_a_client_that_does_not_read_its_stream_pauses_the_provider(
     gateway: Gateway, api: Api, fake: FakeUpstream
 ) -> None:
     _, _, secret = await api.funded_team_key("100.00")
-    port = int(gateway.base.rsplit(":", 1)[1])
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: pushback soon
-    sock.connect(("127.0.0.1", port))
-    sock.setblocking(False)
-    slow = Conn(*await asyncio.open_connection(sock=sock))
+    slow, front = await slow_client(gateway)
     try:
-        front = await front_of(gateway, slow)
-        assert front.transport is not None
-        gateway_side = front.transport.get_extra_info("socket")
-        gateway_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         served, handed = counts(gateway)
         pieces = [f"piece {i} " + "lorem ipsum dolor " * 800 for i in range(100)]  # ~1.4 MB
         fake.next(content_pieces=pieces)
@@ -768,15 +728,14 @@ async def test_shutdown_lets_a_lean_stream_finish_and_bills_it(
     db: asyncpg.Connection,
 ) -> None:
     gw, runner = await start_gateway(gateway_config(fake.base_url), database_url, redis_url)
-    port = int(gw.base.rsplit(":", 1)[1])
-    conn = Conn(*await asyncio.open_connection("127.0.0.1", port))
+    conn = await connect(gw)
     try:
         _, _, secret = await Api(http, gw.base, ADMIN_TOKEN).funded_team_key()
         served, handed = counts(gw)
         fake.next(chunk_delay_s=0.2)  # ~1.6 s, within the 5 s shutdown_timeout_s
         conn.send(post(secret, {**CHAT, "stream": True}))
         head = await conn.reader.readuntil(b"\r\n\r\n")  # the stream has begun
-        request_id = head.split(b"x-request-id: ", 1)[1].split(b"\r\n", 1)[0].decode()
+        request_id = request_id_of(head)
         stopping = asyncio.ensure_future(runner.cleanup())
         body = await asyncio.wait_for(conn._chunked(), 10)
         await asyncio.wait_for(stopping, 10)
@@ -822,8 +781,7 @@ async def test_a_stream_ends_for_its_client_at_done_before_the_providers_end_of_
     gw, runner = await start_gateway(
         gateway_config(f"http://127.0.0.1:{upstream_port}/v1"), database_url, redis_url
     )
-    port = int(gw.base.rsplit(":", 1)[1])
-    conn = Conn(*await asyncio.open_connection("127.0.0.1", port))
+    conn = await connect(gw)
     try:
         _, _, secret = await Api(http, gw.base, ADMIN_TOKEN).funded_team_key()
         conn.send(post(secret, {**CHAT, "stream": True}))

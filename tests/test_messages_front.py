@@ -6,8 +6,6 @@ in Anthropic's envelope."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,7 +15,7 @@ import pytest
 from gateway.proxy import forwarding
 from tests.conftest import ANTHROPIC_KEY, Providers
 from tests.helpers import Api
-from tests.rawhttp import CHAT, Conn, counts, post
+from tests.rawhttp import CHAT, Conn, connect, counts, post
 
 MSG = [{"role": "user", "content": "hi there"}]
 BODY = {"model": "claude", "max_tokens": 50, "messages": MSG}
@@ -70,21 +68,14 @@ def _without_ids(raw: bytes) -> Any:
     return body
 
 
-async def _open(providers: Providers) -> Conn:
-    port = int(providers.gateway.base.rsplit(":", 1)[1])
-    return Conn(*await asyncio.open_connection("127.0.0.1", port))
-
-
 @pytest.fixture
 async def pair(providers: Providers) -> AsyncIterator[Pair]:
-    lean, slow = await _open(providers), await _open(providers)
+    lean, slow = await connect(providers.gateway), await connect(providers.gateway)
     slow.send(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")  # aiohttp's from now on
     assert (await slow.response())[0] == 200
     yield Pair(lean, slow)
     for conn in (lean, slow):
-        conn.writer.close()
-        with contextlib.suppress(Exception):
-            await conn.writer.wait_closed()
+        await conn.aclose()
 
 
 @pytest.mark.parametrize("model", ["claude", "gpt-4o-mini"])
