@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from gateway import state as S
 from gateway.proxy.handlers import Call, release_quietly
 from gateway.proxy.tokens import TokenCounter
-from tests.conftest import Gateway
+from tests.conftest import ADMIN_TOKEN, Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, account_state, eventually
 from tests.rawhttp import counts
@@ -87,6 +87,29 @@ async def test_bad_input_is_a_clear_4xx_and_changes_nothing(
     assert set(payload["error"]) == {"message", "type", "param", "code"}
     assert fake.requests == []
     assert await api.overview(owner, team["id"]) == before
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"not json", "The request body is not valid JSON."),
+        (b"[1, 2]", "The request body must be a JSON object."),
+    ],
+)
+async def test_a_body_that_is_not_a_json_object_is_refused_alike_by_the_proxy_and_the_api(
+    gateway: Gateway, api: Api, http: aiohttp.ClientSession, raw: bytes, message: str
+) -> None:
+    _, team, secret = await api.funded_team_key()
+    refusal = {"message": message, "type": "invalid_request_error", "param": None}
+    proxied = await post(http, gateway, secret, raw)
+    assert proxied[:2] == (400, {"error": {**refusal, "code": "invalid_request_error"}})
+    async with http.post(
+        f"{gateway.base}/admin/teams/{team['id']}/credits",
+        data=raw,
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
+    ) as resp:
+        managed = (resp.status, await resp.json())
+    assert managed == (400, {"error": {**refusal, "code": "invalid_request_error"}})
 
 
 async def test_body_over_the_cap_is_413(

@@ -48,15 +48,7 @@ def _default(value: object) -> object:
 
 async def read_body(request: web.Request) -> dict[str, Any]:
     raw = await bodies.read_body(request, request.app[S.CONFIG].server.max_body_bytes)
-    if not raw:
-        return {}
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest("The request body is not valid JSON.") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    return body
+    return bodies.decode_json(raw) if raw else {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """Request bodies and malformed requests on aiohttp's path, the same for every route.
 
-:func:`read_body` reads a body whole: its content coding checked (415 when not served), capped at
+:func:`read_body` reads a body whole (:func:`decode_json` makes it the JSON object a route takes): its content coding checked (415 when not served), capped at
 ``server.max_body_bytes`` as sent *and* as decoded (413), decoded by
 :func:`policies.codings.decode`, which never holds more than the cap (a zip bomb stops there,
 whatever its ratio); a body that does not decode is 400; a client that leaves mid-body is
@@ -54,6 +54,18 @@ async def read_body(request: web.BaseRequest, max_bytes: int) -> bytes:
         raise too_large from exc
     except codings.BadCoding as exc:
         raise InvalidRequest(f"The request body could not be decoded: {exc}.") from exc
+
+
+def decode_json(body: bytes) -> dict[str, Any]:
+    """A decoded body as the JSON object every route takes (else 400, in the same words on the
+    proxy's routes and the management API's)."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest("The request body is not valid JSON.") from exc
+    if not isinstance(value, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return value
 
 
 def _one_line(exc: BaseException | None) -> str:

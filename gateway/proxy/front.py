@@ -231,7 +231,7 @@ class Front(asyncio.Protocol):
         """For a known key and a sound body: parse, size and send the hold before any await.
         None: the request needs I/O first (or is refused); :meth:`_serve` goes the long way."""
         try:
-            body = proxy.decode_json(raw)
+            body = bodies.decode_json(raw)
         except GatewayError:
             return None
         app = self.app
@@ -257,7 +257,7 @@ class Front(asyncio.Protocol):
         secret = _bearer(headers)
         key = await app[S.KEYS].lookup(secret)
         assert secret is not None  # lookup refuses a missing key
-        body = proxy.decode_json(request.raw)
+        body = bodies.decode_json(request.raw)
         call = proxy.parse(app, request.endpoint, secret, key, request.raw, body, _tags(headers))
         call.client_headers = _forwardable(headers)
         return call

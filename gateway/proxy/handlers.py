@@ -122,17 +122,7 @@ class Plain:
 # --- parsing and validation -------------------------------------------------------------------
 async def read_json(request: web.Request, max_bytes: int) -> tuple[bytes, dict[str, Any]]:
     raw = await bodies.read_body(request, max_bytes)  # decoded, capped: gateway.infra.bodies
-    return raw, decode_json(raw)
-
-
-def decode_json(raw: bytes) -> dict[str, Any]:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest("The request body is not valid JSON.") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    return body
+    return raw, bodies.decode_json(raw)
 
 
 def _check_int(body: dict[str, Any], name: str, minimum: int) -> None:
