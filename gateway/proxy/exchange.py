@@ -102,12 +102,16 @@ class Passthrough(Exchange):
         self.route = route
 
 
-class ChatOnMessages(Exchange):
-    route = "/messages"
+class _Translated(Exchange):
+    """The upstream body is the client's translated to the upstream's protocol, before the hold
+    (what cannot be translated is the client's 400)."""
+
+    def translate(self, call: Call) -> dict[str, Any]:
+        raise NotImplementedError
 
     def prepare(self, call: Call) -> None:
         try:
-            body = requests.chat_to_messages(call.body, call.model.max_output_tokens)
+            body = self.translate(call)
         except TranslationError as exc:
             raise InvalidRequest(exc.message, param=exc.param) from exc
         body["model"] = call.model.upstream_model
@@ -116,6 +120,13 @@ class ChatOnMessages(Exchange):
     def body(self, call: Call, stream: bool) -> bytes:
         assert call.translated is not None
         return orjson.dumps(call.translated)
+
+
+class ChatOnMessages(_Translated):
+    route = "/messages"
+
+    def translate(self, call: Call) -> dict[str, Any]:
+        return requests.chat_to_messages(call.body, call.model.max_output_tokens)
 
     def answer(self, call: Call, raw: bytes) -> Answer:
         reply = _json_object(raw)
@@ -150,18 +161,9 @@ class MessagesPassthrough(Exchange):
         return MessagesRelay()
 
 
-class MessagesOnChat(Exchange):
-    def prepare(self, call: Call) -> None:
-        try:
-            body = requests.messages_to_chat(call.body)
-        except TranslationError as exc:
-            raise InvalidRequest(exc.message, param=exc.param) from exc
-        body["model"] = call.model.upstream_model
-        call.translated = body
-
-    def body(self, call: Call, stream: bool) -> bytes:
-        assert call.translated is not None
-        return orjson.dumps(call.translated)
+class MessagesOnChat(_Translated):
+    def translate(self, call: Call) -> dict[str, Any]:
+        return requests.messages_to_chat(call.body)
 
     def answer(self, call: Call, raw: bytes) -> Answer:
         reply = _json_object(raw)
