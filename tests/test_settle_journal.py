@@ -142,6 +142,17 @@ async def test_kept_settle_survives_a_restart_and_is_applied_once(
         account = rk.AccountKeys(rk.team_account(team["id"]))
         assert await redis.hget(account.state, "credits") == str(1_000_000_000 - COST)
         assert len(await _records(db, team["id"])) == 1
+        # Once its record is in PostgreSQL the settle's marker lives RID_AFTER_LEDGER_S, not a
+        # day (ack.lua); let it expire for real and replay again: the ledger check drops it.
+        marker = account.settled_marker(call.request_id)
+        assert 0 < await redis.ttl(marker) <= rk.RID_AFTER_LEDGER_S
+        await redis.pexpire(marker, 1)
+        await eventually(lambda: redis.exists(marker), lambda n: n == 0)
+        metering.journal.keep(call)
+        assert await metering.replay() == 1
+        assert await redis.hget(account.state, "credits") == str(1_000_000_000 - COST)
+        assert len(await _records(db, team["id"])) == 1
+        assert not await redis.exists(marker)  # not set again by a settle that did not run
     finally:
         await runner.cleanup()
 
