@@ -16,7 +16,8 @@ KEYS[7]  {acct:A}:hv           hold id -> "<amount>|<scope>", or with rate or ke
                                "<amount>|<scope>|<flags>|<tokens>|<key>" (flags: h = counted in
                                kh:<key>; k, m, t = logged in the key's, member's, team's window)
 KEYS[8]  {acct:A}:alerts       alert stream (a limit refusal counts as reaching 100 % of it)
-KEYS[9]  {acct:A}:rt           rate sums: last (the last stamp, ms), k:<key>, m:<scope>, t (tokens)
+KEYS[9]  {acct:A}:rt           rate sums: last (the last stamp, ms), k:<key>, m:<scope>, t (tokens),
+                               nk:<key>, nm:<scope>, nt (entries)
 KEYS[10] {acct:A}:rw:k:<key>   the key's rate log: "<hold id>|<tokens>" scored by stamp (ms)
 KEYS[11] {acct:A}:rw:m:<scope> the member's rate log
 KEYS[12] {acct:A}:rw:t         the team's rate log
@@ -129,44 +130,79 @@ local credits, holds, member_holds = num(s[2], 0), num(s[3], 0), num(s[4], 0)
 -- The member's spend in the team this period: here (ms) + billed to the other account (mx).
 local aspent, spend, member_spend = num(p[2], 0), num(p[3], 0), num(p[4], 0) + num(p[5], 0)
 
--- Rate windows (policies/ratelimits.py): the key's, the member's, the team's log.
+-- Rate windows (policies/ratelimits.py): the key's, the member's, the team's log, those limited.
+-- Each keeps its token sum and its entry count in rt beside it (no ZCARD); the stamp, the tokens
+-- and the TTL go to Redis as the strings they came as (formatting a number costs more than a call).
 local tokens, window, rt = tonumber(ARGV[10]), tonumber(ARGV[11]), KEYS[9]
-local t = tonumber(ARGV[9])
+local t, t_s = tonumber(ARGV[9]), ARGV[9]
 local wins = {}
+local rset = {}  -- rt's fields to write, as field, value, ...: one HSET at the end
 -- The common path (no rate limit anywhere) stops at this one test.
 local limited = (krpm ~= nil and krpm ~= '') or (ktpm ~= nil and ktpm ~= '') or c[7] or c[8]
   or c[9] or c[10]
 if limited then
-  local limits = {num(krpm, nil), num(ktpm, nil), num(c[9], nil), num(c[10], nil),
-    num(c[7], nil), num(c[8], nil)}
-  wins = {
-    {key = KEYS[10], field = 'k:' .. key_id, flag = 'k', rpm = limits[1], tpm = limits[2]},
-    {key = KEYS[11], field = 'm:' .. scope, flag = 'm', rpm = limits[3], tpm = limits[4]},
-    {key = KEYS[12], field = 't', flag = 't', rpm = limits[5], tpm = limits[6]},
+  local all = {
+    {key = KEYS[10], field = 'k:' .. key_id, flag = 'k', rpm = num(krpm, nil), tpm = num(ktpm, nil)},
+    {key = KEYS[11], field = 'm:' .. scope, flag = 'm', rpm = num(c[9], nil), tpm = num(c[10], nil)},
+    {key = KEYS[12], field = 't', flag = 't', rpm = num(c[7], nil), tpm = num(c[8], nil)},
   }
-  local r = redis.call('HMGET', rt, 'last', wins[1].field, wins[2].field, wins[3].field)
+  local fields = {'last'}
+  for _, w in ipairs(all) do
+    if w.rpm ~= nil or w.tpm ~= nil then
+      w.nfield = 'n' .. w.field  -- its entry count: nk:<key>, nm:<scope>, nt
+      wins[#wins + 1] = w
+      fields[#fields + 1] = w.field
+      fields[#fields + 1] = w.nfield
+    end
+  end
+  local r = redis.call('HMGET', rt, unpack(fields))
   local last = num(r[1], 0)
-  if t < last then t = last elseif t > last then redis.call('HSET', rt, 'last', str(t)) end
+  if t < last then
+    t, t_s = last, r[1]
+  elseif t > last then
+    rset[1], rset[2] = 'last', t_s
+  end
   local cutoff = t - window
   for i, w in ipairs(wins) do
-    w.limited = w.rpm ~= nil or w.tpm ~= nil
-    if w.limited then
-      local sum = num(r[i + 1], 0)
-      local oldest = redis.call('ZRANGE', w.key, 0, 0, 'WITHSCORES')
-      if oldest[2] and tonumber(oldest[2]) <= cutoff then
-        for _, m in ipairs(redis.call('ZRANGEBYSCORE', w.key, '-inf', cutoff)) do
-          sum = sum - tonumber(string.match(m, '|(%d+)$'))
-        end
-        redis.call('ZREMRANGEBYSCORE', w.key, '-inf', cutoff)
-        oldest = redis.call('ZRANGE', w.key, 0, 0, 'WITHSCORES')
-        redis.call('HSET', rt, w.field, str(sum))
+    local sum, count = num(r[2 * i], 0), r[2 * i + 1]
+    local oldest = redis.call('ZRANGE', w.key, '0', '0', 'WITHSCORES')
+    if oldest[2] and tonumber(oldest[2]) <= cutoff then
+      local gone = redis.call('ZRANGEBYSCORE', w.key, '-inf', cutoff)
+      for _, m in ipairs(gone) do
+        sum = sum - tonumber(string.match(m, '|(%d+)$'))
       end
-      w.count = redis.call('ZCARD', w.key)
-      -- The sum is trusted only beside a non-empty log (an idle log expires before its sum).
-      if w.count == 0 then sum = 0 end
-      w.sum = sum
-      w.oldest = num(oldest[2], nil)
+      redis.call('ZREMRANGEBYSCORE', w.key, '-inf', cutoff)
+      oldest = redis.call('ZRANGE', w.key, '0', '0', 'WITHSCORES')
+      if count then count = tonumber(count) - #gone end
+      w.trimmed = true
     end
+    if not oldest[2] then
+      -- The sum and count are trusted only beside a non-empty log (an idle log expires first).
+      sum, count = 0, 0
+    elseif not count then
+      count = redis.call('ZCARD', w.key)  -- a log counted before rt kept its count
+      w.trimmed = true
+    else
+      count = tonumber(count)
+    end
+    w.count, w.sum, w.oldest = count, sum, num(oldest[2], nil)
+  end
+end
+
+-- rt's fields changed without an admission (a refusal): the stamp, and the sums and counts of
+-- the logs trimmed.
+local function rate_save()
+  for _, w in ipairs(wins) do
+    if w.trimmed then
+      rset[#rset + 1] = w.field
+      rset[#rset + 1] = str(w.sum)
+      rset[#rset + 1] = w.nfield
+      rset[#rset + 1] = str(w.count)
+    end
+  end
+  if rset[1] then
+    redis.call('HSET', rt, unpack(rset))
+    redis.call('PEXPIRE', rt, 2 * window)
   end
 end
 
@@ -174,25 +210,23 @@ end
 local function rate_reply(status, held, warn, alerted, retry, admitted)
   local rq, tk = nil, nil
   for _, w in ipairs(wins) do
-    if w.limited then
-      local count, sum, oldest = w.count, w.sum, w.oldest
-      if admitted then
-        count, sum = count + 1, sum + tokens
-        if oldest == nil then oldest = t end
+    local count, sum, oldest = w.count, w.sum, w.oldest
+    if admitted then
+      count, sum = count + 1, sum + tokens
+      if oldest == nil then oldest = t end
+    end
+    local reset = 0
+    if oldest ~= nil then reset = oldest + window - t end
+    if w.rpm ~= nil then
+      local left = math.max(0, w.rpm - count)
+      if rq == nil or left < rq[2] or (left == rq[2] and w.rpm < rq[1]) then
+        rq = {w.rpm, left, reset}
       end
-      local reset = 0
-      if oldest ~= nil then reset = oldest + window - t end
-      if w.rpm ~= nil then
-        local left = math.max(0, w.rpm - count)
-        if rq == nil or left < rq[2] or (left == rq[2] and w.rpm < rq[1]) then
-          rq = {w.rpm, left, reset}
-        end
-      end
-      if w.tpm ~= nil then
-        local left = math.max(0, w.tpm - sum)
-        if tk == nil or left < tk[2] or (left == tk[2] and w.tpm < tk[1]) then
-          tk = {w.tpm, left, reset}
-        end
+    end
+    if w.tpm ~= nil then
+      local left = math.max(0, w.tpm - sum)
+      if tk == nil or left < tk[2] or (left == tk[2] and w.tpm < tk[1]) then
+        tk = {w.tpm, left, reset}
       end
     end
   end
@@ -204,7 +238,10 @@ local function rate_reply(status, held, warn, alerted, retry, admitted)
 end
 
 local function refused(code, alerted)
-  if limited then return rate_reply(code, 0, 0, alerted, 0, false) end
+  if limited then
+    rate_save()
+    return rate_reply(code, 0, 0, alerted, 0, false)
+  end
   return {code, 0, 0, 0, alerted}
 end
 
@@ -284,6 +321,7 @@ if limited then
   if wait >= 0 then
     local retry = math.ceil(wait / 1000)
     if retry < 1 then retry = 1 end
+    rate_save()
     return rate_reply('rate_limit_exceeded', 0, 0, 0, retry, false)
   end
 end
@@ -298,21 +336,23 @@ if klimit >= 0 then
   redis.call('HINCRBY', state, 'kh:' .. key_id, hold_s)
 end
 if limited then
-  local member = hold_id .. '|' .. str(tokens)
+  local member, ttl = hold_id .. '|' .. ARGV[10], tostring(2 * window)
   for _, w in ipairs(wins) do
-    if w.limited then
-      flags = flags .. w.flag
-      redis.call('ZADD', w.key, t, member)
-      redis.call('PEXPIRE', w.key, 2 * window)
-      redis.call('HSET', rt, w.field, str(w.sum + tokens))
-    end
+    flags = flags .. w.flag
+    redis.call('ZADD', w.key, t_s, member)
+    redis.call('PEXPIRE', w.key, ttl)
+    rset[#rset + 1] = w.field
+    rset[#rset + 1] = str(w.sum + tokens)
+    rset[#rset + 1] = w.nfield
+    rset[#rset + 1] = str(w.count + 1)
   end
-  redis.call('PEXPIRE', rt, 2 * window)
+  redis.call('HSET', rt, unpack(rset))
+  redis.call('PEXPIRE', rt, ttl)
 end
 if flags == '' then
   redis.call('HSET', hv, hold_id, hold_s .. '|' .. scope)
 else
-  redis.call('HSET', hv, hold_id, hold_s .. '|' .. scope .. '|' .. flags .. '|' .. str(tokens)
+  redis.call('HSET', hv, hold_id, hold_s .. '|' .. scope .. '|' .. flags .. '|' .. ARGV[10]
     .. '|' .. key_id)
 end
 if limited then return rate_reply('ok', hold, warn, 0, 0, true) end

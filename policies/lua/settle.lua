@@ -55,17 +55,20 @@ end
 local v = redis.call('HGET', hv, hold_id)
 if v then
   local _, hscope, flags, worst, hkey = unhold(state, v)
-  -- Rate logs: the entry's worst-case tokens become the actual ones (unless it aged out).
-  local logs = {k = {KEYS[10], 'k:' .. (hkey or '')}, m = {KEYS[11], 'm:' .. hscope},
-    t = {KEYS[12], 't'}}
-  local actual = tonumber(ARGV[10])
-  for f in string.gmatch(flags, '[kmt]') do
-    local old = hold_id .. '|' .. worst
-    local score = redis.call('ZSCORE', logs[f][1], old)
-    if score and actual ~= tonumber(worst) then
-      redis.call('ZREM', logs[f][1], old)
-      redis.call('ZADD', logs[f][1], score, hold_id .. '|' .. str(actual))
-      redis.call('HINCRBY', KEYS[9], logs[f][2], str(actual - tonumber(worst)))
+  -- Rate logs: the entry's worst-case tokens become the actual ones (unless it aged out); nothing
+  -- to do when they are the same (both are the decimal strings the gateway sent).
+  if flags ~= '' and flags ~= 'h' and worst ~= ARGV[10] then
+    local logs = {k = {KEYS[10], 'k:' .. hkey}, m = {KEYS[11], 'm:' .. hscope}, t = {KEYS[12], 't'}}
+    local old, new = hold_id .. '|' .. worst, hold_id .. '|' .. ARGV[10]
+    local delta = str(tonumber(ARGV[10]) - tonumber(worst))
+    for f in string.gmatch(flags, '[kmt]') do
+      local log = logs[f]
+      local score = redis.call('ZSCORE', log[1], old)
+      if score then
+        redis.call('ZREM', log[1], old)
+        redis.call('ZADD', log[1], score, new)
+        redis.call('HINCRBY', KEYS[9], log[2], delta)
+      end
     end
   end
   redis.call('HDEL', hv, hold_id)
