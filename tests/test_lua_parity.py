@@ -421,7 +421,8 @@ async def test_settle_corrects_the_logs_to_the_actual_tokens(redis: Redis) -> No
     await install(redis, ak, row)
     raw = await run_hold(Scripts(redis), ak, row.worst, row)
     assert raw[0] == "ok"
-    assert await redis.hget(ak.hold_values, "req_parity") == f"1000|{SCOPE}|hkm|100|{KEY}"
+    held = f"1000|{SCOPE}|hkm|100@{row.now_ms}|{KEY}"  # the stamp: no ZSCORE at settle
+    assert await redis.hget(ak.hold_values, "req_parity") == held
     assert await redis.hget(ak.state, "kh:" + KEY) == "1000"
     request_id = "req_parity"
     args = [request_id, 900, SCOPE, KEY, MODEL, 3600, 60, 0, NOW, 40, "request_id", request_id]
@@ -503,3 +504,67 @@ async def test_a_log_without_its_count_is_counted(redis: Redis) -> None:
     ]
     again = await run_hold(Scripts(redis), ak, row.worst, row)
     assert (again[0], again[5], again[8]) == ("rate_limit_exceeded", 59, 0)
+
+
+@pytest.mark.parametrize("stamped", [True, False], ids=["stamped", "placed-before-stamps"])
+async def test_settle_after_the_entry_aged_out_corrects_nothing(
+    redis: Redis, stamped: bool
+) -> None:
+    """A hold settled after its entry left the log (trimmed by a later hold): the sum is not
+    touched; a hold placed before hv kept the stamp (no "@") is looked up by ZSCORE, same result."""
+    ak = fresh()
+    row = Row("aged", credits=RICH, ktpm=10**6, klog=(), mlog=(), tlog=())
+    await install(redis, ak, row)
+    assert (await run_hold(Scripts(redis), ak, row.worst, row))[0] == "ok"
+    if not stamped:
+        await redis.hset(ak.hold_values, "req_parity", f"1000|{SCOPE}|k|100|{KEY}")
+    later = Row("later", credits=RICH, ktpm=10**6, now_ms=row.now_ms + WINDOW_MS)
+    raw = await Scripts(redis).hold(
+        keys=hold_keys(ak),
+        args=[later.now_ms // 1000, "req_two", KEY, SCOPE, MODEL, 1000, 600, 3600]
+        + [later.now_ms, 7, WINDOW_MS],
+    )
+    assert raw[0] == "ok"
+    assert await _logged(redis, ak) == [[("req_two|7", later.now_ms)], [], []]
+    args = [
+        "req_parity",
+        900,
+        SCOPE,
+        KEY,
+        MODEL,
+        3600,
+        60,
+        0,
+        NOW,
+        40,
+        "request_id",
+        "req_parity",
+    ]
+    await Scripts(redis).settle(keys=settle_keys(ak, "req_parity"), args=args)
+    assert await _logged(redis, ak) == [[("req_two|7", later.now_ms)], [], []]
+    assert await redis.hmget(ak.rate_sums, ["k:" + KEY, "nk:" + KEY]) == ["7", "1"]
+
+
+async def test_settle_of_a_hold_placed_before_stamps_corrects_its_entry(redis: Redis) -> None:
+    ak = fresh()
+    row = Row("unstamped", credits=RICH, ktpm=10**6, klog=(), mlog=(), tlog=())
+    await install(redis, ak, row)
+    assert (await run_hold(Scripts(redis), ak, row.worst, row))[0] == "ok"
+    await redis.hset(ak.hold_values, "req_parity", f"1000|{SCOPE}|k|100|{KEY}")
+    args = [
+        "req_parity",
+        900,
+        SCOPE,
+        KEY,
+        MODEL,
+        3600,
+        60,
+        0,
+        NOW,
+        40,
+        "request_id",
+        "req_parity",
+    ]
+    await Scripts(redis).settle(keys=settle_keys(ak, "req_parity"), args=args)
+    assert await _logged(redis, ak) == [[("req_parity|40", row.now_ms)], [], []]
+    assert await redis.hget(ak.rate_sums, "k:" + KEY) == "40"

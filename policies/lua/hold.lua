@@ -14,7 +14,9 @@ KEYS[5]  {acct:A}:blk:<scope>  set of blocked model names (scope: "" or, in a us
 KEYS[6]  {acct:A}:hz           hold id -> expiry (unix s)
 KEYS[7]  {acct:A}:hv           hold id -> "<amount>|<scope>", or with rate or key limits
                                "<amount>|<scope>|<flags>|<tokens>|<key>" (flags: h = counted in
-                               kh:<key>; k, m, t = logged in the key's, member's, team's window)
+                               kh:<key>; k, m, t = logged in the key's, member's, team's window;
+                               tokens: "<worst case>@<stamp>" when logged, so settle and release
+                               find the log entry without a ZSCORE)
 KEYS[8]  {acct:A}:alerts       alert stream (a limit refusal counts as reaching 100 % of it)
 KEYS[9]  {acct:A}:rt           rate sums: last (the last stamp, ms), k:<key>, m:<scope>, t (tokens),
                                nk:<key>, nm:<scope>, nt (entries)
@@ -352,7 +354,9 @@ end
 if flags == '' then
   redis.call('HSET', hv, hold_id, hold_s .. '|' .. scope)
 else
-  redis.call('HSET', hv, hold_id, hold_s .. '|' .. scope .. '|' .. flags .. '|' .. ARGV[10]
+  local logged = ''
+  if limited then logged = ARGV[10] .. '@' .. t_s end
+  redis.call('HSET', hv, hold_id, hold_s .. '|' .. scope .. '|' .. flags .. '|' .. logged
     .. '|' .. key_id)
 end
 if limited then return rate_reply('ok', hold, warn, 0, 0, true) end

@@ -19,13 +19,16 @@ local v = redis.call('HGET', KEYS[3], hold_id)
 if not v then return 0 end
 local amount, hscope, flags, worst, hkey = unhold(KEYS[1], v)
 local logs = {k = {KEYS[5], 'k:' .. (hkey or '')}, m = {KEYS[6], 'm:' .. hscope}, t = {KEYS[7], 't'}}
-for f in string.gmatch(flags, '[kmt]') do
-  local old = hold_id .. '|' .. worst
-  local score = redis.call('ZSCORE', logs[f][1], old)
-  if score and worst ~= '0' then
-    redis.call('ZREM', logs[f][1], old)
-    redis.call('ZADD', logs[f][1], score, hold_id .. '|0')
-    redis.call('HINCRBY', KEYS[4], logs[f][2], neg(worst))
+if flags ~= '' and flags ~= 'h' then
+  local stamp
+  worst, stamp = logged_at(worst)
+  if worst ~= '0' then
+    local old = hold_id .. '|' .. worst
+    for f in string.gmatch(flags, '[kmt]') do
+      if relog(logs[f][1], old, stamp, hold_id .. '|0') then
+        redis.call('HINCRBY', KEYS[4], logs[f][2], neg(worst))
+      end
+    end
   end
 end
 redis.call('HDEL', KEYS[3], hold_id)

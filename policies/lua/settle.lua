@@ -57,17 +57,17 @@ if v then
   local _, hscope, flags, worst, hkey = unhold(state, v)
   -- Rate logs: the entry's worst-case tokens become the actual ones (unless it aged out); nothing
   -- to do when they are the same (both are the decimal strings the gateway sent).
-  if flags ~= '' and flags ~= 'h' and worst ~= ARGV[10] then
-    local logs = {k = {KEYS[10], 'k:' .. hkey}, m = {KEYS[11], 'm:' .. hscope}, t = {KEYS[12], 't'}}
-    local old, new = hold_id .. '|' .. worst, hold_id .. '|' .. ARGV[10]
-    local delta = str(tonumber(ARGV[10]) - tonumber(worst))
-    for f in string.gmatch(flags, '[kmt]') do
-      local log = logs[f]
-      local score = redis.call('ZSCORE', log[1], old)
-      if score then
-        redis.call('ZREM', log[1], old)
-        redis.call('ZADD', log[1], score, new)
-        redis.call('HINCRBY', KEYS[9], log[2], delta)
+  if flags ~= '' and flags ~= 'h' then
+    local stamp
+    worst, stamp = logged_at(worst)
+    if worst ~= ARGV[10] then
+      local logs = {k = {KEYS[10], 'k:' .. hkey}, m = {KEYS[11], 'm:' .. hscope},
+        t = {KEYS[12], 't'}}
+      local old, new = hold_id .. '|' .. worst, hold_id .. '|' .. ARGV[10]
+      local delta = str(tonumber(ARGV[10]) - tonumber(worst))
+      for f in string.gmatch(flags, '[kmt]') do
+        local log = logs[f]
+        if relog(log[1], old, stamp, new) then redis.call('HINCRBY', KEYS[9], log[2], delta) end
       end
     end
   end

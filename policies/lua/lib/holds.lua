@@ -34,3 +34,24 @@ local function expire_holds(state, hz, hv, now, limit)
   end
   return #expired
 end
+
+-- The tokens field of a logged hold (`unhold`'s fourth value): its worst-case tokens and the
+-- stamp (a string, as the log's score was given) of its log entries, "<tokens>@<stamp>"; a hold
+-- placed before the stamp was kept there has none (false): its entries are found by ZSCORE.
+local function logged_at(tokens)
+  local at = string.find(tokens, '@', 1, true)
+  if not at then return tokens, false end
+  return string.sub(tokens, 1, at - 1), string.sub(tokens, at + 1)
+end
+
+-- Replace a log's entry `old` (stamped `stamp`, or false: looked up) by `new` at the same stamp;
+-- false when it is no longer there (aged out and trimmed, or the log expired).
+local function relog(log, old, stamp, new)
+  if not stamp then
+    stamp = redis.call('ZSCORE', log, old)
+    if not stamp then return false end
+  end
+  if redis.call('ZREM', log, old) == 0 then return false end
+  redis.call('ZADD', log, stamp, new)
+  return true
+end
