@@ -171,18 +171,24 @@ def format_reset(ms: int) -> str:
     if ms < 1000:
         return f"{max(0, ms)}ms"
     minutes, rest = divmod(ms, 60_000)
-    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
-    return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
+    seconds, millis = divmod(rest, 1000)  # integers: no float formatting (once per answer)
+    text = f"{seconds}.{millis:03d}".rstrip("0") + "s" if millis else f"{seconds}s"
+    return f"{minutes}m{text}" if minutes else text
 
 
 def headers(rate: RateView) -> dict[str, str]:
     out: dict[str, str] = {}
-    if rate.requests is not None:
-        out["x-ratelimit-limit-requests"] = str(rate.requests.limit)
-        out["x-ratelimit-remaining-requests"] = str(rate.requests.remaining)
-        out["x-ratelimit-reset-requests"] = format_reset(rate.requests.reset_ms)
-    if rate.tokens is not None:
-        out["x-ratelimit-limit-tokens"] = str(rate.tokens.limit)
-        out["x-ratelimit-remaining-tokens"] = str(rate.tokens.remaining)
-        out["x-ratelimit-reset-tokens"] = format_reset(rate.tokens.reset_ms)
+    requests, tokens = rate.requests, rate.tokens
+    reset = ""
+    if requests is not None:
+        reset = format_reset(requests.reset_ms)
+        out["x-ratelimit-limit-requests"] = str(requests.limit)
+        out["x-ratelimit-remaining-requests"] = str(requests.remaining)
+        out["x-ratelimit-reset-requests"] = reset
+    if tokens is not None:
+        if requests is None or tokens.reset_ms != requests.reset_ms:  # mostly the same window
+            reset = format_reset(tokens.reset_ms)
+        out["x-ratelimit-limit-tokens"] = str(tokens.limit)
+        out["x-ratelimit-remaining-tokens"] = str(tokens.remaining)
+        out["x-ratelimit-reset-tokens"] = reset
     return out

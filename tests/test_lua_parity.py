@@ -521,8 +521,10 @@ async def test_settle_after_the_entry_aged_out_corrects_nothing(
     later = Row("later", credits=RICH, ktpm=10**6, now_ms=row.now_ms + WINDOW_MS)
     raw = await Scripts(redis).hold(
         keys=hold_keys(ak),
-        args=[later.now_ms // 1000, "req_two", KEY, SCOPE, MODEL, 1000, 600, 3600]
-        + [later.now_ms, 7, WINDOW_MS],
+        args=[
+            *(later.now_ms // 1000, "req_two", KEY, SCOPE, MODEL, 1000, 600, 3600),
+            *(later.now_ms, 7, WINDOW_MS),
+        ],
     )
     assert raw[0] == "ok"
     assert await _logged(redis, ak) == [[("req_two|7", later.now_ms)], [], []]

@@ -106,10 +106,6 @@ class HoldResult:
     rate: RateView | None = None  # the x-ratelimit-* figures, when a rate limit applies
 
 
-def _usage(limit: int, remaining: int, reset_ms: int) -> Usage | None:
-    return None if limit < 0 else Usage(int(limit), int(remaining), int(reset_ms))
-
-
 @dataclass(slots=True)  # per request: frozen's __init__ is ~5x slower
 class SettleResult:
     settled: bool
@@ -203,17 +199,12 @@ class Metering:
             self._alerted(account)
         if len(raw) == 5:
             return HoldResult(raw[0], int(raw[1]), int(raw[2]), raw[3] == 1, raw[4] == 1)
-        rate = RateView(_usage(raw[7], raw[8], raw[9]), _usage(raw[10], raw[11], raw[12]))
-        return HoldResult(
-            raw[0],
-            int(raw[1]),
-            int(raw[2]),
-            raw[3] == 1,
-            raw[4] == 1,
-            int(raw[5]),
-            int(raw[6]),
-            rate,
+        # Integer replies come as ints: no int() (this runs on every request of a limited key).
+        rate = RateView(
+            None if raw[7] < 0 else Usage(raw[7], raw[8], raw[9]),
+            None if raw[10] < 0 else Usage(raw[10], raw[11], raw[12]),
         )
+        return HoldResult(raw[0], raw[1], raw[2], raw[3] == 1, raw[4] == 1, raw[5], raw[6], rate)
 
     @staticmethod
     def _send_now(script: Any, keys: list[str], args: list[str | int]) -> Awaitable[Any] | None:

@@ -135,27 +135,33 @@ local aspent, spend, member_spend = num(p[2], 0), num(p[3], 0), num(p[4], 0) + n
 -- Rate windows (policies/ratelimits.py): the key's, the member's, the team's log, those limited.
 -- Each keeps its token sum and its entry count in rt beside it (no ZCARD); the stamp, the tokens
 -- and the TTL go to Redis as the strings they came as (formatting a number costs more than a call).
-local tokens, window, rt = tonumber(ARGV[10]), tonumber(ARGV[11]), KEYS[9]
-local t, t_s = tonumber(ARGV[9]), ARGV[9]
+local tokens, window, rt, t, t_s
 local wins = {}
 local rset = {}  -- rt's fields to write, as field, value, ...: one HSET at the end
 -- The common path (no rate limit anywhere) stops at this one test.
 local limited = (krpm ~= nil and krpm ~= '') or (ktpm ~= nil and ktpm ~= '') or c[7] or c[8]
   or c[9] or c[10]
 if limited then
-  local all = {
-    {key = KEYS[10], field = 'k:' .. key_id, flag = 'k', rpm = num(krpm, nil), tpm = num(ktpm, nil)},
-    {key = KEYS[11], field = 'm:' .. scope, flag = 'm', rpm = num(c[9], nil), tpm = num(c[10], nil)},
-    {key = KEYS[12], field = 't', flag = 't', rpm = num(c[7], nil), tpm = num(c[8], nil)},
-  }
+  tokens, window, rt = tonumber(ARGV[10]), tonumber(ARGV[11]), KEYS[9]
+  t, t_s = tonumber(ARGV[9]), ARGV[9]
+  -- Only the limited windows (flags k, m, t in this order): their log, sum and count fields.
+  local rpm, tpm = num(krpm, nil), num(ktpm, nil)
+  if rpm or tpm then
+    wins[1] = {key = KEYS[10], field = 'k:' .. key_id, nfield = 'nk:' .. key_id, flag = 'k',
+      rpm = rpm, tpm = tpm}
+  end
+  rpm, tpm = num(c[9], nil), num(c[10], nil)
+  if rpm or tpm then
+    wins[#wins + 1] = {key = KEYS[11], field = 'm:' .. scope, nfield = 'nm:' .. scope, flag = 'm',
+      rpm = rpm, tpm = tpm}
+  end
+  rpm, tpm = num(c[7], nil), num(c[8], nil)
+  if rpm or tpm then
+    wins[#wins + 1] = {key = KEYS[12], field = 't', nfield = 'nt', flag = 't', rpm = rpm, tpm = tpm}
+  end
   local fields = {'last'}
-  for _, w in ipairs(all) do
-    if w.rpm ~= nil or w.tpm ~= nil then
-      w.nfield = 'n' .. w.field  -- its entry count: nk:<key>, nm:<scope>, nt
-      wins[#wins + 1] = w
-      fields[#fields + 1] = w.field
-      fields[#fields + 1] = w.nfield
-    end
+  for i, w in ipairs(wins) do
+    fields[2 * i], fields[2 * i + 1] = w.field, w.nfield
   end
   local r = redis.call('HMGET', rt, unpack(fields))
   local last = num(r[1], 0)
@@ -167,18 +173,20 @@ if limited then
   local cutoff = t - window
   for i, w in ipairs(wins) do
     local sum, count = num(r[2 * i], 0), r[2 * i + 1]
-    local oldest = redis.call('ZRANGE', w.key, '0', '0', 'WITHSCORES')
-    if oldest[2] and tonumber(oldest[2]) <= cutoff then
+    local first = redis.call('ZRANGE', w.key, '0', '0', 'WITHSCORES')[2]
+    local oldest = first and tonumber(first)  -- nil: the log is empty
+    if oldest and oldest <= cutoff then
       local gone = redis.call('ZRANGEBYSCORE', w.key, '-inf', cutoff)
       for _, m in ipairs(gone) do
         sum = sum - tonumber(string.match(m, '|(%d+)$'))
       end
       redis.call('ZREMRANGEBYSCORE', w.key, '-inf', cutoff)
-      oldest = redis.call('ZRANGE', w.key, '0', '0', 'WITHSCORES')
+      first = redis.call('ZRANGE', w.key, '0', '0', 'WITHSCORES')[2]
+      oldest = first and tonumber(first)
       if count then count = tonumber(count) - #gone end
       w.trimmed = true
     end
-    if not oldest[2] then
+    if not oldest then
       -- The sum and count are trusted only beside a non-empty log (an idle log expires first).
       sum, count = 0, 0
     elseif not count then
@@ -187,7 +195,7 @@ if limited then
     else
       count = tonumber(count)
     end
-    w.count, w.sum, w.oldest = count, sum, num(oldest[2], nil)
+    w.count, w.sum, w.oldest = count, sum, oldest
   end
 end
 
@@ -348,8 +356,10 @@ if limited then
     rset[#rset + 1] = w.nfield
     rset[#rset + 1] = str(w.count + 1)
   end
-  redis.call('HSET', rt, unpack(rset))
-  redis.call('PEXPIRE', rt, ttl)
+  if rset[1] then
+    redis.call('HSET', rt, unpack(rset))
+    redis.call('PEXPIRE', rt, ttl)
+  end
 end
 if flags == '' then
   redis.call('HSET', hv, hold_id, hold_s .. '|' .. scope)
