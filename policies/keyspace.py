@@ -23,12 +23,14 @@ key                    type    contents
                                right now, with their controls (policies/limits.py:key_entry)
 {acct:A}:blk:<scope>   set     models blocked for requests of that scope ("" = the account)
 {acct:A}:hz            zset    hold id -> expiry (unix s)
-{acct:A}:hv            hash    hold id -> "<amount>|<scope>"
+{acct:A}:hv            hash    hold id -> "<amount>|<scope>", or with key or rate limits
+                               "<amount>|<scope>|<flags>|<tokens>@<stamp>|<key>" (hold.lua)
 {acct:A}:rid:<req id>  string  settle marker (idempotency), expires after a day
 {acct:A}:usage         stream  usage records waiting for the PostgreSQL writer
 {acct:A}:alerts        stream  limit alerts (thresholds crossed) waiting for the alert worker
 {acct:A}:rt            hash    rate sums: last (the last rate stamp, ms), k:<key>, m:<scope>, t
-                               (worst-case, then actual, tokens in each log; expires when idle)
+                               (worst-case, then actual, tokens in each log), nk:<key>,
+                               nm:<scope>, nt (entries in each log); expires when idle
 {acct:A}:rw:k:<key>    zset    a key's rate log: "<request id>|<tokens>" scored by stamp (ms)
 {acct:A}:rw:m:<scope>  zset    a member's rate log (policies/ratelimits.py)
 {acct:A}:rw:t          zset    the team's rate log

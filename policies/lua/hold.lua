@@ -16,7 +16,7 @@ KEYS[7]  {acct:A}:hv           hold id -> "<amount>|<scope>", or with rate or ke
                                "<amount>|<scope>|<flags>|<tokens>|<key>" (flags: h = counted in
                                kh:<key>; k, m, t = logged in the key's, member's, team's window;
                                tokens: "<worst case>@<stamp>" when logged, so settle and release
-                               find the log entry without a ZSCORE)
+                               find the log entry without a ZSCORE; else empty)
 KEYS[8]  {acct:A}:alerts       alert stream (a limit refusal counts as reaching 100 % of it)
 KEYS[9]  {acct:A}:rt           rate sums: last (the last stamp, ms), k:<key>, m:<scope>, t (tokens),
                                nk:<key>, nm:<scope>, nt (entries)

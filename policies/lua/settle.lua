@@ -61,13 +61,16 @@ if v then
     local stamp
     worst, stamp = logged_at(worst)
     if worst ~= ARGV[10] then
-      local logs = {k = {KEYS[10], 'k:' .. hkey}, m = {KEYS[11], 'm:' .. hscope},
-        t = {KEYS[12], 't'}}
       local old, new = hold_id .. '|' .. worst, hold_id .. '|' .. ARGV[10]
       local delta = str(tonumber(ARGV[10]) - tonumber(worst))
-      for f in string.gmatch(flags, '[kmt]') do
-        local log = logs[f]
-        if relog(log[1], old, stamp, new) then redis.call('HINCRBY', KEYS[9], log[2], delta) end
+      if string.find(flags, 'k', 1, true) and relog(KEYS[10], old, stamp, new) then
+        redis.call('HINCRBY', KEYS[9], 'k:' .. hkey, delta)
+      end
+      if string.find(flags, 'm', 1, true) and relog(KEYS[11], old, stamp, new) then
+        redis.call('HINCRBY', KEYS[9], 'm:' .. hscope, delta)
+      end
+      if string.find(flags, 't', 1, true) and relog(KEYS[12], old, stamp, new) then
+        redis.call('HINCRBY', KEYS[9], 't', delta)
       end
     end
   end
