@@ -29,8 +29,7 @@ key                    type    contents
 {acct:A}:usage         stream  usage records waiting for the PostgreSQL writer
 {acct:A}:alerts        stream  limit alerts (thresholds crossed) waiting for the alert worker
 {acct:A}:rt            hash    rate sums: last (the last rate stamp, ms), k:<key>, m:<scope>, t
-                               (worst-case, then actual, tokens in each log), nk:<key>,
-                               nm:<scope>, nt (entries in each log); expires when idle
+                               (worst-case, then actual, tokens in each log; expires when idle)
 {acct:A}:rw:k:<key>    zset    a key's rate log: "<request id>|<tokens>" scored by stamp (ms)
 {acct:A}:rw:m:<scope>  zset    a member's rate log (policies/ratelimits.py)
 {acct:A}:rw:t          zset    the team's rate log

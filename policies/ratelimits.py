@@ -2,16 +2,16 @@
 
 The choice: a **sliding log**. Each limited scope keeps the requests it admitted as
 ``(stamp ms, tokens)`` entries — in Redis a sorted set per scope (member ``<request id>|<tokens>``,
-score = stamp) and the scope's token sum and entry count beside it (policies/keyspace.py) — and
+score = stamp) and the scope's token sum beside it (policies/keyspace.py) — and
 ``hold.lua`` admits a request only if, counting every entry stamped within the last 60 s, one
 more request stays within the RPM limit and the request's worst-case tokens (prompt + output cap)
 stay within the TPM limit. Settling replaces the entry's tokens by the actual ones (a failed
 request: 0) and corrects the sum by the difference; nothing to do when they are the same.
 
-The Redis form only stores these entries: the sum and the count are those of the set's members
-(every script that adds, removes or rewrites a member updates them in the same step; trimming
-subtracts each removed member's own tokens), and they are believed only beside a non-empty set
-(an idle set expires before them). The hold keeps the entry's stamp in its own value
+The Redis form only stores these entries: the sum is that of the set's members' tokens (every
+script that adds, removes or rewrites a member updates it in the same step; trimming subtracts
+each removed member's own tokens), and it is believed only beside a non-empty set (an idle set
+expires before it). The hold keeps the entry's stamp in its own value
 (``<tokens>@<stamp>``), so settle and release rewrite the member at its score without looking it
 up; a member no longer there (trimmed) is not rewritten and its sum not corrected.
 

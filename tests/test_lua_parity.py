@@ -152,7 +152,6 @@ async def install(redis: Redis, ak: rk.AccountKeys, row: Row) -> None:
         if stamps:
             pipe.zadd(key, stamps)
         sums[field] = str(sum(t for _, t in entries))
-        sums["n" + field] = str(len(entries))
     if row.last_ms:
         sums["last"] = str(row.last_ms)
     pipe.hset(ak.rate_sums, mapping=sums)
@@ -231,7 +230,6 @@ async def _check_logs(redis: Redis, ak: rk.AccountKeys, row: Row, *, logged: boo
             want.append((f"req_parity|{row.tokens}", stamp))
         assert [(m, int(s)) for m, s in got] == want
         assert int(sums.get(field, 0)) == sum(int(m.split("|")[1]) for m, _ in want)
-        assert int(sums.get("n" + field, 0)) == len(want)
 
 
 @pytest.mark.parametrize(("amount", "bps", "charged"), DISCOUNTS)
@@ -489,23 +487,6 @@ async def test_a_sum_without_its_log_counts_nothing(redis: Redis) -> None:
     assert await redis.pttl(ak.key_rate_log(KEY)) > WINDOW_MS
 
 
-async def test_a_log_without_its_count_is_counted(redis: Redis) -> None:
-    """A log written before the rate sums kept its entry count beside the sum: ZCARD counts it
-    once, and the count is kept from then on."""
-    ak = fresh()
-    row = Row("uncounted", credits=RICH, krpm=3, klog=((1000, 10), (500, 10)), mlog=(), tlog=())
-    await install(redis, ak, row)
-    await redis.hdel(ak.rate_sums, "nk:" + KEY)
-    raw = await run_hold(Scripts(redis), ak, row.worst, row)
-    assert (raw[0], raw[8]) == ("ok", 0)  # 2 logged + this one: none of 3 left
-    assert await redis.hmget(ak.rate_sums, ["k:" + KEY, "nk:" + KEY]) == [
-        str(20 + row.tokens),
-        "3",
-    ]
-    again = await run_hold(Scripts(redis), ak, row.worst, row)
-    assert (again[0], again[5], again[8]) == ("rate_limit_exceeded", 59, 0)
-
-
 @pytest.mark.parametrize("stamped", [True, False], ids=["stamped", "placed-before-stamps"])
 async def test_settle_after_the_entry_aged_out_corrects_nothing(
     redis: Redis, stamped: bool
@@ -544,7 +525,7 @@ async def test_settle_after_the_entry_aged_out_corrects_nothing(
     ]
     await Scripts(redis).settle(keys=settle_keys(ak, "req_parity"), args=args)
     assert await _logged(redis, ak) == [[("req_two|7", later.now_ms)], [], []]
-    assert await redis.hmget(ak.rate_sums, ["k:" + KEY, "nk:" + KEY]) == ["7", "1"]
+    assert await redis.hget(ak.rate_sums, "k:" + KEY) == "7"
 
 
 async def test_settle_of_a_hold_placed_before_stamps_corrects_its_entry(redis: Redis) -> None:

@@ -18,8 +18,7 @@ KEYS[7]  {acct:A}:hv           hold id -> "<amount>|<scope>", or with rate or ke
                                tokens: "<worst case>@<stamp>" when logged, so settle and release
                                find the log entry without a ZSCORE; else empty)
 KEYS[8]  {acct:A}:alerts       alert stream (a limit refusal counts as reaching 100 % of it)
-KEYS[9]  {acct:A}:rt           rate sums: last (the last stamp, ms), k:<key>, m:<scope>, t (tokens),
-                               nk:<key>, nm:<scope>, nt (entries)
+KEYS[9]  {acct:A}:rt           rate sums: last (the last stamp, ms), k:<key>, m:<scope>, t (tokens)
 KEYS[10] {acct:A}:rw:k:<key>   the key's rate log: "<hold id>|<tokens>" scored by stamp (ms)
 KEYS[11] {acct:A}:rw:m:<scope> the member's rate log
 KEYS[12] {acct:A}:rw:t         the team's rate log
@@ -133,8 +132,9 @@ local credits, holds, member_holds = num(s[2], 0), num(s[3], 0), num(s[4], 0)
 local aspent, spend, member_spend = num(p[2], 0), num(p[3], 0), num(p[4], 0) + num(p[5], 0)
 
 -- Rate windows (policies/ratelimits.py): the key's, the member's, the team's log, those limited.
--- Each keeps its token sum and its entry count in rt beside it (no ZCARD); the stamp, the tokens
--- and the TTL go to Redis as the strings they came as (formatting a number costs more than a call).
+-- The stamp, the tokens and the TTL go to Redis as the strings they came as (formatting a number
+-- costs about what a call does). The entries are counted by ZCARD, not by a count kept beside the
+-- sum: a hold.lua of another version (a rolling upgrade) would not keep such a count.
 local tokens, window, rt, t, t_s
 local wins = {}
 local rset = {}  -- rt's fields to write, as field, value, ...: one HSET at the end
@@ -144,25 +144,21 @@ local limited = (krpm ~= nil and krpm ~= '') or (ktpm ~= nil and ktpm ~= '') or 
 if limited then
   tokens, window, rt = tonumber(ARGV[10]), tonumber(ARGV[11]), KEYS[9]
   t, t_s = tonumber(ARGV[9]), ARGV[9]
-  -- Only the limited windows (flags k, m, t in this order): their log, sum and count fields.
+  -- Only the limited windows (flags k, m, t in this order): their log and sum field.
   local rpm, tpm = num(krpm, nil), num(ktpm, nil)
   if rpm or tpm then
-    wins[1] = {key = KEYS[10], field = 'k:' .. key_id, nfield = 'nk:' .. key_id, flag = 'k',
-      rpm = rpm, tpm = tpm}
+    wins[1] = {key = KEYS[10], field = 'k:' .. key_id, flag = 'k', rpm = rpm, tpm = tpm}
   end
   rpm, tpm = num(c[9], nil), num(c[10], nil)
   if rpm or tpm then
-    wins[#wins + 1] = {key = KEYS[11], field = 'm:' .. scope, nfield = 'nm:' .. scope, flag = 'm',
-      rpm = rpm, tpm = tpm}
+    wins[#wins + 1] = {key = KEYS[11], field = 'm:' .. scope, flag = 'm', rpm = rpm, tpm = tpm}
   end
   rpm, tpm = num(c[7], nil), num(c[8], nil)
   if rpm or tpm then
-    wins[#wins + 1] = {key = KEYS[12], field = 't', nfield = 'nt', flag = 't', rpm = rpm, tpm = tpm}
+    wins[#wins + 1] = {key = KEYS[12], field = 't', flag = 't', rpm = rpm, tpm = tpm}
   end
   local fields = {'last'}
-  for i, w in ipairs(wins) do
-    fields[2 * i], fields[2 * i + 1] = w.field, w.nfield
-  end
+  for i, w in ipairs(wins) do fields[i + 1] = w.field end
   local r = redis.call('HMGET', rt, unpack(fields))
   local last = num(r[1], 0)
   if t < last then
@@ -172,42 +168,31 @@ if limited then
   end
   local cutoff = t - window
   for i, w in ipairs(wins) do
-    local sum, count = num(r[2 * i], 0), r[2 * i + 1]
+    local sum = num(r[i + 1], 0)
     local first = redis.call('ZRANGE', w.key, '0', '0', 'WITHSCORES')[2]
     local oldest = first and tonumber(first)  -- nil: the log is empty
     if oldest and oldest <= cutoff then
-      local gone = redis.call('ZRANGEBYSCORE', w.key, '-inf', cutoff)
-      for _, m in ipairs(gone) do
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', w.key, '-inf', cutoff)) do
         sum = sum - tonumber(string.match(m, '|(%d+)$'))
       end
       redis.call('ZREMRANGEBYSCORE', w.key, '-inf', cutoff)
       first = redis.call('ZRANGE', w.key, '0', '0', 'WITHSCORES')[2]
       oldest = first and tonumber(first)
-      if count then count = tonumber(count) - #gone end
       w.trimmed = true
     end
-    if not oldest then
-      -- The sum and count are trusted only beside a non-empty log (an idle log expires first).
-      sum, count = 0, 0
-    elseif not count then
-      count = redis.call('ZCARD', w.key)  -- a log counted before rt kept its count
-      w.trimmed = true
-    else
-      count = tonumber(count)
-    end
-    w.count, w.sum, w.oldest = count, sum, oldest
+    w.count = redis.call('ZCARD', w.key)
+    -- The sum is trusted only beside a non-empty log (an idle log expires before its sum).
+    if w.count == 0 then sum = 0 end
+    w.sum, w.oldest = sum, oldest
   end
 end
 
--- rt's fields changed without an admission (a refusal): the stamp, and the sums and counts of
--- the logs trimmed.
+-- rt's fields changed without an admission (a refusal): the stamp, the sums of the logs trimmed.
 local function rate_save()
   for _, w in ipairs(wins) do
     if w.trimmed then
       rset[#rset + 1] = w.field
       rset[#rset + 1] = str(w.sum)
-      rset[#rset + 1] = w.nfield
-      rset[#rset + 1] = str(w.count)
     end
   end
   if rset[1] then
@@ -353,8 +338,6 @@ if limited then
     redis.call('PEXPIRE', w.key, ttl)
     rset[#rset + 1] = w.field
     rset[#rset + 1] = str(w.sum + tokens)
-    rset[#rset + 1] = w.nfield
-    rset[#rset + 1] = str(w.count + 1)
   end
   if rset[1] then
     redis.call('HSET', rt, unpack(rset))
