@@ -3,14 +3,15 @@
 Runs ``hold.lua`` (this checkout's, and optionally another revision's) many times on a private
 ``redis-server`` and reads the server's own CPU time (``INFO cpu``), so a busy machine's client
 side and scheduling noise stay out of it; cases interleave over several rounds (median). Every
-call takes the admitting path (a rich account; a clock whose seconds stand still, so no hold expires,
-and whose milliseconds advance by one per call, so every call moves the account's rate stamp but no
-rate entry ages out). Then ``settle.lua``
-settles each of those holds (actual tokens below the worst case, so a rate log's entry is
-corrected), measured the same way.
+call takes the admitting path: a rich account, and a clock whose seconds stand still (no hold
+expires) and whose milliseconds advance by ``--step-ms`` per call (default 1: every call moves
+the account's rate stamp but no rate entry ages out; with calls * step > 60 000 the logs fill and
+then each hold trims about one aged entry, the steady state of a busy key). Then ``settle.lua``
+settles each of those holds (actual tokens below the worst case, so a rate log's entry still
+there is corrected), measured the same way.
 
     python -m bench.hold_cost [--calls 20000] [--rounds 5] [--against <git revision>]
-                              [--callgrind]
+                              [--callgrind] [--only <case>] [--step-ms 1]
 
 ``--callgrind``: the server runs under ``valgrind --tool=callgrind`` and the figure is the
 instructions it executes per call (counted, not timed: what a loaded machine cannot move; use a
@@ -106,7 +107,9 @@ counter: Callable[[Redis], Awaitable[float]] = cpu
 PIPE_SIZE = 200
 
 
-async def run(redis: Redis, source: str, keys: list[str], calls: int, *, new: bool) -> float:
+async def run(
+    redis: Redis, source: str, keys: list[str], calls: int, *, new: bool, step_ms: int = 1
+) -> float:
     """Microseconds of the Redis server's CPU per hold (CPU time, not wall time: a busy machine
     that preempts the server does not inflate it). The seconds stand still (no hold expires),
     the milliseconds advance one per call (no rate entry ages out: calls < 60 000) and the
@@ -120,7 +123,7 @@ async def run(redis: Redis, source: str, keys: list[str], calls: int, *, new: bo
         for i in range(start, start + PIPE_SIZE):
             args: list[str | int] = [now_s, f"req_{i}", "key_bench", SCOPE, MODEL, 1000, 600, 3600]
             if new:
-                args += [now_ms + i, 100, WINDOW_MS]
+                args += [now_ms + i * step_ms, 100, WINDOW_MS]
             pipe.evalsha(sha, len(keys), *keys, *args)
         replies = await pipe.execute()
         assert all(r[0] == "ok" for r in replies), replies[:3]
@@ -199,6 +202,13 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--callgrind", action="store_true", help="count instructions instead")
     parser.add_argument("--only", help="the cases whose name contains this")
+    parser.add_argument(
+        "--step-ms",
+        type=int,
+        default=1,
+        help="how far the clock moves per call (from 60000 / calls on, the logs are full after"
+        " one window and a hold trims about one aged entry: the steady state of a busy key)",
+    )
     opts = parser.parse_args()
     unit = "instructions" if opts.callgrind else "us of Redis CPU"
     cases = [case for case in CASES if not opts.only or opts.only in case[0]]
@@ -238,7 +248,11 @@ async def main() -> None:
                     if not old:
                         keys += ak.rate_keys("key_bench", SCOPE)
                     source = sources["old" if older else "new"]
-                    timings[name].append(await run(redis, source, keys, opts.calls, new=not old))
+                    timings[name].append(
+                        await run(
+                            redis, source, keys, opts.calls, new=not old, step_ms=opts.step_ms
+                        )
+                    )
                     if not old:
                         settle = settles["old" if older else "new"]
                         settled[name].append(await run_settles(redis, settle, ak, opts.calls))
