@@ -34,6 +34,7 @@ ARGV[7]  hold lifetime, seconds
 ARGV[8]  period hash lifetime, seconds
 ARGV[9]  now, unix milliseconds
 ARGV[10] worst-case tokens of the request (prompt + output cap)
+         (ARGV[9] and [10]: decimal integers, as the gateway sends them; stored as given)
 ARGV[11] rate window, milliseconds (policies/ratelimits.py:WINDOW_MS)
 
 Returns {status, hold, discount_bps, warn, alerted} and, when a rate limit applies (from the
@@ -348,7 +349,7 @@ if flags == '' then
   redis.call('HSET', hv, hold_id, hold_s .. '|' .. scope)
 else
   local logged = ''
-  if limited then logged = ARGV[10] .. '@' .. t_s end
+  if wins[1] then logged = ARGV[10] .. '@' .. t_s end
   redis.call('HSET', hv, hold_id, hold_s .. '|' .. scope .. '|' .. flags .. '|' .. logged
     .. '|' .. key_id)
 end
