@@ -1,7 +1,7 @@
 """The usage writer's cadence: how often its process wakes, and how soon a record lands.
 
     python -m bench.cadence [--seconds 10] [--rates 0,20,80] [--probes 20]
-                            [--projects this=.,main=/work/main]
+                            [--projects this=.,main=/work/main] [--redis single|cluster]
 
 Starts the fake upstream and ``modelbridge serve`` (one worker, its usage writer a process of
 its own), then for each load (requests/s; 0 = idle) counts over ``--seconds``: the writer
@@ -10,7 +10,8 @@ wait it woke from) and CPU time, and PostgreSQL's CPU time (all its processes). 
 load it sends ``--probes`` requests of its own one at a time, at random moments, and times
 each until its record is in ``usage_records`` (polled every 5 ms): how soon a record lands.
 ``--projects``: one gateway per checkout (its gateway/ and policies/ run on this venv), all
-started at once and measured in turn at each load (an A/B in one run).
+started at once and measured in turn at each load (an A/B in one run). ``--redis cluster``: each
+gateway on a Redis Cluster of its own (3 masters + 3 replicas on loopback, ``bench.cluster``).
 
 The load is paced requests (one connection per 20 requests/s, each sending every 50 ms).
 Counts, not latencies, are the figures to compare across runs on a noisy machine; the landing
@@ -35,9 +36,9 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from bench import procs
+from bench import cluster, procs
 from bench.load import CHAT_BODY
-from bench.stack import FakeUpstream, Gateway
+from bench.stack import FakeUpstream, Gateway, RedisSetup
 
 
 def _switches(pid: int) -> tuple[int, int]:
@@ -128,14 +129,25 @@ async def phase(gw: Gateway, rate: int, seconds: float, probes: int) -> dict[str
 
 
 def measure(
-    rates: Sequence[int], seconds: float, probes: int, projects: dict[str, Path | None]
+    rates: Sequence[int],
+    seconds: float,
+    probes: int,
+    projects: dict[str, Path | None],
+    redis: str = "single",
 ) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="mb-cadence-") as tmp:
         upstream = FakeUpstream(Path(tmp))
         upstream.start()
-        gateways = {name: Gateway(1, upstream.url, project=path) for name, path in projects.items()}
+        clusters = []
+        gateways: dict[str, Gateway] = {}
         try:
+            for name, path in projects.items():
+                setup = RedisSetup()
+                if redis == "cluster":
+                    clusters.append(cluster.start_cluster(Path(tmp) / name))
+                    setup = cluster.setup("cluster", clusters[-1])
+                gateways[name] = Gateway(1, upstream.url, project=path, redis=setup)
             for gw in gateways.values():
                 gw.start()
                 gw.provision()
@@ -148,6 +160,8 @@ def measure(
         finally:
             for gw in gateways.values():
                 gw.stop()
+            for c in clusters:
+                c.stop()
             upstream.stop()
 
 
@@ -157,13 +171,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rates", default="0,20,80", help="requests/s, multiples of 20")
     parser.add_argument("--probes", type=int, default=20)
     parser.add_argument("--projects", default="this=.", help="name=checkout,... (.: this one)")
+    parser.add_argument("--redis", choices=("single", "cluster"), default="single")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     rates = [int(r) for r in args.rates.split(",") if r]
     projects: dict[str, Path | None] = {}
     for item in args.projects.split(","):
         name, _, path = item.partition("=")
         projects[name] = None if path in ("", ".") else Path(path).resolve()
-    measure(rates, args.seconds, args.probes, projects)
+    measure(rates, args.seconds, args.probes, projects, args.redis)
 
 
 if __name__ == "__main__":
