@@ -528,7 +528,7 @@ def reconcile_command(args: argparse.Namespace) -> int:
 
 def usage_writer(args: argparse.Namespace) -> None:
     from gateway.infra.outages import POOL_LOGGER, Outages
-    from gateway.metering.usage_writer import serve_writer
+    from gateway.metering.writer_process import serve_writer
 
     consumer = args.consumer or f"writer-{os.getpid()}"
     logging.getLogger(POOL_LOGGER).addFilter(Outages().filter)  # one line, not a traceback a second
