@@ -16,6 +16,12 @@ every master now and then, for a shard lost with its master). On a Redis Cluster
 the streams of one slot, the reads, claims and acknowledgements of one step go out as one
 pipeline per master (redis-py's cluster pipeline), so every master's streams are drained.
 
+Idle, the writer waits instead of stepping every ``block_ms``: on one Redis in one blocking
+``XREADGROUP`` over its streams and the doorbell stream (rung when a stream is registered); on a
+cluster, where a blocking read names one slot's streams only, for an invalidation message of
+Redis's key tracking on one connection per master (gateway/metering/streamwatch.py): the first
+write to a stream, or to a registry shard, wakes it.
+
 A step moves at most ``batch`` records: XREADGROUP's COUNT applies to each stream it names, so the
 budget is shared among the streams (policies/drain.py: each stream at least one, the backlog
 water-filled), and so are claims; acknowledgements go ``drain.ACK_AT_ONCE`` streams at a time.
@@ -35,9 +41,11 @@ import asyncpg
 import orjson
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.connection import SSLConnection
 
 from gateway.config import MeteringConfig
 from gateway.infra.partitions import Partitions, is_missing_partition
+from gateway.metering.streamwatch import StreamWatch
 from gateway.metering.usage_rows import (
     BATCH_TABLE,
     COLUMNS,
@@ -101,8 +109,11 @@ class UsageWriter:
         self._lengths: dict[str, int] = {}  # each stream's length at the end of the last step
         # Idle (a step moved nothing): one XREADGROUP BLOCK over the streams known and the
         # doorbell (a stream registered) instead of a step every block_ms; what it reads is
-        # written by the next step, at once. Not on a cluster (one slot per read): it polls.
+        # written by the next step, at once. On a cluster (one slot per read): the streams and
+        # registry shards tracked on their masters, a write to one wakes the wait.
         self.wait_ms = 2000
+        self.watch: StreamWatch | None = None  # on a cluster, made by the first wait
+        self.waiting = False  # in that wait now
         self._streams: list[str] = []  # the streams of the last step
         self._woken: list[tuple[str, str, dict[str, str]]] = []  # read by the wait
         self._bell_ready = False
@@ -153,6 +164,8 @@ class UsageWriter:
                 await self._idle()  # records coming in: let them gather, one batch a tick
         with contextlib.suppress(Exception):
             await self.drain()
+        if self.watch is not None:
+            await self.watch.close()
 
     async def _idle(self, seconds: float | None = None) -> None:
         with contextlib.suppress(TimeoutError):
@@ -250,9 +263,11 @@ class UsageWriter:
     async def _wait_for_records(self) -> bool:
         """Idle: wait up to ``wait_ms`` for a record in a stream of the last step (or a stream
         registered), keeping what the read took for the next step. False when it cannot wait
-        (a cluster, no streams yet, Redis failing): the caller polls."""
-        if self.cluster or not self._streams or self._stopping.is_set():
+        (no streams yet, Redis failing): the caller polls."""
+        if not self._streams or self._stopping.is_set():
             return False
+        if self.cluster:
+            return await self._wait_on_cluster()
         try:
             if not self._bell_ready:
                 await self._doorbell()
@@ -294,6 +309,43 @@ class UsageWriter:
             if "NOGROUP" in str(exc):  # the doorbell's group made again (a stream's: by _read)
                 self._bell_ready = False
             return False
+        return True
+
+    async def _wait_on_cluster(self) -> bool:
+        """Idle on a cluster: the registry shards and the streams of the last step tracked on
+        their masters (gateway/metering/streamwatch.py), then a wait of up to ``wait_ms`` for a
+        write to any of them. When some were armed only now, no wait: the next step reads what
+        was written before (after that, a write rings). False when the keys cannot be tracked
+        (a master down or refusing, a stale slot map, TLS): the caller polls."""
+        watch = self.watch
+        if watch is None:
+            kwargs = self.redis.get_connection_kwargs()
+            kind = kwargs.get("connection_class")
+            if kind is None or issubclass(kind, SSLConnection):
+                return False  # the tracking connection speaks plain TCP only
+            watch = self.watch = StreamWatch(kwargs.get("username"), kwargs.get("password"))
+        watch.rung.clear()
+        try:
+            owners: dict[str, tuple[str, int]] = {}
+            for key in [*rk.usage_registries(), *self._streams]:
+                node = self.redis.get_node_from_key(key)  # type: ignore[attr-defined]
+                owners[key] = (node.host, node.port)
+            if await watch.arm(owners):
+                return True
+        except Exception as exc:
+            log.debug("usage writer: cannot track the streams (%s); polling", _brief(exc))
+            return False
+        rung = asyncio.ensure_future(watch.rung.wait())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        self.waiting = True
+        try:
+            await asyncio.wait(
+                {rung, stopping}, timeout=self.wait_ms / 1000, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            self.waiting = False
+            rung.cancel()
+            stopping.cancel()
         return True
 
     def _wait_limit_ms(self) -> int:

@@ -1,0 +1,168 @@
+"""The usage writer on a Redis Cluster when idle: no step every ``block_ms`` (a blocking read
+there names one slot's streams only), but a wait woken by Redis's key tracking on one connection
+per master (gateway/metering/streamwatch.py): a record appended to any stream, or a stream
+registered, is written at once; meanwhile the writer sends no command at all."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis, RedisCluster
+
+from bench.drain import _record, fill
+from gateway.config import Config
+from gateway.infra.db import create_pool, migrate_dsn
+from gateway.metering.accounts import Accounts
+from gateway.metering.usage_writer import UsageWriter
+from policies import keyspace as rk
+from tests.helpers import eventually
+from tests.redis_cluster import LocalCluster
+from tests.writer_support import run_records
+
+pytestmark = [pytest.mark.cluster, pytest.mark.cluster_only]
+
+HOUR_MS = 3_600_000  # no poll, claim or wait timeout could explain what the test sees
+ACCOUNTS = 6
+QUIET_S = 1.0  # the window in which an idle writer must send nothing (a poll: 5 steps)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    await migrate_dsn(database_url)
+    pool = await create_pool(database_url, min_size=1, max_size=2, reset=False)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def own_cluster(tmp_path: Path) -> AsyncIterator[tuple[LocalCluster, Redis]]:
+    """A Redis Cluster of this test's own (3 masters, no replicas): no other writer reads its
+    streams, and every command its masters count is the writer's."""
+    cluster = await asyncio.to_thread(LocalCluster(tmp_path, replicas=0).start)
+    client: Redis = RedisCluster.from_url(cluster.url, decode_responses=True)  # type: ignore[assignment]
+    try:
+        yield cluster, client
+    finally:
+        await client.aclose()
+        await asyncio.to_thread(cluster.stop)
+
+
+def _commands(cluster: LocalCluster) -> dict[str, int]:
+    """Calls of the writer's commands, summed over the masters (INFO commandstats)."""
+    totals: dict[str, int] = {}
+    for port in cluster.master_ports():
+        with cluster._client(port) as c:
+            stats = c.info("commandstats")
+        for name in ("xreadgroup", "smembers", "xlen", "exists", "xautoclaim"):
+            calls = stats.get(f"cmdstat_{name}", {}).get("calls", 0)
+            totals[name] = totals.get(name, 0) + int(calls)
+    return totals
+
+
+async def _quiet(cluster: LocalCluster, writer: UsageWriter) -> dict[str, int]:
+    """Once the writer waits: over QUIET_S it sends no command, and is still waiting."""
+    await eventually(lambda: asyncio.sleep(0, writer.waiting), bool)
+    before = await asyncio.to_thread(_commands, cluster)
+    await asyncio.sleep(QUIET_S)  # the window observed, not a wait for something to happen
+    after = await asyncio.to_thread(_commands, cluster)
+    assert writer.waiting
+    return {name: after[name] - before[name] for name in after}
+
+
+async def test_an_idle_cluster_writer_sends_nothing_and_writes_a_record_at_once(
+    own_cluster: tuple[LocalCluster, Redis], pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    redis_cluster, redis = own_cluster
+    run = secrets.token_hex(3)
+    await fill(redis, 0, ACCOUNTS, run)  # registered streams, empty, on every master
+    names = [f"t_bench{run}{i:04d}" for i in range(ACCOUNTS)]
+    masters = {await asyncio.to_thread(redis_cluster.slot_owner, rk.account_slot(n)) for n in names}
+    assert len(masters) == 3
+    writer = UsageWriter(redis, pool, "test-cluster-wait")
+    writer.wait_ms = writer.claim_idle_ms = HOUR_MS  # block_ms: only the step after a write
+    task = asyncio.create_task(writer.run())
+    idle = dict.fromkeys(("xreadgroup", "smembers", "xlen", "exists", "xautoclaim"), 0)
+    try:
+        assert await _quiet(redis_cluster, writer) == idle
+        assert writer.watch is not None
+        watched = {rk.AccountKeys(n).usage_stream for n in names} | set(rk.usage_registries())
+        assert set(writer.watch.armed) == watched
+        # A record on each master in turn: written at once, then silence again.
+        for n, name in enumerate(names[:3]):
+            stream = rk.AccountKeys(name).usage_stream
+            await redis.xadd(stream, _record(n, name, run))  # type: ignore[arg-type]
+            await eventually(lambda: run_records(db, run), (n + 1).__eq__, timeout=5)
+            assert await _quiet(redis_cluster, writer) == idle
+        # A stream registered after the writer began: the registry shard's write wakes it.
+        fresh = f"t_bench{run}fresh"
+        stream = rk.AccountKeys(fresh).usage_stream
+        await redis.xgroup_create(stream, rk.USAGE_GROUP, id="0", mkstream=True)
+        await redis.xadd(stream, _record(3, fresh, run))  # type: ignore[arg-type]
+        await Accounts(Config(), pool, redis, None).ensure_stream(fresh)  # type: ignore[arg-type]
+        await eventually(lambda: run_records(db, run), (4).__eq__, timeout=5)
+        assert await _quiet(redis_cluster, writer) == idle
+        assert stream in writer.watch.armed
+        await redis.xadd(stream, _record(4, fresh, run))  # type: ignore[arg-type]
+        await eventually(lambda: run_records(db, run), (5).__eq__, timeout=5)
+        assert await redis.xlen(stream) == 0
+        assert await writer.pending() == 0
+    finally:
+        writer.stop()  # ends the wait at once (the drain then finds nothing)
+        await asyncio.wait_for(task, 10)
+    assert writer.written == 5
+
+
+def _move_slot(cluster: LocalCluster, slot: int, target: int) -> None:
+    """Migrate ``slot`` with its keys to master ``target``, as ``redis-cli --cluster reshard``
+    does (IMPORTING, MIGRATING, MIGRATE, then the slot's new owner told to every master)."""
+    source = cluster.slot_owner(slot)
+    with cluster._client(source) as src, cluster._client(target) as dst:
+        src_id, dst_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
+        dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+        keys = src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100)
+        src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+    for port in cluster.master_ports():
+        with cluster._client(port) as c:
+            c.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+    cluster.wait_ok()
+
+
+async def test_a_stream_moved_to_another_master_is_watched_there(
+    own_cluster: tuple[LocalCluster, Redis], pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    redis_cluster, redis = own_cluster
+    run = secrets.token_hex(3)
+    await fill(redis, 0, 2, run)
+    name = f"t_bench{run}0000"
+    stream = rk.AccountKeys(name).usage_stream
+    await redis.xadd(stream, _record(0, name, run))  # type: ignore[arg-type]
+    writer = UsageWriter(redis, pool, "test-cluster-moved")
+    writer.wait_ms = writer.claim_idle_ms = HOUR_MS
+    task = asyncio.create_task(writer.run())
+    idle = dict.fromkeys(("xreadgroup", "smembers", "xlen", "exists", "xautoclaim"), 0)
+    try:
+        await eventually(lambda: run_records(db, run), (1).__eq__, timeout=5)
+        assert await _quiet(redis_cluster, writer) == idle
+        slot = rk.account_slot(name)
+        source = await asyncio.to_thread(redis_cluster.slot_owner, slot)
+        target = next(p for p in redis_cluster.master_ports() if p != source)
+        assert writer.watch is not None
+        assert writer.watch.armed[stream] == ("127.0.0.1", source)
+        await asyncio.to_thread(_move_slot, redis_cluster, slot, target)
+        await redis.xadd(stream, _record(1, name, run))  # type: ignore[arg-type]
+        await eventually(lambda: run_records(db, run), (2).__eq__, timeout=5)
+        assert await _quiet(redis_cluster, writer) == idle
+        assert writer.watch.armed[stream] == ("127.0.0.1", target)
+        await redis.xadd(stream, _record(2, name, run))  # type: ignore[arg-type]
+        await eventually(lambda: run_records(db, run), (3).__eq__, timeout=5)
+        assert await redis.xlen(stream) == 0
+    finally:
+        writer.stop()
+        await asyncio.wait_for(task, 10)
+    assert writer.written == 3
