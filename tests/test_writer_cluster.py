@@ -6,6 +6,7 @@ registered, is written at once; meanwhile the writer sends no command at all."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,17 +40,25 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
-@pytest.fixture
-async def own_cluster(tmp_path: Path) -> AsyncIterator[tuple[LocalCluster, Redis]]:
-    """A Redis Cluster of this test's own (3 masters, no replicas): no other writer reads its
-    streams, and every command its masters count is the writer's."""
-    cluster = await asyncio.to_thread(LocalCluster(tmp_path, replicas=0).start)
+@contextlib.asynccontextmanager
+async def _cluster_of_own(
+    tmp_path: Path, replicas: int
+) -> AsyncIterator[tuple[LocalCluster, Redis]]:
+    cluster = await asyncio.to_thread(LocalCluster(tmp_path, replicas=replicas).start)
     client: Redis = RedisCluster.from_url(cluster.url, decode_responses=True)  # type: ignore[assignment]
     try:
         yield cluster, client
     finally:
         await client.aclose()
         await asyncio.to_thread(cluster.stop)
+
+
+@pytest.fixture
+async def own_cluster(tmp_path: Path) -> AsyncIterator[tuple[LocalCluster, Redis]]:
+    """A Redis Cluster of this test's own (3 masters, no replicas): no other writer reads its
+    streams, and every command its masters count is the writer's."""
+    async with _cluster_of_own(tmp_path, 0) as own:
+        yield own
 
 
 def _commands(cluster: LocalCluster) -> dict[str, int]:
@@ -166,3 +175,46 @@ async def test_a_stream_moved_to_another_master_is_watched_there(
         writer.stop()
         await asyncio.wait_for(task, 10)
     assert writer.written == 3
+
+
+async def test_after_a_failover_the_writer_watches_the_new_master(
+    tmp_path: Path, pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    async with _cluster_of_own(tmp_path, 1) as (redis_cluster, redis):
+        run = secrets.token_hex(3)
+        await fill(redis, 0, 1, run)
+        name = f"t_bench{run}0000"
+        stream = rk.AccountKeys(name).usage_stream
+        await redis.xadd(stream, _record(0, name, run))  # type: ignore[arg-type]
+        writer = UsageWriter(redis, pool, "test-cluster-failover")
+        writer.wait_ms = writer.claim_idle_ms = HOUR_MS
+        task = asyncio.create_task(writer.run())
+        idle = dict.fromkeys(("xreadgroup", "smembers", "xlen", "exists", "xautoclaim"), 0)
+        try:
+            await eventually(lambda: run_records(db, run), (1).__eq__, timeout=5)
+            assert await _quiet(redis_cluster, writer) == idle
+            slot = rk.account_slot(name)
+            victim = await asyncio.to_thread(redis_cluster.slot_owner, slot)
+            await asyncio.to_thread(redis_cluster.kill, victim)  # kill -9: its replica takes over
+            await asyncio.to_thread(redis_cluster.wait_ok)
+            heir = await asyncio.to_thread(redis_cluster.slot_owner, slot)
+            assert heir != victim
+
+            async def append() -> bool:
+                with contextlib.suppress(Exception):  # the client learns the new master
+                    await redis.xadd(stream, _record(1, name, run))  # type: ignore[arg-type]
+                    return True
+                return False
+
+            await eventually(append, bool)
+            await eventually(lambda: run_records(db, run), (2).__eq__, timeout=10)
+            assert await _quiet(redis_cluster, writer) == idle
+            assert writer.watch is not None
+            assert writer.watch.armed[stream] == ("127.0.0.1", heir)
+            await redis.xadd(stream, _record(2, name, run))  # type: ignore[arg-type]
+            await eventually(lambda: run_records(db, run), (3).__eq__, timeout=5)
+            assert await redis.xlen(stream) == 0
+        finally:
+            writer.stop()
+            await asyncio.wait_for(task, 10)
+        assert writer.written == 3
