@@ -218,3 +218,37 @@ async def test_after_a_failover_the_writer_watches_the_new_master(
             writer.stop()
             await asyncio.wait_for(task, 10)
         assert writer.written == 3
+
+
+async def test_masters_that_refuse_key_tracking_leave_the_writer_polling(
+    own_cluster: tuple[LocalCluster, Redis],
+    pool: asyncpg.Pool,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    redis_cluster, redis = own_cluster
+    for port in redis_cluster.master_ports():  # an ACL without key tracking
+        with redis_cluster._client(port) as c:
+            c.execute_command("ACL", "SETUSER", "default", "-client|tracking")
+    run = secrets.token_hex(3)
+    await fill(redis, 0, 1, run)
+    name = f"t_bench{run}0000"
+    writer = UsageWriter(redis, pool, "test-cluster-refused")
+    writer.wait_ms = writer.claim_idle_ms = HOUR_MS
+    task = asyncio.create_task(writer.run())
+    try:
+        await redis.xadd(rk.AccountKeys(name).usage_stream, _record(0, name, run))  # type: ignore[arg-type]
+        await eventually(lambda: run_records(db, run), (1).__eq__, timeout=5)
+        await eventually(lambda: asyncio.sleep(0, writer._untrackable), bool)  # it tried
+        await redis.xadd(rk.AccountKeys(name).usage_stream, _record(1, name, run))  # type: ignore[arg-type]
+        await eventually(lambda: run_records(db, run), (2).__eq__, timeout=5)  # polled: 200 ms
+        assert not writer.waiting
+        refused = [
+            r.getMessage() for r in caplog.records if "refused CLIENT TRACKING" in r.getMessage()
+        ]
+        assert len(refused) == 1, refused
+        assert refused[0].endswith("polling every 200 ms")
+    finally:
+        writer.stop()
+        await asyncio.wait_for(task, 10)
+    assert writer.written == 2

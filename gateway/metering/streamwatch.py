@@ -31,6 +31,10 @@ from gateway.metering.scriptclient import Endpoint, ScriptClient, _Protocol
 Address = tuple[str, int]
 
 
+class TrackingRefused(ConnectionError):
+    """A master refused RESP3 or key tracking (older than Redis 6, or an ACL without them)."""
+
+
 def _packed(*args: Any) -> bytes:
     return hiredis.pack_command(args)
 
@@ -84,7 +88,10 @@ class _TrackingClient(ScriptClient):
             reply = await protocol.send(hiredis.pack_command(command))
             if isinstance(reply, hiredis.ReplyError):
                 protocol.close()
-                raise ConnectionError(f"Redis refused {' '.join(map(str, command))}: {reply}")
+                said = f"Redis {self.endpoint.where} refused {' '.join(map(str, command))}: {reply}"
+                if str(reply).startswith(("NOPERM", "ERR")):  # not LOADING, BUSY and the like
+                    raise TrackingRefused(said)
+                raise ConnectionError(said)
         self.watch._opened(protocol, self.address)
         return protocol
 
@@ -100,7 +107,6 @@ class StreamWatch:
         self.password = password
         self.timeout_s = timeout_s
         self.rung = asyncio.Event()
-        self.rings = 0  # invalidations and losses seen (tests, logs)
         self._clients: dict[Address, _TrackingClient] = {}
         self._armed: dict[str, Address] = {}  # key -> the master it is tracked on
         self._where: dict[int, Address] = {}  # id of a live connection -> its master
@@ -166,7 +172,6 @@ class StreamWatch:
         for key in keys:
             if self._armed.get(key) == address:
                 del self._armed[key]
-        self.rings += 1
         self.rung.set()
 
     def _lost(self, protocol: _Protocol) -> None:
@@ -175,7 +180,6 @@ class StreamWatch:
             return
         for key in [k for k, a in self._armed.items() if a == address]:
             del self._armed[key]
-        self.rings += 1
         self.rung.set()
 
     async def close(self) -> None:

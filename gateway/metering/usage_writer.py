@@ -45,7 +45,7 @@ from redis.asyncio.connection import SSLConnection
 
 from gateway.config import MeteringConfig
 from gateway.infra.partitions import Partitions, is_missing_partition
-from gateway.metering.streamwatch import StreamWatch
+from gateway.metering.streamwatch import StreamWatch, TrackingRefused
 from gateway.metering.usage_rows import (
     BATCH_TABLE,
     COLUMNS,
@@ -113,6 +113,7 @@ class UsageWriter:
         # registry shards tracked on their masters, a write to one wakes the wait.
         self.wait_ms = 2000
         self.watch: StreamWatch | None = None  # on a cluster, made by the first wait
+        self._untrackable = False  # a master refused key tracking: the cluster writer polls
         self.waiting = False  # in that wait now
         self._streams: list[str] = []  # the streams of the last step
         self._woken: list[tuple[str, str, dict[str, str]]] = []  # read by the wait
@@ -318,11 +319,14 @@ class UsageWriter:
         was written before (after that, a write rings). False when the keys cannot be tracked
         (a master down or refusing, a stale slot map, TLS): the caller polls."""
         watch = self.watch
+        if self._untrackable:
+            return False
         if watch is None:
             kwargs = self.redis.get_connection_kwargs()
             kind = kwargs.get("connection_class")
             if kind is None or issubclass(kind, SSLConnection):
-                return False  # the tracking connection speaks plain TCP only
+                self._untrackable = True  # the tracking connection speaks plain TCP only
+                return False
             watch = self.watch = StreamWatch(kwargs.get("username"), kwargs.get("password"))
         watch.rung.clear()
         try:
@@ -332,6 +336,10 @@ class UsageWriter:
                 owners[key] = (node.host, node.port)
             if await watch.arm(owners):
                 return True
+        except TrackingRefused as exc:
+            log.warning("usage writer: %s; polling every %d ms", exc, self.block_ms)
+            self._untrackable = True
+            return False
         except Exception as exc:
             log.debug("usage writer: cannot track the streams (%s); polling", _brief(exc))
             return False
