@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -30,6 +31,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.cluster_only]
 HOUR_MS = 3_600_000  # no poll, claim or wait timeout could explain what the test sees
 ACCOUNTS = 6
 QUIET_S = 1.0  # the window in which an idle writer must send nothing (a poll: 5 steps)
+#: what an idle writer sends in that window: nothing
+IDLE = dict.fromkeys(("xreadgroup", "smembers", "xlen", "exists", "xautoclaim"), 0)
 
 
 @pytest.fixture
@@ -95,9 +98,8 @@ async def test_an_idle_cluster_writer_sends_nothing_and_writes_a_record_at_once(
     writer = UsageWriter(redis, pool, "test-cluster-wait")
     writer.wait_ms = writer.claim_idle_ms = HOUR_MS  # block_ms: only the step after a write
     task = asyncio.create_task(writer.run())
-    idle = dict.fromkeys(("xreadgroup", "smembers", "xlen", "exists", "xautoclaim"), 0)
     try:
-        assert await _quiet(redis_cluster, writer) == idle
+        assert await _quiet(redis_cluster, writer) == IDLE
         assert writer.watch is not None
         watched = {rk.AccountKeys(n).usage_stream for n in names} | set(rk.usage_registries())
         assert set(writer.watch.armed) == watched
@@ -106,7 +108,7 @@ async def test_an_idle_cluster_writer_sends_nothing_and_writes_a_record_at_once(
             stream = rk.AccountKeys(name).usage_stream
             await redis.xadd(stream, _record(n, name, run))  # type: ignore[arg-type]
             await eventually(lambda: run_records(db, run), (n + 1).__eq__, timeout=5)
-            assert await _quiet(redis_cluster, writer) == idle
+            assert await _quiet(redis_cluster, writer) == IDLE
         # A stream registered after the writer began: the registry shard's write wakes it.
         fresh = f"t_bench{run}fresh"
         stream = rk.AccountKeys(fresh).usage_stream
@@ -114,7 +116,7 @@ async def test_an_idle_cluster_writer_sends_nothing_and_writes_a_record_at_once(
         await redis.xadd(stream, _record(3, fresh, run))  # type: ignore[arg-type]
         await Accounts(Config(), pool, redis, None).ensure_stream(fresh)  # type: ignore[arg-type]
         await eventually(lambda: run_records(db, run), (4).__eq__, timeout=5)
-        assert await _quiet(redis_cluster, writer) == idle
+        assert await _quiet(redis_cluster, writer) == IDLE
         assert stream in writer.watch.armed
         await redis.xadd(stream, _record(4, fresh, run))  # type: ignore[arg-type]
         await eventually(lambda: run_records(db, run), (5).__eq__, timeout=5)
@@ -142,82 +144,95 @@ def _move_slot(cluster: LocalCluster, slot: int, target: int) -> None:
     cluster.wait_ok()
 
 
+@dataclass
+class Watched:
+    """An idle writer that has written record 0 of one account's stream (see :func:`_watching`)."""
+
+    writer: UsageWriter
+    redis: Redis
+    run: str
+    name: str
+    stream: str
+
+    async def append(self, n: int) -> None:
+        await self.redis.xadd(self.stream, _record(n, self.name, self.run))  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def _watching(
+    redis: Redis, pool: asyncpg.Pool, db: asyncpg.Connection, consumer: str
+) -> AsyncIterator[Watched]:
+    """One account's stream with a record, a writer (no poll, claim or wait timeout could
+    explain what the test sees) that has written it; at the end the writer is stopped and must
+    have written every record the test appended."""
+    run = secrets.token_hex(3)
+    await fill(redis, 0, 1, run)
+    name = f"t_bench{run}0000"
+    watched = Watched(UsageWriter(redis, pool, consumer), redis, run, name, "")
+    watched.stream = rk.AccountKeys(name).usage_stream
+    await watched.append(0)
+    watched.writer.wait_ms = watched.writer.claim_idle_ms = HOUR_MS
+    task = asyncio.create_task(watched.writer.run())
+    try:
+        await eventually(lambda: run_records(db, run), (1).__eq__, timeout=5)
+        yield watched
+        assert await redis.xlen(watched.stream) == 0
+    finally:
+        watched.writer.stop()
+        await asyncio.wait_for(task, 10)
+    assert watched.writer.written == await run_records(db, run)
+
+
 async def test_a_stream_moved_to_another_master_is_watched_there(
     own_cluster: tuple[LocalCluster, Redis], pool: asyncpg.Pool, db: asyncpg.Connection
 ) -> None:
     redis_cluster, redis = own_cluster
-    run = secrets.token_hex(3)
-    await fill(redis, 0, 2, run)
-    name = f"t_bench{run}0000"
-    stream = rk.AccountKeys(name).usage_stream
-    await redis.xadd(stream, _record(0, name, run))  # type: ignore[arg-type]
-    writer = UsageWriter(redis, pool, "test-cluster-moved")
-    writer.wait_ms = writer.claim_idle_ms = HOUR_MS
-    task = asyncio.create_task(writer.run())
-    idle = dict.fromkeys(("xreadgroup", "smembers", "xlen", "exists", "xautoclaim"), 0)
-    try:
-        await eventually(lambda: run_records(db, run), (1).__eq__, timeout=5)
-        assert await _quiet(redis_cluster, writer) == idle
-        slot = rk.account_slot(name)
+    async with _watching(redis, pool, db, "test-cluster-moved") as w:
+        assert await _quiet(redis_cluster, w.writer) == IDLE
+        slot = rk.account_slot(w.name)
         source = await asyncio.to_thread(redis_cluster.slot_owner, slot)
         target = next(p for p in redis_cluster.master_ports() if p != source)
-        assert writer.watch is not None
-        assert writer.watch.armed[stream] == ("127.0.0.1", source)
+        assert w.writer.watch is not None
+        assert w.writer.watch.armed[w.stream] == ("127.0.0.1", source)
         await asyncio.to_thread(_move_slot, redis_cluster, slot, target)
-        await redis.xadd(stream, _record(1, name, run))  # type: ignore[arg-type]
-        await eventually(lambda: run_records(db, run), (2).__eq__, timeout=5)
-        assert await _quiet(redis_cluster, writer) == idle
-        assert writer.watch.armed[stream] == ("127.0.0.1", target)
-        await redis.xadd(stream, _record(2, name, run))  # type: ignore[arg-type]
-        await eventually(lambda: run_records(db, run), (3).__eq__, timeout=5)
-        assert await redis.xlen(stream) == 0
-    finally:
-        writer.stop()
-        await asyncio.wait_for(task, 10)
-    assert writer.written == 3
+        await w.append(1)
+        await eventually(lambda: run_records(db, w.run), (2).__eq__, timeout=5)
+        assert await _quiet(redis_cluster, w.writer) == IDLE
+        assert w.writer.watch.armed[w.stream] == ("127.0.0.1", target)
+        await w.append(2)
+        await eventually(lambda: run_records(db, w.run), (3).__eq__, timeout=5)
+    assert w.writer.written == 3
 
 
 async def test_after_a_failover_the_writer_watches_the_new_master(
     tmp_path: Path, pool: asyncpg.Pool, db: asyncpg.Connection
 ) -> None:
-    async with _cluster_of_own(tmp_path, 1) as (redis_cluster, redis):
-        run = secrets.token_hex(3)
-        await fill(redis, 0, 1, run)
-        name = f"t_bench{run}0000"
-        stream = rk.AccountKeys(name).usage_stream
-        await redis.xadd(stream, _record(0, name, run))  # type: ignore[arg-type]
-        writer = UsageWriter(redis, pool, "test-cluster-failover")
-        writer.wait_ms = writer.claim_idle_ms = HOUR_MS
-        task = asyncio.create_task(writer.run())
-        idle = dict.fromkeys(("xreadgroup", "smembers", "xlen", "exists", "xautoclaim"), 0)
-        try:
-            await eventually(lambda: run_records(db, run), (1).__eq__, timeout=5)
-            assert await _quiet(redis_cluster, writer) == idle
-            slot = rk.account_slot(name)
-            victim = await asyncio.to_thread(redis_cluster.slot_owner, slot)
-            await asyncio.to_thread(redis_cluster.kill, victim)  # kill -9: its replica takes over
-            await asyncio.to_thread(redis_cluster.wait_ok)
-            heir = await asyncio.to_thread(redis_cluster.slot_owner, slot)
-            assert heir != victim
+    async with (
+        _cluster_of_own(tmp_path, 1) as (redis_cluster, redis),
+        _watching(redis, pool, db, "test-cluster-failover") as w,
+    ):
+        assert await _quiet(redis_cluster, w.writer) == IDLE
+        slot = rk.account_slot(w.name)
+        victim = await asyncio.to_thread(redis_cluster.slot_owner, slot)
+        await asyncio.to_thread(redis_cluster.kill, victim)  # kill -9: its replica takes over
+        await asyncio.to_thread(redis_cluster.wait_ok)
+        heir = await asyncio.to_thread(redis_cluster.slot_owner, slot)
+        assert heir != victim
 
-            async def append() -> bool:
-                with contextlib.suppress(Exception):  # the client learns the new master
-                    await redis.xadd(stream, _record(1, name, run))  # type: ignore[arg-type]
-                    return True
-                return False
+        async def append() -> bool:
+            with contextlib.suppress(Exception):  # the client learns the new master
+                await w.append(1)
+                return True
+            return False
 
-            await eventually(append, bool)
-            await eventually(lambda: run_records(db, run), (2).__eq__, timeout=10)
-            assert await _quiet(redis_cluster, writer) == idle
-            assert writer.watch is not None
-            assert writer.watch.armed[stream] == ("127.0.0.1", heir)
-            await redis.xadd(stream, _record(2, name, run))  # type: ignore[arg-type]
-            await eventually(lambda: run_records(db, run), (3).__eq__, timeout=5)
-            assert await redis.xlen(stream) == 0
-        finally:
-            writer.stop()
-            await asyncio.wait_for(task, 10)
-        assert writer.written == 3
+        await eventually(append, bool)
+        await eventually(lambda: run_records(db, w.run), (2).__eq__, timeout=10)
+        assert await _quiet(redis_cluster, w.writer) == IDLE
+        assert w.writer.watch is not None
+        assert w.writer.watch.armed[w.stream] == ("127.0.0.1", heir)
+        await w.append(2)
+        await eventually(lambda: run_records(db, w.run), (3).__eq__, timeout=5)
+    assert w.writer.written == 3
 
 
 async def test_masters_that_refuse_key_tracking_leave_the_writer_polling(
