@@ -385,6 +385,39 @@ async def test_a_stream_cut_after_its_first_byte_is_not_retried_and_bills_what_w
     assert count == 1
 
 
+async def leave_then_let_east_answer(
+    gateway: Gateway,
+    lean: aiohttp.ClientSession,
+    fakes: Fakes,
+    body: dict[str, Any],
+    headers: dict[str, str],
+) -> None:
+    """Post ``body``; the client leaves once east has the request (not after a fixed time, which
+    a loaded machine could spend before the gateway forwarded it), and east (its answer
+    ``gated``) answers once the gateway has seen the client leave."""
+    fronts = gateway.app[S.FRONTS]
+
+    async def leave() -> None:
+        async with lean.post(gateway.v1 + "/chat/completions", json=body, headers=headers):
+            pass
+
+    async def east_posts() -> int:
+        return posts(fakes.east)
+
+    async def serving() -> int:
+        return len(fronts.serving())
+
+    leaving = asyncio.create_task(leave())
+    await eventually(east_posts, lambda n: n == 1)
+    assert not leaving.done()
+    assert await serving() == 1
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    await eventually(serving, lambda n: n == 0)
+    fakes.east.open_gate()
+
+
 async def test_a_client_gone_during_a_failing_attempt_is_not_retried_for(
     gateway: Gateway,
     api: Api,
@@ -401,7 +434,6 @@ async def test_a_client_gone_during_a_failing_attempt_is_not_retried_for(
     # the client leave, and no timeout can come first (with east's 1 s timeout as the failure,
     # a stalled test loop let it fire before the client had left).
     monkeypatch.setattr(gateway.app[S.UPSTREAMS].origins["east"], "read_timeout", 60.0)
-    fronts = gateway.app[S.FRONTS]
     _, team, secret = await api.funded_team_key()
     start = await credits(redis, team)
     headers = {"Authorization": f"Bearer {secret}"}
@@ -414,27 +446,7 @@ async def test_a_client_gone_during_a_failing_attempt_is_not_retried_for(
         before = await scrape(http, gateway)
         body = {"model": "duo", **BODY, "stream": stream}
 
-        async def leave(body: dict[str, Any] = body) -> None:
-            async with lean.post(gateway.v1 + "/chat/completions", json=body, headers=headers):
-                pass
-
-        async def east_posts() -> int:
-            return posts(fakes.east)
-
-        async def serving() -> int:
-            return len(fronts.serving())
-
-        # the client leaves once east has the request (not after a fixed time, which a loaded
-        # machine could spend before the gateway forwarded it)
-        leaving = asyncio.create_task(leave())
-        await eventually(east_posts, lambda n: n == 1)
-        assert not leaving.done()
-        assert await serving() == 1
-        leaving.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await leaving
-        await eventually(serving, lambda n: n == 0)
-        fakes.east.open_gate()
+        await leave_then_let_east_answer(gateway, lean, fakes, body, headers)
 
         async def east_done() -> float:
             return metric(await scrape(http, gateway), name, upstream="east")
@@ -470,7 +482,6 @@ async def test_a_stream_whose_client_left_before_its_first_byte_counts_its_attem
     # (the attempt then counted as retried, not ok; seen in 2 of 3 full runs).
     monkeypatch.setattr(gateway.app[S.UPSTREAMS].origins["east"], "read_timeout", 60.0)
     fakes.east.next(gated=True)
-    fronts = gateway.app[S.FRONTS]
     name = "modelbridge_upstream_attempts_total"
     before = metric(await scrape(http, gateway), name, upstream="east", outcome="ok")
     body = {"model": "duo", **BODY, "stream": True}
@@ -478,26 +489,7 @@ async def test_a_stream_whose_client_left_before_its_first_byte_counts_its_attem
 
     served, handed = counts(gateway)
 
-    async def leave() -> None:
-        async with lean.post(gateway.v1 + "/chat/completions", json=body, headers=headers):
-            pass
-
-    async def east_posts() -> int:
-        return posts(fakes.east)
-
-    async def serving() -> int:
-        return len(fronts.serving())
-
-    # The client leaves once east has the request; east answers once the gateway saw it leave.
-    leaving = asyncio.create_task(leave())
-    await eventually(east_posts, lambda n: n == 1)
-    assert not leaving.done()
-    assert await serving() == 1
-    leaving.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await leaving
-    await eventually(serving, lambda n: n == 0)
-    fakes.east.open_gate()
+    await leave_then_let_east_answer(gateway, lean, fakes, body, headers)
 
     async def east_ok() -> float:
         return metric(await scrape(http, gateway), name, upstream="east", outcome="ok")
