@@ -509,23 +509,15 @@ async def test_settle_after_the_entry_aged_out_corrects_nothing(
     )
     assert raw[0] == "ok"
     assert await _logged(redis, ak) == [[("req_two|7", later.now_ms)], [], []]
-    args = [
-        "req_parity",
-        900,
-        SCOPE,
-        KEY,
-        MODEL,
-        3600,
-        60,
-        0,
-        NOW,
-        40,
-        "request_id",
-        "req_parity",
-    ]
-    await Scripts(redis).settle(keys=settle_keys(ak, "req_parity"), args=args)
+    await settle_40_tokens(redis, ak)
     assert await _logged(redis, ak) == [[("req_two|7", later.now_ms)], [], []]
     assert await redis.hget(ak.rate_sums, "k:" + KEY) == "7"
+
+
+async def settle_40_tokens(redis: Redis, ak: rk.AccountKeys) -> None:
+    """Settle ``req_parity`` (the hold of these tests) at 40 actual tokens."""
+    args = ["req_parity", 900, SCOPE, KEY, MODEL, 3600, 60, 0, NOW, 40, "request_id", "req_parity"]
+    await Scripts(redis).settle(keys=settle_keys(ak, "req_parity"), args=args)
 
 
 async def test_settle_of_a_hold_placed_before_stamps_corrects_its_entry(redis: Redis) -> None:
@@ -534,20 +526,6 @@ async def test_settle_of_a_hold_placed_before_stamps_corrects_its_entry(redis: R
     await install(redis, ak, row)
     assert (await run_hold(Scripts(redis), ak, row.worst, row))[0] == "ok"
     await redis.hset(ak.hold_values, "req_parity", f"1000|{SCOPE}|k|100|{KEY}")
-    args = [
-        "req_parity",
-        900,
-        SCOPE,
-        KEY,
-        MODEL,
-        3600,
-        60,
-        0,
-        NOW,
-        40,
-        "request_id",
-        "req_parity",
-    ]
-    await Scripts(redis).settle(keys=settle_keys(ak, "req_parity"), args=args)
+    await settle_40_tokens(redis, ak)
     assert await _logged(redis, ak) == [[("req_parity|40", row.now_ms)], [], []]
     assert await redis.hget(ak.rate_sums, "k:" + KEY) == "40"
