@@ -78,13 +78,16 @@ class GatewayProcess:
         return self.base + "/v1"
 
     async def ready(self, http: aiohttp.ClientSession, timeout: float = 90.0) -> None:
+        """``/readyz`` answers ready and the banner is out: it comes once *every* worker listens
+        (one worker's ``/readyz`` alone let a test send all its connections to that worker
+        while the other was still starting)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"gateway exited: {self.log.read_text()[-3000:]}")
             try:
                 async with http.get(self.base + "/readyz") as resp:
-                    if resp.status == 200:
+                    if resp.status == 200 and b"ModelBridge listening on" in self.log.read_bytes():
                         return
             except aiohttp.ClientError:
                 pass
