@@ -10,7 +10,10 @@ key                    type    contents
 {acct:A}:s             hash    loaded, credits, holds, sub_alw (allowance per period of the
                                current subscription), mh:<scope> (holds per member scope),
                                kh:<key> (holds per key with a monthly limit), crid (id of
-                               the last credit ledger row counted: gateway/metering/changes.py)
+                               the last credit ledger row counted: gateway/metering/changes.py);
+                               rate logs: rlast (the last rate stamp, ms), rc:<log> ("<count>|
+                               <oldest stamp>|<stamp of its last PEXPIRE>"), rs:<log> (its
+                               tokens, worst case until settled); <log>: k:<key>, m:<scope>, t
 {acct:A}:p:<period>    hash    alw, aspent, spend, req, ms:<scope>, mr:<scope>, ks:<key>,
                                mo:<model> — this period's counters (expire after ~3 months);
                                mx:<scope> — the member's spend this period in the same team
@@ -28,11 +31,9 @@ key                    type    contents
 {acct:A}:rid:<req id>  string  settle marker (idempotency), expires after a day
 {acct:A}:usage         stream  usage records waiting for the PostgreSQL writer
 {acct:A}:alerts        stream  limit alerts (thresholds crossed) waiting for the alert worker
-{acct:A}:rt            hash    rate sums: last (the last rate stamp, ms), k:<key>, m:<scope>, t
-                               (worst-case, then actual, tokens in each log; expires when idle)
-{acct:A}:rw:k:<key>    zset    a key's rate log: "<request id>|<tokens>" scored by stamp (ms)
-{acct:A}:rw:m:<scope>  zset    a member's rate log (policies/ratelimits.py)
-{acct:A}:rw:t          zset    the team's rate log
+{acct:A}:rl:k:<key>    zset    a key's rate log: "<request id>|<tokens>" scored by stamp (ms)
+{acct:A}:rl:m:<scope>  zset    a member's rate log (policies/ratelimits.py; expires when idle)
+{acct:A}:rl:t          zset    the team's rate log
 {acct:A}:rj:<period>   hash    "<key>|<code>" -> requests of that key refused with that code this
                                period (shown with the key; not rebuilt after a Redis loss)
 mb:usage:streams:{rN}  set     names of the usage streams of the accounts whose slot is N
@@ -170,24 +171,19 @@ class AccountKeys:
     def refusals(self, period: str) -> str:
         return f"{self.tag}:rj:{period}"
 
-    @property
-    def rate_sums(self) -> str:
-        return f"{self.tag}:rt"
-
     def key_rate_log(self, key_id: str) -> str:
-        return f"{self.tag}:rw:k:{key_id}"
+        return f"{self.tag}:rl:k:{key_id}"
 
     def member_rate_log(self, scope: str) -> str:
-        return f"{self.tag}:rw:m:{scope}"
+        return f"{self.tag}:rl:m:{scope}"
 
     @property
     def team_rate_log(self) -> str:
-        return f"{self.tag}:rw:t"
+        return f"{self.tag}:rl:t"
 
     def rate_keys(self, key_id: str, scope: str) -> list[str]:
-        """The rate sums and the three logs a request of this key and scope may touch."""
+        """The three rate logs a request of this key and scope may touch."""
         return [
-            self.rate_sums,
             self.key_rate_log(key_id),
             self.member_rate_log(scope),
             self.team_rate_log,

@@ -2,18 +2,28 @@
 
 The choice: a **sliding log**. Each limited scope keeps the requests it admitted as
 ``(stamp ms, tokens)`` entries — in Redis a sorted set per scope (member ``<request id>|<tokens>``,
-score = stamp) and the scope's token sum beside it (policies/keyspace.py) — and
-``hold.lua`` admits a request only if, counting every entry stamped within the last 60 s, one
-more request stays within the RPM limit and the request's worst-case tokens (prompt + output cap)
-stay within the TPM limit. Settling replaces the entry's tokens by the actual ones (a failed
-request: 0) and corrects the sum by the difference; nothing to do when they are the same.
+score = stamp; policies/keyspace.py) — and ``hold.lua`` admits a request only if, counting every
+entry stamped within the last 60 s, one more request stays within the RPM limit and the request's
+worst-case tokens (prompt + output cap) stay within the TPM limit. Settling replaces the entry's
+tokens by the actual ones (a failed request: 0) and corrects the sum by the difference; nothing
+to do when they are the same.
 
-The Redis form only stores these entries: the sum is that of the set's members' tokens (every
-script that adds, removes or rewrites a member updates it in the same step; trimming subtracts
-each removed member's own tokens), and it is believed only beside a non-empty set (an idle set
-expires before it). The hold keeps the entry's stamp in its own value
-(``<tokens>@<stamp>``), so settle and release rewrite the member at its score without looking it
-up; a member no longer there (trimmed) is not rewritten and its sum not corrected.
+The Redis form. Beside each log, the account's state hash keeps what the hold needs of it, read
+in the HMGET the hold makes of that hash anyway: its entry count, its oldest stamp, its token sum
+(``rc:<log>``, ``rs:<log>``). So a hold whose log has nothing to trim adds one ZADD per log and
+one HSET for them all; only when the oldest entry has aged out does it read the log's head (a
+page of entries) and trim it. These fields are kept in step with the set: every script that
+adds, removes or rewrites a member updates them in the same atomic step; trimming subtracts each
+removed member's own tokens; settle and release rewrite a member at its score (the hold keeps
+the stamp in its own value, ``<tokens>@<stamp>``) and correct the sum only when the member is
+still there. Where the fields are missing (the log's first request, or a state hash lost without
+its logs) the hold counts them from the log; a reload of the account (load.lua) keeps them. A log
+expires two windows after its last PEXPIRE, which the hold sends when the log starts and again
+once half a window has passed: the log outlives its newest entry by at least a window and a half,
+so it is gone only when all its entries have aged out — and the next hold, finding the oldest
+stamp aged out and no entries, counts from nothing. (A rolling upgrade from the version that kept
+these logs under ``rw:`` names with the sums in a hash ``rt`` counts the two versions' requests in
+separate logs: until the last old replica stops, each version holds the limit on its own.)
 
 Why not GCRA: GCRA with a burst of N per 60 s admits N at once and then one every 60/N s, so some
 60 s windows hold almost 2 N requests. A fixed window has the same 2 N at its edges. The sliding

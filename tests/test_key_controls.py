@@ -380,6 +380,31 @@ async def test_controls_survive_a_rebuild(
     )
 
 
+async def test_a_rate_window_survives_a_rebuild_of_its_account(
+    gateway: Gateway, api: Api, http: aiohttp.ClientSession, redis: Redis
+) -> None:
+    """The logs' counts live in the account's state hash, which a rebuild replaces: they are kept
+    (a forced reload), or counted again from the logs (a state hash lost alone)."""
+    from gateway import state as S
+
+    owner, team, _ = await api.funded_team_key()
+    key = await make_key(api, owner, team["id"], rpm=3)
+    account = rk.team_account(team["id"])
+    ak = rk.AccountKeys(account)
+    gateway.clock.fixed = gateway.clock.now()
+    for _ in range(2):
+        assert (await chat(http, gateway, key["secret"], BODY)).status == 200
+    counted = await redis.hmget(ak.state, ["rc:k:" + key["id"], "rs:k:" + key["id"]])
+    assert counted[0] is not None and counted[0].startswith("2|")
+    assert await gateway.app[S.ACCOUNTS].load(account, gateway.clock.now(), force=True)
+    assert await redis.hmget(ak.state, ["rc:k:" + key["id"], "rs:k:" + key["id"]]) == counted
+    assert (await chat(http, gateway, key["secret"], BODY)).status == 200
+    await redis.delete(ak.state)  # lost alone: the next request rebuilds it, the log counts
+    reply = await chat(http, gateway, key["secret"], BODY)
+    assert (reply.status, reply.code) == (429, "rate_limit_exceeded")
+    assert reply.headers["x-ratelimit-remaining-requests"] == "0"
+
+
 async def test_controls_follow_a_key_into_personal_billing(
     gateway: Gateway, api: Api, http: aiohttp.ClientSession, fake: FakeUpstream
 ) -> None:

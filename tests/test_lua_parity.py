@@ -101,7 +101,8 @@ def settle_keys(ak: rk.AccountKeys, request_id: str) -> list[str]:
 
 
 def logs(ak: rk.AccountKeys, row: Row) -> list[tuple[str, str, Entries]]:
-    """(log key, its field in the rate sums, the row's entries) of the key, member and team."""
+    """(log key, its name in the state hash's rc:/rs: fields, the row's entries) of the key,
+    member and team."""
     return [
         (ak.key_rate_log(KEY), "k:" + KEY, row.klog),
         (ak.member_rate_log(SCOPE), "m:" + SCOPE, row.mlog),
@@ -114,7 +115,9 @@ def _set(mapping: dict[str, Any], name: str, value: object) -> None:
         mapping[name] = str(value)
 
 
-async def install(redis: Redis, ak: rk.AccountKeys, row: Row) -> None:
+async def install(redis: Redis, ak: rk.AccountKeys, row: Row, *, counted: bool = True) -> None:
+    """The row's state; ``counted=False``: its rate logs without their count and sum in the state
+    hash (a state hash lost alone), which hold.lua then counts from the logs."""
     state = {"loaded": "1", "credits": str(row.credits), "holds": str(row.holds)}
     state["mh:" + SCOPE] = str(row.mh)
     state["sub_alw"] = str(row.alw)
@@ -139,22 +142,24 @@ async def install(redis: Redis, ak: rk.AccountKeys, row: Row) -> None:
     period["ks:" + KEY] = str(row.ks)
     period["kx:" + KEY] = str(row.kx)
     pipe = redis.pipeline(transaction=False)
-    pipe.hset(ak.state, mapping=state)
     pipe.hset(ak.period(PERIOD), mapping=period)
     pipe.hset(ak.cfg, mapping=cfg)
     if row.key_active:
         pipe.hset(ak.keys, KEY, key_entry(SCOPE, row.controls))
     if row.blocked:
         pipe.sadd(ak.blocked(""), MODEL)
-    sums: dict[str, str] = {}
     for key, field, entries in logs(ak, row):
         stamps = {f"req_old{i}|{t}": at for i, (at, t) in enumerate(row.log(entries))}
         if stamps:
             pipe.zadd(key, stamps)
-        sums[field] = str(sum(t for _, t in entries))
+            pipe.pexpire(key, 2 * WINDOW_MS)
+            oldest = min(stamps.values())
+            if counted:
+                state["rc:" + field] = f"{len(stamps)}|{oldest}|{oldest}"
+                state["rs:" + field] = str(sum(t for _, t in entries))
     if row.last_ms:
-        sums["last"] = str(row.last_ms)
-    pipe.hset(ak.rate_sums, mapping=sums)
+        state["rlast"] = str(row.last_ms)
+    pipe.hset(ak.state, mapping=state)
     await pipe.execute()
 
 
@@ -186,11 +191,12 @@ def _rate(raw: list[Any]) -> RateView | None:
     return RateView(usage(*raw[7:10]), usage(*raw[10:13]))
 
 
+@pytest.mark.parametrize("counted", [True, False], ids=["counted", "from-the-logs"])
 @pytest.mark.parametrize("row", ALL_DECISIONS, ids=lambda r: r.name)
-async def test_hold_decides_like_policies(redis: Redis, row: Row) -> None:
+async def test_hold_decides_like_policies(redis: Redis, row: Row, counted: bool) -> None:
     scripts = Scripts(redis)
     ak = fresh()
-    await install(redis, ak, row)
+    await install(redis, ak, row, counted=counted)
     raw = await run_hold(scripts, ak, row.worst, row)
     status, amount, disc, warn, _ = raw[:5]
     expected = decide(row.state(), row.hold, row.tokens)
@@ -207,15 +213,20 @@ async def test_hold_decides_like_policies(redis: Redis, row: Row) -> None:
         assert state == [str(row.holds + row.hold), str(row.mh + row.hold), str(kh)]
     else:
         assert await redis.hmget(ak.state, ["holds", "kh:" + KEY]) == [str(row.holds), str(kh)]
-    await _check_logs(redis, ak, row, logged=expected.admitted)
+    before_rates = expected.refusal in ("invalid_api_key", "key_expired", "model_not_allowed")
+    await _check_logs(redis, ak, row, logged=expected.admitted, read=counted or not before_rates)
 
 
-async def _check_logs(redis: Redis, ak: rk.AccountKeys, row: Row, *, logged: bool) -> None:
-    """Each limited log holds its live entries (plus the request when admitted), its sum their
-    tokens; logs of scopes without limits are untouched."""
+async def _check_logs(
+    redis: Redis, ak: rk.AccountKeys, row: Row, *, logged: bool, read: bool = True
+) -> None:
+    """Each limited log holds its live entries (plus the request when admitted), its count,
+    oldest stamp and sum in the state hash; logs of scopes without limits are untouched.
+    ``read=False``: a refusal before the rate windows of a state without their fields, which
+    stays without them."""
     stamp = max(row.now_ms, row.last_ms)
     limited = [(row.krpm, row.ktpm), (row.mrpm, row.mtpm), (row.trpm, row.ttpm)]
-    sums = await redis.hgetall(ak.rate_sums)
+    rates = await redis.hgetall(ak.state)
     for (key, field, entries), limits in zip(logs(ak, row), limited, strict=True):
         got = await redis.zrange(key, 0, -1, withscores=True)
         if limits == (None, None):
@@ -229,7 +240,14 @@ async def _check_logs(redis: Redis, ak: rk.AccountKeys, row: Row, *, logged: boo
         if logged:
             want.append((f"req_parity|{row.tokens}", stamp))
         assert [(m, int(s)) for m, s in got] == want
-        assert int(sums.get(field, 0)) == sum(int(m.split("|")[1]) for m, _ in want)
+        if not read:
+            assert "rc:" + field not in rates and "rs:" + field not in rates
+            continue
+        if not want:  # the log is gone; what the state says of it is never read again
+            assert rates.get("rc:" + field, "0|").startswith("0|")
+            continue
+        assert rates["rc:" + field].split("|")[:2] == [str(len(want)), str(want[0][1])]
+        assert int(rates["rs:" + field]) == sum(int(m.split("|")[1]) for m, _ in want)
 
 
 @pytest.mark.parametrize(("amount", "bps", "charged"), DISCOUNTS)
@@ -427,7 +445,7 @@ async def test_settle_corrects_the_logs_to_the_actual_tokens(redis: Redis) -> No
     await Scripts(redis).settle(keys=settle_keys(ak, request_id), args=args)
     stamp = row.now_ms
     assert await _logged(redis, ak) == [[("req_parity|40", stamp)], [("req_parity|40", stamp)], []]
-    sums = await redis.hmget(ak.rate_sums, ["k:" + KEY, "m:" + SCOPE])
+    sums = await redis.hmget(ak.state, ["rs:k:" + KEY, "rs:m:" + SCOPE])
     assert sums == ["40", "40"]
     assert await redis.hmget(ak.state, ["holds", "kh:" + KEY]) == ["0", "0"]
     assert await redis.hget(ak.period(PERIOD), "ks:" + KEY) == "900"
@@ -441,7 +459,7 @@ async def test_release_leaves_the_request_counted_with_no_tokens(redis: Redis) -
     keys = [ak.state, ak.hold_expiry, ak.hold_values, *ak.rate_keys(KEY, SCOPE)]
     assert await Scripts(redis).release(keys=keys, args=["req_parity"]) == 1000
     assert await _logged(redis, ak) == [[], [], [("req_parity|0", row.now_ms)]]
-    assert await redis.hget(ak.rate_sums, "t") == "0"
+    assert await redis.hget(ak.state, "rs:t") == "0"
     assert await redis.hmget(ak.state, ["holds", "kh:" + KEY]) == ["0", "0"]
 
 
@@ -474,17 +492,42 @@ async def test_an_expired_hold_gives_its_key_holds_back(redis: Redis) -> None:
     assert await redis.hget(ak.state, "kh:" + KEY) == "1000"
 
 
-async def test_a_sum_without_its_log_counts_nothing(redis: Redis) -> None:
-    """An idle log expires (PEXPIRE) while the account's sums live on: the sum of a log that is
-    gone is stale and must not count."""
+async def test_a_log_that_expired_counts_nothing(redis: Redis) -> None:
+    """An idle log expires (PEXPIRE) once all its entries aged out, while the state hash's count
+    and sum of it live on: the next hold finds its oldest entry aged out, finds no log, and counts
+    from nothing (rpm 1 and tpm 100: the stale 3 requests and 5000 tokens would refuse it)."""
     ak = fresh()
-    row = Row("stale", credits=RICH, ktpm=100, klog=(), mlog=(), tlog=())
+    row = Row("stale", credits=RICH, krpm=1, ktpm=100, klog=(), mlog=(), tlog=())
     await install(redis, ak, row)
-    await redis.hset(ak.rate_sums, "k:" + KEY, "5000")
+    aged = row.now_ms - WINDOW_MS - 1
+    await redis.hset(ak.state, mapping={"rc:k:" + KEY: f"3|{aged}|{aged}", "rs:k:" + KEY: "5000"})
     raw = await run_hold(Scripts(redis), ak, row.worst, row)
     assert raw[0] == "ok"
-    assert await redis.hget(ak.rate_sums, "k:" + KEY) == "100"
-    assert await redis.pttl(ak.key_rate_log(KEY)) > WINDOW_MS
+    assert raw[7:] == [1, 0, WINDOW_MS, 100, 0, WINDOW_MS]
+    state = await redis.hmget(ak.state, ["rc:k:" + KEY, "rs:k:" + KEY])
+    assert state == [f"1|{row.now_ms}|{row.now_ms}", "100"]
+    assert await _logged(redis, ak) == [[("req_parity|100", row.now_ms)], [], []]
+    assert await redis.pttl(ak.key_rate_log(KEY)) > 3 * WINDOW_MS // 2
+
+
+async def test_a_log_renews_its_ttl_every_half_window(redis: Redis) -> None:
+    """The log's PEXPIRE (two windows) is sent when it starts and then once half a window has
+    passed since the last one, not on every hold: a log always outlives its newest entry by at
+    least a window and a half."""
+    ak = fresh()
+    row = Row("ttl", credits=RICH, krpm=10**6, klog=(), mlog=(), tlog=())
+    await install(redis, ak, row)
+    for i, step in enumerate((0, 1_000, WINDOW_MS // 2 - 1, WINDOW_MS // 2)):
+        at = row.now_ms + step
+        args = [at // 1000, f"req_{i}", KEY, SCOPE, MODEL, 1000, 600, 3600, at, 7, WINDOW_MS]
+        assert (await Scripts(redis).hold(keys=hold_keys(ak), args=args))[0] == "ok"
+        sent = step in (0, WINDOW_MS // 2)
+        assert (await redis.pttl(ak.key_rate_log(KEY)) <= 2 * WINDOW_MS) == sent
+        await redis.pexpire(ak.key_rate_log(KEY), 10 * WINDOW_MS)  # a PEXPIRE sent shows
+        mark = row.now_ms if step < WINDOW_MS // 2 else at
+        rc = await redis.hget(ak.state, "rc:k:" + KEY)
+        assert rc == f"{i + 1}|{row.now_ms}|{mark}"
+    assert await redis.hget(ak.state, "rs:k:" + KEY) == "28"
 
 
 @pytest.mark.parametrize("stamped", [True, False], ids=["stamped", "placed-before-stamps"])
@@ -511,7 +554,7 @@ async def test_settle_after_the_entry_aged_out_corrects_nothing(
     assert await _logged(redis, ak) == [[("req_two|7", later.now_ms)], [], []]
     await settle_40_tokens(redis, ak)
     assert await _logged(redis, ak) == [[("req_two|7", later.now_ms)], [], []]
-    assert await redis.hget(ak.rate_sums, "k:" + KEY) == "7"
+    assert await redis.hget(ak.state, "rs:k:" + KEY) == "7"
 
 
 async def settle_40_tokens(redis: Redis, ak: rk.AccountKeys) -> None:
@@ -528,4 +571,4 @@ async def test_settle_of_a_hold_placed_before_stamps_corrects_its_entry(redis: R
     await redis.hset(ak.hold_values, "req_parity", f"1000|{SCOPE}|k|100|{KEY}")
     await settle_40_tokens(redis, ak)
     assert await _logged(redis, ak) == [[("req_parity|40", row.now_ms)], [], []]
-    assert await redis.hget(ak.rate_sums, "k:" + KEY) == "40"
+    assert await redis.hget(ak.state, "rs:k:" + KEY) == "40"

@@ -349,7 +349,7 @@ async def _listing(request: web.Request, rows: list[Any]) -> list[dict[str, Any]
     for account, row in placed:
         ak = rk.AccountKeys(account)
         pipe.hmget(ak.period(period), ["ks:" + row["id"], "kx:" + row["id"]])
-        pipe.hget(ak.rate_sums, "last")
+        pipe.hget(ak.state, "rlast")
         pipe.zrange(ak.key_rate_log(row["id"]), 0, -1, withscores=True)
         pipe.hgetall(ak.refusals(period))
     replies = await pipe.execute()

@@ -18,10 +18,12 @@ KEYS[7]  {acct:A}:hv           hold id -> "<amount>|<scope>", or with rate or ke
                                tokens: "<worst case>@<stamp>" when logged, so settle and release
                                find the log entry without a ZSCORE; else empty)
 KEYS[8]  {acct:A}:alerts       alert stream (a limit refusal counts as reaching 100 % of it)
-KEYS[9]  {acct:A}:rt           rate sums: last (the last stamp, ms), k:<key>, m:<scope>, t (tokens)
-KEYS[10] {acct:A}:rw:k:<key>   the key's rate log: "<hold id>|<tokens>" scored by stamp (ms)
-KEYS[11] {acct:A}:rw:m:<scope> the member's rate log
-KEYS[12] {acct:A}:rw:t         the team's rate log
+KEYS[9]  {acct:A}:rl:k:<key>   the key's rate log: "<hold id>|<tokens>" scored by stamp (ms)
+KEYS[10] {acct:A}:rl:m:<scope> the member's rate log
+KEYS[11] {acct:A}:rl:t         the team's rate log
+         (each log's count, oldest stamp and sum are kept in the state hash, KEYS[1]: rlast, the
+         account's last stamp; rc:<log> "<count>|<oldest stamp>|<stamp of its last PEXPIRE>";
+         rs:<log> its tokens; <log> = k:<key>, m:<scope> or t)
 
 ARGV[1]  now, unix seconds (integer)
 ARGV[2]  hold id (the request id)
@@ -52,8 +54,11 @@ tok_remaining, tok_reset_ms} (-1: no such limit)
 Money is mutated only with HINCRBY (exact to 2^63); comparisons run on Lua doubles, exact for
 amounts below 2^53 nano-dollars (about 9 million USD). A key without controls, in an account
 without rate limits, costs one HGET where HEXISTS was, and four more fields in the cfg HMGET.
-The common path reads each hash once: HGET keys, HMGET state, ZRANGEBYSCORE hz, SISMEMBER blocked,
-HMGET period, HMGET cfg; then ZADD hz, HINCRBY state (2) and HSET hv: ten calls (twelve before).
+The common path reads each hash once: HGET keys, HMGET cfg, HMGET state, ZRANGEBYSCORE hz,
+SISMEMBER blocked, HMGET period; then ZADD hz, HINCRBY state (2) and HSET hv: ten calls.
+A rate-limited request adds a ZADD per log and one HSET of the state hash for them all (each log's
+count, oldest stamp and sum are read in the state's HMGET), plus a ZRANGE and a ZREMRANGEBYRANK
+for a log whose oldest entry aged out, and a PEXPIRE every half window.
 ]]
 local state, period, cfg, keys, blocked, hz, hv, alerts =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
@@ -80,6 +85,30 @@ if entry and string.find(entry, '|', 1, true) then
 end
 klimit = num(klimit, -1)
 
+-- The policy before the state: the rate limits it sets say which state fields to read.
+local c = redis.call('HMGET', cfg, 'disc', 'limit', 'dml', 'den', 'ml:' .. scope, 'me:' .. scope,
+  'rpm', 'tpm', 'rpm:' .. scope, 'tpm:' .. scope)
+
+-- Rate windows (policies/ratelimits.py): the key's, the member's, the team's log, those limited
+-- (flags k, m, t in this order). The common path (no rate limit anywhere) stops at this one test.
+local wins = {}
+local limited = (krpm ~= nil and krpm ~= '') or (ktpm ~= nil and ktpm ~= '') or c[7] or c[8]
+  or c[9] or c[10]
+if limited then
+  local rpm, tpm = num(krpm, nil), num(ktpm, nil)
+  if rpm or tpm then
+    wins[1] = {key = KEYS[9], field = 'k:' .. key_id, flag = 'k', rpm = rpm, tpm = tpm}
+  end
+  rpm, tpm = num(c[9], nil), num(c[10], nil)
+  if rpm or tpm then
+    wins[#wins + 1] = {key = KEYS[10], field = 'm:' .. scope, flag = 'm', rpm = rpm, tpm = tpm}
+  end
+  rpm, tpm = num(c[7], nil), num(c[8], nil)
+  if rpm or tpm then
+    wins[#wins + 1] = {key = KEYS[11], field = 't', flag = 't', rpm = rpm, tpm = tpm}
+  end
+end
+
 -- One HMGET per hash on the common path: the state hash's fields are read before expiry and read
 -- again only when a hold expired (which changes holds, mh:* and kh:*).
 local sfields = {'loaded', 'credits', 'holds', 'mh:' .. scope}
@@ -88,6 +117,14 @@ if klimit >= 0 then
   sfields[5] = 'kh:' .. key_id
   pfields[6] = 'ks:' .. key_id
   pfields[7] = 'kx:' .. key_id
+end
+local rfirst = #sfields + 1  -- the rate fields: rlast, then rc:<log> and rs:<log> of each window
+if limited then
+  sfields[rfirst] = 'rlast'
+  for i, w in ipairs(wins) do
+    sfields[rfirst + 2 * i - 1] = 'rc:' .. w.field
+    sfields[rfirst + 2 * i] = 'rs:' .. w.field
+  end
 end
 local s = redis.call('HMGET', state, unpack(sfields))
 if s[1] ~= '1' then
@@ -120,8 +157,6 @@ if not alw then
 end
 alw = tonumber(alw)
 
-local c = redis.call('HMGET', cfg, 'disc', 'limit', 'dml', 'den', 'ml:' .. scope, 'me:' .. scope,
-  'rpm', 'tpm', 'rpm:' .. scope, 'tpm:' .. scope)
 local disc = num(c[1], 0)
 if disc < 0 then disc = 0 elseif disc > 10000 then disc = 10000 end
 local keep = 10000 - disc
@@ -132,74 +167,77 @@ local credits, holds, member_holds = num(s[2], 0), num(s[3], 0), num(s[4], 0)
 -- The member's spend in the team this period: here (ms) + billed to the other account (mx).
 local aspent, spend, member_spend = num(p[2], 0), num(p[3], 0), num(p[4], 0) + num(p[5], 0)
 
--- Rate windows (policies/ratelimits.py): the key's, the member's, the team's log, those limited.
+-- Each limited log's count, oldest stamp and token sum, from the state hash (counted from the log
+-- when the state has none); the entries that aged out are trimmed from its head (ZRANGE of a
+-- page, ZREMRANGEBYRANK), only when the oldest has.
 -- The stamp, the tokens and the TTL go to Redis as the strings they came as (formatting a number
--- costs about what a call does). The entries are counted by ZCARD, not by a count kept beside the
--- sum: a hold.lua of another version (a rolling upgrade) would not keep such a count.
-local tokens, window, rt, t, t_s
-local wins = {}
-local rset = {}  -- rt's fields to write, as field, value, ...: one HSET at the end
--- The common path (no rate limit anywhere) stops at this one test.
-local limited = (krpm ~= nil and krpm ~= '') or (ktpm ~= nil and ktpm ~= '') or c[7] or c[8]
-  or c[9] or c[10]
+-- costs about what a call does).
+local tokens, window, t, t_s
+local rset = {}  -- state's rate fields to write, as field, value, ...: one HSET at the end
 if limited then
-  tokens, window, rt = tonumber(ARGV[10]), tonumber(ARGV[11]), KEYS[9]
+  tokens, window = tonumber(ARGV[10]), tonumber(ARGV[11])
   t, t_s = tonumber(ARGV[9]), ARGV[9]
-  -- Only the limited windows (flags k, m, t in this order): their log and sum field.
-  local rpm, tpm = num(krpm, nil), num(ktpm, nil)
-  if rpm or tpm then
-    wins[1] = {key = KEYS[10], field = 'k:' .. key_id, flag = 'k', rpm = rpm, tpm = tpm}
-  end
-  rpm, tpm = num(c[9], nil), num(c[10], nil)
-  if rpm or tpm then
-    wins[#wins + 1] = {key = KEYS[11], field = 'm:' .. scope, flag = 'm', rpm = rpm, tpm = tpm}
-  end
-  rpm, tpm = num(c[7], nil), num(c[8], nil)
-  if rpm or tpm then
-    wins[#wins + 1] = {key = KEYS[12], field = 't', flag = 't', rpm = rpm, tpm = tpm}
-  end
-  local fields = {'last'}
-  for i, w in ipairs(wins) do fields[i + 1] = w.field end
-  local r = redis.call('HMGET', rt, unpack(fields))
-  local last = num(r[1], 0)
+  local last = num(s[rfirst], 0)
   if t < last then
-    t, t_s = last, r[1]
+    t, t_s = last, s[rfirst]
   elseif t > last then
-    rset[1], rset[2] = 'last', t_s
+    rset[1], rset[2] = 'rlast', t_s
   end
   local cutoff = t - window
   for i, w in ipairs(wins) do
-    local sum = num(r[i + 1], 0)
-    local first = redis.call('ZRANGE', w.key, '0', '0', 'WITHSCORES')[2]
-    local oldest = first and tonumber(first)  -- nil: the log is empty
-    if oldest and oldest <= cutoff then
-      for _, m in ipairs(redis.call('ZRANGEBYSCORE', w.key, '-inf', cutoff)) do
-        sum = sum - tonumber(string.match(m, '|(%d+)$'))
-      end
-      redis.call('ZREMRANGEBYSCORE', w.key, '-inf', cutoff)
-      first = redis.call('ZRANGE', w.key, '0', '0', 'WITHSCORES')[2]
-      oldest = first and tonumber(first)
+    local count, oldest, mark = 0, nil, nil
+    local meta = s[rfirst + 2 * i - 1]
+    local sum = num(s[rfirst + 2 * i], 0)
+    if meta then
+      local n, o, m = string.match(meta, '^(%d+)|(%d*)|(%d*)$')
+      count, oldest, mark = tonumber(n), o, m
+    else
+      -- No fields for this log (its first request, or a state hash lost without its logs): they
+      -- are counted from the log itself, if any, and the ones that aged out trimmed below.
+      local all = redis.call('ZRANGE', w.key, 0, -1, 'WITHSCORES')
+      count, sum = #all / 2, 0
+      for j = 1, #all, 2 do sum = sum + tonumber(string.match(all[j], '|(%d+)$')) end
+      oldest = all[2]
       w.trimmed = true
     end
-    w.count = redis.call('ZCARD', w.key)
-    -- The sum is trusted only beside a non-empty log (an idle log expires before its sum).
-    if w.count == 0 then sum = 0 end
-    w.sum, w.oldest = sum, oldest
+    if count == 0 then oldest, sum = nil, 0 end
+    if oldest and tonumber(oldest) <= cutoff then
+      -- Page through the head: the entries at or before the cutoff go, the first after it is the
+      -- new oldest. A log that is gone (expired: every entry had aged out) counts nothing.
+      local gone, first = 0, nil
+      while true do
+        local page = redis.call('ZRANGE', w.key, gone, gone + 15, 'WITHSCORES')
+        for j = 1, #page, 2 do
+          if tonumber(page[j + 1]) > cutoff then
+            first = page[j + 1]
+            break
+          end
+          sum = sum - tonumber(string.match(page[j], '|(%d+)$'))
+          gone = gone + 1
+        end
+        if first or #page < 32 then break end
+      end
+      if gone > 0 then redis.call('ZREMRANGEBYRANK', w.key, 0, gone - 1) end
+      if first then count = count - gone else count, sum = 0, 0 end
+      oldest = first
+      w.trimmed = true
+    end
+    w.count, w.sum, w.oldest_s, w.mark = count, sum, oldest, mark
+    w.oldest = oldest and tonumber(oldest)  -- nil: the log is empty
   end
 end
 
--- rt's fields changed without an admission (a refusal): the stamp, the sums of the logs trimmed.
-local function rate_save()
+-- The rate fields of the logs trimmed, to write also without an admission (a refusal).
+local function rate_trimmed()
   for _, w in ipairs(wins) do
     if w.trimmed then
-      rset[#rset + 1] = w.field
+      rset[#rset + 1] = 'rc:' .. w.field
+      rset[#rset + 1] = w.count .. '|' .. (w.oldest_s or '') .. '|' .. (w.mark or '')
+      rset[#rset + 1] = 'rs:' .. w.field
       rset[#rset + 1] = str(w.sum)
     end
   end
-  if rset[1] then
-    redis.call('HSET', rt, unpack(rset))
-    redis.call('PEXPIRE', rt, 2 * window)
-  end
+  if rset[1] then redis.call('HSET', state, unpack(rset)) end
 end
 
 -- The x-ratelimit-* figures: the tightest limit of each kind (ratelimits.view).
@@ -235,7 +273,7 @@ end
 
 local function refused(code, alerted)
   if limited then
-    rate_save()
+    rate_trimmed()
     return rate_reply(code, 0, 0, alerted, 0, false)
   end
   return {code, 0, 0, 0, alerted}
@@ -294,7 +332,7 @@ if limited then
       local ms = window
       if w.rpm > 0 then
         local e = redis.call('ZRANGE', w.key, w.count - w.rpm, w.count - w.rpm, 'WITHSCORES')
-        ms = tonumber(e[2]) + window - t
+        if e[2] then ms = tonumber(e[2]) + window - t end
       end
       if ms > wait then wait = ms end
     end
@@ -317,7 +355,7 @@ if limited then
   if wait >= 0 then
     local retry = math.ceil(wait / 1000)
     if retry < 1 then retry = 1 end
-    rate_save()
+    rate_trimmed()
     return rate_reply('rate_limit_exceeded', 0, 0, 0, retry, false)
   end
 end
@@ -332,18 +370,24 @@ if klimit >= 0 then
   redis.call('HINCRBY', state, 'kh:' .. key_id, hold_s)
 end
 if limited then
-  local member, ttl = hold_id .. '|' .. ARGV[10], tostring(2 * window)
+  -- Each log's TTL (two windows) is set when it starts and renewed every half window, so a log
+  -- outlives its newest entry by at least a window and a half: it expires only once every entry
+  -- has aged out, which is when its count may start from nothing again.
+  local member, half = hold_id .. '|' .. ARGV[10], window / 2
   for _, w in ipairs(wins) do
     flags = flags .. w.flag
     redis.call('ZADD', w.key, t_s, member)
-    redis.call('PEXPIRE', w.key, ttl)
-    rset[#rset + 1] = w.field
+    local mark = w.mark
+    if w.count == 0 or mark == nil or mark == '' or t - tonumber(mark) >= half then
+      redis.call('PEXPIRE', w.key, 2 * window)
+      mark = t_s
+    end
+    rset[#rset + 1] = 'rc:' .. w.field
+    rset[#rset + 1] = (w.count + 1) .. '|' .. (w.oldest_s or t_s) .. '|' .. mark
+    rset[#rset + 1] = 'rs:' .. w.field
     rset[#rset + 1] = str(w.sum + tokens)
   end
-  if rset[1] then
-    redis.call('HSET', rt, unpack(rset))
-    redis.call('PEXPIRE', rt, ttl)
-  end
+  if rset[1] then redis.call('HSET', state, unpack(rset)) end
 end
 if flags == '' then
   redis.call('HSET', hv, hold_id, hold_s .. '|' .. scope)

@@ -20,6 +20,7 @@ ARGV[2]  period hash lifetime, seconds
 ARGV[3]  "force": reload even when loaded (operator rebuild)
 ARGV[4]  id of the last usage stream entry the state counts ("0-0": none)
 
+The rate logs' fields of the state hash (rlast, rc:*, rs:*: hold.lua) stay, as the logs do.
 The holds in flight stay: a rebuild of a loaded account (an operator's, or after settles were
 sent again, resettle.lua) forgets no reservation, so no hard limit is passed by requests admitted
 meanwhile. On a Redis that lost its data there are none.
@@ -34,6 +35,11 @@ if #redis.call('XRANGE', KEYS[7], '(' .. ARGV[4], '+', 'COUNT', 1) > 0 then
   return -1
 end
 local data = cjson.decode(ARGV[1])
+local old = redis.call('HGETALL', KEYS[1])
+for j = 1, #old, 2 do
+  local field, prefix = old[j], string.sub(old[j], 1, 3)
+  if prefix == 'rc:' or prefix == 'rs:' or field == 'rlast' then data.state[field] = old[j + 1] end
+end
 for i = 1, #KEYS do
   if i < 5 or i > 7 then redis.call('DEL', KEYS[i]) end
 end

@@ -9,10 +9,9 @@ KEYS[5]  {acct:A}:rid:<id>     settle marker
 KEYS[6]  {acct:A}:usage        usage stream (read by the PostgreSQL writer)
 KEYS[7]  {acct:A}:cfg          policy hash (limits, for the alert thresholds)
 KEYS[8]  {acct:A}:alerts       alert stream (read by the alert worker)
-KEYS[9]  {acct:A}:rt           rate sums (hold.lua)
-KEYS[10] {acct:A}:rw:k:<key>   the key's rate log
-KEYS[11] {acct:A}:rw:m:<scope> the member's rate log
-KEYS[12] {acct:A}:rw:t         the team's rate log
+KEYS[9]  {acct:A}:rl:k:<key>   the key's rate log (hold.lua; its sum: rs:k:<key> in KEYS[1])
+KEYS[10] {acct:A}:rl:m:<scope> the member's rate log (rs:m:<scope>)
+KEYS[11] {acct:A}:rl:t         the team's rate log (rs:t)
 
 ARGV[1]  hold id
 ARGV[2]  charged, nano-dollars (after discount)
@@ -63,14 +62,14 @@ if v then
     if worst ~= ARGV[10] then
       local old, new = hold_id .. '|' .. worst, hold_id .. '|' .. ARGV[10]
       local delta = str(tonumber(ARGV[10]) - tonumber(worst))
-      if string.find(flags, 'k', 1, true) and relog(KEYS[10], old, stamp, new) then
-        redis.call('HINCRBY', KEYS[9], 'k:' .. hkey, delta)
+      if string.find(flags, 'k', 1, true) and relog(KEYS[9], old, stamp, new) then
+        redis.call('HINCRBY', state, 'rs:k:' .. hkey, delta)
       end
-      if string.find(flags, 'm', 1, true) and relog(KEYS[11], old, stamp, new) then
-        redis.call('HINCRBY', KEYS[9], 'm:' .. hscope, delta)
+      if string.find(flags, 'm', 1, true) and relog(KEYS[10], old, stamp, new) then
+        redis.call('HINCRBY', state, 'rs:m:' .. hscope, delta)
       end
-      if string.find(flags, 't', 1, true) and relog(KEYS[12], old, stamp, new) then
-        redis.call('HINCRBY', KEYS[9], 't', delta)
+      if string.find(flags, 't', 1, true) and relog(KEYS[11], old, stamp, new) then
+        redis.call('HINCRBY', state, 'rs:t', delta)
       end
     end
   end
