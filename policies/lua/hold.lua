@@ -204,9 +204,10 @@ if limited then
     if oldest and tonumber(oldest) <= cutoff then
       -- Page through the head: the entries at or before the cutoff go, the first after it is the
       -- new oldest. A log that is gone (expired: every entry had aged out) counts nothing.
-      local gone, first = 0, nil
+      -- The first page is two entries: a busy log trims about one entry per hold.
+      local gone, first, size = 0, nil, 2
       while true do
-        local page = redis.call('ZRANGE', w.key, gone, gone + 15, 'WITHSCORES')
+        local page = redis.call('ZRANGE', w.key, gone, gone + size - 1, 'WITHSCORES')
         for j = 1, #page, 2 do
           if tonumber(page[j + 1]) > cutoff then
             first = page[j + 1]
@@ -215,7 +216,8 @@ if limited then
           sum = sum - tonumber(string.match(page[j], '|(%d+)$'))
           gone = gone + 1
         end
-        if first or #page < 32 then break end
+        if first or #page < 2 * size then break end
+        size = 32
       end
       if gone > 0 then redis.call('ZREMRANGEBYRANK', w.key, 0, gone - 1) end
       if first then count = count - gone else count, sum = 0, 0 end
