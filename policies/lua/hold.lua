@@ -201,7 +201,8 @@ if limited then
       w.trimmed = true
     end
     if count == 0 then oldest, sum = nil, 0 end
-    if oldest and tonumber(oldest) <= cutoff then
+    local at = oldest and tonumber(oldest)
+    if at and at <= cutoff then
       -- Page through the head: the entries at or before the cutoff go, the first after it is the
       -- new oldest. A log that is gone (expired: every entry had aged out) counts nothing.
       -- The first page is two entries: a busy log trims about one entry per hold.
@@ -221,11 +222,11 @@ if limited then
       end
       if gone > 0 then redis.call('ZREMRANGEBYRANK', w.key, 0, gone - 1) end
       if first then count = count - gone else count, sum = 0, 0 end
-      oldest = first
+      oldest, at = first, first and tonumber(first)
       w.trimmed = true
     end
     w.count, w.sum, w.oldest_s, w.mark = count, sum, oldest, mark
-    w.oldest = oldest and tonumber(oldest)  -- nil: the log is empty
+    w.oldest = at  -- nil: the log is empty
   end
 end
 
