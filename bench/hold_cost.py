@@ -69,6 +69,15 @@ def old_source(revision: str, name: str = "hold") -> str:
     return lua_source(name, read)
 
 
+def rate_keys(ak: rk.AccountKeys, source: str) -> list[str]:
+    """The rate keys the script ``source`` takes: this checkout's, or — for a revision from before
+    the logs' counts moved into the state hash (its hold.lua names ``{acct:A}:rt``) — the sums
+    hash and the three logs as that revision named them."""
+    if "{acct:A}:rt " not in source:
+        return ak.rate_keys("key_bench", SCOPE)
+    return [f"{ak.tag}:rt", f"{ak.tag}:rw:k:key_bench", f"{ak.tag}:rw:m:{SCOPE}", f"{ak.tag}:rw:t"]
+
+
 async def install(redis: Redis, ak: rk.AccountKeys, entry: str, cfg: dict[str, str]) -> None:
     await redis.hset(ak.state, mapping={"loaded": "1", "credits": str(10**15), "holds": "0"})
     fields: dict[str | bytes, str] = {"disc": "0"}
@@ -135,7 +144,7 @@ async def run_settles(redis: Redis, source: str, ak: rk.AccountKeys, calls: int)
     actual tokens against 100 held: every rate log's entry is corrected)."""
     sha = await redis.script_load(source)
     now_s = int(time.time())
-    after = (ak.usage_stream, ak.cfg, ak.alerts, *ak.rate_keys("key_bench", SCOPE))
+    after = (ak.usage_stream, ak.cfg, ak.alerts, *rate_keys(ak, source))
     before = await counter(redis)
     for start in range(0, calls, PIPE_SIZE):
         pipe = redis.pipeline(transaction=False)
@@ -245,9 +254,9 @@ async def main() -> None:
                         ak.hold_values,
                         ak.alerts,
                     ]
-                    if not old:
-                        keys += ak.rate_keys("key_bench", SCOPE)
                     source = sources["old" if older else "new"]
+                    if not old:
+                        keys += rate_keys(ak, source)
                     timings[name].append(
                         await run(
                             redis, source, keys, opts.calls, new=not old, step_ms=opts.step_ms
