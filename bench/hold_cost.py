@@ -11,11 +11,16 @@ settles each of those holds (actual tokens below the worst case, so a rate log's
 there is corrected), measured the same way.
 
     python -m bench.hold_cost [--calls 20000] [--rounds 5] [--against <git revision>]
-                              [--callgrind] [--only <case>] [--step-ms 1]
+                              [--callgrind] [--only <case>] [--step-ms 1] [--served]
 
 ``--callgrind``: the server runs under ``valgrind --tool=callgrind`` and the figure is the
 instructions it executes per call (counted, not timed: what a loaded machine cannot move; use a
 few thousand calls, callgrind runs ~50x slower).
+
+``--served``: the calls as a serving gateway makes them, whose scripts cost Redis about half as
+much again (bench.redis_cost): each settle carries a usage record of the gateway's 22 fields
+(gateway/proxy/handlers.py) instead of two, and the server keeps an append-only file as the
+embedded one does (``appendonly yes``: every write a script makes is propagated to it).
 
 Cases: a key without controls in an account without rate limits (the common path, which must
 pay ~nothing for the feature), a key with ``rpm`` and ``tpm``, and the same with member and team
@@ -139,7 +144,22 @@ async def run(
     return (await counter(redis) - before) / calls
 
 
-async def run_settles(redis: Redis, source: str, ak: rk.AccountKeys, calls: int) -> float:
+def served_record(rid: str, account: str) -> list[str | int]:
+    """A usage record with the fields and typical values of the gateway's (its ``record``)."""
+    return [
+        *("request_id", rid, "account", account, "team_id", "team_b5df646387a20881ffa7"),
+        *("user_id", SCOPE, "key_id", "key_bench", "model", MODEL),
+        *("endpoint", "/v1/chat/completions", "period", "2026-11", "prompt_tokens", 46),
+        *("completion_tokens", 6, "cached_tokens", 0, "list_cost", 10500, "discount", 0),
+        *("charged", 10500, "usage_source", "upstream", "encoding", "o200k_base", "tags", ""),
+        *("status", 200, "created_at", int(time.time() * 1000), "served_model", MODEL),
+        *("attempts", 1),
+    ]
+
+
+async def run_settles(
+    redis: Redis, source: str, ak: rk.AccountKeys, calls: int, served: bool = False
+) -> float:
     """Microseconds of the Redis server's CPU per settle of the holds :func:`run` placed (40
     actual tokens against 100 held: every rate log's entry is corrected)."""
     sha = await redis.script_load(source)
@@ -153,7 +173,10 @@ async def run_settles(redis: Redis, source: str, ak: rk.AccountKeys, calls: int)
             keys = [ak.state, ak.period("2026-11"), ak.hold_expiry, ak.hold_values]
             keys += [ak.settled_marker(rid), *after]
             args: list[str | int] = [rid, 900, SCOPE, "key_bench", MODEL, 3600, 60, 0, now_s, 40]
-            args += ["request_id", rid, "model", MODEL]
+            if served:
+                args += served_record(rid, ak.account)
+            else:
+                args += ["request_id", rid, "model", MODEL]
             pipe.evalsha(sha, len(keys), *keys, *args)
         replies = await pipe.execute()
         assert all(r[0] == 1 for r in replies), replies[:3]
@@ -177,11 +200,13 @@ CASES = [
 
 
 @contextlib.asynccontextmanager
-async def server(tmp: str, callgrind: bool) -> AsyncIterator[Redis]:
-    """A private ``redis-server`` (under callgrind: then :data:`counter` counts instructions)."""
+async def server(tmp: str, callgrind: bool, aof: bool = False) -> AsyncIterator[Redis]:
+    """A private ``redis-server`` (under callgrind: then :data:`counter` counts instructions),
+    with an append-only file when ``aof``."""
     global counter
     port = 6390 + int(time.time()) % 500
-    command = [redis_server(), "--port", str(port), "--save", "", "--appendonly", "no"]
+    command = [redis_server(), "--port", str(port), "--save", ""]
+    command += ["--appendonly", "yes" if aof else "no"]
     command += ["--dir", tmp]
     out = Path(tmp) / "callgrind.out"
     if callgrind:
@@ -218,6 +243,11 @@ async def main() -> None:
         help="how far the clock moves per call (from 60000 / calls on, the logs are full after"
         " one window and a hold trims about one aged entry: the steady state of a busy key)",
     )
+    parser.add_argument(
+        "--served",
+        action="store_true",
+        help="settles carry the gateway's usage record, and Redis an append-only file",
+    )
     opts = parser.parse_args()
     unit = "instructions" if opts.callgrind else "us of Redis CPU"
     cases = [case for case in CASES if not opts.only or opts.only in case[0]]
@@ -237,7 +267,7 @@ async def main() -> None:
     timings: dict[str, list[float]] = {name: [] for name, _, _ in cases}
     settled: dict[str, list[float]] = {name: [] for name, _, _ in cases}
     with tempfile.TemporaryDirectory() as tmp:
-        async with server(tmp, opts.callgrind) as redis:
+        async with server(tmp, opts.callgrind, opts.served) as redis:
             for round_ in range(opts.rounds):
                 for i, (name, entry, cfg) in enumerate(cases):
                     old = name.endswith(": before")
@@ -264,7 +294,9 @@ async def main() -> None:
                     )
                     if not old:
                         settle = settles["old" if older else "new"]
-                        settled[name].append(await run_settles(redis, settle, ak, opts.calls))
+                        settled[name].append(
+                            await run_settles(redis, settle, ak, opts.calls, opts.served)
+                        )
     for what, figures in (("hold", timings), ("settle", settled)):
         for name, values in figures.items():
             if values:
