@@ -271,6 +271,38 @@ async def test_a_chunked_body_is_served_by_aiohttp(gateway: Gateway, api: Api, c
     assert (await conn.response())[0] == 200
 
 
+async def test_the_rate_limit_headers_are_the_same_lean_and_on_aiohttps_path(
+    gateway: Gateway, api: Api, conn: Conn
+) -> None:
+    owner, team, secret = await api.funded_team_key()
+    limits = {"rpm_limit": 1000, "tpm_limit": 10**7}
+    await api.call("PATCH", f"/api/teams/{team['id']}", session=owner, json=limits, expect=200)
+    gateway.clock.fixed = gateway.clock.now()  # one stamp: every reset is the whole window
+    served, handed = counts(gateway)
+    answers = []
+    for lean in (True, False):  # aiohttp's keeps the connection once it has it
+        for stream in (False, True):
+            body = orjson.dumps({**CHAT, "stream": stream})
+            extra = {} if lean else {"Transfer-Encoding": "chunked"}
+            conn.send(post(secret, body if lean else chunked(body), **extra))
+            answers.append(await conn.response())
+    assert counts(gateway) == (served + 2, handed + 1)
+    for left, (status, headers, _) in zip((999, 998, 997, 996), answers, strict=True):
+        rate = {name: value for name, value in headers.items() if "ratelimit" in name}
+        tokens_left = int(rate.pop("x-ratelimit-remaining-tokens"))
+        assert (status, rate) == (
+            200,
+            {
+                "x-ratelimit-limit-requests": "1000",
+                "x-ratelimit-remaining-requests": str(left),
+                "x-ratelimit-reset-requests": "1m0s",
+                "x-ratelimit-limit-tokens": "10000000",
+                "x-ratelimit-reset-tokens": "1m0s",
+            },
+        )
+        assert 0 < tokens_left < 10**7
+
+
 async def test_connection_close_is_honoured(gateway: Gateway, api: Api, conn: Conn) -> None:
     _, _, secret = await api.funded_team_key()
     conn.send(post(secret, CHAT))

@@ -103,7 +103,23 @@ class HoldResult:
     alerted: bool = False
     retry_after: int = 0  # seconds, for rate_limit_exceeded
     stamp_ms: int = 0  # the rate-limit stamp, when a rate limit applies
-    rate: RateView | None = None  # the x-ratelimit-* figures, when a rate limit applies
+    # When a rate limit applies, the x-ratelimit-* figures as the hold's reply gives them: limit,
+    # remaining, reset ms for requests, then for tokens (a limit < 0: no such limit). Kept as
+    # they come (no RateView per request); the lean front renders them with
+    # gateway.proxy.ratelines, the rest reads :attr:`rate`.
+    figures: list[int] | None = None
+
+    @property
+    def rate(self) -> RateView | None:
+        """The x-ratelimit-* figures, when a rate limit applies (built on each call)."""
+        figures = self.figures
+        if figures is None:
+            return None
+        limit_r, left_r, reset_r, limit_t, left_t, reset_t = figures
+        return RateView(
+            None if limit_r < 0 else Usage(limit_r, left_r, reset_r),
+            None if limit_t < 0 else Usage(limit_t, left_t, reset_t),
+        )
 
 
 @dataclass(slots=True)  # per request: frozen's __init__ is ~5x slower
@@ -199,12 +215,11 @@ class Metering:
             self._alerted(account)
         if len(raw) == 5:
             return HoldResult(raw[0], int(raw[1]), int(raw[2]), raw[3] == 1, raw[4] == 1)
-        # Integer replies come as ints: no int() (this runs on every request of a limited key).
-        rate = RateView(
-            None if raw[7] < 0 else Usage(raw[7], raw[8], raw[9]),
-            None if raw[10] < 0 else Usage(raw[10], raw[11], raw[12]),
+        # Integer replies come as ints: no int(), and the rate figures kept as a slice of the
+        # reply (this runs on every request of a limited key).
+        return HoldResult(
+            raw[0], raw[1], raw[2], raw[3] == 1, raw[4] == 1, raw[5], raw[6], raw[7:13]
         )
-        return HoldResult(raw[0], raw[1], raw[2], raw[3] == 1, raw[4] == 1, raw[5], raw[6], rate)
 
     @staticmethod
     def _send_now(script: Any, keys: list[str], args: list[str | int]) -> Awaitable[Any] | None:

@@ -45,6 +45,7 @@ from gateway.proxy.handlers import (
     count,
     estimate,
     price,
+    rate_headers,
     settle,
     settle_ask,
     upstream_body,
@@ -111,7 +112,8 @@ async def forward(call: Call) -> web.StreamResponse:
         return await forward_stream(call)
     assert call.request is not None
     plain = await ask_upstream(call)
-    answer = web.Response(body=plain.body, status=200, headers=plain.headers)
+    headers = {**plain.headers, **rate_headers(call)}
+    answer = web.Response(body=plain.body, status=200, headers=headers)
     settled = await settle_plain(call, plain)
     try:
         with contextlib.suppress(ConnectionError, RuntimeError):  # a client gone is billed anyway
@@ -273,7 +275,7 @@ async def _relay_stream(
     call: Call, response: aiohttp.ClientResponse, started: float, first: bytes
 ) -> web.StreamResponse:
     wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
-    client = web.StreamResponse(status=200, headers=base_headers(call))
+    client = web.StreamResponse(status=200, headers={**base_headers(call), **rate_headers(call)})
     client.content_type = "text/event-stream"
     client.headers["Cache-Control"] = "no-cache"
     assert call.request is not None  # streams are served by aiohttp

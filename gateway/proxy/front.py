@@ -57,7 +57,7 @@ from gateway import state as S
 from gateway.errors import GatewayError
 from gateway.infra import bodies, outages
 from gateway.metering.meter import guarded
-from gateway.proxy import forwarding, stream_front, surfaces
+from gateway.proxy import forwarding, ratelines, stream_front, surfaces
 from gateway.proxy import handlers as proxy
 from gateway.proxy.head import FORWARDED, MAX_HEAD, PATHS, HandOver, Head, frame
 
@@ -335,7 +335,9 @@ class Front(asyncio.Protocol):
                 status = 200
                 settled = await forwarding.settle_plain(call, plain)  # sent before the answer
                 try:
-                    self._write(200, plain.headers, plain.body, keep_alive)
+                    figures = call.hold.figures if call.hold is not None else None
+                    rate = ratelines.lines(figures) if figures is not None else ""
+                    self._write(200, plain.headers, plain.body, keep_alive, rate)
                 finally:
                     await settled
         finally:
@@ -369,8 +371,8 @@ class Front(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
-    def stream_head(self, headers: dict[str, str]) -> bytes:
-        return stream_front.head(headers, self.fronts.date(), self._keep_alive)
+    def stream_head(self, headers: dict[str, str], lines: str = "") -> bytes:
+        return stream_front.head(headers, self.fronts.date(), self._keep_alive, lines)
 
     def streaming(self, stream: stream_front.LeanStream | None) -> None:
         self._stream = stream
@@ -378,12 +380,20 @@ class Front(asyncio.Protocol):
             stream.pause()
 
     def _write(
-        self, status: int, headers: dict[str, str], body: bytes, keep_alive: bool = True
+        self,
+        status: int,
+        headers: dict[str, str],
+        body: bytes,
+        keep_alive: bool = True,
+        lines: str = "",
     ) -> None:
+        """Write an answer: ``headers``, then ``lines`` (more header lines, joined by CRLF)."""
         if self.transport is None or self.closed:
             return  # the client left: a plain answer is billed anyway
         head = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}"]
         head += [f"{name}: {value}" for name, value in headers.items()]
+        if lines:
+            head.append(lines)
         head += [f"Content-Length: {len(body)}", f"Date: {self.fronts.date()}"]
         head.append(f"Server: {SERVER_SOFTWARE}")
         if not keep_alive:

@@ -35,6 +35,7 @@ from gateway.errors import (
 )
 from gateway.infra import bodies
 from gateway.metering.meter import HoldAsk, HoldResult, SettleAsk
+from gateway.proxy import ratelines
 from gateway.proxy.exchange import PASSTHROUGH, Exchange, count_texts, forwarded_headers
 from gateway.proxy.keycache import KeyInfo
 from gateway.proxy.routing import SERVED_BY_HEADER, Route
@@ -446,16 +447,27 @@ def estimate(call: Call, text: list[str]) -> TokenUsage:
 
 
 def base_headers(call: Call) -> dict[str, str]:
+    """An answer's own headers, but for the ``x-ratelimit-*`` ones: :func:`rate_headers` adds
+    them on aiohttp's path, :func:`rate_lines` renders them for the lean front's heads."""
     headers = {"x-request-id": call.request_id}
     if call.route is not None:
         headers[SERVED_BY_HEADER] = call.route.target.served_by
     hold = call.hold
-    if hold is not None:
-        if hold.warn:
-            headers[WARNING_HEADER] = "member_limit_exceeded"
-        if hold.rate is not None:
-            headers.update(ratelimits.headers(hold.rate))
+    if hold is not None and hold.warn:
+        headers[WARNING_HEADER] = "member_limit_exceeded"
     return headers
+
+
+def rate_headers(call: Call) -> dict[str, str]:
+    """The ``x-ratelimit-*`` headers of the request's hold (none when no rate limit applies)."""
+    rate = call.hold.rate if call.hold is not None else None
+    return ratelimits.headers(rate) if rate is not None else {}
+
+
+def rate_lines(call: Call) -> str:
+    """:func:`rate_headers` as header lines joined by CRLF ("" when none)."""
+    figures = call.hold.figures if call.hold is not None else None
+    return ratelines.lines(figures) if figures is not None else ""
 
 
 def count_refusal(app: web.Application, exc: GatewayError) -> None:

@@ -38,6 +38,7 @@ from gateway.proxy.handlers import (
     estimate,
     prepare_upstream,
     price,
+    rate_lines,
     release_quietly,
     settle,
     settle_ask,
@@ -59,7 +60,7 @@ class Client(Protocol):
 
     def write_raw(self, data: bytes) -> None: ...
 
-    def stream_head(self, headers: dict[str, str]) -> bytes: ...
+    def stream_head(self, headers: dict[str, str], lines: str = "") -> bytes: ...
 
     def streaming(self, stream: LeanStream | None) -> None: ...
 
@@ -193,7 +194,7 @@ class LeanStream:
         self.relay = relay
         self.client.streaming(self)
         out = relay.feed(first)
-        head = self.client.stream_head(base_headers(self.call))
+        head = self.client.stream_head(base_headers(self.call), rate_lines(self.call))
         if relay.outcome.done:  # the whole stream at once: the settle first, then one write
             self._head = head
             self._end_early(out + relay.flush())
@@ -322,9 +323,12 @@ async def _open(call: Call, stream: LeanStream) -> bytes:
     return await stream.first_bytes()
 
 
-def head(headers: dict[str, str], date: str, keep_alive: bool) -> bytes:
-    """The 200 head of a stream, as aiohttp's ``StreamResponse`` writes it."""
+def head(headers: dict[str, str], date: str, keep_alive: bool, more: str = "") -> bytes:
+    """The 200 head of a stream, as aiohttp's ``StreamResponse`` writes it; ``more``: more
+    header lines, joined by CRLF, after ``headers``."""
     lines = ["HTTP/1.1 200 OK", *(f"{name}: {value}" for name, value in headers.items())]
+    if more:
+        lines.append(more)
     lines += [
         "Content-Type: text/event-stream",
         "Cache-Control: no-cache",
