@@ -86,8 +86,9 @@ class Window:
         return self.rpm is not None or self.tpm is not None
 
 
-# Usage and RateView are built on every hold of a rate-limited key: slots, not frozen (a frozen
-# __init__ sets each field through object.__setattr__, three times the instructions).
+# Usage and RateView are built for a rate-limited key's refusals, errors and aiohttp's path (the
+# lean front renders the hold's figures directly: gateway/proxy/ratelines.py): slots, not frozen
+# (a frozen __init__ sets each field through object.__setattr__, three times the instructions).
 @dataclass(slots=True)
 class Usage:
     """The tightest limit of one kind: what ``x-ratelimit-{limit,remaining,reset}-*`` say."""
