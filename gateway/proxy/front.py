@@ -57,7 +57,7 @@ from gateway import state as S
 from gateway.errors import GatewayError
 from gateway.infra import bodies, outages
 from gateway.metering.meter import guarded
-from gateway.proxy import forwarding, ratelines, stream_front, surfaces
+from gateway.proxy import forwarding, stream_front, surfaces
 from gateway.proxy import handlers as proxy
 from gateway.proxy.head import FORWARDED, MAX_HEAD, PATHS, HandOver, Head, frame
 
@@ -335,9 +335,7 @@ class Front(asyncio.Protocol):
                 status = 200
                 settled = await forwarding.settle_plain(call, plain)  # sent before the answer
                 try:
-                    figures = call.hold.figures if call.hold is not None else None
-                    rate = ratelines.lines(figures) if figures is not None else ""
-                    self._write(200, plain.headers, plain.body, keep_alive, rate)
+                    self._write(200, plain.headers, plain.body, keep_alive, proxy.rate_lines(call))
                 finally:
                     await settled
         finally:

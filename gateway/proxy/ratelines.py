@@ -37,22 +37,24 @@ def reset_text(ms: int) -> str:
     return format_reset(ms)  # a whole window (the first request of one), or below 0
 
 
-def _requests(limit: int) -> str:
-    if len(_REQUESTS) >= _LIMITS_MAX:
-        _REQUESTS.clear()
-    line = _REQUESTS[limit] = (
-        f"x-ratelimit-limit-requests: {limit}\r\nx-ratelimit-remaining-requests: "
-    )
+def _line(cache: dict[int, str], template: str, limit: int) -> str:
+    """``template`` with ``limit`` in it, kept in ``cache`` (cleared when full)."""
+    if len(cache) >= _LIMITS_MAX:
+        cache.clear()
+    line = cache[limit] = template.format(limit)
     return line
+
+
+def _requests(limit: int) -> str:
+    return _line(
+        _REQUESTS, "x-ratelimit-limit-requests: {}\r\nx-ratelimit-remaining-requests: ", limit
+    )
 
 
 def _tokens(limit: int) -> str:
-    if len(_TOKENS) >= _LIMITS_MAX:
-        _TOKENS.clear()
-    line = _TOKENS[limit] = (
-        f"\r\nx-ratelimit-limit-tokens: {limit}\r\nx-ratelimit-remaining-tokens: "
+    return _line(
+        _TOKENS, "\r\nx-ratelimit-limit-tokens: {}\r\nx-ratelimit-remaining-tokens: ", limit
     )
-    return line
 
 
 def lines(figures: Sequence[int]) -> str:
