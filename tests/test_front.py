@@ -131,6 +131,38 @@ async def test_a_refusal_is_the_same_envelope_as_on_aiohttps_path(
     assert (await conn.response())[0] == 200
 
 
+async def test_the_refusal_of_a_hold_sent_ahead_is_answered_from_its_one_reply(
+    gateway: Gateway, api: Api, conn: Conn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A known key's hold is sent before any await; when Redis refuses it, that reply is the
+    answer: the refusal is counted once and ``hold.lua`` is not run a second time for it."""
+    owner, team, _ = await api.funded_team_key()
+    payload = {"name": "one a minute", "team": team["id"], "rpm": 1}
+    _, key = await api.call("POST", "/api/keys", session=owner, json=payload, expect=201)
+    conn.send(post(key["secret"], CHAT))  # looked up on the way: cached from now on
+    assert (await conn.response())[0] == 200
+    metering = gateway.app[S.METERING]
+    held = metering.hold
+    held_again: list[object] = []
+
+    async def hold(*args: object, **kwargs: object) -> object:
+        held_again.append(args)
+        return await held(*args, **kwargs)
+
+    monkeypatch.setattr(metering, "hold", hold)
+    served, handed = counts(gateway)
+    conn.send(post(key["secret"], CHAT))
+    status, headers, body = await conn.response()
+    assert (status, orjson.loads(body)["error"]["code"]) == (429, "rate_limit_exceeded")
+    assert int(headers["retry-after"]) >= 1
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert counts(gateway) == (served + 1, handed)
+    assert held_again == []
+    _, keys = await api.call("GET", f"/api/keys?team={team['id']}", session=owner, expect=200)
+    (listed,) = [k for k in keys["data"] if k["id"] == key["id"]]
+    assert listed["refused_this_period"] == {"rate_limit_exceeded": 1}
+
+
 async def test_an_upstream_failure_after_the_hold_releases_it(
     gateway: Gateway, api: Api, conn: Conn, fake: FakeUpstream, redis: Redis
 ) -> None:

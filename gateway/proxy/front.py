@@ -77,6 +77,11 @@ KEEPALIVE_S = 3630.0  # as aiohttp's server
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
+# Answers to the hold sent ahead that send it again by place_hold: after a fresh look-up of the
+# key, after loading the account into Redis.
+_HELD_AGAIN = ("invalid_api_key", "not_loaded")
+
+
 class State(enum.Enum):
     """Where a connection is. One request at most is in service on a connection::
 
@@ -264,11 +269,13 @@ class Front(asyncio.Protocol):
 
     async def _hold(self, call: proxy.Call, sent: Awaitable[Any] | None) -> None:
         """Place the hold as :func:`gateway.proxy.handlers.place_hold` does (refusals raise),
-        reading the reply to the one sent ahead when there is one."""
+        reading the reply to the one sent ahead when there is one. Its refusal is taken as
+        it is; only a key Redis no longer knows (it may bill another account by now: looked up
+        afresh) or an account it has not loaded is held again, the long way."""
         if sent is not None:
             result = self.app[S.METERING].hold_result(call.key.account, await guarded(sent))
-            if result.status == "ok":
-                call.hold = result
+            if result.status not in _HELD_AGAIN:
+                call.hold = await proxy.hold_taken(call, result)
                 return
         call.hold = await proxy.place_hold(call)
 

@@ -316,6 +316,14 @@ async def place_hold(call: Call) -> HoldResult:
         if fresh == call.key:
             break
         call.key = fresh
+    return await hold_taken(call, result)
+
+
+async def hold_taken(call: Call, result: HoldResult) -> HoldResult:
+    """The hold's answer taken: ``result`` when it was placed, else its refusal counted (the
+    metric, the key's refusals this period) and raised. The lean front reads the answer to the
+    hold it sent ahead here too, so a refused request runs ``hold.lua`` once."""
+    app = call.app
     if result.status == "ok":
         return result
     if result.status == "invalid_api_key":
