@@ -143,7 +143,7 @@ async def test_messages_upstream_errors_come_back_unmodified(
 
 
 async def test_messages_gateway_errors_in_anthropic_envelope(
-    providers: Providers, api: Api, http: aiohttp.ClientSession
+    providers: Providers, api: Api, lean: aiohttp.ClientSession
 ) -> None:
     served = counts(providers.gateway)[0]
     with pytest.raises(anthropic.AuthenticationError) as auth:
@@ -172,7 +172,8 @@ async def test_messages_gateway_errors_in_anthropic_envelope(
     assert quota.value.response.headers["x-modelbridge-error-code"] == "insufficient_quota"
     headers = {"x-api-key": secret, "anthropic-version": "2023-06-01"}  # the key as x-api-key
     body = {"model": "claude", "max_tokens": 5, "messages": MSG}
-    async with http.post(providers.gateway.v1 + "/messages", json=body, headers=headers) as r:
+    # on a connection of its own: one of ``api``'s (the management API's) is aiohttp's
+    async with lean.post(providers.gateway.v1 + "/messages", json=body, headers=headers) as r:
         assert r.status == 200 and (await r.json())["type"] == "message"
     assert counts(providers.gateway)[0] == served + 5  # every one by the lean front
 
