@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import select
+import shutil
 import signal
 import socket
 import sys
@@ -317,6 +318,7 @@ def _serve(args: argparse.Namespace, signals: StopSignals) -> None:
     directory = data_dir()
     lock = lock_data_dir(directory)
     held: list[socket.socket] = []
+    metrics_dir: Path | None = None  # made here for external stores: removed on the way out
     stores = Stores(
         directory,
         os.environ.get("MODELBRIDGE_DATABASE_URL") or None,
@@ -338,15 +340,17 @@ def _serve(args: argparse.Namespace, signals: StopSignals) -> None:
             log.warning("MODELBRIDGE_ADMIN_TOKEN is not set: the operator API (/admin) is disabled")
         asyncio.run(migrate_dsn(urls.database_url))
         asyncio.run(is_cluster(urls.redis_url))  # credentials refused: one clear line, no start
-        prepare_multiproc_dir(
-            directory / "metrics" if embedded else Path(f"/tmp/modelbridge-metrics-{os.getpid()}")
-        )
+        if not embedded:
+            metrics_dir = Path(f"/tmp/modelbridge-metrics-{os.getpid()}")
+        prepare_multiproc_dir(metrics_dir or directory / "metrics")
         runtime = Runtime(urls.database_url, urls.redis_url, token, data_dir=str(directory))
         banner = functools.partial(_banner, config, token, generated, directory)
         _supervised(config, runtime, args.config, signals, banner)
     finally:
         signals.raising = False  # from here on a signal never cuts the cleanup short
         (directory / STORES_FILE).unlink(missing_ok=True)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         stores.stop()
         for sock in held:
             sock.close()

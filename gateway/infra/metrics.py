@@ -9,8 +9,10 @@ Metric objects live on a :class:`Metrics` instance held in the app, never in mod
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 from bisect import bisect_left
 from collections.abc import Iterator
@@ -60,13 +62,21 @@ def prepare_multiproc_dir(path: Path) -> None:
 def _use_multiprocess_values() -> None:
     """Make metrics created from now on write to the shared files (prometheus_client picks its
     value class at import time; this makes the choice explicit and independent of import order)."""
-    if not os.environ.get(MULTIPROC_ENV):
-        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="modelbridge-metrics-")
+    if not os.environ.get(MULTIPROC_ENV):  # no serve before us (tests, tools): a directory
+        made = tempfile.mkdtemp(prefix="modelbridge-metrics-")  # of our own, gone at our exit
+        os.environ[MULTIPROC_ENV] = made
+        atexit.register(_remove_if_ours, made, os.getpid())
     # prometheus_client asks getpid() (a system call) on every update; a cached pid, refreshed
     # in a forked child, names the same file.
     pid = [os.getpid()]
     os.register_at_fork(after_in_child=lambda: pid.__setitem__(0, os.getpid()))
     values.ValueClass = values.MultiProcessValue(process_identifier=lambda: pid[0])
+
+
+def _remove_if_ours(path: str, creator: int) -> None:
+    """At exit of the process that made ``path`` (not of a forked child that inherited it)."""
+    if os.getpid() == creator:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 _PER_PROCESS: dict[int, int] = {}  # Metrics instances made so far, per process id
