@@ -49,6 +49,7 @@ from gateway.infra.db import create_pool, migrate_dsn
 from gateway.infra.stores import Stores
 from gateway.metering.usage_writer import UsageWriter
 from policies import keyspace as rk
+from policies.usage_record import stream_entry
 
 _FIRST_MS = 1_795_000_000_000  # 2026-11-18: the drained records' created_at (+ n ms)
 
@@ -79,7 +80,9 @@ def _record(n: int, account: str, run: str) -> dict[str, str]:
     }
 
 
-async def fill(redis: Redis, records: int, accounts: int, run: str) -> None:
+async def fill(redis: Redis, records: int, accounts: int, run: str, mixed: bool = False) -> None:
+    """``records`` records over ``accounts`` streams, as settle.lua appends them (``mixed``: the
+    odd ones as it did before issue 14, field/value pairs: policies/usage_record.py)."""
     names = [f"t_bench{run}{i:04d}" for i in range(accounts)]
     for name in names:
         stream = rk.AccountKeys(name).usage_stream
@@ -93,7 +96,8 @@ async def fill(redis: Redis, records: int, accounts: int, run: str) -> None:
     for n in range(records):
         name = names[n % accounts]
         stream = rk.AccountKeys(name).usage_stream
-        pipe.xadd(stream, _record(n, name, run))  # type: ignore[arg-type]
+        fields = _record(n, name, run)
+        pipe.xadd(stream, fields if mixed and n % 2 else stream_entry(fields))  # type: ignore[arg-type]
         if len(pipe) >= 5000:
             await pipe.execute()
     await pipe.execute()

@@ -18,9 +18,11 @@ instructions it executes per call (counted, not timed: what a loaded machine can
 few thousand calls, callgrind runs ~50x slower).
 
 ``--served``: the calls as a serving gateway makes them, whose scripts cost Redis about half as
-much again (bench.redis_cost): each settle carries a usage record of the gateway's 22 fields
-(gateway/proxy/handlers.py) instead of two, and the server keeps an append-only file as the
-embedded one does (``appendonly yes``: every write a script makes is propagated to it).
+much again (bench.redis_cost): each settle carries a usage record of the gateway's 21 fields
+(gateway/proxy/handlers.py: one JSON array since issue 14, 21 field/value pairs before; a
+revision of ``--against`` gets the form its settle.lua takes) instead of two, and the server
+keeps an append-only file as the embedded one does (``appendonly yes``: every write a script
+makes is propagated to it).
 
 Cases: a key without controls in an account without rate limits (the common path, which must
 pay ~nothing for the feature), a key with ``rpm`` and ``tpm``, and the same with member and team
@@ -44,6 +46,7 @@ from redis.asyncio import Redis
 
 from gateway.metering.scripts import lua_source
 from policies import keyspace as rk
+from policies import usage_record
 from policies.limits import KeyControls, key_entry
 from policies.ratelimits import WINDOW_MS
 
@@ -144,9 +147,11 @@ async def run(
     return (await counter(redis) - before) / calls
 
 
-def served_record(rid: str, account: str) -> list[str | int]:
-    """A usage record with the fields and typical values of the gateway's (its ``record``)."""
-    return [
+def served_record(rid: str, account: str, pairs: bool = False) -> list[str | int]:
+    """A usage record with the fields and typical values of the gateway's (its ``record``):
+    settle.lua's ARGV[11] (policies/usage_record.py), or with ``pairs`` the 21 field/value pairs
+    a settle.lua from before issue 14 took."""
+    fields: list[str | int] = [
         *("request_id", rid, "account", account, "team_id", "team_b5df646387a20881ffa7"),
         *("user_id", SCOPE, "key_id", "key_bench", "model", MODEL),
         *("endpoint", "/v1/chat/completions", "period", "2026-11", "prompt_tokens", 46),
@@ -155,6 +160,13 @@ def served_record(rid: str, account: str) -> list[str | int]:
         *("status", 200, "created_at", int(time.time() * 1000), "served_model", MODEL),
         *("attempts", 1),
     ]
+    return fields if pairs else [usage_record.opened_of(usage_record.pairs_dict(fields))]
+
+
+def pairs_record(source: str) -> bool:
+    """Whether the settle script ``source`` takes its record as field/value pairs (before issue
+    14)."""
+    return "ARGV[11..]" in source
 
 
 async def run_settles(
@@ -174,9 +186,11 @@ async def run_settles(
             keys += [ak.settled_marker(rid), *after]
             args: list[str | int] = [rid, 900, SCOPE, "key_bench", MODEL, 3600, 60, 0, now_s, 40]
             if served:
-                args += served_record(rid, ak.account)
-            else:
+                args += served_record(rid, ak.account, pairs_record(source))
+            elif pairs_record(source):
                 args += ["request_id", rid, "model", MODEL]
+            else:
+                args.append(usage_record.opened_of({"request_id": rid, "model": MODEL}))
             pipe.evalsha(sha, len(keys), *keys, *args)
         replies = await pipe.execute()
         assert all(r[0] == 1 for r in replies), replies[:3]

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from policies.usage_record import fields_of
+
 PERIOD_TOTALS = ("spend", "aspent", "req")
 GROUP_PREFIXES = ("ms:", "mr:", "ks:", "mo:")
 
@@ -48,19 +50,21 @@ def scope_of(account: str, user_id: str, team_id: str) -> str:
     return team_id or user_id
 
 
-def entry_of(account: str, fields: Mapping[str, str]) -> UsageEntry | None:
-    """A usage stream entry's money, or None for one that is not a usage record of ``account``
-    (a malformed entry: the writer keeps those in ``usage_rejects``)."""
+def entry_of(account: str, entry: Mapping[str, str]) -> UsageEntry | None:
+    """A usage stream entry's money (either form: policies/usage_record.py), or None for one
+    that is not a usage record of ``account`` (a malformed entry: the writer keeps those in
+    ``usage_rejects``)."""
     try:
-        request_id = fields["request_id"]
+        fields = fields_of(entry)
+        request_id = str(fields["request_id"])
         if fields.get("account", account) != account or not request_id:
             return None
         return UsageEntry(
             request_id=request_id,
-            period=fields["period"],
-            scope=scope_of(account, fields.get("user_id", ""), fields.get("team_id", "")),
-            key_id=fields.get("key_id", ""),
-            model=fields.get("model", ""),
+            period=str(fields["period"]),
+            scope=scope_of(account, str(fields.get("user_id", "")), str(fields.get("team_id", ""))),
+            key_id=str(fields.get("key_id", "")),
+            model=str(fields.get("model", "")),
             charged=int(fields.get("charged") or 0),
             from_allowance=int(fields.get("from_allowance") or 0),
             from_credits=int(fields.get("from_credits") or 0),

@@ -6,6 +6,7 @@ import pytest
 
 from policies import ledger
 from policies.ledger import Totals, UsageEntry
+from policies.usage_record import stream_entry
 
 
 def entry(
@@ -56,6 +57,10 @@ FIELDS = {
         ({**FIELDS, "charged": "many"}, None),  # malformed: the writer rejects it too
         ({k: v for k, v in FIELDS.items() if k != "period"}, None),
         ({**FIELDS, "request_id": ""}, None),
+        # the record as one field (policies/usage_record.py): the same money
+        (stream_entry(FIELDS), UsageEntry("r1", "2026-11", "U", "k", "m", 700, 200, 500)),
+        (stream_entry({**FIELDS, "account": "t_other"}), None),
+        ({"r": "[1, 2"}, None),
     ],
 )
 def test_entry_of(fields: dict[str, str], expected: UsageEntry | None) -> None:

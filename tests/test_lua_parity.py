@@ -22,6 +22,7 @@ from policies.holds import split_debit
 from policies.limits import SOFT, decide, key_entry
 from policies.pricing import apply_discount
 from policies.ratelimits import WINDOW_MS, RateView, Usage
+from policies.usage_record import opened_of
 from tests.limit_tables import (
     ALL_DECISIONS,
     CROSSINGS,
@@ -280,8 +281,7 @@ async def _settle(
         int(warned),
         NOW,
         0,
-        "request_id",
-        request_id,
+        opened_of({"request_id": request_id}),
     ]
     return await Scripts(redis).settle(keys=settle_keys(ak, request_id), args=args)
 
@@ -441,7 +441,19 @@ async def test_settle_corrects_the_logs_to_the_actual_tokens(redis: Redis) -> No
     assert await redis.hget(ak.hold_values, "req_parity") == held
     assert await redis.hget(ak.state, "kh:" + KEY) == "1000"
     request_id = "req_parity"
-    args = [request_id, 900, SCOPE, KEY, MODEL, 3600, 60, 0, NOW, 40, "request_id", request_id]
+    args = [
+        request_id,
+        900,
+        SCOPE,
+        KEY,
+        MODEL,
+        3600,
+        60,
+        0,
+        NOW,
+        40,
+        opened_of({"request_id": request_id}),
+    ]
     await Scripts(redis).settle(keys=settle_keys(ak, request_id), args=args)
     stamp = row.now_ms
     assert await _logged(redis, ak) == [[("req_parity|40", stamp)], [("req_parity|40", stamp)], []]
@@ -559,7 +571,8 @@ async def test_settle_after_the_entry_aged_out_corrects_nothing(
 
 async def settle_40_tokens(redis: Redis, ak: rk.AccountKeys) -> None:
     """Settle ``req_parity`` (the hold of these tests) at 40 actual tokens."""
-    args = ["req_parity", 900, SCOPE, KEY, MODEL, 3600, 60, 0, NOW, 40, "request_id", "req_parity"]
+    record = opened_of({"request_id": "req_parity"})
+    args = ["req_parity", 900, SCOPE, KEY, MODEL, 3600, 60, 0, NOW, 40, record]
     await Scripts(redis).settle(keys=settle_keys(ak, "req_parity"), args=args)
 
 

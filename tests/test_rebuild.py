@@ -13,6 +13,7 @@ from gateway.metering.meter import HoldAsk, SettleAsk
 from gateway.metering.reconcile import Reconciler
 from policies import keyspace as rk
 from policies.periods import period_of
+from policies.usage_record import opened_of
 from tests.conftest import Gateway
 from tests.helpers import Api, chat, eventually, forget_account
 from tests.replicas import Replicas
@@ -117,7 +118,7 @@ async def test_settle_is_idempotent_on_the_request_id(
         )
     )
     assert (hold.status, hold.amount) == ("ok", 5000)
-    record: list[str | int] = ["request_id", "req_idem", "created_at", int(now * 1000)]
+    record = opened_of({"request_id": "req_idem", "created_at": int(now * 1000)})
     ask = SettleAsk(
         account=account,
         period=period,

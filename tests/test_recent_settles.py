@@ -6,18 +6,25 @@ from __future__ import annotations
 from gateway.metering.journal import SettleCall
 from gateway.metering.recent import RecentSettles, kept_record, record_of, resettle_calls
 from policies import keyspace as rk
+from policies.usage_record import fields_of, opened_of
 
 
 def call(request_id: str = "req_1", account: str = "t_a") -> SettleCall:
     """A settle.lua call: ten arguments, then the record."""
     args: list[str | int] = [request_id, 4350, "u1", "k1", "m", 1, 2, 0, 0, 11]
-    return SettleCall(account, request_id, [], [*args, "request_id", request_id])
+    return SettleCall(account, request_id, [], [*args, opened_of({"request_id": request_id})])
 
 
 def test_the_record_is_the_one_settle_lua_appended() -> None:
-    head = ["request_id", "req_1"]
-    assert record_of(call(), 350, 4000) == [*head, "from_allowance", "350", "from_credits", "4000"]
-    assert kept_record(call()) == [*head, "from_allowance", "0", "from_credits", "4350"]
+    head = opened_of({"request_id": "req_1"})
+    assert record_of(call(), 350, 4000) == ["r", head + ",350,4000]"]
+    assert kept_record(call()) == ["r", head + ",0,4350]"]
+    fields = fields_of({"r": kept_record(call())[1]})
+    assert (fields["request_id"], fields["from_allowance"], fields["from_credits"]) == (
+        "req_1",
+        0,
+        4350,
+    )
 
 
 def test_window_counts_only_time_redis_was_seen() -> None:
@@ -31,7 +38,7 @@ def test_window_counts_only_time_redis_was_seen() -> None:
     assert [e.request_id for e in recent.entries] == ["req_1", "req_2"]
     recent.prune(now=190.5)
     assert [e.request_id for e in recent.entries] == ["req_2"]
-    assert recent.entries[0].record[-1] == "4350"
+    assert str(recent.entries[0].record[-1]).endswith(",0,4350]")
 
 
 def test_at_most_max_entries_the_oldest_go_first() -> None:

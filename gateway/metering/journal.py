@@ -37,7 +37,11 @@ from typing import Any
 
 import orjson
 
+from policies.usage_record import opened_of, pairs_dict
+
 log = logging.getLogger("modelbridge.journal")
+
+RECORD_AT = 10  # settle.lua's ARGV[11]: the usage record (policies/usage_record.py)
 
 
 @dataclass(slots=True)  # per request: frozen's __init__ is ~5x slower
@@ -56,12 +60,11 @@ class SettleCall:
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> SettleCall:
+        args = list(raw["v"])
+        if len(args) > RECORD_AT + 1:  # kept before issue 14: the record's field/value pairs
+            args[RECORD_AT:] = [opened_of(pairs_dict(args[RECORD_AT:]))]
         return cls(
-            str(raw["a"]),
-            str(raw["r"]),
-            [str(k) for k in raw["k"]],
-            list(raw["v"]),
-            float(raw.get("t", 0.0)),
+            str(raw["a"]), str(raw["r"]), [str(k) for k in raw["k"]], args, float(raw.get("t", 0))
         )
 
 

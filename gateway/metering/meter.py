@@ -78,8 +78,8 @@ class HoldAsk:
 
 @dataclass(slots=True)  # per request: frozen's __init__ is ~5x slower
 class SettleAsk:
-    """What a settle is asked for: the request's cost, who bills it, and its usage record (field,
-    value, field, value, ... as the usage stream takes it)."""
+    """What a settle is asked for: the request's cost, who bills it, and its usage record (as
+    ``settle.lua`` takes it: policies/usage_record.py's ``opened``)."""
 
     account: str
     period: str
@@ -88,7 +88,7 @@ class SettleAsk:
     key_id: str
     model: str
     charged: int
-    record: list[str | int]
+    record: str
     warned: bool = False  # the hold warned (soft limit exceeded): no second alert
     at: int = 0  # unix seconds of the request, for alert events
     tokens: int = 0  # the actual tokens, for the rate logs
@@ -314,7 +314,7 @@ class Metering:
             int(ask.warned),
             ask.at,
             ask.tokens,
-            *ask.record,
+            ask.record,
         ]
         return SettleCall(ask.account, ask.request_id, keys, args)
 

@@ -49,10 +49,9 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from gateway.metering.journal import SettleCall
+from gateway.metering.journal import RECORD_AT, SettleCall
 from policies import keyspace as rk
-
-RECORD_AT = 10  # settle.lua's ARGV[11..]: the usage record's fields
+from policies import usage_record
 
 
 @dataclass(slots=True)  # per request: frozen's __init__ is ~5x slower
@@ -71,23 +70,20 @@ class RecentSettle:
 
     @property
     def record(self) -> list[str | int]:
-        """The fields ``settle.lua`` appended to the usage stream, split included."""
+        """The fields ``settle.lua`` appended to the usage stream (``r``, the record with its
+        split)."""
         return _record(self.args, self.from_allowance, self.from_credits)
 
 
 def record_of(call: SettleCall, from_allowance: int, from_credits: int) -> list[str | int]:
-    """The usage stream entry ``settle.lua`` appended for ``call`` (its fields, then the split)."""
+    """The usage stream entry ``settle.lua`` appended for ``call`` (``r``, the record with its
+    split)."""
     return _record(call.args, from_allowance, from_credits)
 
 
 def _record(args: list[str | int], from_allowance: int, from_credits: int) -> list[str | int]:
-    return [
-        *args[RECORD_AT:],
-        "from_allowance",
-        str(from_allowance),
-        "from_credits",
-        str(from_credits),
-    ]
+    closed = usage_record.closed(str(args[RECORD_AT]), from_allowance, from_credits)
+    return [usage_record.RECORD, closed]
 
 
 def kept_record(call: SettleCall) -> list[str | int]:

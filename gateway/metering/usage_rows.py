@@ -1,7 +1,7 @@
 """A usage record's row in PostgreSQL: the columns of ``usage_records``, a stream entry's fields
-converted to them, the writer's statements that insert a batch of rows with their daily rollup
-(usage_daily) and the keys' last use, and the arguments of ``ack.lua`` once they are in
-(gateway/metering/usage_writer.py runs them)."""
+(either form: policies/usage_record.py) converted to them, the writer's statements that insert a
+batch of rows with their daily rollup (usage_daily) and the keys' last use, and the arguments of
+``ack.lua`` once they are in (gateway/metering/usage_writer.py runs them)."""
 
 from __future__ import annotations
 
@@ -10,35 +10,39 @@ from datetime import UTC, datetime
 from typing import Any
 
 from policies import keyspace as rk
+from policies.usage_record import RECORD, Fields, Value, fields_of
+
+# The values come as an entry's fields have them (policies/usage_record.py): all strings in an
+# entry of the old form, the counts integers in one of the new.
 
 
-def _integer(value: str) -> int:
+def _integer(value: Value) -> int:
     return int(value or 0)
 
 
-def _team(value: str) -> str | None:
-    return value or None
+def _team(value: Value) -> str | None:
+    return str(value) if value else None
 
 
-def _tags(value: str) -> list[str]:
-    return [t for t in value.split(",") if t] if value else []
+def _tags(value: Value) -> list[str]:
+    return [t for t in str(value).split(",") if t] if value else []
 
 
-def _created(value: str) -> datetime:
+def _created(value: Value) -> datetime:
     return datetime.fromtimestamp(int(value) / 1000, UTC)
 
 
-def _text(value: str) -> str:
-    return value
+def _text(value: Value) -> str:
+    return str(value)
 
 
-def _attempts(value: str) -> int:
+def _attempts(value: Value) -> int:
     return int(value or 1)  # a record from before routing: one attempt
 
 
 # The columns of usage_records a record fills, in order, each with what makes its value of the
 # stream entry's field: the one list COLUMNS, record_row and INSERT_ROWS's array types come from.
-_CONVERT: tuple[tuple[str, Callable[[str], Any]], ...] = (
+_CONVERT: tuple[tuple[str, Callable[[Value], Any]], ...] = (
     ("request_id", _text),
     ("account", _text),
     ("team_id", _team),
@@ -65,7 +69,7 @@ _CONVERT: tuple[tuple[str, Callable[[str], Any]], ...] = (
 )
 COLUMNS = tuple(column for column, _ in _CONVERT)
 # INSERT_ROWS's parameter of each column: text[] unless said here (tags go comma-joined)
-_ARRAYS: dict[Callable[[str], Any], str] = {
+_ARRAYS: dict[Callable[[Value], Any], str] = {
     _integer: "bigint[]",
     _attempts: "bigint[]",
     _created: "timestamptz[]",
@@ -120,12 +124,41 @@ INSERT_ROWS = (
 )
 
 
-def record_row(fields: dict[str, str]) -> tuple[Any, ...]:
-    """A stream entry -> the values of one usage_records row (a record from before routing
-    names no served model: the requested one served it)."""
+Entry = tuple[str, str, Fields]  # (stream, entry id, fields)
+
+
+def decoded(entries: list[tuple[str, str, dict[str, str]]]) -> list[Entry]:
+    """Entries as read -> their records by field name (``fields_of``, either form); an entry
+    that is not a record is kept as it is, for :func:`record_row` to refuse (usage_rejects)."""
+    out: list[Entry] = []
+    for stream, entry_id, fields in entries:
+        try:
+            out.append((stream, entry_id, fields_of(fields)))
+        except ValueError:
+            out.append((stream, entry_id, fields))
+    return out
+
+
+def record_row(fields: Fields) -> tuple[Any, ...]:
+    """A record (a stream entry's fields, as read or :func:`decoded`) -> the values of one
+    usage_records row (a record from before routing names no served model: the requested one
+    served it). ValueError for an entry that is not one."""
+    if RECORD in fields:
+        fields = fields_of(fields)  # as read, in the new form
     if not fields.get("served_model"):
         fields = {**fields, "served_model": fields.get("model", "")}
     return tuple(convert(fields.get(column, "")) for column, convert in _CONVERT)
+
+
+def last_used(rows: list[tuple[Any, ...]]) -> tuple[list[str], list[datetime]]:
+    """LAST_USED's parameters for rows: their keys, sorted, and each one's last use."""
+    last: dict[str, datetime] = {}
+    for row in rows:
+        key_id, created = row[4], row[-1]
+        if key_id not in last or last[key_id] < created:
+            last[key_id] = created
+    keys = sorted(last)
+    return keys, [last[k] for k in keys]
 
 
 _TAGS_AT = COLUMNS.index("tags")
@@ -138,15 +171,15 @@ def arrays(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
     return columns
 
 
-def ack_args(entries: list[tuple[str, str, dict[str, str]]]) -> dict[str, list[str | int]]:
-    """``ack.lua``'s ARGV per stream for entries (stream, entry id, fields) now in PostgreSQL:
-    the group, the entry ids, and the request ids whose settle markers may now expire."""
+def ack_args(entries: list[Entry]) -> dict[str, list[str | int]]:
+    """``ack.lua``'s ARGV per stream for :func:`decoded` entries now in PostgreSQL: the group,
+    the entry ids, and the request ids whose settle markers may now expire."""
     ids: dict[str, list[str]] = {}
     rids: dict[str, list[str]] = {}
     for stream, entry_id, fields in entries:
         ids.setdefault(stream, []).append(entry_id)
         if fields.get("request_id"):
-            rids.setdefault(stream, []).append(fields["request_id"])
+            rids.setdefault(stream, []).append(str(fields["request_id"]))
     return {
         stream: [
             rk.USAGE_GROUP,

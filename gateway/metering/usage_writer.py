@@ -34,7 +34,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -52,8 +51,12 @@ from gateway.metering.usage_rows import (
     INSERT_BATCH,
     INSERT_ROWS,
     LAST_USED,
+    Entry,
+    Fields,
     ack_args,
     arrays,
+    decoded,
+    last_used,
     record_row,
 )
 from policies import drain, partitions
@@ -229,7 +232,7 @@ class UsageWriter:
             if now - self._last_claim >= self.claim_every_s:
                 self._last_claim = now
                 self._unwritten += await self._claim(streams)
-        entries = self._unwritten[: self.batch]
+        entries = decoded(self._unwritten[: self.batch])  # either form (policies/usage_record.py)
         measured = None
         if entries:
             measured = await self._write(entries)
@@ -454,7 +457,7 @@ class UsageWriter:
             with contextlib.suppress(redis_errors.ResponseError):
                 await self.redis.xgroup_create(stream, rk.USAGE_GROUP, id="0", mkstream=True)
 
-    async def _write(self, entries: list[tuple[str, str, dict[str, str]]]) -> int | None:
+    async def _write(self, entries: list[Entry]) -> int | None:
         """Insert, then acknowledge; the streams' length after it when measured with the acks."""
         try:
             await self._insert([record_row(fields) for _, _, fields in entries])
@@ -469,12 +472,7 @@ class UsageWriter:
         """Insert a batch of records (and their rollup) in one transaction: the one place the
         writer's SQL meets ``usage_records``. A PostgreSQL that stops answering (frozen) fails
         the batch after ``write_timeout_s``; its connection is dropped, not reused."""
-        last_used: dict[str, datetime] = {}
-        for row in rows:
-            key_id, created = row[4], row[-1]
-            if key_id not in last_used or last_used[key_id] < created:
-                last_used[key_id] = created
-        keys = sorted(last_used)
+        keys, used_at = last_used(rows)
         months = partitions.months_of(row[-1] for row in rows)
         conn = await self.db.acquire(timeout=self.write_timeout_s)
         try:
@@ -483,9 +481,7 @@ class UsageWriter:
                     async with asyncio.timeout(self.write_timeout_s):
                         await self.partitions.ensure(conn, months)  # a new month: made first
                         if len(rows) < self.copy_from:
-                            await conn.fetchval(
-                                INSERT_ROWS, *arrays(rows), keys, [last_used[k] for k in keys]
-                            )
+                            await conn.fetchval(INSERT_ROWS, *arrays(rows), keys, used_at)
                             return
                         async with conn.transaction():
                             await conn.execute(BATCH_TABLE)
@@ -493,7 +489,7 @@ class UsageWriter:
                                 "usage_batch", records=rows, columns=list(COLUMNS)
                             )
                             await conn.execute(INSERT_BATCH)
-                            await conn.execute(LAST_USED, keys, [last_used[k] for k in keys])
+                            await conn.execute(LAST_USED, keys, used_at)
                     return
                 except asyncpg.CheckViolationError as exc:
                     if attempt == 2 or not is_missing_partition(exc):
@@ -505,7 +501,7 @@ class UsageWriter:
         finally:
             await self.db.release(conn)
 
-    async def _write_one(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
+    async def _write_one(self, stream: str, entry_id: str, fields: Fields) -> None:
         try:
             await self._insert([record_row(fields)])
         except _REFUSED as exc:
@@ -520,7 +516,7 @@ class UsageWriter:
             )
             self.rejected += 1
 
-    async def _ack(self, entries: list[tuple[str, str, dict[str, str]]]) -> int | None:
+    async def _ack(self, entries: list[Entry]) -> int | None:
         """One ack script per stream. On one Redis: all in one pipeline (one connection) with
         the XLEN of every stream of the step after them, whose sum is returned (the pending
         gauge, measured in the same round trip). On a cluster: ``drain.ACK_AT_ONCE`` streams at

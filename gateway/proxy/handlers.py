@@ -39,7 +39,7 @@ from gateway.proxy import ratelines
 from gateway.proxy.exchange import PASSTHROUGH, Exchange, count_texts, forwarded_headers
 from gateway.proxy.keycache import KeyInfo
 from gateway.proxy.routing import SERVED_BY_HEADER, Route
-from policies import pricing, ratelimits
+from policies import pricing, ratelimits, usage_record
 from policies import routing as rp
 from policies.periods import period_of, seconds_to_period_end
 from policies.translate import responses_api
@@ -376,49 +376,32 @@ def settle_ask(
     assert call.hold is not None
     key = call.key
     prompt, completion = tokens.prompt_tokens, tokens.completion_tokens
-    record: list[str | int] = [
-        "request_id",
-        call.request_id,
-        "account",
-        key.account,
-        "team_id",
-        key.team_id or "",
-        "user_id",
-        key.user_id,
-        "key_id",
-        key.key_id,
-        "model",
-        call.model.name,
-        "endpoint",
-        call.endpoint.route,
-        "period",
-        call.period,
-        "prompt_tokens",
-        prompt,
-        "completion_tokens",
-        completion,
-        "cached_tokens",
-        tokens.cached_tokens,
-        "list_cost",
-        charge.list_cost,
-        "discount",
-        charge.discount,
-        "charged",
-        charge.charged,
-        "usage_source",
-        source,
-        "encoding",
-        call.encoding,
-        "tags",
-        call.tags,
-        "status",
-        status,
-        "created_at",
-        call.hold.stamp_ms or int(call.now * 1000),
-    ]
     route = call.route
-    if route is not None:
-        record += ["served_model", route.target.served.name, "attempts", route.attempts]
+    record = usage_record.opened(  # in the order of usage_record.NAMES
+        (
+            call.request_id,
+            key.account,
+            key.team_id or "",
+            key.user_id,
+            key.key_id,
+            call.model.name,
+            call.endpoint.route,
+            call.period,
+            prompt,
+            completion,
+            tokens.cached_tokens,
+            charge.list_cost,
+            charge.discount,
+            charge.charged,
+            source,
+            call.encoding,
+            call.tags,
+            status,
+            call.hold.stamp_ms or int(call.now * 1000),
+            "" if route is None else route.target.served.name,
+            1 if route is None else route.attempts,
+        )
+    )
     return SettleAsk(
         account=key.account,
         period=call.period,

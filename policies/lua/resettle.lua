@@ -13,7 +13,8 @@ KEYS[5..] {acct:A}:rid:<id>    the settle marker of each settle, in the order of
 
 ARGV[1]  settle marker lifetime, seconds
 ARGV[2..] for each settle: its hold id, the number n of record fields, then the n fields (field,
-          value, ... as the usage stream took them, from_allowance and from_credits included)
+          value, ... as the usage stream took them: r and the record, split included;
+          policies/usage_record.py)
 
 Returns the number of settles whose record was appended.
 ]]

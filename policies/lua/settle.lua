@@ -24,8 +24,8 @@ ARGV[8]  "1" when the hold warned about a soft member limit, else "0"
 ARGV[9]  the request's time, unix seconds (stamped on alerts)
 ARGV[10] the request's actual tokens: its entry in each rate log it was admitted to is
          corrected from the worst case to these (policies/ratelimits.py)
-ARGV[11..] usage record as field, value pairs (appended to the stream as given, followed by
-          from_allowance and from_credits)
+ARGV[11] usage record: its values as a JSON array not yet closed (policies/usage_record.py);
+         appended to the stream as its one field r, closed by ",<from_allowance>,<from_credits>]"
 
 Returns {settled, from_allowance, from_credits, alerted}
   settled  1 when this call settled the request, 0 when it had been settled before
@@ -136,11 +136,6 @@ if redis.call('HGET', state, 'loaded') == '1' then
   end
 end
 
-local fields = {}
-for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
-fields[#fields + 1] = 'from_allowance'
-fields[#fields + 1] = str(from_alw)
-fields[#fields + 1] = 'from_credits'
-fields[#fields + 1] = str(from_credits)
-redis.call('XADD', stream, '*', unpack(fields))
+redis.call('XADD', stream, '*', 'r', ARGV[11] .. ',' .. str(from_alw) .. ',' .. str(from_credits)
+  .. ']')
 return {1, from_alw, from_credits, alerted}

@@ -1,0 +1,169 @@
+"""The usage record's two forms in a stream (policies/usage_record.py): the 23 field/value pairs
+settle.lua appended before issue 14 and the one ``r`` field it appends now. Every reader takes
+both, and gives the same row, the same money and the same settle marker to expire; a stream that
+holds both drains into PostgreSQL whole."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from bench.drain import _record, fill
+from gateway.infra.db import create_pool
+from gateway.metering.journal import RECORD_AT, SettleCall, read_entries
+from gateway.metering.recent import record_of
+from gateway.metering.scripts import Scripts
+from gateway.metering.usage_rows import COLUMNS, ack_args, decoded, record_row
+from gateway.metering.usage_writer import UsageWriter
+from policies import keyspace as rk
+from policies.ledger import entry_of
+from policies.usage_record import (
+    FIELDS,
+    RECORD,
+    fields_of,
+    opened_of,
+    pairs_dict,
+    stream_entry,
+)
+from tests.writer_support import OwnRedis, run_records
+
+ACCOUNT = "t_bench_forms"
+
+
+def old_entry(fields: dict[str, Any]) -> dict[str, str]:
+    """The entry settle.lua appended before issue 14: every value a string."""
+    return {name: str(value) for name, value in fields.items()}
+
+
+def routed(n: int) -> dict[str, Any]:
+    return {**_record(n, ACCOUNT, "forms"), "served_model": "cheap-west", "attempts": "2"}
+
+
+@pytest.mark.parametrize(
+    "fields", [_record(1, ACCOUNT, "forms"), routed(2)], ids=["plain", "routed"]
+)
+def test_both_forms_of_a_record_give_the_same_row_money_and_marker(fields: dict[str, Any]) -> None:
+    old, new = old_entry(fields), stream_entry(fields)
+    assert list(new) == [RECORD]
+    assert record_row(old) == record_row(new)
+    assert record_row(new) == record_row(fields_of(new))
+    assert entry_of(ACCOUNT, old) == entry_of(ACCOUNT, new) is not None
+    stream = rk.AccountKeys(ACCOUNT).usage_stream
+    both = decoded([(stream, "1-0", old), (stream, "2-0", new)])
+    assert ack_args(both)[stream][3] == f"{fields['request_id']} {fields['request_id']}"
+    row = dict(zip(COLUMNS, record_row(new), strict=True))
+    assert (row["from_credits"], row["charged"], row["prompt_tokens"]) == (19800, 19800, 12)
+
+
+def test_an_r_that_is_not_a_record_is_refused_by_every_reader() -> None:
+    for payload in ("not json", "[1, 2]", '{"request_id": "x"}'):
+        with pytest.raises(ValueError):
+            fields_of({RECORD: payload})
+        with pytest.raises(ValueError):
+            record_row({RECORD: payload})
+        assert entry_of(ACCOUNT, {RECORD: payload}) is None
+    kept = decoded([("s", "1-0", {RECORD: "not json"})])
+    assert kept == [("s", "1-0", {RECORD: "not json"})]  # as it was: for usage_rejects
+
+
+def test_a_settle_journaled_before_issue_14_is_replayed_with_the_new_record() -> None:
+    head: list[str | int] = ["req_j", 900, "usr_1", "key_1", "gpt-4o-mini", 1, 2, 0, 0, 40]
+    pairs: list[str | int] = []
+    for name, value in routed(3).items():
+        if name not in ("from_allowance", "from_credits"):
+            pairs += [name, int(value) if value.isdigit() else value]
+    line = orjson.dumps({"a": ACCOUNT, "r": "req_j", "k": ["k"], "v": [*head, *pairs]})
+    (call,) = read_entries(b"+" + line + b"\n").values()
+    assert call.args[:RECORD_AT] == head and len(call.args) == RECORD_AT + 1
+    assert call.args[RECORD_AT] == opened_of(pairs_dict(pairs))
+    old = {**pairs_dict(pairs), "from_allowance": 0, "from_credits": 900}
+    entry = dict([record_of(call, 0, 900)])  # what settle.lua appends for it
+    assert record_row(entry) == record_row(old_entry(old))
+
+
+async def test_settle_lua_appends_what_the_gateway_resends(redis: Redis) -> None:
+    """The entry settle.lua appends is, byte for byte, the one recent.py would send again."""
+    ak = rk.AccountKeys(f"t_forms{secrets.token_hex(4)}")
+    await redis.hset(ak.state, mapping={"loaded": "1", "credits": "1000000", "holds": "0"})
+    await redis.hset(ak.period("2026-11"), "alw", "300")
+    args: list[str | int] = ["req_s", 900, "usr_1", "key_1", "gpt-4o-mini", 3600, 60, 0, 0, 40]
+    call = SettleCall(ak.account, "req_s", [], [*args, opened_of(routed(4))])
+    keys = [ak.state, ak.period("2026-11"), ak.hold_expiry, ak.hold_values]
+    keys += [ak.settled_marker("req_s"), ak.usage_stream, ak.cfg, ak.alerts]
+    keys += ak.rate_keys("key_1", "usr_1")
+    reply = await Scripts(redis).settle(keys=keys, args=call.args)
+    assert reply[:3] == [1, 300, 600]
+    ((_, appended),) = await redis.xrange(ak.usage_stream)
+    assert appended == dict([record_of(call, 300, 600)])
+    fields = fields_of(appended)
+    assert (fields["from_allowance"], fields["from_credits"]) == (300, 600)
+    assert list(fields) == list(FIELDS)
+
+
+@pytest.fixture
+async def own_stores(
+    database_url: str, own_redis: OwnRedis
+) -> AsyncIterator[tuple[Redis, asyncpg.Pool]]:
+    redis = Redis.from_url(own_redis.url, decode_responses=True)
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    try:
+        yield redis, pool
+    finally:
+        await redis.aclose()
+        await pool.close()
+
+
+@pytest.mark.parametrize("copy_from", [1, 10**9], ids=["copy", "statement"])
+async def test_a_stream_holding_both_forms_drains_into_postgresql(
+    copy_from: int, own_stores: tuple[Redis, asyncpg.Pool], db: asyncpg.Connection
+) -> None:
+    redis, pool = own_stores
+    run = secrets.token_hex(3)
+    await fill(redis, 40, 2, run, mixed=True)  # odd records in the old form, even in the new
+    account = f"t_bench{run}0000"
+    stream = rk.AccountKeys(account).usage_stream
+    too_big = {**_record(100, account, run), "prompt_tokens": 2**40}  # beyond integer
+    await redis.xadd(stream, stream_entry(too_big))  # type: ignore[arg-type]
+    await redis.xadd(stream, {RECORD: "not a record"})
+    markers = [
+        rk.AccountKeys(f"t_bench{run}{n % 2:04d}").settled_marker(f"req_{run}_{n}")
+        for n in range(40)
+    ]
+    for marker in markers:
+        await redis.set(marker, "1", ex=rk.RID_TTL_S)
+    writer = UsageWriter(redis, pool, "test-forms")
+    writer.copy_from = copy_from
+    while await writer.step():
+        pass
+    assert await run_records(db, run) == 40
+    assert await writer.pending() == 0
+    rows = await db.fetch(
+        f"SELECT {', '.join(COLUMNS)} FROM usage_records WHERE request_id LIKE $1",
+        f"req_{run}_%",
+    )
+    by_id = {r["request_id"]: r for r in rows}
+    for n in range(40):
+        fields = _record(n, f"t_bench{run}{n % 2:04d}", run)
+        expected = record_row(old_entry(fields))
+        assert tuple(by_id[fields["request_id"]]) == expected, n
+    daily = await db.fetchrow(
+        "SELECT sum(requests) AS n, sum(charged) AS charged FROM usage_daily WHERE account LIKE $1",
+        f"t_bench{run}%",
+    )
+    assert (daily["n"], daily["charged"]) == (40, 40 * 19800)
+    for marker in markers:  # ack.lua got every record's request id, whichever its form
+        assert 0 < await redis.ttl(marker) <= rk.RID_AFTER_LEDGER_S, marker
+    refused = await db.fetch(
+        "SELECT fields FROM usage_rejects WHERE stream = $1 ORDER BY entry_id", stream
+    )
+    assert [orjson.loads(r["fields"]).get("request_id") for r in refused] == [
+        f"req_{run}_100",
+        None,
+    ]
+    assert orjson.loads(refused[1]["fields"]) == {RECORD: "not a record"}
