@@ -44,6 +44,7 @@ from redis.asyncio.connection import SSLConnection
 
 from gateway.config import MeteringConfig
 from gateway.infra.partitions import Partitions, is_missing_partition
+from gateway.metering.rejects import TakeBack
 from gateway.metering.streamwatch import StreamWatch, TrackingRefused
 from gateway.metering.usage_rows import (
     BATCH_TABLE,
@@ -108,6 +109,7 @@ class UsageWriter:
         self._own_checked = False
         self._failing_since: float | None = None
         self.partitions = Partitions()
+        self.take_back = TakeBack(db, self._insert, _REFUSED)  # an older writer's refusals
         self._next_ahead = 0.0  # monotonic time of the next making of partitions ahead
         self._lengths: dict[str, int] = {}  # each stream's length at the end of the last step
         # Idle (a step moved nothing): one XREADGROUP BLOCK over the streams known and the
@@ -213,6 +215,8 @@ class UsageWriter:
 
     async def step(self) -> int:
         """One read (or claim) and one write of at most ``batch`` records; how many moved."""
+        if self._failing_since is None:  # PostgreSQL answers: an older writer's refusals
+            await self.take_back.due(self.write_timeout_s)
         streams = await self.streams()
         if not streams:
             self._report(0)
