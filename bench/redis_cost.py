@@ -180,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             load.wrk(target, body, a.conns, 3)  # warm-up
             streams = [str(s) for s in client.scan_iter(match="*:usage", _type="stream")]
             wait_drained(client, streams)
+            # no rewrite during the run: it starts a new incr file, and the run's commands would
+            # be read from the old one's tail (found empty: 0 commands a request)
+            client.config_set("auto-aof-rewrite-percentage", 0)
+            deadline = time.monotonic() + 60
+            while client.info("persistence")["aof_rewrite_in_progress"]:  # one the warm-up began
+                if time.monotonic() > deadline:
+                    raise RuntimeError("an append-only file rewrite did not end")
+                time.sleep(0.05)
             aof = aof_file(gw.data_dir)
             offset = aof.stat().st_size
             before = snap(client, pids)
@@ -203,10 +211,11 @@ def main(argv: list[str] | None = None) -> int:
             wait_drained(client, streams)
             after = snap(client, pids)
             appended = b""
-            if aof_file(gw.data_dir) == aof:  # not rewritten meanwhile
-                with aof.open("rb") as f:
-                    f.seek(offset)
-                    appended = f.read()
+            if aof_file(gw.data_dir) != aof:
+                raise RuntimeError("the append-only file was rewritten during the run")
+            with aof.open("rb") as f:
+                f.seek(offset)
+                appended = f.read()
             served = int(result["requests_ok"])
             if result["errors"]:
                 print(f"wrk: {result['errors']} errors {result['error_detail']}")

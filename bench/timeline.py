@@ -1,14 +1,16 @@
 """Where a low-load request's wall time goes, read from the kernel's scheduler:
-``python -m bench.timeline [--requests N] [--think-ms MS] [--key plain|limited|direct]``.
+``python -m bench.timeline [--requests N] [--think-ms MS] [--keys plain,limited,direct]``.
 
 One gateway (1 worker, embedded stores, full metering) and the fake upstream, as ``bench.run``
-starts them; requests are sent one at a time on a raw keep-alive socket (``bench.keylimits``'
-client) with an exponential think time between them, while ``perf sched record`` (CLOCK_MONOTONIC
-stamps, every CPU) records every context switch and wake-up. For each request's window — from
-the client's ``sendall`` to the last byte of the answer — the scheduler's record says how long
-each process ran inside it (on either core), how long the cores were idle, and how long each
-woken process waited for a core. Reported: the medians over the requests, per role (client,
-gateway, Redis, fake upstream, usage writer, PostgreSQL, other).
+starts them; requests are sent one at a time on a raw keep-alive socket per key
+(``bench.keylimits``' client; several keys take turns in a shuffled order, so their figures are
+paired) with an exponential think time between them, while ``perf sched record``
+(CLOCK_MONOTONIC stamps, every CPU) records every context switch and wake-up. For each
+request's window — from the client's ``sendall`` to the last byte of the answer — the
+scheduler's record says how long each process ran inside it (on either core), how long the
+cores were idle, and how long each woken process waited for a core. Reported per key: the
+medians over the requests, per role (client, gateway, Redis, fake upstream, usage writer,
+PostgreSQL, other).
 
 It answers what a profile of one process cannot: whether the added milliseconds are the
 gateway's and Redis's work done in series (the sum of their run times within the window), or
@@ -107,7 +109,7 @@ def in_windows(
     return out
 
 
-def record(requests: int, think_ms: float, key: str, workdir: Path) -> tuple[str, dict]:
+def record(requests: int, think_ms: float, keys: list[str], workdir: Path) -> tuple[str, dict]:
     fake = FakeUpstream(workdir)
     fake.start()
     gw = Gateway(1, fake.url)
@@ -115,11 +117,15 @@ def record(requests: int, think_ms: float, key: str, workdir: Path) -> tuple[str
     try:
         gw.start()
         gw.provision(limited=LIMITS)
-        secret = {"plain": gw.key, "limited": gw.limited_key, "direct": ""}[key]
-        port = fake.port if key == "direct" else gw.port
-        conn = RawConnection(port, secret, json.dumps(load.CHAT_BODY).encode())
+        secrets = {"plain": gw.key, "limited": gw.limited_key, "direct": ""}
+        body = json.dumps(load.CHAT_BODY).encode()
+        conns = {
+            key: RawConnection(fake.port if key == "direct" else gw.port, secrets[key], body)
+            for key in keys
+        }
         for _ in range(200):  # warm-up
-            conn.one()
+            for conn in conns.values():
+                conn.one()
         pids = {fake.proc.pid: "fake", gw.pid: "gateway"} if fake.proc else {gw.pid: "gateway"}
         writer = gw.writer_pid()
         if writer:
@@ -131,15 +137,19 @@ def record(requests: int, think_ms: float, key: str, workdir: Path) -> tuple[str
         )
         time.sleep(1.5)  # perf is tracing
         rng = random.Random(1)
-        windows, took = [], []
+        windows: dict[str, list[tuple[float, float]]] = {key: [] for key in keys}
+        took: dict[str, list[float]] = {key: [] for key in keys}
+        order = list(keys)
         for _ in range(requests):
-            started = time.monotonic()
-            ms, status = conn.one()
-            windows.append((started, time.monotonic()))
-            took.append(ms)
-            if b" 200 " not in status:
-                raise RuntimeError(f"HTTP {status!r}")
-            time.sleep(rng.expovariate(1000 / think_ms))
+            rng.shuffle(order)  # the keys take turns in a shuffled order: paired figures
+            for key in order:
+                started = time.monotonic()
+                ms, status = conns[key].one()
+                windows[key].append((started, time.monotonic()))
+                took[key].append(ms)
+                if b" 200 " not in status:
+                    raise RuntimeError(f"HTTP {status!r}")
+                time.sleep(rng.expovariate(1000 / think_ms))
         perf.send_signal(2)
         perf.wait(60)
     finally:
@@ -154,20 +164,24 @@ def record(requests: int, think_ms: float, key: str, workdir: Path) -> tuple[str
 
 def summary(text: str, meta: dict) -> str:
     runs = parse(text, {int(k): v for k, v in meta["pids"].items()})
-    per = in_windows(runs, meta["windows"])
-    lines = [
-        f"{len(per)} requests, p50 {statistics.median(meta['took_ms']):.3f} ms (client's clock)",
-        "",
-        "| role | median ran in window, ms | mean ran, ms | mean waited for a core, ms |",
-        "|---|---|---|---|",
-    ]
-    for role in ROLES:
-        ran = [w.get(role, (0.0, 0.0))[0] * 1000 for w in per]
-        waited = [w.get(role, (0.0, 0.0))[1] * 1000 for w in per]
-        lines.append(
-            f"| {role} | {statistics.median(ran):.3f} | {statistics.mean(ran):.3f} |"
-            f" {statistics.mean(waited):.3f} |"
-        )
+    lines = []
+    for key, windows in meta["windows"].items():
+        per = in_windows(runs, windows)
+        p50 = statistics.median(meta["took_ms"][key])
+        lines += [
+            f"{key}: {len(per)} requests, p50 {p50:.3f} ms (client's clock)",
+            "",
+            "| role | median ran in window, ms | mean ran, ms | mean waited for a core, ms |",
+            "|---|---|---|---|",
+        ]
+        for role in ROLES:
+            ran = [w.get(role, (0.0, 0.0))[0] * 1000 for w in per]
+            waited = [w.get(role, (0.0, 0.0))[1] * 1000 for w in per]
+            lines.append(
+                f"| {role} | {statistics.median(ran):.3f} | {statistics.mean(ran):.3f} |"
+                f" {statistics.mean(waited):.3f} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -175,10 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.timeline", description=__doc__)
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--think-ms", type=float, default=12.0)
-    p.add_argument("--key", choices=("plain", "limited", "direct"), default="plain")
+    p.add_argument(
+        "--keys",
+        default="plain",
+        help="comma-separated, taking turns: plain, limited (rpm and tpm set), direct (the fake)",
+    )
     a = p.parse_args(argv)
+    keys = a.keys.split(",")
+    if not keys or set(keys) - {"plain", "limited", "direct"}:
+        p.error("--keys: plain, limited or direct")
     with tempfile.TemporaryDirectory(prefix="mb-timeline-") as tmp:
-        text, meta = record(a.requests, a.think_ms, a.key, Path(tmp))
+        text, meta = record(a.requests, a.think_ms, keys, Path(tmp))
     print(summary(text, meta))
     return 0
 
