@@ -106,6 +106,29 @@ async def test_settle_lua_appends_what_the_gateway_resends(redis: Redis) -> None
     assert list(fields) == list(FIELDS)
 
 
+@pytest.mark.parametrize("ttl_before", [-1, 7200], ids=["none", "set by the hold"])
+async def test_settle_lua_sets_the_period_hash_lifetime_only_when_it_has_none(
+    redis: Redis, ttl_before: int
+) -> None:
+    """The hold gives the period hash its lifetime on the period's first request; the settle
+    sets it only on a hash that has none (EXPIRE NX: no write, so no copy in the append-only
+    file or to a replica, on every other settle)."""
+    ak = rk.AccountKeys(f"t_forms{secrets.token_hex(4)}")
+    period = ak.period("2026-11")
+    await redis.hset(ak.state, mapping={"loaded": "1", "credits": "1000000", "holds": "0"})
+    await redis.hset(period, "alw", "300")
+    if ttl_before > 0:
+        await redis.expire(period, ttl_before)
+    args: list[str | int] = ["req_t", 900, "usr_1", "key_1", "gpt-4o-mini", 3600, 60, 0, 0, 40]
+    keys = [ak.state, period, ak.hold_expiry, ak.hold_values]
+    keys += [ak.settled_marker("req_t"), ak.usage_stream, ak.cfg, ak.alerts]
+    keys += ak.rate_keys("key_1", "usr_1")
+    assert (await Scripts(redis).settle(keys=keys, args=[*args, opened_of(routed(5))]))[0] == 1
+    assert await redis.hget(period, "spend") == "900"
+    kept = 7200 if ttl_before > 0 else 3600  # the hold's, else the settle's ARGV[6]
+    assert kept - 100 < await redis.ttl(period) <= kept
+
+
 @pytest.fixture
 async def own_stores(
     database_url: str, own_redis: OwnRedis

@@ -18,7 +18,7 @@ ARGV[2]  charged, nano-dollars (after discount)
 ARGV[3]  member scope
 ARGV[4]  key id
 ARGV[5]  model name
-ARGV[6]  period hash lifetime, seconds
+ARGV[6]  period hash lifetime, seconds (set only when it has none: the hold set it)
 ARGV[7]  settle marker lifetime, seconds
 ARGV[8]  "1" when the hold warned about a soft member limit, else "0"
 ARGV[9]  the request's time, unix seconds (stamped on alerts)
@@ -119,7 +119,7 @@ if redis.call('HGET', state, 'loaded') == '1' then
   redis.call('HINCRBY', period, 'mr:' .. scope, 1)
   redis.call('HINCRBY', period, 'ks:' .. key_id, ARGV[2])
   redis.call('HINCRBY', period, 'mo:' .. model, ARGV[2])
-  redis.call('EXPIRE', period, tonumber(ARGV[6]))
+  redis.call('EXPIRE', period, tonumber(ARGV[6]), 'NX')
 
   local c = redis.call('HMGET', cfg, 'limit', 'dml', 'den', 'ml:' .. scope, 'me:' .. scope)
   local limit = num(c[1], -1)
