@@ -1,7 +1,7 @@
 """Instructions per request: the serving process's cost counted by callgrind, not timed.
 
     python -m bench.instructions DIR [DIR ...] [--requests N] [--repeats R] [--key-limits]
-                                 [--stream]
+                                 [--stream [--pieces P]]
 
 Wall-clock and CPU-time figures on a shared 2-core machine move by more than the changes they
 are meant to judge. Counted instructions do not: the gateway (``modelbridge serve``, 1 worker,
@@ -9,7 +9,8 @@ embedded stores, a funded team key: the full metering path) runs under ``valgrin
 --tool=callgrind`` with instrumentation off until it has started and served a warm-up; then
 instrumentation is switched on (``callgrind_control -i on``) for ``N`` plain chat completions sent
 one at a time on one keep-alive connection (``--stream``: streamed ones, read to their end), and
-off again. The instructions the serving process
+off again (``--pieces P``: each streamed answer carries ``P`` content chunks, not the fake's 6,
+so ``P + 2`` chunks with the role and finish ones). The instructions the serving process
 executed in that span, less what it executes with no request over the same wall time (counted
 first, ``IDLE_S`` seconds: the timers and ticks, whose share per request depends on how slowly
 callgrind and the machine run), divided by ``N``, are what one request costs it — the Python
@@ -85,8 +86,24 @@ class Count:
     raw_per_request: float  # the requests' span, all of it
 
 
+def _body(stream: bool, pieces: int) -> dict[str, Any]:
+    """The request; ``pieces``: the fake's content pieces, asked with a marker in the prompt."""
+    if not stream:
+        return BODY
+    if not pieces:
+        return {**BODY, "stream": True}
+    marker = json.dumps({"content_pieces": [f" w{i}" for i in range(pieces)]})
+    message = {"role": "user", "content": f"Say hello. [[fake:{marker}]]"}
+    return {**BODY, "messages": [message], "max_tokens": pieces + 16, "stream": True}
+
+
 def measure(
-    project: Path, requests: int, key_limits: bool, workdir: Path, stream: bool = False
+    project: Path,
+    requests: int,
+    key_limits: bool,
+    workdir: Path,
+    stream: bool = False,
+    pieces: int = 0,
 ) -> Count:
     out = workdir / f"callgrind-{project.name}-{time.monotonic_ns()}.out"
     fake = FakeUpstream(workdir)
@@ -99,7 +116,7 @@ def measure(
         gw.provision()
         conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=120)
         headers = {"Authorization": f"Bearer {gw.key}", "Content-Type": "application/json"}
-        body = json.dumps({**BODY, "stream": True} if stream else BODY)
+        body = json.dumps(_body(stream, pieces))
 
         def one() -> None:
             conn.request("POST", "/v1/chat/completions", body, headers)
@@ -139,12 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--key-limits", action="store_true", help="the key has rpm and tpm set")
     p.add_argument("--stream", action="store_true", help="streamed chat completions")
+    p.add_argument("--pieces", type=int, default=0, help="content chunks per stream (fake: 6)")
     a = p.parse_args(argv)
     results: dict[str, list[Count]] = {}
     with tempfile.TemporaryDirectory(prefix="mb-instr-") as tmp:
         for _ in range(a.repeats):
             for project in a.dirs:
-                c = measure(project.resolve(), a.requests, a.key_limits, Path(tmp), a.stream)
+                c = measure(
+                    project.resolve(), a.requests, a.key_limits, Path(tmp), a.stream, a.pieces
+                )
                 results.setdefault(str(project), []).append(c)
                 print(
                     f"{project}: {c.per_request:,.0f} instructions per request"

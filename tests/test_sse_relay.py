@@ -43,6 +43,31 @@ STREAMS = {
         event("[DONE]"),
     ],
     "cut before [DONE]": [chunk("one"), chunk(" two"), b'data: {"choi'],
+    "usage twice, [DONE] in the text": [
+        chunk("[DONE]"),
+        chunk(None, USAGE),
+        chunk("x", USAGE),
+        chunk(None, {"prompt_tokens": 2, "completion_tokens": 3}),
+        event("[DONE]"),
+        chunk("after"),
+    ],
+    "blank lines between events": [
+        chunk("a"),
+        b"\n",
+        chunk("b"),
+        b"\n\n",
+        chunk(None, USAGE),
+        b"\n",
+        event("[DONE]"),
+    ],
+    "a usage key split over two events": [chunk("a"), b'data: {"usage"\n\n', b": {}}\n\n"],
+    "spaced nulls, keys back to back": [
+        b'data: {"choices": [{"delta": {"content": "a"}}], "usage": null}\n\n',
+        b'data: {"choices": [{"delta": {"content": "b"}}], "x": "usage"usage":null}\n\n',
+        b'data: {"choices": [], "usage"usage": {"prompt_tokens": 1}}\n\n',
+        b'data: {"choices": [], "usage" :\t{"prompt_tokens": 2, "completion_tokens": 1}}\n\n',
+        event("[DONE]"),
+    ],
 }
 
 
@@ -117,6 +142,26 @@ def test_a_read_without_usage_or_done_goes_on_unparsed(monkeypatch: pytest.Monke
     assert relay.outcome.streamed_text() == ["a", "b"]
 
 
+def test_only_the_events_holding_usage_or_done_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    relay = SSERelay(True)
+    reads = b"".join([chunk(" piece"), chunk(" more"), chunk(None, USAGE), event("[DONE]")])
+    parsed: list[bytes] = []
+    loads = streaming.orjson.loads
+
+    def counted(data: bytes) -> Any:
+        parsed.append(data)
+        return loads(data)
+
+    monkeypatch.setattr(streaming.orjson, "loads", counted)
+    assert relay.feed(reads) == chunk(" piece") + chunk(" more") + event("[DONE]")
+    assert parsed == [
+        orjson.dumps({"object": "chat.completion.chunk", "choices": [], "usage": USAGE})
+    ]
+    assert (relay.outcome.usage, relay.outcome.done) == (USAGE, True)
+    monkeypatch.undo()
+    assert relay.outcome.streamed_text() == [" piece", " more"]
+
+
 def test_a_long_stream_keeps_its_text_not_its_events(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(streaming, "RAW_KEPT", 300)
     reads = [chunk(f" piece {i}") for i in range(40)] + [chunk(None, USAGE), event("[DONE]")]
@@ -125,3 +170,12 @@ def test_a_long_stream_keeps_its_text_not_its_events(monkeypatch: pytest.MonkeyP
         assert relay.feed(read) == reference.feed(read)
         assert relay.outcome.raw_bytes <= 300 + len(read)
     assert relay.outcome.streamed_text() == reference.text
+
+
+def test_a_read_ending_in_a_blank_line_is_relayed() -> None:
+    """A read cut after three newlines (an empty line after an event): the relay once looped on
+    it for ever, blocking the event loop, when the read held a usage object or ``[DONE]``."""
+    relay = SSERelay(True)
+    assert relay.feed(chunk("a") + event("[DONE]") + b"\n") == chunk("a") + event("[DONE]") + b"\n"
+    assert relay.outcome.done
+    assert relay.outcome.streamed_text() == ["a"]

@@ -7,11 +7,11 @@ provider reports none), and drops the usage-only chunk that the gateway asked fo
 did not (``stream_options.include_usage``).
 
 Without a JSON parse per event: a read whose events hold no ``"usage"`` object and no ``[DONE]``
-(one regex search and one ``in``, in C) goes on as it is, and is kept raw; only a read that holds
-one is split into events and those parsed. The text streamed is read from the raw events only
-when it is needed (:meth:`StreamOutcome.streamed_text`: the client left, the provider reported no
-usage or failed), or once they pass ``RAW_KEPT`` bytes (a long stream keeps its text, not its
-events).
+(one regex search and one ``find``, in C) goes on as it is, and is kept raw; in a read that
+holds one, only the events holding one are cut out and parsed, the runs between them go on as
+they are. The text streamed is read from the raw events only when it is needed
+(:meth:`StreamOutcome.streamed_text`: the client left, the provider reported no usage or failed),
+or once they pass ``RAW_KEPT`` bytes (a long stream keeps its text, not its events).
 """
 
 from __future__ import annotations
@@ -92,25 +92,69 @@ class SSERelay:
     def feed(self, chunk: bytes) -> bytes:
         """Take upstream bytes; return the complete events to send to the client now."""
         buf = self._buffer + chunk if self._buffer else chunk
-        end = buf.rfind(b"\n\n")
-        if end < 0:
-            self._buffer = buf
-            return b""
-        if end + 2 == len(buf):
+        if buf[-2:] == b"\n\n":  # the read ends an event, as providers flush them
             whole, self._buffer = buf, b""
         else:
+            end = buf.rfind(b"\n\n")
+            if end < 0:
+                self._buffer = buf
+                return b""
             whole, self._buffer = buf[: end + 2], buf[end + 2 :]
-        if _DONE not in whole and _USAGE_OBJECT.search(whole) is None:
+        # find, not ``in``: ``bytes in bytes`` tries the operand as an int first, and formats the
+        # TypeError it clears (~2k instructions a read)
+        if whole.find(_DONE) < 0 and _USAGE_OBJECT.search(whole) is None:
             outcome = self.outcome
             outcome.raw.append(whole)  # nothing to read in it now
             outcome.raw_bytes += len(whole)
             if outcome.raw_bytes > RAW_KEPT:
                 outcome.streamed_text()
             return whole
+        if whole.find(b"\n\n\n") >= 0:  # blank lines: the events cut one by one
+            return self._split(whole)
+        return self._sift(whole)
+
+    def _sift(self, whole: bytes) -> bytes:
+        """The events of ``whole`` (a read holding a ``usage`` object or ``[DONE]``), less a
+        stripped usage chunk: only the events holding one are looked at (:meth:`_keep`); the
+        runs of events between them go on as they are, and are kept raw in one piece. What
+        :meth:`_split` gives when no three newlines come in a row (each ``\\n\\n`` then ends an
+        event, wherever it is looked for from)."""
+        marks = [match.start() for match in _USAGE_OBJECT.finditer(whole)]
+        at = whole.find(_DONE)
+        while at >= 0:
+            marks.append(at)
+            at = whole.find(_DONE, at + len(_DONE))
+        marks.sort()
+        raw = self.outcome.raw
+        out: list[bytes] = []
+        done = 0  # whole[:done] is dealt with (an event's end)
+        for mark in marks:
+            if mark < done:  # in the event just looked at
+                continue
+            start = whole.rfind(b"\n\n", done, mark)
+            start = done if start < 0 else start + 2
+            end = whole.find(b"\n\n", mark) + 2
+            if start > done:
+                run = whole[done:start]
+                raw.append(run)
+                out.append(run)
+            event = whole[start:end]
+            if self._keep(event):
+                out.append(event)
+            done = end
+        if done < len(whole):
+            run = whole[done:]
+            raw.append(run)
+            out.append(run)
+        return b"".join(out)
+
+    def _split(self, whole: bytes) -> bytes:
         out: list[bytes] = []
         start = 0
         while start < len(whole):
-            end = whole.find(b"\n\n", start) + 2
+            end = whole.find(b"\n\n", start)
+            # a read cut after three newlines ends in a lone one (a blank line, kept as it is)
+            end = len(whole) if end < 0 else end + 2
             event = whole[start:end]
             start = end
             if self._keep(event):
