@@ -362,6 +362,23 @@ async def own_redis(tmp_path: Path, database_url: str) -> AsyncIterator[OwnRedis
         yield own
 
 
+@pytest.fixture
+async def own_stores(
+    database_url: str, own_redis: OwnRedis
+) -> AsyncIterator[tuple[Redis, asyncpg.Pool]]:
+    """A client of this test's own Redis (a pool of 512 connections, as the gateway's:
+    gateway/infra/redisconn.py) and a small PostgreSQL pool (the writer's tests)."""
+    from gateway.infra.db import create_pool
+
+    redis = Redis.from_url(own_redis.url, decode_responses=True, max_connections=512)
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    try:
+        yield redis, pool
+    finally:
+        await redis.aclose()
+        await pool.close()
+
+
 # --- several kinds of provider: OpenAI, Azure OpenAI and Anthropic fakes behind one gateway -----
 
 ANTHROPIC_KEY = "sk-ant-upstream-test"

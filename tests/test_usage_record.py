@@ -6,7 +6,6 @@ holds both drains into PostgreSQL whole."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -15,7 +14,6 @@ import pytest
 from redis.asyncio import Redis
 
 from bench.drain import _record, fill
-from gateway.infra.db import create_pool
 from gateway.metering.journal import RECORD_AT, SettleCall, read_entries
 from gateway.metering.recent import record_of
 from gateway.metering.scripts import Scripts
@@ -31,7 +29,7 @@ from policies.usage_record import (
     pairs_dict,
     stream_entry,
 )
-from tests.writer_support import OwnRedis, run_records
+from tests.writer_support import run_records
 
 ACCOUNT = "t_bench_forms"
 
@@ -127,19 +125,6 @@ async def test_settle_lua_sets_the_period_hash_lifetime_only_when_it_has_none(
     assert await redis.hget(period, "spend") == "900"
     kept = 7200 if ttl_before > 0 else 3600  # the hold's, else the settle's ARGV[6]
     assert kept - 100 < await redis.ttl(period) <= kept
-
-
-@pytest.fixture
-async def own_stores(
-    database_url: str, own_redis: OwnRedis
-) -> AsyncIterator[tuple[Redis, asyncpg.Pool]]:
-    redis = Redis.from_url(own_redis.url, decode_responses=True)
-    pool = await create_pool(database_url, min_size=1, max_size=2)
-    try:
-        yield redis, pool
-    finally:
-        await redis.aclose()
-        await pool.close()
 
 
 @pytest.mark.parametrize("copy_from", [1, 10**9], ids=["copy", "statement"])

@@ -5,32 +5,15 @@ not need hundreds of Redis connections at once."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 
 from bench.drain import _record, fill
-from gateway.infra.db import create_pool
 from gateway.metering.usage_writer import UsageWriter
 from policies import keyspace as rk
-from tests.writer_support import OwnRedis, run_records
-
-
-@pytest.fixture
-async def own_stores(
-    database_url: str, own_redis: OwnRedis
-) -> AsyncIterator[tuple[Redis, asyncpg.Pool]]:
-    """A client of this test's own Redis (a pool of 512 connections, as the gateway's:
-    gateway/infra/redisconn.py) and a small PostgreSQL pool."""
-    redis = Redis.from_url(own_redis.url, decode_responses=True, max_connections=512)
-    pool = await create_pool(database_url, min_size=1, max_size=2)
-    try:
-        yield redis, pool
-    finally:
-        await redis.aclose()
-        await pool.close()
+from tests.writer_support import run_records
 
 
 async def test_one_read_takes_at_most_a_batch_whatever_the_number_of_streams(
