@@ -119,7 +119,7 @@ if redis.call('HGET', state, 'loaded') == '1' then
   redis.call('HINCRBY', period, 'mr:' .. scope, 1)
   redis.call('HINCRBY', period, 'ks:' .. key_id, ARGV[2])
   redis.call('HINCRBY', period, 'mo:' .. model, ARGV[2])
-  redis.call('EXPIRE', period, tonumber(ARGV[6]), 'NX')
+  if redis.call('TTL', period) < 0 then redis.call('EXPIRE', period, tonumber(ARGV[6])) end
 
   local c = redis.call('HMGET', cfg, 'limit', 'dml', 'den', 'ml:' .. scope, 'me:' .. scope)
   local limit = num(c[1], -1)
