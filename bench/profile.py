@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench import load
-from bench.stack import FakeUpstream, Gateway
+from bench.stack import serving
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]+)(?::(?P<line>\d+))?\)$")
@@ -115,12 +115,7 @@ def main() -> int:
     raw = RESULTS / f"profile-{a.mode}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
     with tempfile.TemporaryDirectory(prefix="mb-profile-") as tmp:
         body = load.write_body(Path(tmp))
-        fake = FakeUpstream(Path(tmp))
-        fake.start()
-        gw = Gateway(1, fake.url, a.project)
-        try:
-            gw.start()
-            gw.provision()
+        with serving(Path(tmp), a.project) as (_, gw):
             target = load.Target(gw.label, gw.base + "/v1/chat/completions", gw.key)
             load.wrk(target, body, 32, 3)  # warm-up
             result: dict = {}
@@ -133,9 +128,6 @@ def main() -> int:
             cmd += ["--rate", str(a.rate), "--format", "raw", "--output", str(raw)]
             subprocess.run(cmd, check=True, capture_output=True)
             driver.join()
-        finally:
-            gw.stop()
-            fake.stop()
     print(f"{a.mode}: {result.get('rps')} req/s under py-spy (sampling slows the gateway)")
     print(summarize(parse_stacks(raw), a.top))
     print(f"\nraw collapsed stacks: {raw}")

@@ -37,7 +37,7 @@ from typing import Any
 import redis
 
 from bench import load
-from bench.stack import FakeUpstream, Gateway
+from bench.stack import serving
 
 CLK_TCK = 100  # /proc ticks per second (bench.procs reads sysconf; the figure only scales)
 
@@ -164,12 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     load.ensure_wrk()
     with tempfile.TemporaryDirectory(prefix="mb-redis-cost-") as tmp:
         body = load.write_body(Path(tmp))
-        fake = FakeUpstream(Path(tmp))
-        fake.start()
-        gw = Gateway(1, fake.url, a.project)
-        try:
-            gw.start()
-            gw.provision()
+        with serving(Path(tmp), a.project) as (_, gw):
             sock = str(gw.data_dir / "redis" / "redis.sock")
             client = redis.Redis(unix_socket_path=sock, decode_responses=True)
             pids = {"redis": gw.store_pids()["redis"], "gateway": gw.pid}
@@ -220,9 +215,6 @@ def main(argv: list[str] | None = None) -> int:
             if result["errors"]:
                 print(f"wrk: {result['errors']} errors {result['error_detail']}")
             print(report(before, after, served, appended, took) + traced)
-        finally:
-            gw.stop()
-            fake.stop()
     return 0
 
 

@@ -24,6 +24,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -402,3 +403,21 @@ class Gateway:
             "exit_code": self.proc.returncode if self.proc else None,
             "stores_left_running": left,
         }
+
+
+@contextlib.contextmanager
+def serving(
+    workdir: Path, project: Path | None = None, limited: dict[str, Any] | None = None
+) -> Iterator[tuple[FakeUpstream, Gateway]]:
+    """The fake upstream and a provisioned gateway (1 worker, embedded stores, full metering;
+    ``limited``: its second key's controls), both stopped on the way out."""
+    fake = FakeUpstream(workdir)
+    fake.start()
+    gw = Gateway(1, fake.url, project)
+    try:
+        gw.start()
+        gw.provision(limited=limited)
+        yield fake, gw
+    finally:
+        gw.stop()
+        fake.stop()

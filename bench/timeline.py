@@ -27,6 +27,7 @@ import json
 import os
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from bench import load
 from bench.keylimits import LIMITS, RawConnection
-from bench.stack import FakeUpstream, Gateway
+from bench.stack import serving
 
 _LINE = re.compile(
     r"^\s*(?P<t>\d+\.\d+)\s+\[(?P<cpu>\d+)\]\s+"
@@ -110,13 +111,8 @@ def in_windows(
 
 
 def record(requests: int, think_ms: float, keys: list[str], workdir: Path) -> tuple[str, dict]:
-    fake = FakeUpstream(workdir)
-    fake.start()
-    gw = Gateway(1, fake.url)
     data = workdir / "perf.data"
-    try:
-        gw.start()
-        gw.provision(limited=LIMITS)
+    with serving(workdir, limited=LIMITS) as (fake, gw):
         secrets = {"plain": gw.key, "limited": gw.limited_key, "direct": ""}
         body = json.dumps(load.CHAT_BODY).encode()
         conns = {
@@ -135,26 +131,25 @@ def record(requests: int, think_ms: float, keys: list[str], workdir: Path) -> tu
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(1.5)  # perf is tracing
         rng = random.Random(1)
         windows: dict[str, list[tuple[float, float]]] = {key: [] for key in keys}
         took: dict[str, list[float]] = {key: [] for key in keys}
         order = list(keys)
-        for _ in range(requests):
-            rng.shuffle(order)  # the keys take turns in a shuffled order: paired figures
-            for key in order:
-                started = time.monotonic()
-                ms, status = conns[key].one()
-                windows[key].append((started, time.monotonic()))
-                took[key].append(ms)
-                if b" 200 " not in status:
-                    raise RuntimeError(f"HTTP {status!r}")
-                time.sleep(rng.expovariate(1000 / think_ms))
-        perf.send_signal(2)
-        perf.wait(60)
-    finally:
-        gw.stop()
-        fake.stop()
+        try:
+            time.sleep(1.5)  # perf is tracing
+            for _ in range(requests):
+                rng.shuffle(order)  # the keys take turns in a shuffled order: paired figures
+                for key in order:
+                    started = time.monotonic()
+                    ms, status = conns[key].one()
+                    windows[key].append((started, time.monotonic()))
+                    took[key].append(ms)
+                    if b" 200 " not in status:
+                        raise RuntimeError(f"HTTP {status!r}")
+                    time.sleep(rng.expovariate(1000 / think_ms))
+        finally:
+            perf.send_signal(signal.SIGINT)  # perf writes its record and ends
+            perf.wait(60)
     text = subprocess.run(
         ["perf", "sched", "timehist", "-i", str(data)], capture_output=True, text=True, check=True
     ).stdout
