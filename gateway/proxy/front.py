@@ -372,8 +372,8 @@ class Front(asyncio.Protocol):
         self._write(exc.status, headers, surfaces.error_envelope(endpoint, exc), keep_alive)
 
     # --- a stream (gateway.proxy.stream_front) ---------------------------------------------------
-    def write_raw(self, data: bytes) -> None:  # once a read of a stream: closed, inline
-        if self.transport is not None and self.state is not State.CLOSED:
+    def write_raw(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
             self.transport.write(data)
 
     def stream_head(self, headers: dict[str, str], lines: str = "") -> bytes:

@@ -103,12 +103,8 @@ class LeanStream:
         out = relay.feed(data)
         if relay.outcome.done:  # its proper end ([DONE], message_stop...): billed, then ended
             self._end_early(out + relay.flush())
-        elif out:  # _send, inline: this runs for every read of the stream
-            client = self.client
-            if client.closed:
-                self.client_lost()
-            else:
-                client.write_raw(b"%x\r\n%s\r\n" % (len(out), out))
+        elif out:
+            self._send(out)
 
     def _end_early(self, last: bytes) -> None:
         """The stream's proper end is in: the settle is sent and the client's answer ended with

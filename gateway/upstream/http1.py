@@ -147,8 +147,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
 
     def data_received(self, data: bytes) -> None:
-        # busy and _deliver, inline: this runs for every read of a stream
-        if self._waiter is None and not self._streaming:  # bytes nobody asked for: out of step
+        if not self.busy:  # bytes nobody asked for: the connection is out of step
             self._fail(OriginError("unexpected data from the provider"))
             return
         self._last_read = self.loop.time()
@@ -158,11 +157,8 @@ class _Connection(asyncio.Protocol):
             cause = exc.__context__  # what a callback below raised
             self._fail(cause if isinstance(cause, OriginError) else _malformed(str(exc)))
             return
-        chunks = self._chunks
-        if chunks and self._streaming:
-            self._chunks = []
-            if self._sink is not None:
-                self._sink.on_body(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if self._streaming and self._chunks:
+            self._deliver()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
