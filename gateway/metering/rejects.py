@@ -48,7 +48,6 @@ class TakeBack:
         self.refused = refused  # what a malformed record raises from it
         self.batch = 500
         self.left: set[int] = set()  # rejects that failed again: not tried again here
-        self.taken = 0
         self.next_at = 0.0  # monotonic time of the next pass
 
     async def due(self, timeout_s: float) -> None:
@@ -96,7 +95,6 @@ class TakeBack:
             if done:
                 await self._query(timeout_s, partial(_delete, done))
             taken += len(done)
-            self.taken += len(done)
 
     async def _query(
         self, timeout_s: float, statement: Callable[[asyncpg.Connection], Awaitable[Any]]
