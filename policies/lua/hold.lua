@@ -134,7 +134,7 @@ end
 --#include holds
 
 -- Expired holds (left by a crashed or timed-out request) stop counting.
-if expire_holds(state, hz, hv, now, 100) > 0 then
+if expire_holds(state, hz, hv, ARGV[1], '100') > 0 then
   s = redis.call('HMGET', state, unpack(sfields))
 end
 
@@ -208,7 +208,12 @@ if limited then
       -- The first page is two entries: a busy log trims about one entry per hold.
       local gone, first, size = 0, nil, 2
       while true do
-        local page = redis.call('ZRANGE', w.key, gone, gone + size - 1, 'WITHSCORES')
+        local page
+        if gone == 0 then  -- the usual first page, its bounds as strings (no number to format)
+          page = redis.call('ZRANGE', w.key, '0', '1', 'WITHSCORES')
+        else
+          page = redis.call('ZRANGE', w.key, gone, gone + size - 1, 'WITHSCORES')
+        end
         for j = 1, #page, 2 do
           if tonumber(page[j + 1]) > cutoff then
             first = page[j + 1]
@@ -220,7 +225,11 @@ if limited then
         if first or #page < 2 * size then break end
         size = 32
       end
-      if gone > 0 then redis.call('ZREMRANGEBYRANK', w.key, 0, gone - 1) end
+      if gone == 1 then
+        redis.call('ZREMRANGEBYRANK', w.key, '0', '0')
+      elseif gone > 1 then
+        redis.call('ZREMRANGEBYRANK', w.key, '0', gone - 1)
+      end
       if first then count = count - gone else count, sum = 0, 0 end
       oldest, at = first, first and tonumber(first)
       w.trimmed = true

@@ -40,7 +40,7 @@ local state, period, hz, hv, marker, stream, cfg, alerts =
 local hold_id, charged, scope, key_id, model = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
 local warned = ARGV[8] == '1'
 
-if not redis.call('SET', marker, '1', 'NX', 'EX', tonumber(ARGV[7])) then
+if not redis.call('SET', marker, '1', 'NX', 'EX', ARGV[7]) then
   return {0, 0, 0, 0}
 end
 
@@ -114,9 +114,9 @@ if redis.call('HGET', state, 'loaded') == '1' then
   redis.call('HINCRBY', period, 'aspent', str(from_alw))
   redis.call('HINCRBY', state, 'credits', neg(str(from_credits)))
   local spend = redis.call('HINCRBY', period, 'spend', ARGV[2])
-  redis.call('HINCRBY', period, 'req', 1)
+  redis.call('HINCRBY', period, 'req', '1')
   local member_spend = redis.call('HINCRBY', period, 'ms:' .. scope, ARGV[2])
-  redis.call('HINCRBY', period, 'mr:' .. scope, 1)
+  redis.call('HINCRBY', period, 'mr:' .. scope, '1')
   redis.call('HINCRBY', period, 'ks:' .. key_id, ARGV[2])
   redis.call('HINCRBY', period, 'mo:' .. model, ARGV[2])
   if redis.call('TTL', period) < 0 then redis.call('EXPIRE', period, tonumber(ARGV[6])) end

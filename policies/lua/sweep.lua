@@ -13,4 +13,4 @@ Returns the number of holds cleared.
 ]]
 --#include holds
 
-return expire_holds(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[2]))
+return expire_holds(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])

@@ -22,6 +22,8 @@ end
 
 -- Clear at most `limit` holds of the account that expired by `now` (left by a crashed worker or
 -- a request that never settled): they stop counting in its totals. Returns how many were cleared.
+-- `now` and `limit` go to Redis as given: pass the decimal strings they came as (a Lua number is
+-- formatted on the way, which costs about what a call does).
 local function expire_holds(state, hz, hv, now, limit)
   local expired = redis.call('ZRANGEBYSCORE', hz, '-inf', now, 'LIMIT', 0, limit)
   for _, id in ipairs(expired) do
