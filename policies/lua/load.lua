@@ -1,4 +1,4 @@
---[[ load.lua — install an account's state rebuilt from PostgreSQL, unless it is loaded already.
+--[=[ load.lua — install an account's state rebuilt from PostgreSQL, unless it is loaded already.
 The caller holds the account's PostgreSQL advisory lock, so no management write interleaves.
 The state counts the ledger plus the usage stream's records up to ARGV[4] that the ledger did not
 have (policies/ledger.py); a record appended to the stream since then would be missing from it,
@@ -27,7 +27,9 @@ meanwhile. On a Redis that lost its data there are none.
 
 Returns 1 when it installed the state, 0 when the account was loaded already, -1 when the stream
 has entries past ARGV[4].
-]]
+(This comment's long brackets are of level 1, with an '=': the Lua 5.1 of Redis refuses a
+double '[' inside a level 0 comment, "nesting of [[...]] is deprecated", and the script with it.)
+]=]
 if ARGV[3] ~= 'force' and redis.call('HGET', KEYS[1], 'loaded') == '1' then
   return 0
 end
