@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from policies.periods import is_period
 from policies.usage_record import fields_of
 
 PERIOD_TOTALS = ("spend", "aspent", "req")
@@ -52,16 +53,17 @@ def scope_of(account: str, user_id: str, team_id: str) -> str:
 
 def entry_of(account: str, entry: Mapping[str, str]) -> UsageEntry | None:
     """A usage stream entry's money (either form: policies/usage_record.py), or None for one
-    that is not a usage record of ``account`` (a malformed entry: the writer keeps those in
-    ``usage_rejects``)."""
+    that is not a usage record of ``account`` (a malformed entry, a request id or period
+    (``YYYY-MM``) empty or missing among them: the writer keeps those in ``usage_rejects``)."""
     try:
         fields = fields_of(entry)
         request_id = str(fields["request_id"])
-        if fields.get("account", account) != account or not request_id:
+        period = fields["period"]
+        if fields.get("account", account) != account or not request_id or not is_period(period):
             return None
         return UsageEntry(
             request_id=request_id,
-            period=str(fields["period"]),
+            period=str(period),
             scope=scope_of(account, str(fields.get("user_id", "")), str(fields.get("team_id", ""))),
             key_id=str(fields.get("key_id", "")),
             model=str(fields.get("model", "")),

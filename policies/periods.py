@@ -6,7 +6,10 @@ Counters are keyed by period, so a new month starts from zero without any job ru
 from __future__ import annotations
 
 import functools
+import re
 from datetime import UTC, datetime
+
+_PERIOD = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
 
 
 def period_of(now: float) -> str:
@@ -19,6 +22,12 @@ def _period_of_hour(hour: int) -> str:
     # Months start on whole UTC hours, so every second of an hour is in one period.
     dt = datetime.fromtimestamp(hour * 3600, UTC)
     return f"{dt.year:04d}-{dt.month:02d}"
+
+
+def is_period(value: object) -> bool:
+    """Whether ``value`` names a period: ``YYYY-MM``, month 01 to 12 (what a usage record must
+    carry: the period counters, in Redis and summed from the ledger, are keyed by it)."""
+    return isinstance(value, str) and _PERIOD.fullmatch(value) is not None
 
 
 def period_bounds(period: str) -> tuple[float, float]:

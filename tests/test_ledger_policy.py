@@ -61,6 +61,12 @@ FIELDS = {
         (stream_entry(FIELDS), UsageEntry("r1", "2026-11", "U", "k", "m", 700, 200, 500)),
         (stream_entry({**FIELDS, "account": "t_other"}), None),
         ({"r": "[1, 2"}, None),
+        # a period is required (its counters are keyed by it), in either form: the writer
+        # refuses such a record too
+        ({**FIELDS, "period": ""}, None),
+        (stream_entry({**FIELDS, "period": ""}), None),
+        (stream_entry({**FIELDS, "period": "2026-13"}), None),
+        ({**FIELDS, "period": "2026-1"}, None),
     ],
 )
 def test_entry_of(fields: dict[str, str], expected: UsageEntry | None) -> None:

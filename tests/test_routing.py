@@ -683,7 +683,12 @@ def test_a_record_from_before_routing_is_written_as_served_by_its_model_in_one_a
     from gateway.metering.usage_rows import COLUMNS as _COLUMNS
     from gateway.metering.usage_rows import record_row
 
-    old = {"model": "gpt-4o-mini", "created_at": "1700000000000", "status": "200"}
+    old = {
+        "model": "gpt-4o-mini",
+        "period": "2023-11",  # required (an empty one is refused)
+        "created_at": "1700000000000",
+        "status": "200",
+    }
     row = dict(zip(_COLUMNS, record_row(old), strict=True))
     assert (row["model"], row["served_model"], row["attempts"]) == ("gpt-4o-mini", "gpt-4o-mini", 1)
     new = {**old, "served_model": "cheap-west", "attempts": "3"}

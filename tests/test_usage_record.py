@@ -70,6 +70,18 @@ def test_an_r_that_is_not_a_record_is_refused_by_every_reader() -> None:
     assert kept == [("s", "1-0", {RECORD: "not json"})]  # as it was: for usage_rejects
 
 
+@pytest.mark.parametrize("period", ["", "2026-13", "2026-1", "11-2026", " 2026-11", 202611])
+def test_a_record_without_a_period_is_refused_by_every_reader(period: str | int) -> None:
+    fields = {**_record(1, ACCOUNT, "forms"), "period": period}
+    for entry in (old_entry(fields), stream_entry(fields)):
+        with pytest.raises(ValueError, match="not a period"):
+            record_row(entry)
+        with pytest.raises(ValueError, match="not a period"):
+            record_row(fields_of(entry))
+        assert entry_of(ACCOUNT, entry) is None
+    assert entry_of(ACCOUNT, old_entry({**fields, "period": "2026-11"})) is not None
+
+
 def test_a_settle_journaled_before_issue_14_is_replayed_with_the_new_record() -> None:
     head: list[str | int] = ["req_j", 900, "usr_1", "key_1", "gpt-4o-mini", 1, 2, 0, 0, 40]
     pairs: list[str | int] = []
@@ -139,6 +151,9 @@ async def test_a_stream_holding_both_forms_drains_into_postgresql(
     too_big = {**_record(100, account, run), "prompt_tokens": 2**40}  # beyond integer
     await redis.xadd(stream, stream_entry(too_big))  # type: ignore[arg-type]
     await redis.xadd(stream, {RECORD: "not a record"})
+    no_period = {**_record(101, account, run), "period": ""}  # in either form
+    await redis.xadd(stream, stream_entry(no_period))  # type: ignore[arg-type]
+    await redis.xadd(stream, old_entry({**no_period, "request_id": f"req_{run}_102"}))
     markers = [
         rk.AccountKeys(f"t_bench{run}{n % 2:04d}").settled_marker(f"req_{run}_{n}")
         for n in range(40)
@@ -168,13 +183,17 @@ async def test_a_stream_holding_both_forms_drains_into_postgresql(
     for marker in markers:  # ack.lua got every record's request id, whichever its form
         assert 0 < await redis.ttl(marker) <= rk.RID_AFTER_LEDGER_S, marker
     refused = await db.fetch(
-        "SELECT fields FROM usage_rejects WHERE stream = $1 ORDER BY entry_id", stream
+        "SELECT fields, error FROM usage_rejects WHERE stream = $1 ORDER BY entry_id", stream
     )
     assert [orjson.loads(r["fields"]).get("request_id") for r in refused] == [
         f"req_{run}_100",
         None,
+        f"req_{run}_101",
+        f"req_{run}_102",
     ]
     assert orjson.loads(refused[1]["fields"]) == {RECORD: "not a record"}
+    assert orjson.loads(refused[2]["fields"]) == fields_of(stream_entry(no_period))  # whole
+    assert [r["error"] for r in refused[2:]] == ["not a period (YYYY-MM): ''"] * 2
 
 
 async def test_a_record_an_older_writer_refused_is_taken_back_once(

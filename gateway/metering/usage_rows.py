@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from policies import keyspace as rk
+from policies.periods import is_period
 from policies.usage_record import RECORD, Fields, Value, fields_of
 
 # The values come as an entry's fields have them (policies/usage_record.py): all strings in an
@@ -36,6 +37,14 @@ def _text(value: Value) -> str:
     return str(value)
 
 
+def _period(value: Value) -> str:
+    # the period counters (Redis's, the ledger's sums) are keyed by it: an empty or malformed
+    # one is refused (ValueError: the record goes to usage_rejects, whole), as entry_of does
+    if not is_period(value):
+        raise ValueError(f"not a period (YYYY-MM): {str(value)[:40]!r}")
+    return str(value)
+
+
 def _attempts(value: Value) -> int:
     return int(value or 1)  # a record from before routing: one attempt
 
@@ -50,7 +59,7 @@ _CONVERT: tuple[tuple[str, Callable[[Value], Any]], ...] = (
     ("key_id", _text),
     ("model", _text),
     ("endpoint", _text),
-    ("period", _text),
+    ("period", _period),
     ("prompt_tokens", _integer),
     ("completion_tokens", _integer),
     ("cached_tokens", _integer),
