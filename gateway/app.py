@@ -24,7 +24,7 @@ from gateway.api import csrf
 from gateway.api import routes as api_routes
 from gateway.config import Config
 from gateway.errors import GatewayError, NotFound, PayloadTooLarge
-from gateway.infra import health, outages
+from gateway.infra import bodies, health, outages
 from gateway.infra.db import create_pool, migrate
 from gateway.infra.metrics import Metrics
 from gateway.infra.redisconn import open_redis
@@ -54,7 +54,7 @@ def error_response(
     exc: GatewayError, extra_headers: Mapping[str, str] | None = None, *, anthropic: bool = False
 ) -> web.Response:
     """An error of the tree in :mod:`gateway.errors`, as a JSON response in OpenAI's envelope,
-    or Anthropic's (``anthropic``: a path of the Messages API, :func:`surfaces.anthropic_path`)."""
+    or Anthropic's (``anthropic``: a path of the Messages API, :func:`bodies.anthropic_path`)."""
     return web.Response(
         body=surfaces.anthropic_error_body(exc) if anthropic else orjson.dumps(exc.body()),
         status=exc.status,
@@ -78,7 +78,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if isinstance(exc, web.HTTPException) and exc.status < 400:
             raise
         error, headers = _as_error(request, exc)
-        return error_response(error, headers, anthropic=surfaces.anthropic_path(request.path))
+        return error_response(error, headers, anthropic=bodies.anthropic_path(request.path))
 
 
 def _as_error(request: web.Request, exc: Exception) -> tuple[GatewayError, dict[str, str]]:

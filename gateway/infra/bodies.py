@@ -8,14 +8,20 @@ whatever its ratio); a body that does not decode is 400; a client that leaves mi
 
 :class:`Handler` is aiohttp's connection handler with two changes: it leaves bodies coded (aiohttp
 would decode them in steps of its own, several times the cap in memory), and a request it cannot
-parse is answered in the OpenAI error envelope and logged as one warning line, not as a
-traceback at ERROR.
+parse is answered in its path's error envelope (Anthropic's below ``/v1/messages``, OpenAI's
+elsewhere) and logged as one warning line, not as a traceback at ERROR. aiohttp's parser refuses
+such a request before any route is known; its path is read, on that error path only, from the
+request line of the bytes the lean front handed over (:meth:`Handler.take_over`): it hands a
+connection over at a request boundary, with the whole head when it has one, so that line is the
+refused request's when it is the first aiohttp parses. For a later request on a connection
+aiohttp serves (or a request line that names no path) the envelope stays OpenAI's.
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
@@ -24,8 +30,10 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from gateway.errors import ClientGone, InvalidRequest, PayloadTooLarge, UnsupportedEncoding
 from policies import codings
+from policies.translate.errors import anthropic_error
 
 log = logging.getLogger("modelbridge.http")
+REQUEST_LINE_MAX = 8192  # of the bytes handed over, kept for an error's path (aiohttp's 8190)
 
 
 def check_coding(request: web.BaseRequest) -> str:
@@ -74,7 +82,16 @@ def _one_line(exc: BaseException | None) -> str:
 
 
 class Handler(RequestHandler):
-    """aiohttp's handler, answering what it cannot parse in our envelope, with a one-line log."""
+    """aiohttp's handler, answering what it cannot parse in its path's envelope, with a one-line
+    log."""
+
+    handed = b""  # the start of what the lean front had read when it handed the connection over
+
+    def take_over(self, pending: bytes) -> None:
+        """Serve ``pending``, what the lean front read before it handed the connection over at a
+        request boundary; its first line is kept for the envelope of an error (nothing else)."""
+        self.handed = pending[:REQUEST_LINE_MAX]
+        self.data_received(pending)
 
     def handle_error(
         self,
@@ -89,11 +106,45 @@ class Handler(RequestHandler):
             raise ConnectionError("the response was sent already")
         log.info("malformed request from %s: %s", request.remote, _one_line(exc))
         error = InvalidRequest(f"Malformed HTTP request: {_one_line(exc)}", status=status)
+        if self._anthropic():
+            body = anthropic_error(error.status, error.message)
+            headers = error.response_headers()
+        else:
+            body, headers = error.body(), {}
         response = web.Response(
-            body=orjson.dumps(error.body()), status=error.status, content_type="application/json"
+            body=orjson.dumps(body),
+            status=error.status,
+            content_type="application/json",
+            headers=headers,
         )
         response.force_close()
         return response
+
+    def _anthropic(self) -> bool:
+        """Whether the request refused is the first aiohttp parsed on this connection (the one
+        whose line starts :attr:`handed`; a parse error drops the requests read with it) and its
+        path is below ``/v1/messages``."""
+        if getattr(self, "_request_count", 0) != 1:
+            return False
+        path = request_path(self.handed)
+        return path is not None and anthropic_path(path)
+
+
+def request_path(head: bytes) -> str | None:
+    """The path of the request line ``head`` starts with (method, target, version, one space
+    between each, the version unchecked), percent-decoded (UTF-8, as yarl decodes it); None when
+    the line names none."""
+    line = head.split(b"\n", 1)[0].removesuffix(b"\r")
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[1].startswith(b"/"):
+        return None
+    target = parts[1].split(b"#", 1)[0].split(b"?", 1)[0]
+    return unquote(target.decode("latin-1"))
+
+
+def anthropic_path(path: str) -> bool:
+    """A path of Anthropic's Messages API, whose errors are in Anthropic's envelope."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 def handler_factory(server: web.Server) -> Any:

@@ -422,7 +422,9 @@ class Front(asyncio.Protocol):
         if self._read_paused:
             transport.resume_reading()
         pending, self.buffer = bytes(self.buffer), bytearray()
-        if pending:
+        if pending and isinstance(handler, bodies.Handler):
+            handler.take_over(pending)  # the request line kept for a parse error's envelope
+        elif pending:
             handler.data_received(pending)
 
     def _check_idle(self) -> None:

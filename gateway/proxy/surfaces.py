@@ -6,7 +6,8 @@ Each generating surface goes the one way of :func:`gateway.proxy.forwarding.prox
 hold, upstream call, settle, one usage record — with the exchange that suits the model's upstream
 (:mod:`gateway.proxy.exchange`). Messages errors are in Anthropic's envelope, with the status and
 ``x-modelbridge-error-code`` of the gateway's error, on every path below ``/v1/messages`` (the app's
-error middleware, :func:`anthropic_path`); an Anthropic upstream's own error answer goes back
+error middleware, :func:`gateway.infra.bodies.anthropic_path`; a request aiohttp cannot parse
+too, :class:`gateway.infra.bodies.Handler`); an Anthropic upstream's own error answer goes back
 unmodified (clients match on its wording). A plain (not streamed) call of either is served
 by the lean front (:mod:`gateway.proxy.front`) with the same code and :func:`error_envelope`; the
 handlers here serve what it hands over (streams, anything unusual).
@@ -35,12 +36,6 @@ class UpgradeRequired(GatewayError):
     code = "websocket_not_supported"
 
 
-def anthropic_path(path: str) -> bool:
-    """A path of Anthropic's Messages API, whose errors are in Anthropic's envelope (the app's
-    error middleware answers them, whatever raised: the key check, the body, the router)."""
-    return path == "/v1/messages" or path.startswith("/v1/messages/")
-
-
 def anthropic_error_body(exc: GatewayError) -> bytes:
     """A gateway error in Anthropic's envelope; a provider's own Anthropic error as it came."""
     raw = exc.upstream_body if isinstance(exc, UpstreamFailed) else b""
@@ -58,7 +53,7 @@ def anthropic_error_body(exc: GatewayError) -> bytes:
 def error_envelope(endpoint: handlers.Endpoint, exc: GatewayError) -> bytes:
     """A proxy error's body in its surface's envelope: Anthropic's for the Messages API,
     OpenAI's for every other (the lean front's answers; on aiohttp's path the app's error
-    middleware picks the same by path, :func:`anthropic_path`)."""
+    middleware picks the same by path, :func:`gateway.infra.bodies.anthropic_path`)."""
     if endpoint is handlers.MESSAGES:
         return anthropic_error_body(exc)
     return orjson.dumps(exc.body())
@@ -67,7 +62,7 @@ def error_envelope(endpoint: handlers.Endpoint, exc: GatewayError) -> bytes:
 async def messages(request: web.Request) -> web.StreamResponse:
     """Every error in Anthropic's envelope, as on the lean front (:mod:`gateway.proxy.front`):
     a store down too (503), and a bug (logged, 500), by the app's error middleware
-    (:func:`anthropic_path`)."""
+    (:func:`gateway.infra.bodies.anthropic_path`)."""
     return await forwarding.proxy(request, handlers.MESSAGES)
 
 
