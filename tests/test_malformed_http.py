@@ -101,6 +101,7 @@ def openai_envelope(status: int, headers: dict[str, str], body: bytes) -> None:
     assert error["error"]["type"] == "invalid_request_error"
     assert error["error"]["code"] == "invalid_request_error"
     assert error["error"]["message"].startswith("Malformed HTTP request: ")
+    assert headers["x-modelbridge-error-code"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))

@@ -106,16 +106,12 @@ class Handler(RequestHandler):
             raise ConnectionError("the response was sent already")
         log.info("malformed request from %s: %s", request.remote, _one_line(exc))
         error = InvalidRequest(f"Malformed HTTP request: {_one_line(exc)}", status=status)
-        if self._anthropic():
-            body = anthropic_error(error.status, error.message)
-            headers = error.response_headers()
-        else:
-            body, headers = error.body(), {}
+        body = anthropic_error(error.status, error.message) if self._anthropic() else error.body()
         response = web.Response(
             body=orjson.dumps(body),
             status=error.status,
             content_type="application/json",
-            headers=headers,
+            headers=error.response_headers(),  # x-modelbridge-error-code, as on every error
         )
         response.force_close()
         return response
