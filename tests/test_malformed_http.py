@@ -9,13 +9,17 @@ writes is put together by the front before it hands over)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
+import asyncpg
 import orjson
 import pytest
+from redis.asyncio import Redis
 
 from tests.conftest import Gateway
-from tests.rawhttp import CHAT, connect
+from tests.helpers import Api, account_state
+from tests.rawhttp import CHAT, chunked, connect, post
 
 MESSAGES = b"/v1/messages"
 CHAT_PATH = b"/v1/chat/completions"
@@ -166,3 +170,55 @@ def test_request_path(head: bytes, path: str | None) -> None:
     from gateway.infra.bodies import request_path
 
     assert request_path(head) == path
+
+
+# A chunked body whose head and first chunk arrive, then a packet holding an invalid chunk, with
+# a funded key: the route is in service, waiting for the rest of its body, when aiohttp's parser
+# refuses the packet. The body in service fails with the parse error: a prompt 400 in the path's
+# envelope, the connection closed, nothing held or charged.
+FIRST_CHUNK = chunked(b'{"model": "gpt-4o-mini",')[: -len(b"0\r\n\r\n")]  # the chunk, not the last
+LATER_CHUNK = {
+    "chunk size not hex": b"zz\r\n{}\r\n0\r\n\r\n",
+    "chunk without its CRLF": b"2\r\n{}XX0\r\n\r\n",
+    "negative chunk size": b"-1\r\n}\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", list(LATER_CHUNK))
+@pytest.mark.parametrize(
+    ("path", "envelope"), [(MESSAGES, anthropic_envelope), (CHAT_PATH, openai_envelope)]
+)
+async def test_an_invalid_later_chunk_of_a_body_in_service_gets_a_prompt_400(
+    gateway: Gateway,
+    api: Api,
+    redis: Redis,
+    db: asyncpg.Connection,
+    path: bytes,
+    envelope: Callable[[int, dict[str, str], bytes], None],
+    case: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, team, secret = await api.funded_team_key("1.00")
+    before = await account_state(redis, team["id"])
+    head_and_first = post(secret, b"", path.decode(), **{"Transfer-Encoding": "chunked"})
+    writes = [head_and_first + FIRST_CHUNK, LATER_CHUNK[case]]
+    status, headers, body = await asyncio.wait_for(malformed_answer(gateway, writes), 5)  # no hang
+    envelope(status, headers, body)
+    assert headers["connection"] == "close"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no traceback
+    assert await account_state(redis, team["id"]) == before  # nothing held, nothing charged
+    count = "SELECT count(*) FROM usage_records WHERE team_id = $1"
+    assert await db.fetchval(count, team["id"]) == 0
+
+
+async def test_an_invalid_later_chunk_behind_a_request_in_service_gets_its_own_400(
+    gateway: Gateway, api: Api
+) -> None:
+    """The refused body is the second request's, waiting (or in service by then) behind a first
+    one: the first is answered, then the second's 400, and the connection closes."""
+    _, _, secret = await api.funded_team_key("1.00")
+    te = {"Transfer-Encoding": "chunked"}
+    first = post(secret, chunked(orjson.dumps(CHAT)), **te)
+    writes = [first + post(secret, b"", **te) + FIRST_CHUNK, LATER_CHUNK["chunk size not hex"]]
+    status, headers, body = await asyncio.wait_for(malformed_answer(gateway, writes, skip=1), 5)
+    openai_envelope(status, headers, body)

@@ -3,10 +3,11 @@
 :func:`read_body` reads a body whole (:func:`decode_json` makes it the JSON object a route takes): its content coding checked (415 when not served), capped at
 ``server.max_body_bytes`` as sent *and* as decoded (413), decoded by
 :func:`policies.codings.decode`, which never holds more than the cap (a zip bomb stops there,
-whatever its ratio); a body that does not decode is 400; a client that leaves mid-body is
-:class:`~gateway.errors.ClientGone` (no answer, no traceback).
+whatever its ratio); a body that does not decode is 400; a body aiohttp's parser refuses mid-way
+(a later chunk that is not one: :meth:`Handler._fail_body`) is 400 with ``Connection: close``; a
+client that leaves mid-body is :class:`~gateway.errors.ClientGone` (no answer, no traceback).
 
-:class:`Handler` is aiohttp's connection handler with two changes: it leaves bodies coded (aiohttp
+:class:`Handler` is aiohttp's connection handler with these changes: it leaves bodies coded (aiohttp
 would decode them in steps of its own, several times the cap in memory), and a request it cannot
 parse is answered in its path's error envelope (Anthropic's below ``/v1/messages``, OpenAI's
 elsewhere) and logged as one warning line, not as a traceback at ERROR. aiohttp's parser refuses
@@ -14,7 +15,10 @@ such a request before any route is known; its path is read, on that error path o
 request line of the bytes the lean front handed over (:meth:`Handler.take_over`): it hands a
 connection over at a request boundary, with the whole head when it has one, so that line is the
 refused request's when it is the first aiohttp parses. For a later request on a connection
-aiohttp serves (or a request line that names no path) the envelope stays OpenAI's.
+aiohttp serves (or a request line that names no path) the envelope stays OpenAI's. A request
+whose head parsed but whose body the parser refuses in a later packet is a route's by then: its
+body fails with the parse error (:meth:`Handler.data_received`; aiohttp's C parser would leave it
+waiting for ever) and :func:`read_body` answers it, in the route's envelope.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from urllib.parse import unquote
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from gateway.errors import ClientGone, InvalidRequest, PayloadTooLarge, UnsupportedEncoding
 from policies import codings
@@ -56,6 +60,11 @@ async def read_body(request: web.BaseRequest, max_bytes: int) -> bytes:
         raise too_large from exc
     except (RequestPayloadError, ConnectionError) as exc:
         raise ClientGone("the client closed the connection mid-body") from exc
+    except HttpProcessingError as exc:  # a later packet of the body refused (Handler.data_received)
+        log.info("malformed body from %s: %s", request.remote, _one_line(exc))
+        raise InvalidRequest(
+            f"Malformed HTTP request: {_one_line(exc)}", headers={"Connection": "close"}
+        ) from exc
     try:
         return codings.decode(raw, coding, max_bytes)
     except codings.TooLarge as exc:
@@ -92,6 +101,40 @@ class Handler(RequestHandler):
         request boundary; its first line is kept for the envelope of an error (nothing else)."""
         self.handed = pending[:REQUEST_LINE_MAX]
         self.data_received(pending)
+
+    def data_received(self, data: bytes) -> None:
+        """aiohttp's, and a body the parser refuses mid-way failed (see :meth:`_fail_body`)."""
+        super().data_received(data)
+        messages = self._messages  # empty, or the requests waiting: one read on the fast exit
+        if messages and isinstance(messages[-1][0], _ErrInfo):
+            self._fail_body()
+
+    def _fail_body(self) -> None:
+        """When the parser refuses a packet in the middle of a request's body (a later chunk that
+        is not one), aiohttp queues the error as a request of its own and leaves that body
+        waiting for bytes that never come: its C parser drops the body without failing it, and
+        the request in service waits for it (forever: no timeout runs while a handler does).
+        Here the body fails with the parse error instead (:func:`read_body` answers it: 400 in
+        its path's envelope, ``Connection: close``), at its end (aiohttp lingers on no more of
+        it), the error queued is dropped (it is that request's answer) and the connection closes
+        after it. The body is the last request's parsed before the error, waiting or in service;
+        one complete (the error is in a later head) is left alone: the error is answered as
+        queued."""
+        messages = self._messages
+        error = messages[-1][0]
+        assert isinstance(error, _ErrInfo)
+        if len(messages) > 1:
+            body = messages[-2][1]
+        elif self._current_request is not None:
+            body = self._current_request.content
+        else:
+            return  # the last request answered already, its body left unread: aiohttp lingers
+        if body.is_eof():
+            return
+        body.set_exception(error.exc)
+        body.feed_eof()
+        messages.pop()
+        self.close()
 
     def handle_error(
         self,
