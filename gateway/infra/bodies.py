@@ -10,7 +10,7 @@ client that leaves mid-body is :class:`~gateway.errors.ClientGone` (no answer, n
 :class:`Handler` is aiohttp's connection handler with these changes: it leaves bodies coded (aiohttp
 would decode them in steps of its own, several times the cap in memory), and a request it cannot
 parse is answered in its path's error envelope (Anthropic's below ``/v1/messages``, OpenAI's
-elsewhere) and logged as one warning line, not as a traceback at ERROR. aiohttp's parser refuses
+elsewhere) and logged as one line at INFO, not as a traceback at ERROR. aiohttp's parser refuses
 such a request before any route is known; its path is read, on that error path only, from the
 request line of the bytes the lean front handed over (:meth:`Handler.take_over`): it hands a
 connection over at a request boundary, with the whole head when it has one, so that line is the
