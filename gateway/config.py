@@ -45,6 +45,8 @@ class ServerConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     public_url: str = ""
     shutdown_timeout_s: float = 30.0
+    # A request partly received, and nothing more of it for this long: 408, connection closed.
+    request_read_timeout_s: float = 60.0
     session_ttl_s: int = 30 * 24 * 3600
     # Proxies (addresses or CIDR networks) whose X-Forwarded-For names the client.
     trusted_proxies: tuple[str, ...] = ()
@@ -232,6 +234,8 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         raise ConfigError("redis.wait_replicas must be >= 0 and redis.wait_timeout_ms >= 1")
     if config.server.max_body_bytes < 1024:
         raise ConfigError("server.max_body_bytes must be at least 1024")
+    if not config.server.request_read_timeout_s > 0:
+        raise ConfigError("server.request_read_timeout_s must be above 0")
     if not 0 <= config.server.port <= 65535:
         raise ConfigError("server.port must be from 0 to 65535 (0: a free port)")
     if config.server.signups_per_hour < 0:

@@ -4,6 +4,7 @@
 
     GatewayError                       status  error.type             error.code
     ├── InvalidRequest                 400     invalid_request_error  (field errors: param)
+    │   ├── RequestTimeout             408     invalid_request_error  request_timeout
     │   ├── PayloadTooLarge            413     invalid_request_error  payload_too_large
     │   └── UnsupportedEncoding        415     invalid_request_error  unsupported_content_encoding
     ├── AuthenticationFailed           401     invalid_request_error  invalid_api_key
@@ -74,6 +75,14 @@ class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_request_error"
+
+
+class RequestTimeout(InvalidRequest):
+    """A request not received in whole: nothing more of it came for
+    ``server.request_read_timeout_s`` (the connection is closed after the answer)."""
+
+    status = 408
+    code = "request_timeout"
 
 
 class PayloadTooLarge(InvalidRequest):

@@ -47,7 +47,8 @@ def _default(value: object) -> object:
 
 
 async def read_body(request: web.Request) -> dict[str, Any]:
-    raw = await bodies.read_body(request, request.app[S.CONFIG].server.max_body_bytes)
+    server = request.app[S.CONFIG].server
+    raw = await bodies.read_body(request, server.max_body_bytes, server.request_read_timeout_s)
     return bodies.decode_json(raw) if raw else {}
 
 

@@ -3,7 +3,9 @@
 :func:`read_body` reads a body whole (:func:`decode_json` makes it the JSON object a route takes): its content coding checked (415 when not served), capped at
 ``server.max_body_bytes`` as sent *and* as decoded (413), decoded by
 :func:`policies.codings.decode`, which never holds more than the cap (a zip bomb stops there,
-whatever its ratio); a body that does not decode is 400; a body aiohttp's parser refuses mid-way
+whatever its ratio); a body that does not decode is 400; one of which nothing more comes for
+``server.request_read_timeout_s`` is 408 with ``Connection: close`` (the lean front answers a
+request it holds in part the same way); a body aiohttp's parser refuses mid-way
 (a later chunk that is not one: :meth:`Handler._fail_body`) is 400 with ``Connection: close``; a
 client that leaves mid-body is :class:`~gateway.errors.ClientGone` (no answer, no traceback).
 
@@ -23,6 +25,7 @@ waiting for ever) and :func:`read_body` answers it, in the route's envelope.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 from urllib.parse import unquote
@@ -32,7 +35,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
-from gateway.errors import ClientGone, InvalidRequest, PayloadTooLarge, UnsupportedEncoding
+from gateway.errors import (
+    ClientGone,
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedEncoding,
+)
 from policies import codings
 from policies.translate.errors import anthropic_error
 
@@ -48,16 +58,34 @@ def check_coding(request: web.BaseRequest) -> str:
         raise UnsupportedEncoding(str(exc)) from exc
 
 
-async def read_body(request: web.BaseRequest, max_bytes: int) -> bytes:
+async def read_body(
+    request: web.BaseRequest, max_bytes: int, read_timeout_s: float = 60.0
+) -> bytes:
     """The whole body, decoded; see the module docstring for the refusals."""
     coding = check_coding(request)
     too_large = PayloadTooLarge(f"request body larger than {max_bytes} bytes")
     if request.content_length is not None and request.content_length > max_bytes:
         raise too_large
+    chunks: list[bytes] = []
+    size = 0
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise too_large from exc
+        while True:  # aiohttp's request.read(), with a limit on a wait for more
+            async with asyncio.timeout(read_timeout_s):
+                chunk = await request.content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > max_bytes:
+                raise too_large
+            chunks.append(chunk)
+    except TimeoutError as exc:
+        log.info("body from %s stalled for %ss: 408", request.remote, read_timeout_s)
+        if isinstance(request.protocol, Handler):
+            request.protocol.stop_lingering()  # closed after the answer, not 10 s later
+        raise RequestTimeout(
+            f"The request body was not received in whole: nothing came for {read_timeout_s:g} s.",
+            headers={"Connection": "close"},
+        ) from exc
     except (RequestPayloadError, ConnectionError) as exc:
         raise ClientGone("the client closed the connection mid-body") from exc
     except HttpProcessingError as exc:  # a later packet of the body refused (Handler.data_received)
@@ -65,6 +93,7 @@ async def read_body(request: web.BaseRequest, max_bytes: int) -> bytes:
         raise InvalidRequest(
             f"Malformed HTTP request: {_one_line(exc)}", headers={"Connection": "close"}
         ) from exc
+    raw = b"".join(chunks)
     try:
         return codings.decode(raw, coding, max_bytes)
     except codings.TooLarge as exc:
@@ -101,6 +130,11 @@ class Handler(RequestHandler):
         request boundary; its first line is kept for the envelope of an error (nothing else)."""
         self.handed = pending[:REQUEST_LINE_MAX]
         self.data_received(pending)
+
+    def stop_lingering(self) -> None:
+        """Close the connection right after the answer: aiohttp otherwise reads (and drops) the
+        rest of an unread body for up to 10 s first, which a stalled body will not send."""
+        self._lingering_time = 0.0
 
     def data_received(self, data: bytes) -> None:
         """aiohttp's, and a body the parser refuses mid-way failed (see :meth:`_fail_body`)."""
@@ -184,6 +218,15 @@ def request_path(head: bytes) -> str | None:
 def anthropic_path(path: str) -> bool:
     """A path of Anthropic's Messages API, whose errors are in Anthropic's envelope."""
     return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def envelope_of(error: GatewayError, head: bytes) -> bytes:
+    """``error`` in the envelope of the request whose line ``head`` starts with: Anthropic's
+    below ``/v1/messages``, else (or with no path to read) OpenAI's."""
+    path = request_path(head)
+    if path is not None and anthropic_path(path):
+        return orjson.dumps(anthropic_error(error.status, error.message))
+    return orjson.dumps(error.body())
 
 
 def handler_factory(server: web.Server) -> Any:

@@ -30,6 +30,12 @@ framing headers, non-ASCII heads and bodies over the size cap — streams includ
 that way is aiohttp's, relayed with aiohttp's client
 (:func:`gateway.proxy.forwarding.forward_stream`).
 
+A request that comes in part and then stalls (nothing more of it for
+``server.request_read_timeout_s``, 60 s by default) is answered 408 ``request_timeout`` in its
+path's envelope and its connection closed; aiohttp's path refuses a stalled body the same way
+(:func:`gateway.infra.bodies.read_body`). A connection between requests stays open for
+``KEEPALIVE_S``.
+
 Shutdown (``app.on_shutdown``, after the listening socket is closed): idle connections are
 closed, requests in flight (streams too) get ``shutdown_timeout_s`` to finish, then are cancelled
 (a hold already placed is released; one still on its way to Redis expires on its own; a stream
@@ -54,7 +60,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.web_protocol import RequestHandler
 
 from gateway import state as S
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, RequestTimeout
 from gateway.infra import bodies, outages
 from gateway.metering.meter import guarded
 from gateway.proxy import forwarding, stream_front, surfaces
@@ -151,6 +157,10 @@ class Front(asyncio.Protocol):
         self._read_paused = False
         self._idle_since = self.loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
+        # A request partly in: when more of it last came, and the timer that refuses it once
+        # nothing has for server.request_read_timeout_s (408, closed); None while none is.
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._last_read = 0.0
         self._stream: stream_front.LeanStream | None = None  # a stream past its first byte
         self._keep_alive = True  # the request in service's
 
@@ -166,6 +176,8 @@ class Front(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        if self._read_timer is not None:
+            self._last_read = self.loop.time()
         if self.state is State.IDLE:
             self._next()
         elif len(self.buffer) > MAX_HEAD and self.transport is not None and not self._read_paused:
@@ -177,6 +189,7 @@ class Front(asyncio.Protocol):
         self.fronts.connections.discard(self)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        self._stop_read_timer()
         if self._stream is not None:  # a stream stops at once, billed on what was streamed
             self._stream.client_lost()
 
@@ -213,7 +226,13 @@ class Front(asyncio.Protocol):
         try:
             framed = frame(self.buffer, self.app[S.CONFIG].server.max_body_bytes)
             if framed is None:
-                return  # the rest is still coming
+                if self._read_timer is None:  # the rest is still coming: for so long
+                    self._last_read = self.loop.time()
+                    limit = self.app[S.CONFIG].server.request_read_timeout_s
+                    self._read_timer = self.loop.call_later(limit, self._read_stalled)
+                return
+            if self._read_timer is not None:
+                self._stop_read_timer()
             endpoint = ROUTES[framed.head.path]
             raw = bytes(self.buffer[framed.body_start : framed.end])
             started = time.perf_counter()
@@ -412,6 +431,7 @@ class Front(asyncio.Protocol):
         self.fronts.connections.discard(self)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        self._stop_read_timer()
         if transport is None or self.closed:
             return
         self.state = State.CLOSED
@@ -436,6 +456,31 @@ class Front(asyncio.Protocol):
             self.close()
         else:
             self._idle_timer = self.loop.call_at(max(due, self.loop.time() + 1), self._check_idle)
+
+    def _stop_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_stalled(self) -> None:
+        """A request partly in: refused with 408 (its path's envelope, when its line is in) and
+        the connection closed once nothing more of it came for the configured time."""
+        self._read_timer = None
+        if self.closed or self.state is not State.IDLE or not self.buffer:
+            return
+        limit = self.app[S.CONFIG].server.request_read_timeout_s
+        due = self._last_read + limit
+        if self.loop.time() < due:
+            self._read_timer = self.loop.call_at(due, self._read_stalled)
+            return
+        log.info("a request stalled for %ss: 408, closed", limit)
+        error = RequestTimeout(
+            f"The request was not received in whole: nothing came for {limit:g} s."
+        )
+        head = bytes(self.buffer[: bodies.REQUEST_LINE_MAX])
+        headers = {**error.response_headers(), "Content-Type": "application/json"}
+        self._write(error.status, headers, bodies.envelope_of(error, head), keep_alive=False)
+        self.close()
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

@@ -22,7 +22,7 @@ import orjson
 from aiohttp import web
 
 from gateway import state as S
-from gateway.config import ModelConfig
+from gateway.config import ModelConfig, ServerConfig
 from gateway.credentials import bearer
 from gateway.errors import (
     AuthenticationFailed,
@@ -121,8 +121,9 @@ class Plain:
 
 
 # --- parsing and validation -------------------------------------------------------------------
-async def read_json(request: web.Request, max_bytes: int) -> tuple[bytes, dict[str, Any]]:
-    raw = await bodies.read_body(request, max_bytes)  # decoded, capped: gateway.infra.bodies
+async def read_json(request: web.Request, server: ServerConfig) -> tuple[bytes, dict[str, Any]]:
+    # decoded, capped, a stalled body refused: gateway.infra.bodies
+    raw = await bodies.read_body(request, server.max_body_bytes, server.request_read_timeout_s)
     return raw, bodies.decode_json(raw)
 
 
@@ -197,7 +198,7 @@ async def begin(request: web.Request, endpoint: Endpoint) -> Call:
     app = request.app
     secret = bearer(request)
     key = await app[S.KEYS].lookup(secret)
-    raw, body = await read_json(request, app[S.CONFIG].server.max_body_bytes)
+    raw, body = await read_json(request, app[S.CONFIG].server)
     assert secret is not None  # lookup refuses a missing key
     call = parse(app, endpoint, secret, key, raw, body, request.headers.get(TAGS_HEADER))
     call.request = request

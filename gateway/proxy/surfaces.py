@@ -72,7 +72,7 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
     app = request.app
     secret = bearer(request)
     await app[S.KEYS].lookup(secret)
-    _, body = await handlers.read_json(request, app[S.CONFIG].server.max_body_bytes)
+    _, body = await handlers.read_json(request, app[S.CONFIG].server)
     name = body.get("model")
     model = app[S.CONFIG].models.get(name) if isinstance(name, str) else None
     if model is None:
