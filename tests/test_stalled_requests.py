@@ -20,7 +20,7 @@ from gateway.config import ConfigError
 from tests.conftest import ADMIN_TOKEN, Gateway, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import Api, account_state
-from tests.rawhttp import CHAT, Conn, chunked, connect, post
+from tests.rawhttp import CHAT, chunked, connect, post
 
 LIMIT_S = 0.5
 
@@ -41,17 +41,24 @@ async def funded(stalling: Gateway) -> AsyncIterator[tuple[str, str]]:
         yield team["id"], secret
 
 
-async def refused_after_stalling(conn: Conn, sent_at: float) -> tuple[dict[str, str], Any]:
-    """The 408 a stalled request gets (not before the limit), its headers and JSON body; the
-    connection is closed after it."""
-    status, headers, body = await asyncio.wait_for(conn.response(), 5)
-    assert time.monotonic() - sent_at >= LIMIT_S
-    assert status == 408
-    assert headers["content-type"].startswith("application/json")
-    assert headers["x-modelbridge-error-code"] == "request_timeout"
-    assert headers["connection"] == "close"
-    assert await conn.closed()
-    return headers, orjson.loads(body)
+async def refused_after_stalling(gateway: Gateway, data: bytes) -> Any:
+    """Send ``data`` (a request in part) on a new connection and stall: the 408 it gets (not
+    before the limit) with its headers checked, and its JSON body; the connection is closed
+    after it."""
+    conn = await connect(gateway)
+    try:
+        sent_at = time.monotonic()
+        conn.send(data)
+        status, headers, body = await asyncio.wait_for(conn.response(), 5)
+        assert time.monotonic() - sent_at >= LIMIT_S
+        assert status == 408
+        assert headers["content-type"].startswith("application/json")
+        assert headers["x-modelbridge-error-code"] == "request_timeout"
+        assert headers["connection"] == "close"
+        assert await conn.closed()
+        return orjson.loads(body)
+    finally:
+        await conn.aclose()
 
 
 def openai_timeout(body: Any) -> None:
@@ -71,14 +78,8 @@ def anthropic_timeout(body: Any) -> None:
 async def test_a_head_that_stalls_on_the_lean_front_gets_408_in_its_paths_envelope(
     stalling: Gateway, funded: tuple[str, str]
 ) -> None:
-    conn = await connect(stalling)
-    try:
-        head = post(funded[1], CHAT, "/v1/messages")
-        conn.send(head[: head.index(b"\r\n\r\n")])  # the head without its blank line
-        _, body = await refused_after_stalling(conn, time.monotonic())
-        anthropic_timeout(body)
-    finally:
-        await conn.aclose()
+    head = post(funded[1], CHAT, "/v1/messages")
+    anthropic_timeout(await refused_after_stalling(stalling, head[: head.index(b"\r\n\r\n")]))
 
 
 async def test_a_body_that_stalls_on_the_lean_front_gets_408_and_nothing_is_held(
@@ -86,14 +87,8 @@ async def test_a_body_that_stalls_on_the_lean_front_gets_408_and_nothing_is_held
 ) -> None:
     team, secret = funded
     before = await account_state(redis, team)
-    conn = await connect(stalling)
-    try:
-        whole = post(secret, CHAT)
-        conn.send(whole[: len(whole) - 10])  # Content-Length says 10 bytes more
-        _, body = await refused_after_stalling(conn, time.monotonic())
-        openai_timeout(body)
-    finally:
-        await conn.aclose()
+    whole = post(secret, CHAT)  # Content-Length says 10 bytes more than sent
+    openai_timeout(await refused_after_stalling(stalling, whole[: len(whole) - 10]))
     assert await account_state(redis, team) == before
 
 
@@ -102,14 +97,9 @@ async def test_a_chunked_body_that_stalls_on_aiohttps_path_gets_408_in_its_paths
 ) -> None:
     team, secret = funded
     before = await account_state(redis, team)
-    conn = await connect(stalling)
-    try:
-        first = chunked(b'{"model": "gpt-4o-mini",')[: -len(b"0\r\n\r\n")]  # no last chunk
-        conn.send(post(secret, b"", "/v1/messages", **{"Transfer-Encoding": "chunked"}) + first)
-        _, body = await refused_after_stalling(conn, time.monotonic())
-        anthropic_timeout(body)
-    finally:
-        await conn.aclose()
+    first = chunked(b'{"model": "gpt-4o-mini",')[: -len(b"0\r\n\r\n")]  # no last chunk
+    head = post(secret, b"", "/v1/messages", **{"Transfer-Encoding": "chunked"})
+    anthropic_timeout(await refused_after_stalling(stalling, head + first))
     assert await account_state(redis, team) == before
 
 
