@@ -183,9 +183,8 @@ class Handler(RequestHandler):
             raise ConnectionError("the response was sent already")
         log.info("malformed request from %s: %s", request.remote, _one_line(exc))
         error = InvalidRequest(f"Malformed HTTP request: {_one_line(exc)}", status=status)
-        body = anthropic_error(error.status, error.message) if self._anthropic() else error.body()
         response = web.Response(
-            body=orjson.dumps(body),
+            body=envelope_of(error, self._refused_head()),
             status=error.status,
             content_type="application/json",
             headers=error.response_headers(),  # x-modelbridge-error-code, as on every error
@@ -193,14 +192,11 @@ class Handler(RequestHandler):
         response.force_close()
         return response
 
-    def _anthropic(self) -> bool:
-        """Whether the request refused is the first aiohttp parsed on this connection (the one
-        whose line starts :attr:`handed`; a parse error drops the requests read with it) and its
-        path is below ``/v1/messages``."""
-        if getattr(self, "_request_count", 0) != 1:
-            return False
-        path = request_path(self.handed)
-        return path is not None and anthropic_path(path)
+    def _refused_head(self) -> bytes:
+        """The start of the refused request when it is the first aiohttp parsed on this
+        connection (the one :attr:`handed` starts with; a parse error drops the requests read
+        with it), else nothing: then no path is known."""
+        return self.handed if getattr(self, "_request_count", 0) == 1 else b""
 
 
 def request_path(head: bytes) -> str | None:
