@@ -21,18 +21,33 @@ aiohttp serves (or a request line that names no path) the envelope stays OpenAI'
 whose head parsed but whose body the parser refuses in a later packet is a route's by then: its
 body fails with the parse error (:meth:`Handler.data_received`; aiohttp's C parser would leave it
 waiting for ever) and :func:`read_body` answers it, in the route's envelope.
+
+A head that stalls on aiohttp's path (one over the lean front's 16 KiB, handed over in part; a
+later request's, on a connection aiohttp serves) is refused as the lean front refuses one: once
+nothing more of it came for ``server.request_read_timeout_s``, 408 ``request_timeout`` in its
+path's envelope (read from its first bytes, best effort on a later request), ``Connection:
+close``, one line at INFO, the connection closed (:meth:`Handler._head_stalled`; aiohttp itself
+would hold it until its keep-alive timeout, an hour). A head that comes while the request before
+it is still in service is refused once that one is answered. Not timed (telling the head's bytes
+from that request's takes the parser's state, which aiohttp's C parser keeps to itself): the
+bytes that came in the packet that ended the request before (its head or its body), or while a
+whole request waited behind the one in service; a head begun there waits for aiohttp's
+keep-alive timeout as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from email.utils import formatdate
 from typing import Any
 from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from gateway.errors import (
@@ -121,9 +136,22 @@ def _one_line(exc: BaseException | None) -> str:
 
 class Handler(RequestHandler):
     """aiohttp's handler, answering what it cannot parse in its path's envelope, with a one-line
-    log."""
+    log, and a head that stalls for ``read_timeout_s`` with 408."""
 
     handed = b""  # the start of what the lean front had read when it handed the connection over
+    # The body of the last request parsed, until it is known whole (None then, and before the
+    # first request): a byte that comes after is a head's.
+    _body: StreamReader | None = None
+    # A head partly in: the timer that refuses it once nothing more came for read_timeout_s
+    # (None while there is none), when its last bytes came, and its first bytes (the envelope's).
+    _head_timer: asyncio.TimerHandle | None = None
+    _head_read = 0.0
+    _head = b""
+
+    def __init__(self, manager: web.Server, *, read_timeout_s: float, **kwargs: Any) -> None:
+        """``read_timeout_s``: ``server.request_read_timeout_s``; the rest is aiohttp's."""
+        super().__init__(manager, **kwargs)
+        self.read_timeout_s = read_timeout_s
 
     def take_over(self, pending: bytes) -> None:
         """Serve ``pending``, what the lean front read before it handed the connection over at a
@@ -137,11 +165,80 @@ class Handler(RequestHandler):
         self._lingering_time = 0.0
 
     def data_received(self, data: bytes) -> None:
-        """aiohttp's, and a body the parser refuses mid-way failed (see :meth:`_fail_body`)."""
+        """aiohttp's, and a body the parser refuses mid-way failed (see :meth:`_fail_body`), a
+        head that comes in part timed (:meth:`_partial_head`). A packet of a body costs two
+        reads and a call here."""
         super().data_received(data)
         messages = self._messages  # empty, or the requests waiting: one read on the fast exit
-        if messages and isinstance(messages[-1][0], _ErrInfo):
-            self._fail_body()
+        if messages:
+            message, last = messages[-1]
+            self._body = None if last.is_eof() else last
+            if self._head_timer is not None:  # the head it timed is in
+                self._stop_head_timer()
+            if isinstance(message, _ErrInfo):
+                self._fail_body()
+        elif (body := self._body) is None:  # past the last body: a head's bytes
+            if data:
+                self._partial_head(data)
+        elif body.is_eof():  # this packet ended it (what came after it in the packet: not timed)
+            self._body = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _partial_head(self, data: bytes) -> None:
+        """``data``, past the body of the last request parsed and no request in it: the start of
+        a head, or more of it. Timed from its last bytes; its first ones kept for the envelope
+        (on a connection handed over, the same as :attr:`handed`; on a later request, best
+        effort). Not on a connection closing or switched to another protocol."""
+        if self._close or self._force_close or self._upgraded:
+            return
+        self._head_read = self._loop.time()
+        if self._head_timer is None:
+            self._head = data[:REQUEST_LINE_MAX]
+            due = self._head_read + self.read_timeout_s
+            self._head_timer = self._loop.call_at(due, self._head_stalled)
+        elif len(self._head) < REQUEST_LINE_MAX:
+            self._head += data[: REQUEST_LINE_MAX - len(self._head)]
+
+    def _head_stalled(self) -> None:
+        """Nothing more of a head for ``read_timeout_s``: once aiohttp waits for it (the request
+        before it answered; until then, looked at again every ``read_timeout_s``), 408 in its
+        path's envelope as the lean front writes it (no request parsed: written as it is), one
+        line at INFO, and the connection closed."""
+        self._head_timer = None
+        transport = self.transport
+        if transport is None or self._close or self._force_close or self._messages:
+            return
+        limit = self.read_timeout_s
+        now = self._loop.time()
+        due = self._head_read + limit
+        waiter = self._waiter  # a future while aiohttp waits for the next request
+        if now < due or self._request_in_progress or waiter is None or waiter.done():
+            self._head_timer = self._loop.call_at(max(due, now + limit), self._head_stalled)
+            return
+        log.info("head from %s stalled for %ss: 408, closed", _remote(transport), limit)
+        error = RequestTimeout(
+            f"The request was not received in whole: nothing came for {limit:g} s.",
+            headers={"Connection": "close"},
+        )
+        body = envelope_of(error, self._head)
+        headers = {
+            **error.response_headers(),
+            "Content-Type": "application/json",
+            "Content-Length": str(len(body)),
+            "Date": formatdate(usegmt=True),
+            "Server": SERVER_SOFTWARE,
+        }
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        transport.write(f"HTTP/1.1 408 Request Timeout\r\n{head}\r\n".encode("latin-1") + body)
+        self.force_close()
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
 
     def _fail_body(self) -> None:
         """When the parser refuses a packet in the middle of a request's body (a later chunk that
@@ -199,6 +296,12 @@ class Handler(RequestHandler):
         return self.handed if getattr(self, "_request_count", 0) == 1 else b""
 
 
+def _remote(transport: asyncio.BaseTransport) -> str:
+    """The client's address, as ``request.remote`` gives it."""
+    peer = transport.get_extra_info("peername")
+    return str(peer[0] if isinstance(peer, tuple) and peer else peer)
+
+
 def request_path(head: bytes) -> str | None:
     """The path of the request line ``head`` starts with (method, target, version, one space
     between each, the version unchecked), percent-decoded (UTF-8, as yarl decodes it); None when
@@ -225,14 +328,17 @@ def envelope_of(error: GatewayError, head: bytes) -> bytes:
     return orjson.dumps(error.body())
 
 
-def handler_factory(server: web.Server) -> Any:
-    """What makes a connection's :class:`Handler` (as ``server()`` makes aiohttp's own)."""
+def handler_factory(server: web.Server, read_timeout_s: float) -> Any:
+    """What makes a connection's :class:`Handler` (as ``server()`` makes aiohttp's own), one
+    that refuses a head of which nothing more came for ``read_timeout_s`` seconds
+    (``server.request_read_timeout_s``)."""
     kwargs = getattr(server, "_kwargs", None)
     loop = getattr(server, "_loop", None)
     if kwargs is None or loop is None:  # another aiohttp: its own handler, as it was
         return server
 
     def make() -> RequestHandler:
-        return Handler(server, loop=loop, **{**kwargs, "auto_decompress": False})
+        options = {**kwargs, "auto_decompress": False}
+        return Handler(server, loop=loop, read_timeout_s=read_timeout_s, **options)
 
     return make

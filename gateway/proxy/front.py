@@ -32,9 +32,10 @@ that way is aiohttp's, relayed with aiohttp's client
 
 A request that comes in part and then stalls (nothing more of it for
 ``server.request_read_timeout_s``, 60 s by default) is answered 408 ``request_timeout`` in its
-path's envelope and its connection closed; aiohttp's path refuses a stalled body the same way
-(:func:`gateway.infra.bodies.read_body`). A connection between requests stays open for
-``KEEPALIVE_S``.
+path's envelope and its connection closed; aiohttp's path refuses a stalled body
+(:func:`gateway.infra.bodies.read_body`) and a stalled head (a head over 16 KiB handed over in
+part, a later request's on a connection it serves: :class:`gateway.infra.bodies.Handler`) the same
+way. A connection between requests stays open for ``KEEPALIVE_S``.
 
 Shutdown (``app.on_shutdown``, after the listening socket is closed): idle connections are
 closed, requests in flight (streams too) get ``shutdown_timeout_s`` to finish, then are cancelled
@@ -525,7 +526,8 @@ class FrontSite(web.TCPSite):
         assert isinstance(runner, web.AppRunner) and runner.server is not None
         app, server = runner.app, runner.server
         fronts = app[S.FRONTS]
-        handlers = bodies.handler_factory(server)  # what a handed-over connection gets
+        limit = app[S.CONFIG].server.request_read_timeout_s  # for a head that stalls there
+        handlers = bodies.handler_factory(server, limit)  # what a handed-over connection gets
         await web.BaseSite.start(self)
         self._server = await asyncio.get_running_loop().create_server(
             lambda: Front(app, handlers, fronts),
