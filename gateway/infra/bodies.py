@@ -215,8 +215,11 @@ class Handler(RequestHandler):
         now = self._loop.time()
         due = self._head_read + limit
         waiter = self._waiter  # a future while aiohttp waits for the next request
-        if now < due or self._request_in_progress or waiter is None or waiter.done():
-            self._head_timer = self._loop.call_at(max(due, now + limit), self._head_stalled)
+        if now < due:  # more of it came meanwhile: due from its last bytes
+            self._head_timer = self._loop.call_at(due, self._head_stalled)
+            return
+        if self._request_in_progress or waiter is None or waiter.done():
+            self._head_timer = self._loop.call_at(now + limit, self._head_stalled)
             return
         log.info("head from %s stalled for %ss: 408, closed", _remote(transport), limit)
         error = RequestTimeout(
