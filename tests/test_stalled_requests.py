@@ -8,6 +8,7 @@ a request that keeps coming is served."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -41,6 +42,14 @@ async def funded(stalling: Gateway) -> AsyncIterator[tuple[str, str]]:
     async with aiohttp.ClientSession() as http:
         _, team, secret = await Api(http, stalling.base, ADMIN_TOKEN).funded_team_key("1.00")
         yield team["id"], secret
+
+
+@contextlib.asynccontextmanager
+async def account_unchanged(redis: Redis, team: str) -> AsyncIterator[None]:
+    """The team's account state (balance, holds, spend) is the same after the block as before."""
+    before = await account_state(redis, team)
+    yield
+    assert await account_state(redis, team) == before
 
 
 async def refused_after_stalling(gateway: Gateway, data: bytes, first: bytes = b"") -> Any:
@@ -104,21 +113,19 @@ async def test_a_body_that_stalls_on_the_lean_front_gets_408_and_nothing_is_held
     stalling: Gateway, funded: tuple[str, str], redis: Redis
 ) -> None:
     team, secret = funded
-    before = await account_state(redis, team)
     whole = post(secret, CHAT)  # Content-Length says 10 bytes more than sent
-    openai_timeout(await refused_after_stalling(stalling, whole[: len(whole) - 10]))
-    assert await account_state(redis, team) == before
+    async with account_unchanged(redis, team):
+        openai_timeout(await refused_after_stalling(stalling, whole[: len(whole) - 10]))
 
 
 async def test_a_chunked_body_that_stalls_on_aiohttps_path_gets_408_in_its_paths_envelope(
     stalling: Gateway, funded: tuple[str, str], redis: Redis
 ) -> None:
     team, secret = funded
-    before = await account_state(redis, team)
     first = chunked(b'{"model": "gpt-4o-mini",')[: -len(b"0\r\n\r\n")]  # no last chunk
     head = post(secret, b"", "/v1/messages", **{"Transfer-Encoding": "chunked"})
-    anthropic_timeout(await refused_after_stalling(stalling, head + first))
-    assert await account_state(redis, team) == before
+    async with account_unchanged(redis, team):
+        anthropic_timeout(await refused_after_stalling(stalling, head + first))
 
 
 async def test_a_big_head_that_stalls_on_aiohttps_path_gets_408_in_its_paths_envelope(
@@ -126,12 +133,12 @@ async def test_a_big_head_that_stalls_on_aiohttps_path_gets_408_in_its_paths_env
 ) -> None:
     """A head over 16 KiB is handed to aiohttp in part: aiohttp alone would wait an hour."""
     team, secret = funded
-    before = await account_state(redis, team)
-    handed = counts(stalling)[1]
-    openai_timeout(await refused_after_stalling(stalling, head_of(big(secret))))
-    assert counts(stalling)[1] == handed + 1
-    anthropic_timeout(await refused_after_stalling(stalling, head_of(big(secret, "/v1/messages"))))
-    assert await account_state(redis, team) == before
+    async with account_unchanged(redis, team):
+        handed = counts(stalling)[1]
+        openai_timeout(await refused_after_stalling(stalling, head_of(big(secret))))
+        assert counts(stalling)[1] == handed + 1
+        big_messages = head_of(big(secret, "/v1/messages"))
+        anthropic_timeout(await refused_after_stalling(stalling, big_messages))
 
 
 async def test_a_later_head_that_stalls_on_a_connection_aiohttp_serves_gets_408(
