@@ -134,9 +134,20 @@ async def test_a_killed_worker_and_writer_are_replaced(
     # The spare: started, not listening, not the writer; the dead worker's place is its.
     spares = {p.pid for p in children(gw)} - before - writers(gw)
     assert len(spares) == 1, spares
-    # Slow requests, each on its own connection, until the victim holds some in flight.
-    slow = [asyncio.create_task(_quietly(chat(http, gw, secret, delay_s=3))) for _ in range(8)]
-    await eventually(lambda: asyncio.to_thread(connected, victim, gw.port), lambda n: n >= 1)
+    # Slow requests, each on its own connection, until the victim holds some in flight. The
+    # kernel spreads connections over the two listeners by a hash of their ports, so a fixed
+    # number of them can all land on the other worker (8 did, once in CI): keep adding.
+    slow: list[asyncio.Task[None]] = []
+    for _ in range(16):
+        slow += [asyncio.create_task(_quietly(chat(http, gw, secret, delay_s=3))) for _ in range(4)]
+        with contextlib.suppress(AssertionError):
+            await eventually(
+                lambda: asyncio.to_thread(connected, victim, gw.port), lambda n: n >= 1, 0.5
+            )
+            print(f"\nvictim reached after {len(slow)} connections")
+            break
+    else:
+        raise AssertionError(f"none of {len(slow)} connections reached worker {victim}")
     killed = time.monotonic()
     psutil.Process(victim).send_signal(signal.SIGKILL)
     after = await eventually(
