@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from gateway import configfile
-from policies import forwarded
+from policies import forwarded, images
 from policies.money import MoneyError, parse_usd, price_per_token
 from policies.pricing import Prices
 from policies.routing import (
@@ -82,6 +82,8 @@ class ModelConfig:
     fallbacks: tuple[str, ...] = ()
     cooldown_after: int = DEFAULT_COOLDOWN_AFTER
     cooldown_s: float = DEFAULT_COOLDOWN_S
+    # What the hold counts one image part at (policies/images.py): the most an image can cost.
+    image_tokens: int = images.DEFAULT
 
 
 @dataclass(frozen=True)
@@ -329,7 +331,7 @@ def _build(cls: type, values: dict[str, Any], where: str, renames: dict[str, str
 _MODEL_KEYS = frozenset({
     "upstream", "upstream_model", "input_per_mtok", "output_per_mtok", "cached_input_per_mtok",
     "cache_write_per_mtok", "max_output_tokens", "encoding", "deployments", "retries",
-    "fallbacks", "cooldown_after", "cooldown_s",
+    "fallbacks", "cooldown_after", "cooldown_s", "image_tokens",
 })  # fmt: skip
 _DEPLOYMENT_KEYS = frozenset({"upstream", "upstream_model", "weight"})
 
@@ -363,6 +365,13 @@ def _model(name: str, raw: dict[str, Any], upstreams: Mapping[str, UpstreamConfi
         raise ConfigError(f"{where}.cooldown_after must be at least 1")
     if cooldown_s < 0:
         raise ConfigError(f"{where}.cooldown_s must not be negative")
+    image_tokens = _coerce(
+        raw.get("image_tokens", images.model_image_tokens(d.upstream_model for d in deployments)),
+        0,
+        f"{where}.image_tokens",
+    )
+    if image_tokens < 0:
+        raise ConfigError(f"{where}.image_tokens must not be negative")
     fallbacks = raw.get("fallbacks") or []
     if not isinstance(fallbacks, list | tuple | str):
         raise ConfigError(f"{where}.fallbacks must be a list of model names")
@@ -378,6 +387,7 @@ def _model(name: str, raw: dict[str, Any], upstreams: Mapping[str, UpstreamConfi
         fallbacks=_coerce(fallbacks, (), f"{where}.fallbacks"),
         cooldown_after=after,
         cooldown_s=cooldown_s,
+        image_tokens=image_tokens,
     )
 
 

@@ -30,6 +30,7 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
+from hypothesis import settings
 from redis.asyncio import Redis, RedisCluster
 
 from gateway.config import Config, parse_config
@@ -42,6 +43,11 @@ from tests.redis_cluster import LocalCluster
 if TYPE_CHECKING:
     from tests.replicas import Replicas
     from tests.writer_support import OwnRedis
+
+# No time limit per generated example: the suite runs on a shared 2-core machine beside stores
+# and gateways, where a pure example can wait 200 ms for the CPU (speed is make bench's to say).
+settings.register_profile("modelbridge", deadline=None)
+settings.load_profile("modelbridge")
 
 ADMIN_TOKEN = "test-admin-token"
 UPSTREAM_KEY = "sk-upstream-test"

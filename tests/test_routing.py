@@ -643,7 +643,7 @@ async def test_the_hold_covers_only_the_models_that_can_serve_the_surface(
 ) -> None:
     # duo's fallback claude-backup cannot serve the Responses API: the hold is duo's worst case
     body = {"model": "duo", "input": "hi there", "max_output_tokens": 6}
-    prompt = count_texts(gateway.app[S.TOKENS], "responses", "cl100k_base", body)
+    prompt = count_texts(gateway.app[S.TOKENS], "responses", "cl100k_base", body, 0)
     worst = prompt * 150 + 6 * 600
     _, team, secret = await api.funded_team_key(f"{worst / 1e9:.9f}")
     headers = {"Authorization": f"Bearer {secret}"}

@@ -103,7 +103,8 @@ TOOL_CALL = {
         ({"messages": [USER_HELLO]}, 9, 9),
         # 3 + "user" 1 + "bob" 1 + name 1 + "hi" 1 + 3
         ({"messages": [{"role": "user", "name": "bob", "content": "hi"}]}, 10, 10),
-        # 3 + "user" 1 + "Describe this." 3 + image 85 + "And this one:" 4 + image 85 + 3
+        # 3 + "user" 1 + "Describe this." 3 + "And this one:" 4 + 3, + 2 images at 5,000
+        # (policies.images.DEFAULT, what the hold counts an image at unless told the model's)
         (
             {
                 "messages": [
@@ -118,8 +119,8 @@ TOOL_CALL = {
                     }
                 ]
             },
-            184,
-            184,
+            10_014,
+            10_014,
         ),
         # user: 3 + 1 + 7|6; assistant: 3 + 1 + null content 0 + tool_calls JSON 29;
         # tool: 3 + 1 + "call_1" 3 + "18C and sunny" 4; + 3
@@ -143,6 +144,14 @@ TOOL_CALL = {
 def test_chat_formula(counter: TokenCounter, body: dict[str, Any], cl100k: int, o200k: int) -> None:
     assert counter.count_chat_prompt(body, "cl100k_base") == cl100k
     assert counter.count_chat_prompt(body, "o200k_base") == o200k
+
+
+def test_chat_images_count_at_the_models_image_tokens(counter: TokenCounter) -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}}
+    body = {"messages": [{"role": "user", "content": [image, {"type": "text", "text": "hi"}]}]}
+    # 3 + "user" 1 + "hi" 1 + 3 = 8, and the image at what the model says one can cost
+    assert counter.count_chat_prompt(body, "o200k_base", image_tokens=1_445) == 8 + 1_445
+    assert counter.count_chat_prompt(body, "o200k_base", image_tokens=0) == 8
 
 
 def test_chat_matches_openai_cookbook_api_counts(counter: TokenCounter) -> None:

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from policies.pricing import Prices, list_cost, worst_case_list_cost
 from policies.translate import TranslationError, errors, replies, responses_api
 from policies.translate import usage as usage_mod
-from policies.translate.requests import chat_to_messages, messages_to_chat
+from policies.translate.requests import chat_to_messages, message_prompt, messages_to_chat
 from policies.translate.sse import SseDecoder, SseEvent, data_event, typed_event
 from policies.translate.streams import ChatToMessagesStream, MessagesToChatStream, MessageUsage
-from policies.translate.usage import TokenUsage
+from policies.translate.usage import PromptParts, TokenUsage
 
 WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}}
 CHAT_TOOL = {
@@ -1011,19 +1011,43 @@ def test_responses_prompt_texts_and_cap() -> None:
             },
             {"type": "function_call", "call_id": "c", "name": "f", "arguments": '{"a":1}'},
             {"type": "function_call_output", "call_id": "c", "output": "42"},
+            {
+                "type": "function_call_output",
+                "call_id": "d",
+                "output": [
+                    {"type": "input_text", "text": "a chart:"},
+                    {"type": "input_image", "image_url": "data:image/png;base64,AA"},
+                ],
+            },
         ],
         "max_output_tokens": 99,
     }
-    assert responses_api.prompt_texts(body) == [
-        "be brief",
-        "hello there",
-        "and more",
-        '{"a":1}',
-        "42",
-    ]
-    assert responses_api.prompt_texts({"input": "hi"}) == ["hi"]
+    parts = responses_api.prompt(body)
+    assert parts.texts == ["be brief", "hello there", "and more", '{"a":1}', "42", "a chart:"]
+    assert parts.images == 2
+    assert responses_api.prompt({"input": "hi"}) == PromptParts(["hi"], 0)
     assert responses_api.output_cap(body, 4096) == 99
     assert responses_api.output_cap({}, 4096) == 4096
+
+
+def test_message_prompt_counts_image_blocks_in_tool_results_too() -> None:
+    image = {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}
+    body = {
+        "system": [{"type": "text", "text": "be brief"}],
+        "messages": [
+            {"role": "user", "content": [image, {"type": "text", "text": "what is it?"}]},
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": "t", "name": "look", "input": {"a": 1}}],
+            },
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": "t", "content": [image]}],
+            },
+        ],
+    }
+    assert message_prompt(body) == PromptParts(["be brief", "what is it?", '{"a":1}'], 2)
+    assert message_prompt({"messages": [{"role": "user", "content": "hi"}]}) == PromptParts(["hi"])
 
 
 @pytest.mark.parametrize(

@@ -235,16 +235,20 @@ def forwarded_headers(call: Call) -> dict[str, str]:
     return call.app[S.UPSTREAMS].providers[call.model.upstream].forward(headers)
 
 
-def count_texts(tokens: TokenCounter, surface: str, encoding: str, body: dict[str, Any]) -> int:
-    """The hold's prompt count for a Messages or Responses body: its texts, plus 3 per message."""
+def count_texts(
+    tokens: TokenCounter, surface: str, encoding: str, body: dict[str, Any], image_tokens: int
+) -> int:
+    """The hold's prompt count for a Messages or Responses body: its texts, plus 3 per message,
+    plus ``image_tokens`` per image part."""
     if surface == "messages":
-        texts = requests.message_prompt_texts(body)
+        parts = requests.message_prompt(body)
         items = body.get("messages")
     else:
-        texts = responses_api.prompt_texts(body)
+        parts = responses_api.prompt(body)
         items = body.get("input")
     overhead = 3 * (len(items) + 1) if isinstance(items, list) else 3
-    return tokens.count_text("\n".join(texts), encoding) + overhead
+    texts = tokens.count_text("\n".join(parts.texts), encoding)
+    return texts + overhead + parts.images * image_tokens
 
 
 # --- stream relays -------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from gateway.metering.meter import HoldAsk, HoldResult, SettleAsk
 from gateway.proxy import ratelines
 from gateway.proxy.exchange import PASSTHROUGH, Exchange, count_texts, forwarded_headers
 from gateway.proxy.keycache import KeyInfo
-from gateway.proxy.routing import SERVED_BY_HEADER, Route
+from gateway.proxy.routing import SERVED_BY_HEADER, Plan, Route
 from policies import pricing, ratelimits, usage_record
 from policies import routing as rp
 from policies.periods import period_of, seconds_to_period_end
@@ -180,16 +180,19 @@ def parse_tags(header: str | None) -> str:
 
 
 def count_prompt(
-    app: web.Application, endpoint: Endpoint, model: ModelConfig, body: dict[str, Any]
+    app: web.Application, endpoint: Endpoint, model: ModelConfig, body: dict[str, Any], plan: Plan
 ) -> tuple[int, str]:
+    """The hold's prompt tokens (an image part at the most the plan's models bill for one) and
+    the name of the encoding that counted them."""
     tokens = app[S.TOKENS]
     _, encoding = tokens.encoding_for(model.encoding)
     if endpoint.kind == "chat":
-        return tokens.count_chat_prompt(body, model.encoding), encoding
+        return tokens.count_chat_prompt(body, model.encoding, plan.image_tokens), encoding
     if endpoint.kind == "completion":
         return tokens.count_completion_prompt(body, model.encoding), encoding
     if endpoint.kind in ("messages", "responses"):
-        return count_texts(tokens, endpoint.kind, model.encoding, body), encoding
+        count = count_texts(tokens, endpoint.kind, model.encoding, body, plan.image_tokens)
+        return count, encoding
     return tokens.count_embedding_input(body, model.encoding), encoding
 
 
@@ -226,7 +229,7 @@ def parse(
     router = app[S.ROUTER]
     plan = router.plan(model, endpoint.kind)  # 400 unsupported_endpoint for no deployment
     tags = parse_tags(tags_header)
-    prompt_tokens, encoding = count_prompt(app, endpoint, model, body)
+    prompt_tokens, encoding = count_prompt(app, endpoint, model, body, plan)
     now = app[S.CLOCK].now()
     route = router.route(plan, now)
     target = route.target

@@ -62,6 +62,7 @@ class Stage:
 class Plan:
     stages: tuple[Stage, ...]  # the requested model first, then its fallbacks in order
     models: tuple[ModelConfig, ...]  # the stages' models: the hold covers the dearest
+    image_tokens: int  # what the hold counts an image at: the most any of the models bills
 
 
 @dataclass(slots=True)
@@ -116,7 +117,8 @@ class Router:
             elif served is model:
                 return None  # the requested model itself cannot serve this surface
         # the hold covers the models that can serve this surface, not one skipped here
-        return Plan(tuple(stages), tuple(stage.model for stage in stages))
+        kept = tuple(stage.model for stage in stages)
+        return Plan(tuple(stages), kept, max(m.image_tokens for m in kept))
 
     def _stage(self, requested: str, served: ModelConfig, surface: str) -> Stage | None:
         targets = []

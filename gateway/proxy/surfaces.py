@@ -81,7 +81,7 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
     provider = upstreams.providers[model.upstream]
     if provider.protocol != ANTHROPIC:
         tokens = app[S.TOKENS]
-        count = count_texts(tokens, "messages", model.encoding, body)
+        count = count_texts(tokens, "messages", model.encoding, body, model.image_tokens)
         return web.json_response({"input_tokens": count})
     path = upstreams.path(model.upstream, "/messages/count_tokens", model.upstream_model)
     data = orjson.dumps({**body, "model": model.upstream_model})

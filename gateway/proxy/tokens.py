@@ -34,12 +34,13 @@ from typing import Any
 import orjson
 import tiktoken
 
+from policies import images
+
 log = logging.getLogger(__name__)
 
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3
-IMAGE_PART_TOKENS = 85
 DEFAULT_EXACT_CHARS = 100_000
 MEMO_MAX_TEXT = 64_000  # longer strings are counted each time
 MEMO_MAX_CHARS = 8_000_000
@@ -163,13 +164,15 @@ class _Memo:
 
 
 class _Tally:
-    """Sums one request's tokens; strings past the exact-encoding budget count as bytes."""
+    """Sums one request's tokens; strings past the exact-encoding budget count as bytes, an
+    image part as ``image_tokens`` (the most one can cost on the model: policies/images.py)."""
 
-    __slots__ = ("budget", "memo", "total")
+    __slots__ = ("budget", "image_tokens", "memo", "total")
 
-    def __init__(self, memo: _Memo, budget: int) -> None:
+    def __init__(self, memo: _Memo, budget: int, image_tokens: int) -> None:
         self.memo = memo
         self.budget = budget
+        self.image_tokens = image_tokens
         self.total = 0
 
     def text(self, text: str) -> None:
@@ -196,7 +199,7 @@ class _Tally:
             if kind == "text" and isinstance(part.get("text"), str):
                 self.text(part["text"])
             elif kind in ("image_url", "image", "input_image"):
-                self.total += IMAGE_PART_TOKENS
+                self.total += self.image_tokens
             else:
                 self.value(part)
 
@@ -252,19 +255,21 @@ class TokenCounter:
         for name in names:
             self.encoding_for(name)
 
-    def _tally(self, encoding: str) -> _Tally:
+    def _tally(self, encoding: str, image_tokens: int = images.DEFAULT) -> _Tally:
         memo = self._memos.get(encoding)
         if memo is None:
             memo = self._memos[encoding] = _Memo(self.encoding_for(encoding)[0])
-        return _Tally(memo, self._exact_chars)
+        return _Tally(memo, self._exact_chars, image_tokens)
 
     def count_text(self, text: str, encoding: str) -> int:
         tally = self._tally(encoding)
         tally.text(text)
         return tally.total
 
-    def count_chat_prompt(self, body: dict[str, Any], encoding: str) -> int:
-        tally = self._tally(encoding)
+    def count_chat_prompt(
+        self, body: dict[str, Any], encoding: str, image_tokens: int = images.DEFAULT
+    ) -> int:
+        tally = self._tally(encoding, image_tokens)
         messages = body.get("messages")
         if isinstance(messages, list):
             for message in messages:

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from policies.translate import TranslationError
+from policies.translate.usage import PromptParts
 
 _DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+);base64,(?P<data>.*)$", re.DOTALL)
 _SYSTEM_ROLES = ("system", "developer")
@@ -391,33 +392,33 @@ def _openai_tool_choice(choice: Any, out: dict[str, Any]) -> None:
         out["parallel_tool_calls"] = False
 
 
-def message_prompt_texts(body: Mapping[str, Any]) -> list[str]:
-    """The texts a Messages request puts before the model (for the hold's tiktoken count):
-    ``system``, every text block, tool results, tool inputs and tool definitions. Lenient: what
-    it does not know it skips."""
-    texts: list[str] = []
-    system = body.get("system")
-    texts.extend(_loose_texts(system))
+def message_prompt(body: Mapping[str, Any]) -> PromptParts:
+    """What a Messages request puts before the model (for the hold): ``system``, every text
+    block, tool results, tool inputs and tool definitions as texts; image blocks (in tool results
+    too) counted. Lenient: what it does not know it skips."""
+    parts = PromptParts([])
+    _loose(body.get("system"), parts)
     for message in body.get("messages") or []:
         if isinstance(message, Mapping):
-            texts.extend(_loose_texts(message.get("content")))
+            _loose(message.get("content"), parts)
     for tool in body.get("tools") or []:
         if isinstance(tool, Mapping):
-            texts.append(orjson.dumps(tool).decode())
-    return texts
+            parts.texts.append(orjson.dumps(tool).decode())
+    return parts
 
 
-def _loose_texts(content: Any) -> list[str]:
+def _loose(content: Any, parts: PromptParts) -> None:
     if isinstance(content, str):
-        return [content]
-    out: list[str] = []
+        parts.texts.append(content)
+        return
     for block in content if isinstance(content, list) else []:
         if not isinstance(block, Mapping):
             continue
         if isinstance(block.get("text"), str):
-            out.append(block["text"])
+            parts.texts.append(block["text"])
+        elif block.get("type") == "image":
+            parts.images += 1
         elif block.get("type") == "tool_use":
-            out.append(orjson.dumps(block.get("input")).decode())
+            parts.texts.append(orjson.dumps(block.get("input")).decode())
         elif block.get("type") == "tool_result":
-            out.extend(_loose_texts(block.get("content")))
-    return out
+            _loose(block.get("content"), parts)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from policies.translate import usage as usage_mod
-from policies.translate.usage import TokenUsage
+from policies.translate.usage import PromptParts, TokenUsage
 
 TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _TEXT_DELTAS = frozenset(
@@ -28,34 +28,43 @@ _TEXT_DELTAS = frozenset(
 )
 
 
-def prompt_texts(body: Mapping[str, Any]) -> list[str]:
-    """The texts of ``instructions`` and ``input`` that the model reads."""
-    texts: list[str] = []
+def prompt(body: Mapping[str, Any]) -> PromptParts:
+    """The texts of ``instructions`` and ``input`` that the model reads, and its
+    ``input_image`` parts."""
+    parts = PromptParts([])
     if isinstance(body.get("instructions"), str):
-        texts.append(body["instructions"])
+        parts.texts.append(body["instructions"])
     items = body.get("input")
     if isinstance(items, str):
-        texts.append(items)
+        parts.texts.append(items)
     elif isinstance(items, list):
         for item in items:
             if isinstance(item, Mapping):
-                texts.extend(_item_texts(item))
-    return texts
+                _item(item, parts)
+    return parts
 
 
-def _item_texts(item: Mapping[str, Any]) -> list[str]:
+def _item(item: Mapping[str, Any], parts: PromptParts) -> None:
     content = item.get("content")
     if isinstance(content, str):
-        return [content]
-    out: list[str] = []
-    if isinstance(content, list):
-        for part in content:
-            if isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                out.append(part["text"])
+        parts.texts.append(content)
+        return
+    _content(content, parts)
     for key in ("arguments", "output", "input"):  # function calls, their outputs, custom tools
-        if isinstance(item.get(key), str):
-            out.append(item[key])
-    return out
+        value = item.get(key)
+        if isinstance(value, str):
+            parts.texts.append(value)
+        elif key == "output":
+            _content(value, parts)  # a function call's output as input parts
+
+
+def _content(content: Any, parts: PromptParts) -> None:
+    for part in content if isinstance(content, list) else ():
+        if isinstance(part, Mapping):
+            if isinstance(part.get("text"), str):
+                parts.texts.append(part["text"])
+            elif part.get("type") == "input_image":
+                parts.images += 1
 
 
 def output_cap(body: Mapping[str, Any], model_max_output: int) -> int:

@@ -24,6 +24,15 @@ from dataclasses import dataclass
 from typing import Any
 
 
+@dataclass(slots=True)
+class PromptParts:
+    """What a request puts before the model, for the hold's count: its texts (tiktoken counts
+    them) and its image parts (counted at the model's ``image_tokens`` each)."""
+
+    texts: list[str]
+    images: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class TokenUsage:
     prompt_tokens: int
