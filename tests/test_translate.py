@@ -1048,6 +1048,11 @@ def test_message_prompt_counts_image_blocks_in_tool_results_too() -> None:
     }
     assert message_prompt(body) == PromptParts(["be brief", "what is it?", '{"a":1}'], 2)
     assert message_prompt({"messages": [{"role": "user", "content": "hi"}]}) == PromptParts(["hi"])
+    text_doc = {"type": "document", "source": {"type": "text", "data": "the whole report"}}
+    blocks = [{"type": "text", "text": "page one"}, image]
+    content_doc = {"type": "document", "source": {"type": "content", "content": blocks}}
+    body = {"messages": [{"role": "user", "content": [text_doc, content_doc]}]}
+    assert message_prompt(body) == PromptParts(["the whole report", "page one"], 1)
 
 
 @pytest.mark.parametrize(

@@ -418,6 +418,12 @@ def _loose(content: Any, parts: PromptParts) -> None:
             parts.texts.append(block["text"])
         elif block.get("type") == "image":
             parts.images += 1
+        elif block.get("type") == "document" and isinstance(block.get("source"), Mapping):
+            source = block["source"]  # a plain-text document's text (a PDF's pages: not sized)
+            if source.get("type") == "text" and isinstance(source.get("data"), str):
+                parts.texts.append(source["data"])
+            elif source.get("type") == "content":
+                _loose(source.get("content"), parts)
         elif block.get("type") == "tool_use":
             parts.texts.append(orjson.dumps(block.get("input")).decode())
         elif block.get("type") == "tool_result":
