@@ -68,47 +68,25 @@ MAX_TOKENS = 6
 
 
 def _asks() -> dict[str, tuple[str, dict[str, Any]]]:
-    chat = {
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "What is in this picture?"},
-                    {"type": "image_url", "image_url": {"url": PNG}},
-                ],
-            }
-        ],
-        "max_tokens": MAX_TOKENS,
-    }
-    responses = {
-        "input": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "input_text", "text": "What is in this picture?"},
-                    {"type": "input_image", "image_url": PNG},
-                ],
-            }
-        ],
-        "max_output_tokens": MAX_TOKENS,
-    }
+    """Each surface's request for one question about one picture."""
+    question = "What is in this picture?"
     source = {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}
-    messages = {
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "What is in this picture?"},
-                    {"type": "image", "source": source},
-                ],
-            }
+    parts = {
+        "chat": [
+            {"type": "text", "text": question},
+            {"type": "image_url", "image_url": {"url": PNG}},
         ],
-        "max_tokens": MAX_TOKENS,
+        "responses": [
+            {"type": "input_text", "text": question},
+            {"type": "input_image", "image_url": PNG},
+        ],
+        "messages": [{"type": "text", "text": question}, {"type": "image", "source": source}],
     }
+    turns = {s: [{"role": "user", "content": p}] for s, p in parts.items()}
     return {
-        "chat": ("/chat/completions", chat),
-        "responses": ("/responses", responses),
-        "messages": ("/messages", messages),
+        "chat": ("/chat/completions", {"messages": turns["chat"], "max_tokens": MAX_TOKENS}),
+        "responses": ("/responses", {"input": turns["responses"], "max_output_tokens": MAX_TOKENS}),
+        "messages": ("/messages", {"messages": turns["messages"], "max_tokens": MAX_TOKENS}),
     }
 
 
