@@ -36,6 +36,9 @@ key                    type    contents
 {acct:A}:rl:t          zset    the team's rate log
 {acct:A}:rj:<period>   hash    "<key>|<code>" -> requests of that key refused with that code this
                                period (shown with the key; not rebuilt after a Redis loss)
+{acct:A}:resp:<id>     string  "<tokens>|<served by>" of a stored Responses API response this
+                               account made: what a request continuing it (previous_response_id)
+                               is held for and routed to (not rebuilt after a Redis loss)
 mb:usage:streams:{rN}  set     names of the usage streams of the accounts whose slot is N
                                modulo 16 (for the writer): 16 registry shards
 mb:usage:doorbell      stream  a stream registered (wakes an idle writer, which waits on the
@@ -76,6 +79,7 @@ USAGE_GROUP = "usage-writers"
 USAGE_DOORBELL = "mb:usage:doorbell"
 PERIOD_TTL_S = 100 * 24 * 3600
 RID_TTL_S = 24 * 3600
+RESPONSE_NOTE_TTL_S = 30 * 24 * 3600  # a stored response's note: as long as OpenAI keeps it
 #: A settle marker's life once the writer has its record in PostgreSQL (ack.lua). From then on
 #: a replay of that settle is dropped by the ledger check every replay makes first; the marker
 #: only has to outlive a replay whose check came just before the record landed and whose
@@ -180,6 +184,9 @@ class AccountKeys:
     @property
     def team_rate_log(self) -> str:
         return f"{self.tag}:rl:t"
+
+    def response(self, response_id: str) -> str:
+        return f"{self.tag}:resp:{response_id}"
 
     def rate_keys(self, key_id: str, scope: str) -> list[str]:
         """The three rate logs a request of this key and scope may touch."""

@@ -310,6 +310,9 @@ class FakeUpstream:
         self._gate = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._stopping = False
+        # Responses it stored (``store`` not false): id -> the input a request continuing it is
+        # billed for again (its input + output tokens), as OpenAI bills previous_response_id.
+        self.stored: dict[str, int] = {}
 
     def open_gate(self) -> None:
         """Let the ``gated`` requests answer (this one and any later, until :meth:`reset`)."""
@@ -508,6 +511,14 @@ class FakeUpstream:
         stream = bool(body.get("stream"))
         beh = self._behaviour(request, markers, pop=True)
         await self._prelude(request, beh, stream)
+        previous = body.get("previous_response_id")
+        if previous is not None:
+            if previous not in self.stored:  # stored by another deployment, or never
+                msg = f"Previous response with id '{previous}' not found."
+                return error_response(
+                    400, msg, param="previous_response_id", code="previous_response_not_found"
+                )
+            prompt += self.stored[previous]
         pieces, status = list(beh.content_pieces), "failed" if beh.fail_response else "completed"
         limit = body.get("max_output_tokens")
         if isinstance(limit, int) and len(pieces) > limit:
@@ -521,6 +532,8 @@ class FakeUpstream:
         plan = fake_responses.ResponsePlan(
             body, model, pieces, beh.tool_calls, None if beh.omit_usage else usage, status
         )
+        if body.get("store") is not False:
+            self.stored[plan.id] = prompt + completion
         headers = {"x-request-id": "req_" + plan.id, **beh.headers}
         if not stream:
             if beh.malformed:

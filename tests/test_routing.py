@@ -52,7 +52,7 @@ def routing_config(east: str, west: str, ant: str) -> Any:
     upstream = {"api_key_env": "MB_TEST_UPSTREAM_KEY"}
     openai_model = {"max_output_tokens": 1000}
     raw = {
-        "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout_s": 5},
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout_s": 5, "signups_per_hour": 0},
         "upstreams": {
             # east fails fast on a hang; west, which answers under load, has room for it
             "east": {"base_url": east, "timeout_s": 1, **upstream},
@@ -694,3 +694,24 @@ def test_a_record_from_before_routing_is_written_as_served_by_its_model_in_one_a
     new = {**old, "served_model": "cheap-west", "attempts": "3"}
     row = dict(zip(_COLUMNS, record_row(new), strict=True))
     assert (row["served_model"], row["attempts"]) == ("cheap-west", 3)
+
+
+async def test_a_continued_response_goes_to_the_deployment_that_stored_it(
+    gateway: Gateway, api: Api, http: aiohttp.ClientSession, fakes: Fakes
+) -> None:
+    """Only the deployment that stored a response has it: a request continuing it
+    (previous_response_id) goes there, though the weighted pick would start at east."""
+    _, _, secret = await api.funded_team_key()
+    headers = {"Authorization": f"Bearer {secret}"}
+    first = {"model": "duo", "input": "hi there", "max_output_tokens": 6}
+    fakes.east.next(status=503)
+    async with http.post(gateway.v1 + "/responses", json=first, headers=headers) as resp:
+        assert (resp.status, resp.headers[SERVED_BY]) == (200, "west/gpt-4o-mini")
+        stored = (await resp.json())["id"]
+    east = posts(fakes.east)
+    second = {**first, "previous_response_id": stored, "input": "and then?"}
+    async with http.post(gateway.v1 + "/responses", json=second, headers=headers) as resp:
+        assert (resp.status, resp.headers[SERVED_BY]) == (200, "west/gpt-4o-mini")
+    assert posts(fakes.east) == east  # east would have answered 400: it never stored it
+    async with http.post(gateway.v1 + "/responses", json=first, headers=headers) as resp:
+        assert resp.headers[SERVED_BY] == "east/gpt-4o-mini"  # a new conversation: the pick

@@ -201,3 +201,19 @@ def test_a_full_journal_refuses_and_says_so(tmp_path: Path) -> None:
     assert [journal.keep(c) for c in calls] == [True, True, False]
     assert journal.dropped == 1
     journal.close()
+
+
+def test_a_kept_settle_with_a_response_note_reads_back_as_sent(tmp_path: Path) -> None:
+    """settle.lua's arguments after the usage record: a stored response's note and its lifetime
+    (not the field/value pairs of a record kept before issue 14)."""
+    args: list[str | int] = ["req_1", 5, "scope", "key", "model", 1, 2, 0, 3, 4, '["req_1"']
+    args += ["12|fake/gpt-4o-mini", rk.RESPONSE_NOTE_TTL_S]
+    call = SettleCall("t_x", "req_1", [f"k{n}" for n in range(12)], args, 1.0)
+    journal = SettleJournal(tmp_path, "w0")
+    journal.open()
+    assert journal.keep(call)
+    journal.close()
+    again = SettleJournal(tmp_path, "w0")
+    again.open()
+    assert again.entries == {"req_1": call}
+    again.close()

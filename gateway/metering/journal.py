@@ -42,6 +42,7 @@ from policies.usage_record import opened_of, pairs_dict
 log = logging.getLogger("modelbridge.journal")
 
 RECORD_AT = 10  # settle.lua's ARGV[11]: the usage record (policies/usage_record.py)
+AFTER_RECORD = 2  # at most: a stored response's note and its lifetime (ARGV[12], ARGV[13])
 
 
 @dataclass(slots=True)  # per request: frozen's __init__ is ~5x slower
@@ -61,7 +62,8 @@ class SettleCall:
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> SettleCall:
         args = list(raw["v"])
-        if len(args) > RECORD_AT + 1:  # kept before issue 14: the record's field/value pairs
+        if len(args) > RECORD_AT + 1 + AFTER_RECORD:  # kept before issue 14: the record's
+            # field/value pairs (dozens of them)
             args[RECORD_AT:] = [opened_of(pairs_dict(args[RECORD_AT:]))]
         return cls(
             str(raw["a"]), str(raw["r"]), [str(k) for k in raw["k"]], args, float(raw.get("t", 0))

@@ -41,6 +41,7 @@ from gateway.metering.scriptclient import FastScript, ScriptError
 from gateway.metering.scripts import Scripts
 from policies import keyspace as rk
 from policies.ratelimits import WINDOW_MS, RateView, Usage
+from policies.translate.responses_api import Note
 
 T = TypeVar("T")
 
@@ -92,6 +93,7 @@ class SettleAsk:
     warned: bool = False  # the hold warned (soft limit exceeded): no second alert
     at: int = 0  # unix seconds of the request, for alert events
     tokens: int = 0  # the actual tokens, for the rate logs
+    note: Note | None = None  # a stored response's note, kept in the same step (settle.lua)
 
 
 @dataclass(slots=True)  # per request: frozen's __init__ is ~5x slower
@@ -316,6 +318,10 @@ class Metering:
             ask.tokens,
             ask.record,
         ]
+        note = ask.note
+        if note is not None:
+            keys.append(rk.AccountKeys(ask.account).response(note.response_id))
+            args += [note.encode(), rk.RESPONSE_NOTE_TTL_S]
         return SettleCall(ask.account, ask.request_id, keys, args)
 
     # --- the kept settles -------------------------------------------------------------------------
@@ -458,6 +464,11 @@ class Metering:
         ak = rk.AccountKeys(account)
         keys = [ak.state, ak.hold_expiry, ak.hold_values, *ak.rate_keys(key_id, scope)]
         return int(await guarded(self.scripts.release(keys=keys, args=[request_id])))
+
+    async def recall(self, account: str, response_id: str) -> Note | None:
+        """The note settle.lua kept of a stored response ``account`` made (None: no note)."""
+        key = rk.AccountKeys(account).response(response_id)
+        return Note.decode(response_id, await guarded(self.accounts.redis.get(key)))
 
     async def count_refusal(self, account: str, period: str, key_id: str, code: str) -> None:
         """One more request of ``key_id`` refused with ``code`` this period (shown with the key;

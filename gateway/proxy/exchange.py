@@ -194,10 +194,19 @@ class ResponsesPassthrough(Exchange):
             for part in item.get("content") or [] if isinstance(item, dict) else []:
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     texts.append(part["text"])
-        return Answer(raw, responses_api.usage_of_response(reply), texts)
+        tokens = responses_api.usage_of_response(reply)
+        remember(call, reply, tokens)
+        return Answer(raw, tokens, texts)
 
     def relay(self, call: Call) -> SSERelay:
-        return ResponsesRelay()
+        return ResponsesRelay(call)
+
+
+def remember(call: Call, response: Any, tokens: TokenUsage | None) -> None:
+    """A stored response's note, kept by its settle: what a request continuing it is held for,
+    and where it goes (:func:`gateway.proxy.handlers.continue_response`)."""
+    if responses_api.stored(call.body) and call.route is not None:
+        call.note = responses_api.note_of(response, tokens, call.route.target.served_by)
 
 
 PASSTHROUGH = {
@@ -369,8 +378,9 @@ class MessagesRelay(_PassthroughRelay):
 
 
 class ResponsesRelay(_PassthroughRelay):
-    def __init__(self) -> None:
+    def __init__(self, call: Call) -> None:
         super().__init__(self._see)
+        self.call = call
         self.watch = responses_api.ResponsesWatch()
         self.outcome.text = self.watch.text
         self.outcome.broken = self._broken()
@@ -380,6 +390,7 @@ class ResponsesRelay(_PassthroughRelay):
         if self.watch.complete:
             self.complete = self.outcome.done = True
             self.outcome.tokens = self.watch.usage
+            remember(self.call, self.watch.response, self.watch.usage)
         elif payload.get("type") == "error":
             self.outcome.upstream_failed = True
             self.outcome.broken = b""

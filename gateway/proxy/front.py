@@ -268,6 +268,8 @@ class Front(asyncio.Protocol):
             call = proxy.parse(app, endpoint, secret, key, raw, body, _tags(headers))
         except GatewayError:
             return None
+        if call.continues is not None:
+            return None  # its hold needs the continued response's note first (place_hold)
         call.client_headers = _forwardable(headers)
         sent = app[S.METERING].hold_now(proxy.hold_ask(call, proxy.worst_cost(call)))
         if sent is None:

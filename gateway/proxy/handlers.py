@@ -38,7 +38,7 @@ from gateway.metering.meter import HoldAsk, HoldResult, SettleAsk
 from gateway.proxy import ratelines
 from gateway.proxy.exchange import PASSTHROUGH, Exchange, count_texts, forwarded_headers
 from gateway.proxy.keycache import KeyInfo
-from gateway.proxy.routing import SERVED_BY_HEADER, Plan, Route
+from gateway.proxy.routing import SERVED_BY_HEADER, Plan, Route, Router
 from policies import pricing, ratelimits, usage_record
 from policies import routing as rp
 from policies.periods import period_of, seconds_to_period_end
@@ -106,6 +106,8 @@ class Call:
     route: Route | None = None  # the deployments tried (gateway.proxy.routing); set by parse
     left: Callable[[], bool] | None = None  # the lean front's "the client closed" (no request)
     client_headers: dict[str, str] | None = None  # the lean front's headers for upstream
+    continues: str | None = None  # the stored response it continues (Responses API)
+    note: responses_api.Note | None = None  # what to remember of the response it stored
 
 
 @dataclass(slots=True)  # per request: frozen's __init__ is ~5x slower
@@ -252,6 +254,8 @@ def parse(
         route=route,
     )
     target.exchange.prepare(call)
+    if endpoint.kind == "responses":
+        call.continues = responses_api.continued(body)
     return call
 
 
@@ -307,6 +311,8 @@ def hold_ask(call: Call, worst: int) -> HoldAsk:
 
 async def place_hold(call: Call) -> HoldResult:
     app = call.app
+    if call.continues is not None:
+        await continue_response(call)
     worst = worst_cost(call)
     for attempt in range(2):
         result = await app[S.METERING].hold(
@@ -321,6 +327,24 @@ async def place_hold(call: Call) -> HoldResult:
             break
         call.key = fresh
     return await hold_taken(call, result)
+
+
+async def continue_response(call: Call) -> None:
+    """A request continuing a stored response (``previous_response_id``) that this account made:
+    the provider bills that whole conversation again as input, so the hold counts it too, and
+    the request goes to the deployment that stored it (no other has it). A response the gateway
+    has no note of (made before notes were kept, a Redis loss, or over 30 days old) is held for
+    what the body shows, as before."""
+    assert call.continues is not None and call.route is not None
+    note = await call.app[S.METERING].recall(call.key.account, call.continues)
+    if note is None:
+        return
+    call.prompt_tokens += note.tokens
+    first = call.route.target
+    target = Router.pin(call.route, note.served_by)
+    if target is not None and target is not first:
+        call.model, call.exchange, call.translated = target.model, target.exchange, None
+        target.exchange.prepare(call)
 
 
 async def hold_taken(call: Call, result: HoldResult) -> HoldResult:
@@ -407,6 +431,7 @@ def settle_ask(
         )
     )
     return SettleAsk(
+        note=call.note,
         account=key.account,
         period=call.period,
         request_id=call.request_id,

@@ -179,6 +179,18 @@ class Router:
             stage = stages[route.stage]
 
     @staticmethod
+    def pin(route: Route, served_by: str) -> Target | None:
+        """Start ``route`` at the deployment named ``served_by`` (``<upstream>/<model>``), in
+        whichever model of the chain has it: a request continuing a response that deployment
+        stored. None (the route unchanged) when the chain has no such deployment any more."""
+        for number, stage in enumerate(route.plan.stages):
+            for index, target in enumerate(stage.targets):
+                if target.served_by == served_by:
+                    route.stage, route.tried, route.target = number, {index}, target
+                    return target
+        return None
+
+    @staticmethod
     def skip_stage(route: Route) -> None:
         """Leave the current model (a fallback the key may not use) for the next one."""
         route.tried = set(range(len(route.plan.stages[route.stage].targets)))

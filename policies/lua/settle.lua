@@ -12,6 +12,7 @@ KEYS[8]  {acct:A}:alerts       alert stream (read by the alert worker)
 KEYS[9]  {acct:A}:rl:k:<key>   the key's rate log (hold.lua; its sum: rs:k:<key> in KEYS[1])
 KEYS[10] {acct:A}:rl:m:<scope> the member's rate log (rs:m:<scope>)
 KEYS[11] {acct:A}:rl:t         the team's rate log (rs:t)
+KEYS[12] {acct:A}:resp:<id>    optional: the note of the stored response this request made
 
 ARGV[1]  hold id
 ARGV[2]  charged, nano-dollars (after discount)
@@ -26,6 +27,8 @@ ARGV[10] the request's actual tokens: its entry in each rate log it was admitted
          corrected from the worst case to these (policies/ratelimits.py)
 ARGV[11] usage record: its values as a JSON array not yet closed (policies/usage_record.py);
          appended to the stream as its one field r, closed by ",<from_allowance>,<from_credits>]"
+ARGV[12] with KEYS[12]: the note, "<tokens>|<served by>" (policies/translate/responses_api.py)
+ARGV[13] with KEYS[12]: the note's lifetime, seconds
 
 Returns {settled, from_allowance, from_credits, alerted}
   settled  1 when this call settled the request, 0 when it had been settled before
@@ -42,6 +45,9 @@ local warned = ARGV[8] == '1'
 
 if not redis.call('SET', marker, '1', 'NX', 'EX', ARGV[7]) then
   return {0, 0, 0, 0}
+end
+if KEYS[12] then
+  redis.call('SET', KEYS[12], ARGV[12], 'EX', ARGV[13])
 end
 
 --#include holds

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from policies.translate import usage as usage_mod
@@ -67,6 +68,64 @@ def _content(content: Any, parts: PromptParts) -> None:
                 parts.images += 1
 
 
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+MAX_ID_LENGTH = 200
+
+
+def response_id(value: Any) -> str | None:
+    """``value`` if it can be a response id the gateway keeps a note of (a Redis key part):
+    a non-empty string of letters, digits, ``_`` and ``-``, at most 200 long."""
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and _ID_CHARS.issuperset(value):
+        return value
+    return None
+
+
+def continued(body: Mapping[str, Any]) -> str | None:
+    """The stored response a request continues (``previous_response_id``): the provider bills
+    that conversation again as input, which the request's own body does not show."""
+    return response_id(body.get("previous_response_id"))
+
+
+def stored(body: Mapping[str, Any]) -> bool:
+    """Whether the provider keeps the response for later requests to continue (``store``,
+    true unless the request says false)."""
+    return body.get("store") is not False
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """What the gateway remembers of a stored response: the input a request continuing it is
+    billed for (the response's whole input and output), and the deployment that stored it."""
+
+    response_id: str
+    tokens: int
+    served_by: str  # "<upstream>/<upstream_model>"
+
+    def encode(self) -> str:
+        return f"{self.tokens}|{self.served_by}"
+
+    @classmethod
+    def decode(cls, response_id: str, raw: str | bytes | None) -> Note | None:
+        if raw is None:
+            return None
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        tokens, _, served_by = text.partition("|")
+        if not tokens.isdigit() or not served_by:
+            return None  # not a note this version wrote: as if there were none
+        return cls(response_id, int(tokens), served_by)
+
+
+def note_of(response: Any, usage: TokenUsage | None, served_by: str) -> Note | None:
+    """The note to keep of a relayed ``response`` object (a plain answer, or a stream's
+    terminal event's): None without an id or usage."""
+    if not isinstance(response, Mapping) or usage is None:
+        return None
+    rid = response_id(response.get("id"))
+    if rid is None:
+        return None
+    return Note(rid, usage.prompt_tokens + usage.completion_tokens, served_by)
+
+
 def output_cap(body: Mapping[str, Any], model_max_output: int) -> int:
     value = body.get("max_output_tokens")
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -95,6 +154,7 @@ class ResponsesWatch:
         self.text: list[str] = []
         self.usage: TokenUsage | None = None
         self.terminal: str | None = None  # the terminal event's type, once seen
+        self.response: Any = None  # the terminal event's response object
 
     @property
     def complete(self) -> bool:
@@ -109,3 +169,4 @@ class ResponsesWatch:
         elif kind in TERMINAL_EVENTS:
             self.terminal = str(kind)
             self.usage = usage_of_event(event)
+            self.response = event.get("response")
