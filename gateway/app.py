@@ -147,6 +147,7 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
     metering = Metering(
         scripts, app[S.ACCOUNTS], hold_ttl(longest, config.metering.hold_margin_s), journal
     )
+    metering.response_notes_s = config.metering.response_notes_s
     metering.incarnations = Incarnations(app[S.REDIS], cluster=app[S.REDIS_LINK].cluster)
     with contextlib.suppress(Exception):  # the run ids Redis has at start (else on the next look)
         await asyncio.wait_for(metering.watch(), 1.0)

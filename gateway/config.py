@@ -20,6 +20,7 @@ import yaml
 
 from gateway import configfile
 from policies import forwarded, images
+from policies import keyspace as rk
 from policies.money import MoneyError, parse_usd, price_per_token
 from policies.pricing import Prices
 from policies.routing import (
@@ -120,6 +121,9 @@ class MeteringConfig:
     sweep_every_s: float = 5.0  # expired holds are cleared this often, with no request needed
     writer_batch: int = 2000  # usage records read and inserted per step of the writer
     claim_idle_s: float = 30.0  # a dead writer's unwritten records are taken over after this
+    # a stored Responses API response's note (its history size, its deployment) lives this
+    # long: 30 days, as OpenAI keeps the response; 0 keeps none
+    response_notes_s: int = rk.RESPONSE_NOTE_TTL_S
 
 
 @dataclass(frozen=True)

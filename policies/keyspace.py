@@ -79,7 +79,7 @@ USAGE_GROUP = "usage-writers"
 USAGE_DOORBELL = "mb:usage:doorbell"
 PERIOD_TTL_S = 100 * 24 * 3600
 RID_TTL_S = 24 * 3600
-RESPONSE_NOTE_TTL_S = 30 * 24 * 3600  # a stored response's note: as long as OpenAI keeps it
+RESPONSE_NOTE_TTL_S = 30 * 24 * 3600  # a stored response's note (config: metering.response_notes_s)
 #: A settle marker's life once the writer has its record in PostgreSQL (ack.lua). From then on
 #: a replay of that settle is dropped by the ledger check every replay makes first; the marker
 #: only has to outlive a replay whose check came just before the record landed and whose

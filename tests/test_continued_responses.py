@@ -70,8 +70,9 @@ async def test_the_hold_counts_the_conversation_a_request_continues(
     history = fake.stored[response["id"]]  # what the provider bills a continuation again
     usage = response["usage"]
     assert history == usage["input_tokens"] + usage["output_tokens"]
-    note = await redis.get(rk.AccountKeys(f"t_{team['id']}").response(response["id"]))
-    assert note == f"{history}|fake/gpt-4o-mini"
+    noted = rk.AccountKeys(f"t_{team['id']}").response(response["id"])
+    assert await redis.get(noted) == f"{history}|fake/gpt-4o-mini"
+    assert rk.RESPONSE_NOTE_TTL_S - 60 < await redis.ttl(noted) <= rk.RESPONSE_NOTE_TTL_S
 
     if spent is None:  # a stream's cost: from its usage record's price
         spent = usage["input_tokens"] * PRICE_IN + usage["output_tokens"] * PRICE_OUT
@@ -107,3 +108,17 @@ async def test_a_response_not_stored_leaves_no_note_and_its_continuation_is_not_
         f"upstream error: Previous response with id '{response['id']}' not found."
     )
     assert (await api.overview(owner, team["id"]))["credits_usd"] == before
+
+
+async def test_no_note_is_kept_when_notes_are_turned_off(
+    gateway: Gateway, api: Api, http: aiohttp.ClientSession, redis: Redis
+) -> None:
+    metering = gateway.app[S.METERING]
+    _, team, secret = await api.funded_team_key("1.00")
+    metering.response_notes_s = 0  # metering.response_notes_s: 0
+    try:
+        status, response, _ = await respond(http, gateway, secret, {"input": "hi"})
+    finally:
+        metering.response_notes_s = rk.RESPONSE_NOTE_TTL_S
+    assert status == 200
+    assert await redis.get(rk.AccountKeys(f"t_{team['id']}").response(response["id"])) is None

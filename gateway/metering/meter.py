@@ -156,6 +156,7 @@ class Metering:
         self.scripts = scripts
         self.accounts = accounts
         self.hold_ttl_s = hold_ttl_s
+        self.response_notes_s = rk.RESPONSE_NOTE_TTL_S  # 0: no notes kept (config.metering)
         self.journal = journal if journal is not None else SettleJournal(None, "memory")
         self._kept = asyncio.Event()
         self.recent = RecentSettles()
@@ -319,9 +320,9 @@ class Metering:
             ask.record,
         ]
         note = ask.note
-        if note is not None:
+        if note is not None and self.response_notes_s > 0:
             keys.append(rk.AccountKeys(ask.account).response(note.response_id))
-            args += [note.encode(), rk.RESPONSE_NOTE_TTL_S]
+            args += [note.encode(), self.response_notes_s]
         return SettleCall(ask.account, ask.request_id, keys, args)
 
     # --- the kept settles -------------------------------------------------------------------------
