@@ -333,8 +333,8 @@ async def continue_response(call: Call) -> None:
     """A request continuing a stored response (``previous_response_id``) that this account made:
     the provider bills that whole conversation again as input, so the hold counts it too, and
     the request goes to the deployment that stored it (no other has it). A response the gateway
-    has no note of (made before notes were kept, a Redis loss, or over 30 days old) is held for
-    what the body shows, as before."""
+    has no note of (made before notes were kept, lost with Redis, older than
+    ``metering.response_notes_s``, or another account's) is held for what the body shows."""
     assert call.continues is not None and call.route is not None
     note = await call.app[S.METERING].recall(call.key.account, call.continues)
     if note is None:
