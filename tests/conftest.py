@@ -298,6 +298,8 @@ RECONCILED_MODULES = {
     "test_alerts",
     "test_sweeper",
     "test_routing",
+    "test_continued_responses",
+    "test_images",
 }
 _ACCOUNTS = "SELECT 't_' || id FROM teams UNION ALL SELECT 'u_' || id FROM users"
 

@@ -13,11 +13,13 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway import state as S
+from gateway.metering.reconcile import Reconciler
 from gateway.proxy.exchange import count_texts
 from policies import keyspace as rk
-from tests.conftest import Gateway
+from tests.conftest import ADMIN_TOKEN, Gateway, gateway_config, start_gateway
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Api, Session
+from tests.faults import TcpProxy
+from tests.helpers import Api, Session, eventually
 
 MAX_OUT = 6
 PRICE_IN, PRICE_OUT = 150, 600  # gpt-4o-mini, nano-USD per token
@@ -122,3 +124,61 @@ async def test_no_note_is_kept_when_notes_are_turned_off(
         metering.response_notes_s = rk.RESPONSE_NOTE_TTL_S
     assert status == 200
     assert await redis.get(rk.AccountKeys(f"t_{team['id']}").response(response["id"])) is None
+
+
+async def test_a_note_kept_while_redis_is_away_is_written_with_its_settle(
+    fake: FakeUpstream,
+    database_url: str,
+    redis_url: str,
+    http: aiohttp.ClientSession,
+    redis: Redis,
+) -> None:
+    """Redis cut mid-stream: the settle, note included, waits in the journal and lands once
+    Redis is back (the money to the nano-dollar). Redis away when a continuation comes: 503
+    before anything is held or asked of the provider."""
+    proxy = TcpProxy.to_url(redis_url)
+    await proxy.start()
+    gw, runner = await start_gateway(
+        gateway_config(fake.base_url), database_url, proxy.url_for(redis_url)
+    )
+    try:
+        api = Api(http, gw.base, ADMIN_TOKEN)
+        _, team, secret = await api.funded_team_key("1.00")
+        fake.next(chunk_delay_s=0.1)
+        body = {"model": "gpt-4o-mini", "input": "hi there", "stream": True}
+        headers = {"Authorization": f"Bearer {secret}"}
+        async with http.post(gw.v1 + "/responses", json=body, headers=headers) as r:
+            assert r.status == 200
+            await r.content.readuntil(b"\n\n")  # response.created
+            await proxy.cut()
+            raw = await r.read()
+        completed = next(e for e in raw.split(b"\n\n") if b"event: response.completed" in e)
+        response = orjson.loads(completed.split(b"data: ", 1)[1])["response"]
+        usage = response["usage"]
+        charged = usage["input_tokens"] * PRICE_IN + usage["output_tokens"] * PRICE_OUT
+        account = rk.AccountKeys(rk.team_account(team["id"]))
+        noted = account.response(response["id"])
+        assert await redis.get(noted) is None  # Redis never got the settle
+        await proxy.restore()
+        history = usage["input_tokens"] + usage["output_tokens"]
+        await eventually(lambda: redis.get(noted), lambda n: n == f"{history}|fake/gpt-4o-mini")
+        assert await redis.hget(account.state, "credits") == str(1_000_000_000 - charged)
+
+        await proxy.cut()
+        before = len(fake.requests)
+        second = {"model": "gpt-4o-mini", "previous_response_id": response["id"], "input": "and?"}
+        async with http.post(gw.v1 + "/responses", json=second, headers=headers) as r:
+            assert (r.status, r.headers["x-modelbridge-error-code"]) == (503, "gateway_unavailable")
+        assert len(fake.requests) == before
+        await proxy.restore()
+        assert await redis.hget(account.state, "credits") == str(1_000_000_000 - charged)
+        assert await redis.hget(account.state, "holds") == "0"
+        reconciler = Reconciler(gw.app[S.DB], gw.app[S.REDIS], gw.app[S.ACCOUNTS])
+        _, differences = await eventually(
+            lambda: reconciler.check([account.account], gw.app[S.CLOCK].now()),
+            lambda result: not result[1],  # once the writer has the record
+        )
+        assert differences == []
+    finally:
+        await runner.cleanup()
+        await proxy.stop()
