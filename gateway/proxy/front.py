@@ -259,6 +259,8 @@ class Front(asyncio.Protocol):
             body = bodies.decode_json(raw)
         except GatewayError:
             return None
+        if endpoint.kind == "responses" and "previous_response_id" in body:
+            return None  # its hold needs the continued response's note first (place_hold)
         app = self.app
         secret = _bearer(headers)
         key = app[S.KEYS].cached(secret) if secret else None
@@ -268,8 +270,6 @@ class Front(asyncio.Protocol):
             call = proxy.parse(app, endpoint, secret, key, raw, body, _tags(headers))
         except GatewayError:
             return None
-        if call.continues is not None:
-            return None  # its hold needs the continued response's note first (place_hold)
         call.client_headers = _forwardable(headers)
         sent = app[S.METERING].hold_now(proxy.hold_ask(call, proxy.worst_cost(call)))
         if sent is None:
